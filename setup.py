@@ -1,0 +1,30 @@
+"""Installs ddpm_jax: denoising diffusion models (DDPM, DDIM) in JAX/Flax."""
+
+import setuptools
+
+setuptools.setup(
+    name="ddpm_jax",
+    version="0.1.0",
+    description="Denoising diffusion models (DDPM, DDIM) in JAX and Flax.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["ddpm_jax", "ddpm_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.4.30",
+        "flax>=0.8.5",
+        "optax>=0.2.2",
+        "orbax-checkpoint>=0.5.20",
+        "chex>=0.1.86",
+        "absl-py>=2.1.0",
+        "ml_collections>=0.1.1",
+        "numpy>=1.24",
+        "tensorflow-datasets>=4.9.2",
+    ],
+    extras_require={
+        # TensorFlow is only needed for `tfds:` inputs; everything else runs without it.
+        "tf": ["tensorflow-cpu>=2.15"],
+        "test": ["pytest>=7.4", "tensorflow-cpu>=2.15"],
+    },
+    entry_points={"console_scripts": ["ddpm-jax=ddpm_jax.main:run"]},
+)
