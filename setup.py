@@ -24,7 +24,7 @@ setuptools.setup(
     extras_require={
         # TensorFlow is only needed for `tfds:` inputs; everything else runs without it.
         "tf": ["tensorflow-cpu>=2.15"],
-        "test": ["pytest>=7.4", "tensorflow-cpu>=2.15"],
+        "test": ["pytest>=7.4", "scipy>=1.10", "tensorflow-cpu>=2.15"],
     },
     entry_points={"console_scripts": ["ddpm-jax=ddpm_jax.main:run"]},
 )
