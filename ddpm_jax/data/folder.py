@@ -100,6 +100,8 @@ def _decode(name: str, read: Callable[[], bytes], *, image_size: int | None,
   try:
     with Image.open(io.BytesIO(read())) as image:
       image = image.convert("L" if channels == 1 else "RGB")
+  except Image.UnidentifiedImageError:
+    return "not an image Pillow can read"
   except Exception as e:  # pylint: disable=broad-except
     # Any failure to read or decode means the file is bad; the caller reports
     # it with the file name.
