@@ -16,8 +16,8 @@ from ddpm_jax import input_pipeline as ip
 SHARED_DATA = pathlib.Path(__file__).parents[1] / ".." / "shared" / "data"
 MNIST = SHARED_DATA / "mnist.npz"
 CIFAR = SHARED_DATA / "cifar10_jpg.tar.gz"
-needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(),
-                                  reason=f"real data not found at {SHARED_DATA}")
+needs_shared = pytest.mark.skipif(
+    not SHARED_DATA.is_dir(), reason=f"real data not found at {SHARED_DATA}")
 
 OPTIONS = dict(batch_size=4, image_size=None, channels=None, random_flip=False,
                seed=0)
@@ -329,7 +329,8 @@ def test_tfds_one_pass_pads_with_mask(tfds):
 
 
 @pytest.mark.parametrize("source, options, message", [
-    ("tfds:mnist", dict(image_size=32), r"28x28 but image_size=32; pass resize"),
+    ("tfds:mnist", dict(image_size=32),
+     r"28x28 but image_size=32; pass resize"),
     ("tfds:mnist", dict(channels=3), r"1 channel\(s\) but channels=3"),
     ("tfds:celeb_a", dict(image_size=64), r"218x178 but image_size=64"),
     ("tfds:mnist", dict(num_classes=5), r"need 10 classes but num_classes=5"),
@@ -365,7 +366,8 @@ Y = np.arange(10) % 3
     (dict(x_train=X.astype(np.int64) + 300, y_train=Y), {},
      r"integer pixels span \[300, 300\]"),
     (dict(x_train=X.astype(np.complex64), y_train=Y), {}, r"dtype complex64"),
-    (dict(x_train=np.zeros((10, 6), np.uint8), y_train=Y), {}, r"shape \(10, 6\)"),
+    (dict(x_train=np.zeros((10, 6), np.uint8), y_train=Y), {},
+     r"shape \(10, 6\)"),
     (dict(x_train=X, y_train=Y - 1), {}, r"y_train: labels must be >= 0"),
     (dict(x_train=X, y_train=Y * 1.0), {}, r"y_train: labels must be a 1-D "
                                            r"integer array"),
@@ -384,6 +386,21 @@ Y = np.arange(10) % 3
 def test_bad_npz(tmp_path, arrays, options, message):
   with pytest.raises(ip.DataError, match=message):
     ip.create_dataset(_npz(tmp_path, **arrays), **_options(**options))
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"plain text", r"not a readable .npz file"),
+    (None, r"holds a single array, not an .npz archive"),
+])
+def test_unreadable_npz(tmp_path, content, message):
+  path = tmp_path / "bad.npz"
+  if content is None:
+    with open(path, "wb") as f:
+      np.save(f, X)
+  else:
+    path.write_bytes(content)
+  with pytest.raises(ip.DataError, match=rf"npz:\S*bad.npz: {message}"):
+    ip.create_dataset(f"npz:{path}", **_options())
 
 
 def test_float_npz_in_unit_range_is_accepted(tmp_path):

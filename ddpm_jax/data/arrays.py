@@ -22,7 +22,8 @@ def _pixels_to_uint8(x: np.ndarray, where: str) -> np.ndarray:
   which is exact for data saved as uint8 / 255).
 
   Raises:
-    common.DataError: on another dtype, non-finite values or values out of range.
+    common.DataError: on another dtype, non-finite values or values out of
+      range.
   """
   if x.dtype == np.uint8:
     return x
@@ -31,19 +32,20 @@ def _pixels_to_uint8(x: np.ndarray, where: str) -> np.ndarray:
   if np.issubdtype(x.dtype, np.integer):
     low, high = int(x.min()), int(x.max())
     if low < 0 or high > 255:
-      raise common.DataError(f"{where}: integer pixels span [{low}, {high}]; expected "
-                      f"values in [0, 255]")
+      raise common.DataError(f"{where}: integer pixels span [{low}, {high}]; "
+                             f"expected values in [0, 255]")
     return x.astype(np.uint8)
   if np.issubdtype(x.dtype, np.floating):
     if not np.all(np.isfinite(x)):
       raise common.DataError(f"{where}: pixels contain NaN or infinity")
     low, high = float(x.min()), float(x.max())
     if low < 0 or high > 1:
-      raise common.DataError(f"{where}: float pixels span [{low:g}, {high:g}]; "
-                      f"expected values in [0, 1] (or uint8 in [0, 255])")
+      raise common.DataError(
+          f"{where}: float pixels span [{low:g}, {high:g}]; expected values "
+          f"in [0, 1] (or uint8 in [0, 255])")
     return np.round(x * 255).astype(np.uint8)
-  raise common.DataError(f"{where}: pixels have dtype {x.dtype}; expected uint8, "
-                  f"integers in [0, 255] or floats in [0, 1]")
+  raise common.DataError(f"{where}: pixels have dtype {x.dtype}; expected "
+                         f"uint8, integers in [0, 255] or floats in [0, 1]")
 
 
 def _check_labels(y: np.ndarray, where: str, num_images: int) -> np.ndarray:
@@ -53,14 +55,16 @@ def _check_labels(y: np.ndarray, where: str, num_images: int) -> np.ndarray:
     common.DataError: if labels are not 1-D integers >= 0, one per image.
   """
   if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-    raise common.DataError(f"{where}: labels must be a 1-D integer array, got dtype "
-                    f"{y.dtype} and shape {y.shape}")
+    raise common.DataError(f"{where}: labels must be a 1-D integer array, got "
+                           f"dtype {y.dtype} and shape {y.shape}")
   if len(y) != num_images:
     raise common.DataError(f"{where}: {len(y)} labels for {num_images} images")
   if len(y) and y.min() < 0:
-    raise common.DataError(f"{where}: labels must be >= 0, found {int(y.min())}")
+    raise common.DataError(f"{where}: labels must be >= 0, found "
+                           f"{int(y.min())}")
   if len(y) and y.max() > np.iinfo(np.int32).max:
-    raise common.DataError(f"{where}: label {int(y.max())} does not fit in int32")
+    raise common.DataError(f"{where}: label {int(y.max())} does not fit in "
+                           f"int32")
   return y.astype(np.int32)
 
 
@@ -94,12 +98,16 @@ def load_npz(path: pathlib.Path, *, split: str, image_size: int | None,
     npz = np.load(path, allow_pickle=False)
   except (OSError, ValueError, zipfile.BadZipFile) as e:
     raise common.DataError(f"npz:{path}: not a readable .npz file ({e})") from e
+  if not isinstance(npz, np.lib.npyio.NpzFile):
+    raise common.DataError(f"npz:{path}: holds a single array, not an .npz "
+                           f"archive of x_<split> / y_<split> arrays")
   with npz:
     x_key, y_key = f"x_{split}", f"y_{split}"
     for key in (x_key, y_key):
       if key not in npz.files:
-        raise common.DataError(f"npz:{path}: missing key {key!r} (keys present: "
-                        f"{', '.join(sorted(npz.files)) or 'none'})")
+        raise common.DataError(
+            f"npz:{path}: missing key {key!r} (keys present: "
+            f"{', '.join(sorted(npz.files)) or 'none'})")
     try:
       arrays = {key: npz[key] for key in npz.files
                 if key == x_key or key.startswith("y_")}
@@ -111,7 +119,7 @@ def load_npz(path: pathlib.Path, *, split: str, image_size: int | None,
     x = x[..., None]
   if x.ndim != 4 or x.shape[-1] not in (1, 3):
     raise common.DataError(f"{where}: shape {x.shape}; expected [N, H, W] or "
-                    f"[N, H, W, C] with C in (1, 3)")
+                           f"[N, H, W, C] with C in (1, 3)")
   images = _pixels_to_uint8(x, where)
   labels = {key: _check_labels(y, f"{path.name}: {key}",
                                len(x) if key == y_key else len(y))
@@ -146,7 +154,8 @@ def load_digits(*, split: str, image_size: int | None, channels: int | None,
   from sklearn import datasets  # pylint: disable=g-import-not-at-top
 
   if split not in ("train", "test"):
-    raise common.DataError(f"digits: unknown split {split!r}; use 'train' or 'test'")
+    raise common.DataError(f"digits: unknown split {split!r}; use 'train' "
+                           f"or 'test'")
   digits = datasets.load_digits()
   pixels = np.round(digits.images * (255 / _DIGITS_GREY_LEVELS))
   images = pixels.astype(np.uint8)[..., None]
@@ -154,6 +163,7 @@ def load_digits(*, split: str, image_size: int | None, channels: int | None,
   part = (slice(None, _DIGITS_TRAIN_SIZE) if split == "train"
           else slice(_DIGITS_TRAIN_SIZE, None))
   num_classes = common.check_num_classes(10, num_classes, "digits")
-  images = common.fit_arrays(images[part], where="digits", image_size=image_size,
-                             channels=channels, resize=resize)
+  images = common.fit_arrays(images[part], where="digits",
+                             image_size=image_size, channels=channels,
+                             resize=resize)
   return common.ImageArrays(images, labels[part], num_classes)
