@@ -19,6 +19,8 @@ setuptools.setup(
         "absl-py>=2.1.0",
         "ml_collections>=0.1.1",
         "numpy>=1.24",
+        "pillow>=9.0",
+        "scikit-learn>=1.2",
         "tensorflow-datasets>=4.9.2",
     ],
     extras_require={
