@@ -1,0 +1,32 @@
+r"""DDPM on CIFAR-10 with the recipe of Ho et al. (2020), Appendix B.
+
+The 35.7M-parameter network, T = 1000 linear betas 1e-4..0.02, L_simple,
+Adam 2e-4 with 5000 warm-up steps and clipping at 1.0, batch 128, EMA 0.9999,
+dropout 0.1, random horizontal flips, 800k steps:
+
+  python -m ddpm_jax.main --config=configs/cifar10.py --workdir=/tmp/cifar10
+
+Offline, from the JPEG archive of this repository's shared data:
+
+  python -m ddpm_jax.main --config=configs/cifar10.py --workdir=/tmp/cifar10 \
+    --config.data.source=folder:../shared/data/cifar10_jpg.tar.gz
+
+`configs/cifar10.py:tiny` is the same recipe at a size that runs in seconds.
+"""
+
+from ddpm_jax.config import apply_variant, base_config
+
+
+def get_config(variant: str = ""):
+  """The DDPM CIFAR-10 recipe; `variant='tiny'` for smoke tests."""
+  config = base_config()
+  config.data.source = "tfds:cifar10"
+  config.data.image_size = 32
+  config.data.channels = 3
+  config.data.resize = False
+  config.data.random_flip = True
+  config.model.preset = "ddpm_cifar10"
+  config.sample.gif = False
+  return apply_variant(config, variant, tiny_model=dict(
+      base_channels=32, channel_mults=(1, 2), attention=("none", "full"),
+      num_res_blocks=1))
