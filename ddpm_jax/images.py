@@ -116,7 +116,8 @@ def save_gif(trajectory, path, *, nrow: int, duration: int = 100) -> None:
   """Writes a denoising trajectory as an animated GIF, one grid per frame.
 
   As in the Annotated Diffusion tutorial, each frame shows the batch at one
-  step of the reverse process; the GIF loops forever. Pillow merges a frame
+  step of the reverse process; the GIF loops forever. GIF frames hold at
+  most 256 colours, so Pillow quantizes RGB frames, and it merges a frame
   identical to the one before it into that frame (adding the durations).
 
   Args:

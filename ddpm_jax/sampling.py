@@ -108,9 +108,11 @@ def _check_start(shape, key, x_T, *, needs_key: bool) -> tuple[int, ...]:
 
 
 def _initial_state(shape, key, x_T):
-  """x_T (given, or drawn from the first half of `key`) and the chain key."""
-  init_key, chain_key = jax.random.split(key) if key is not None else (None,
-                                                                       None)
+  """x_T (given, or drawn from split(key)[0]) and the chain key
+  split(key)[1] (None without a key)."""
+  if key is None:
+    return x_T, None
+  init_key, chain_key = jax.random.split(key)
   if x_T is None:
     x_T = jax.random.normal(init_key, shape, jnp.float32)
   return x_T, chain_key
