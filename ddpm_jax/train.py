@@ -294,7 +294,8 @@ def train_step(state: TrainState, batch: dict[str, jnp.ndarray],
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   if axis_name is not None:
     loss, grads = lax.pmean((loss, grads), axis_name)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
+                           for g in jax.tree.leaves(grads)))
   updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
   decay = ema_decay_at(state.step, ema_decay=ema_decay, ema_warmup=ema_warmup)
@@ -528,7 +529,10 @@ def train_and_evaluate(config, workdir: str, *,
   data_sharding = NamedSharding(mesh, P(DATA_AXIS))
   model = _default_model(config) if model is None else model
   tx = create_optimizer(config.optimizer, num_steps=num_steps)
-  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  # Made on the mesh by jit: identical and replicated on every process.
+  init_rng, train_rng = jax.jit(
+      lambda: tuple(jax.random.split(jax.random.PRNGKey(config.seed))),
+      out_shardings=(replicated, replicated))()
   init_fn = functools.partial(init_train_state, model, tx,
                               image_shape=image_shape)
   abstract_state = jax.eval_shape(init_fn, init_rng)
@@ -546,7 +550,7 @@ def train_and_evaluate(config, workdir: str, *,
   latest = ckpt.latest_step()
   if latest is None:
     state = jax.jit(init_fn, out_shardings=state_shardings)(init_rng)
-    rng = jax.device_put(train_rng, replicated)
+    rng = train_rng
     last_saved = None
   else:
     state, rng, data_state = ckpt.restore(
