@@ -1,0 +1,1 @@
+"""Input sources behind `ddpm_jax.input_pipeline.create_dataset`."""
