@@ -441,7 +441,8 @@ def _default_dataset(config, *, batch_size: int, process_index: int,
   return input_pipeline.create_dataset(
       data.source, split=data.split, batch_size=batch_size,
       image_size=data.image_size, channels=data.channels,
-      random_flip=data.random_flip, seed=config.seed, shuffle=True,
+      resize=data.get("resize", False), random_flip=data.random_flip,
+      seed=config.seed, shuffle=True,
       repeat=True, process_index=process_index, process_count=process_count,
       skip_bad_files=data.get("skip_bad_files", False))
 
