@@ -95,9 +95,9 @@ def learning_rate_schedule(opt_config, *, num_steps: int) -> optax.Schedule:
   lr = float(opt_config.lr)
   warmup = int(opt_config.warmup_steps)
   decay = opt_config.decay
-  config_validation._choice(  # pylint: disable=protected-access
-      {"optimizer": {"decay": decay}}, "optimizer.decay",
-      config_validation.DECAYS)
+  if decay not in config_validation.DECAYS:
+    raise ValueError(f"config.optimizer.decay must be one of "
+                     f"{', '.join(config_validation.DECAYS)}; got {decay!r}.")
   decay_steps = max(1, num_steps - warmup)
 
   def schedule(step):
