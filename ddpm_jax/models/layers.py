@@ -1,0 +1,431 @@
+"""Building blocks of the U-Net: time embedding, residual blocks, attention, resampling.
+
+All tensors are NHWC. Every module takes a compute `dtype` and a `param_dtype`;
+normalisation statistics and softmaxes are computed in float32 whatever the
+compute dtype.
+"""
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Dtype = Any
+
+#: Kernel initialiser of every convolution and dense layer (the DDPM default).
+KERNEL_INIT = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+
+DEPTHWISE_METHODS = ("shifted_sum", "lax")
+
+
+def sinusoidal_embedding(t: Array, dim: int) -> Array:
+  """Transformer-style sinusoidal embedding of (possibly fractional) time steps.
+
+  Args:
+    t: Time steps, shape [B], integer or float.
+    dim: Embedding width, even and at least 4.
+
+  Returns:
+    Float32 array [B, dim]: sines of `t * f_k` then cosines, for
+    `f_k = 10000 ** (-k / (dim // 2 - 1))`, k = 0 .. dim // 2 - 1.
+  """
+  half = dim // 2
+  freqs = jnp.exp(jnp.arange(half, dtype=jnp.float32) * -(math.log(10000.0) / (half - 1)))
+  args = t.astype(jnp.float32)[:, None] * freqs[None, :]
+  return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+
+
+def _depthwise_lax(x: Array, kernel: Array) -> Array:
+  return jax.lax.conv_general_dilated(
+      x,
+      kernel,
+      window_strides=(1, 1),
+      padding="SAME",
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=x.shape[-1],
+  )
+
+
+def _shifted_sum(x: Array, kernel: Array) -> Array:
+  """Depthwise 'SAME' correlation as a sum of shifted slices times per-channel taps."""
+  kh, kw = kernel.shape[:2]
+  height, width = x.shape[1:3]
+  xp = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+  out = xp[:, :height, :width, :] * kernel[0, 0, 0]
+  for i in range(kh):
+    for j in range(kw):
+      if i or j:
+        out = out + xp[:, i : i + height, j : j + width, :] * kernel[i, j, 0]
+  return out
+
+
+def _shifted_sum_kernel_grad(x: Array, g: Array, kernel_shape: tuple[int, ...]) -> Array:
+  """Gradient of `_shifted_sum` with respect to its kernel.
+
+  For each kernel row i, one batched matmul over channels contracts the batch
+  and height axes: `o[c, i, u, w] = sum_{b,h} xp[b, h+i, u, c] * g[b, h, w, c]`;
+  the kernel gradient is then the diagonal sum `dk[i, j, c] = sum_w o[c, i, w+j, w]`.
+  This reads the activations once per kernel row instead of once per tap.
+  """
+  kh, kw = kernel_shape[:2]
+  height, width = x.shape[1:3]
+  xp = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+  rows = jnp.stack([xp[:, i : i + height] for i in range(kh)], axis=1)  # [B, kh, H, Wp, C]
+  o = jnp.einsum("bihuc,bhwc->ciuw", rows, g, preferred_element_type=jnp.float32)
+  taps = jnp.stack(
+      [jnp.trace(o[:, :, j : j + width, :], axis1=2, axis2=3) for j in range(kw)], axis=-1
+  )  # [C, kh, kw]
+  return jnp.transpose(taps, (1, 2, 0))[:, :, None, :]
+
+
+@jax.custom_vjp
+def _depthwise_shifted_sum(x: Array, kernel: Array) -> Array:
+  return _shifted_sum(x, kernel)
+
+
+def _depthwise_shifted_sum_fwd(x, kernel):
+  return _shifted_sum(x, kernel), (x, kernel)
+
+
+def _depthwise_shifted_sum_bwd(residuals, g):
+  x, kernel = residuals
+  dx = _shifted_sum(g, kernel[::-1, ::-1])
+  dk = _shifted_sum_kernel_grad(x, g, kernel.shape)
+  return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+_depthwise_shifted_sum.defvjp(_depthwise_shifted_sum_fwd, _depthwise_shifted_sum_bwd)
+
+
+def depthwise_conv2d(x: Array, kernel: Array, *, method: str) -> Array:
+  """Depthwise 'SAME' 2-D correlation, stride 1 (a grouped conv with one group per channel).
+
+  Args:
+    x: Input [B, H, W, C].
+    kernel: Taps [kh, kw, 1, C] (the HWIO layout of `nn.Conv(feature_group_count=C)`),
+      kh and kw odd.
+    method: 'lax' calls `jax.lax.conv_general_dilated(feature_group_count=C)`;
+      'shifted_sum' adds kh * kw shifted slices of the input times per-channel
+      taps, with a hand-written gradient. Same result; on CPU XLA runs
+      'shifted_sum' many times faster, on GPU/TPU the library convolution is fine.
+
+  Returns:
+    Output [B, H, W, C].
+
+  Raises:
+    ValueError: For an unknown method, an even kernel or a kernel/input mismatch.
+  """
+  if method not in DEPTHWISE_METHODS:
+    raise ValueError(f"depthwise_conv2d: method must be one of {DEPTHWISE_METHODS}, got {method!r}")
+  kh, kw, kin, channels = kernel.shape
+  if kh % 2 == 0 or kw % 2 == 0 or kin != 1 or channels != x.shape[-1]:
+    raise ValueError(
+        f"depthwise_conv2d: kernel must have shape [odd, odd, 1, C={x.shape[-1]}], got {kernel.shape}"
+    )
+  if method == "lax":
+    return _depthwise_lax(x, kernel)
+  return _depthwise_shifted_sum(x, kernel)
+
+
+def default_depthwise_method() -> str:
+  """'shifted_sum' on the CPU backend, 'lax' on GPU and TPU (decided at trace time)."""
+  return "shifted_sum" if jax.default_backend() == "cpu" else "lax"
+
+
+class DepthwiseConv(nn.Module):
+  """Depthwise 'SAME' convolution with bias; parameters as `nn.Conv(feature_group_count=C)`.
+
+  Attributes:
+    kernel_size: Odd spatial size of the square kernel.
+    method: See `depthwise_conv2d`; None picks `default_depthwise_method()`.
+  """
+
+  kernel_size: int
+  method: str | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """Maps [B, H, W, C] to [B, H, W, C]."""
+    channels = x.shape[-1]
+    kernel = self.param(
+        "kernel", KERNEL_INIT, (self.kernel_size, self.kernel_size, 1, channels), self.param_dtype
+    )
+    bias = self.param("bias", nn.initializers.zeros_init(), (channels,), self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    method = self.method or default_depthwise_method()
+    return depthwise_conv2d(x, kernel, method=method) + bias
+
+
+class TimeEmbedding(nn.Module):
+  """Sinusoidal embedding of the time step followed by a two-layer MLP.
+
+  Attributes:
+    sinusoid_dim: Width of the sinusoidal embedding.
+    features: Width of both dense layers (the time-embedding width).
+    activation: Nonlinearity between the dense layers.
+  """
+
+  sinusoid_dim: int
+  features: int
+  activation: Callable[[Array], Array]
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, t: Array) -> Array:
+    """Maps time steps [B] to embeddings [B, features]."""
+    dense = functools.partial(
+        nn.Dense, self.features, kernel_init=KERNEL_INIT, dtype=self.dtype, param_dtype=self.param_dtype
+    )
+    h = sinusoidal_embedding(t, self.sinusoid_dim)
+    return dense()(self.activation(dense()(h)))
+
+
+def _group_norm(num_groups: int, epsilon: float, dtype: Dtype, param_dtype: Dtype) -> nn.GroupNorm:
+  return nn.GroupNorm(num_groups=num_groups, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype)
+
+
+class ResnetBlock(nn.Module):
+  """Pre-activation residual block of DDPM (Ho et al., 2020).
+
+  GroupNorm -> swish -> conv3x3 -> + dense(swish(temb)) -> GroupNorm -> swish
+  -> dropout -> conv3x3, plus the input (through a 1x1 projection when the
+  channel count changes).
+
+  Attributes:
+    features: Output channels.
+    num_groups: GroupNorm groups; must divide the input and output channels.
+    dropout: Dropout rate before the second convolution.
+  """
+
+  features: int
+  num_groups: int
+  dropout: float
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, temb: Array | None, *, train: bool) -> Array:
+    """Maps [B, H, W, C_in] (and temb [B, T] or None) to [B, H, W, features]."""
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    conv = functools.partial(nn.Conv, self.features, (3, 3), kernel_init=KERNEL_INIT, **kw)
+    h = conv()(nn.swish(_group_norm(self.num_groups, 1e-6, **kw)(x)))
+    if temb is not None:
+      h = h + nn.Dense(self.features, kernel_init=KERNEL_INIT, **kw)(nn.swish(temb))[:, None, None, :]
+    h = nn.swish(_group_norm(self.num_groups, 1e-6, **kw)(h))
+    h = conv()(nn.Dropout(self.dropout, deterministic=not train)(h))
+    if x.shape[-1] != self.features:
+      x = nn.Dense(self.features, kernel_init=KERNEL_INIT, **kw)(x)
+    return x + h
+
+
+class PostNormResnetBlock(nn.Module):
+  """Residual block of "The Annotated Diffusion Model" (conv -> norm -> act order).
+
+  conv3x3 -> GroupNorm -> SiLU -> + dense(SiLU(temb)) -> dropout -> conv3x3
+  -> GroupNorm -> SiLU, plus the input (through a 1x1 projection when the
+  channel count changes).
+
+  Attributes:
+    features: Output channels.
+    num_groups: GroupNorm groups; must divide `features`.
+    dropout: Dropout rate before the second convolution.
+  """
+
+  features: int
+  num_groups: int
+  dropout: float
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, temb: Array | None, *, train: bool) -> Array:
+    """Maps [B, H, W, C_in] (and temb [B, T] or None) to [B, H, W, features]."""
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    conv = functools.partial(nn.Conv, self.features, (3, 3), kernel_init=KERNEL_INIT, **kw)
+    h = nn.silu(_group_norm(self.num_groups, 1e-5, **kw)(conv()(x)))
+    if temb is not None:
+      h = h + nn.Dense(self.features, kernel_init=KERNEL_INIT, **kw)(nn.silu(temb))[:, None, None, :]
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = nn.silu(_group_norm(self.num_groups, 1e-5, **kw)(conv()(h)))
+    if x.shape[-1] != self.features:
+      x = nn.Dense(self.features, kernel_init=KERNEL_INIT, **kw)(x)
+    return x + h
+
+
+class ConvNextBlock(nn.Module):
+  """ConvNeXt-style block of "The Annotated Diffusion Model".
+
+  depthwise conv7x7 -> + dense(GELU(temb)) -> GroupNorm(1) -> conv3x3 to
+  `features * mult` -> GELU -> GroupNorm(1) -> dropout -> conv3x3 to
+  `features`, plus the input (through a 1x1 projection when the channel count
+  changes).
+
+  Attributes:
+    features: Output channels.
+    mult: Width multiplier of the hidden convolution.
+    dropout: Dropout rate before the last convolution.
+  """
+
+  features: int
+  mult: int
+  dropout: float
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, temb: Array | None, *, train: bool) -> Array:
+    """Maps [B, H, W, C_in] (and temb [B, T] or None) to [B, H, W, features]."""
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    gelu = functools.partial(nn.gelu, approximate=False)
+    h = DepthwiseConv(7, **kw)(x)
+    if temb is not None:
+      h = h + nn.Dense(x.shape[-1], kernel_init=KERNEL_INIT, **kw)(gelu(temb))[:, None, None, :]
+    h = _group_norm(1, 1e-5, **kw)(h)
+    h = nn.Conv(self.features * self.mult, (3, 3), kernel_init=KERNEL_INIT, **kw)(h)
+    h = _group_norm(1, 1e-5, **kw)(gelu(h))
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = nn.Conv(self.features, (3, 3), kernel_init=KERNEL_INIT, **kw)(h)
+    if x.shape[-1] != self.features:
+      x = nn.Dense(self.features, kernel_init=KERNEL_INIT, **kw)(x)
+    return x + h
+
+
+class Attention(nn.Module):
+  """Pre-norm multi-head softmax self-attention over all positions, with a residual.
+
+  Attributes:
+    heads: Number of heads.
+    head_dim: Width of each head; None gives `channels // heads`.
+    qkv_bias: Whether the query/key/value projection has a bias.
+    num_groups: Groups of the input GroupNorm.
+    epsilon: Epsilon of the input GroupNorm.
+  """
+
+  heads: int
+  head_dim: int | None
+  qkv_bias: bool
+  num_groups: int
+  epsilon: float
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """Maps [B, H, W, C] to [B, H, W, C]."""
+    batch, height, width, channels = x.shape
+    head_dim = self.head_dim or channels // self.heads
+    kw = dict(kernel_init=KERNEL_INIT, dtype=self.dtype, param_dtype=self.param_dtype)
+    h = _group_norm(self.num_groups, self.epsilon, self.dtype, self.param_dtype)(x)
+    qkv = nn.Dense(3 * self.heads * head_dim, use_bias=self.qkv_bias, **kw)(h)
+    q, k, v = jnp.split(qkv.reshape(batch, height * width, 3 * self.heads, head_dim), 3, axis=2)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    weights = jax.nn.softmax(logits * head_dim**-0.5, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, height, width, -1)
+    return x + nn.Dense(channels, **kw)(out)
+
+
+class LinearAttention(nn.Module):
+  """Pre-norm linear attention of "The Annotated Diffusion Model", with a residual.
+
+  Queries are softmaxed over their features and keys over positions, so the
+  cost is linear in the number of positions. GroupNorm(1) before and after.
+
+  Attributes:
+    heads: Number of heads.
+    head_dim: Width of each head.
+  """
+
+  heads: int = 4
+  head_dim: int = 32
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """Maps [B, H, W, C] to [B, H, W, C]."""
+    batch, height, width, channels = x.shape
+    kw = dict(kernel_init=KERNEL_INIT, dtype=self.dtype, param_dtype=self.param_dtype)
+    h = _group_norm(1, 1e-5, self.dtype, self.param_dtype)(x)
+    qkv = nn.Dense(3 * self.heads * self.head_dim, use_bias=False, **kw)(h)
+    q, k, v = jnp.split(qkv.reshape(batch, height * width, 3 * self.heads, self.head_dim), 3, axis=2)
+    q = jax.nn.softmax(q.astype(jnp.float32), axis=-1) * self.head_dim**-0.5
+    k = jax.nn.softmax(k.astype(jnp.float32), axis=1)
+    context = jnp.einsum("bnhd,bnhe->bhde", k, v.astype(jnp.float32))
+    out = jnp.einsum("bhde,bnhd->bnhe", context, q).astype(self.dtype)
+    out = nn.Dense(channels, **kw)(out.reshape(batch, height, width, -1))
+    return x + _group_norm(1, 1e-5, self.dtype, self.param_dtype)(out)
+
+
+class Downsample(nn.Module):
+  """Stride-2 convolution halving an even height and width ('SAME' padding).
+
+  With kernel_size 4 the padding is (1, 1) per axis, as in the tutorial's
+  `Conv2d(C, C, 4, 2, 1)`; with 3 it is (0, 1), as in DDPM's TF 'SAME'.
+
+  Attributes:
+    kernel_size: Spatial size of the square kernel.
+  """
+
+  kernel_size: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """Maps [B, H, W, C] to [B, H/2, W/2, C]."""
+    return nn.Conv(
+        x.shape[-1],
+        (self.kernel_size, self.kernel_size),
+        strides=(2, 2),
+        padding="SAME",
+        kernel_init=KERNEL_INIT,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+    )(x)
+
+
+class TransposedConvUpsample(nn.Module):
+  """4x4 stride-2 transposed convolution doubling height and width.
+
+  Equal to PyTorch's `ConvTranspose2d(C, C, 4, 2, 1)` (the tutorial's Upsample).
+  """
+
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """Maps [B, H, W, C] to [B, 2H, 2W, C]."""
+    return nn.ConvTranspose(
+        x.shape[-1],
+        (4, 4),
+        strides=(2, 2),
+        padding=((2, 2), (2, 2)),
+        transpose_kernel=True,
+        kernel_init=KERNEL_INIT,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+    )(x)
+
+
+class NearestUpsample(nn.Module):
+  """Nearest-neighbour 2x upsampling followed by a 3x3 convolution (DDPM)."""
+
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """Maps [B, H, W, C] to [B, 2H, 2W, C]."""
+    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return nn.Conv(
+        x.shape[-1], (3, 3), kernel_init=KERNEL_INIT, dtype=self.dtype, param_dtype=self.param_dtype
+    )(x)

@@ -1,0 +1,219 @@
+"""Shared pieces of tests/test_train.py, also run as a subprocess worker.
+
+  python tests/train_helpers.py devices8 OUT.npz
+      (with XLA_FLAGS=--xla_force_host_platform_device_count=8): trains with
+      jit over an 8-device mesh and with pmap over 8 devices.
+  python tests/train_helpers.py distributed PROCESS_ID PORT WORKDIR OUT.npz
+      one of two processes of a jax.distributed run on localhost (gloo).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+MNIST = REPO.parent / "shared" / "data" / "mnist.npz"
+if str(REPO) not in sys.path:
+  sys.path.insert(0, str(REPO))
+
+IMAGE_SIZE = 28
+NUM_EXAMPLES = 256
+
+
+def load_mnist(n: int = NUM_EXAMPLES) -> np.ndarray:
+  """The first n MNIST training images as float32 [n, 28, 28, 1] in [-1, 1]."""
+  with np.load(MNIST) as f:
+    x = f["x_train"][:n]
+  return (x.astype(np.float32) / 127.5 - 1.0)[..., None]
+
+
+def tiny_model(dtype: str = "float32", dropout: float = 0.0):
+  """A ~3k-parameter conv denoiser with a time embedding."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  class TinyDenoiser(nn.Module):
+    features: int = 16
+    dtype: str = "float32"
+    dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, t, train: bool = False):
+      freqs = jnp.exp(-jnp.arange(4, dtype=jnp.float32))
+      emb = jnp.concatenate([jnp.sin(t[:, None] * freqs),
+                             jnp.cos(t[:, None] * freqs)], axis=-1)
+      emb = nn.Dense(self.features, dtype=self.dtype)(emb)
+      h = nn.Conv(self.features, (3, 3), dtype=self.dtype)(x)
+      h = nn.swish(h + emb[:, None, None, :])
+      h = nn.Dropout(self.dropout, deterministic=not train)(h)
+      h = nn.swish(nn.Conv(self.features, (3, 3), dtype=self.dtype)(h))
+      return nn.Conv(x.shape[-1], (3, 3), dtype=self.dtype)(h).astype(
+          jnp.float32)
+
+  return TinyDenoiser(dtype=dtype, dropout=dropout)
+
+
+def make_config(**train_overrides):
+  """A small config with the project's schema."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  c = ml_collections.ConfigDict()
+  c.seed = 42
+  c.data = dict(source="npz:" + str(MNIST), split="train", eval_split="test",
+                image_size=IMAGE_SIZE, channels=1, random_flip=False,
+                skip_bad_files=False)
+  c.model = dict(preset="tutorial")
+  c.diffusion = dict(schedule="linear", num_timesteps=1000, beta_start=1e-4,
+                     beta_end=0.02, loss_type="l2", target="eps",
+                     var_type="fixed_large", mean_form="x0", clip_x0=True)
+  c.optimizer = dict(lr=2e-3, warmup_steps=2, grad_clip_norm=1.0,
+                     weight_decay=0.0, decay="cosine", b1=0.9, b2=0.999,
+                     eps=1e-8)
+  c.train = dict(batch_size=8, num_steps=6, ema_decay=0.999, ema_warmup=True,
+                 log_every=2, checkpoint_every=2, keep_checkpoints=2,
+                 max_nonfinite_steps=3)
+  c.train.update(train_overrides)
+  return c
+
+
+class ArrayDataset:
+  """Deterministic per-host batches over an array, with get/set_state.
+
+  Global batch j is rows [j*G, (j+1)*G) (cycling); process p gets its
+  contiguous slice, so the assembled global batch does not depend on the
+  number of processes.
+  """
+
+  def __init__(self, images, batch_size, process_index=0, process_count=1,
+               nan_from=None):
+    self.images, self.batch_size = images, batch_size
+    self.process_index, self.process_count = process_index, process_count
+    self.nan_from = nan_from
+    self.position = 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    g = self.batch_size * self.process_count
+    j = self.position % (len(self.images) // g)
+    start = j * g + self.process_index * self.batch_size
+    batch = self.images[start:start + self.batch_size].copy()
+    if self.nan_from is not None and self.position >= self.nan_from:
+      batch[:] = np.nan
+    self.position += 1
+    return {"image": batch,
+            "label": np.zeros((self.batch_size,), np.int32)}
+
+  def get_state(self):
+    return {"position": self.position}
+
+  def set_state(self, state):
+    self.position = int(state["position"])
+
+
+def dataset_factory(images, **kwargs):
+  def factory(config, *, batch_size, process_index, process_count):
+    del config
+    return ArrayDataset(images, batch_size, process_index, process_count,
+                        **kwargs)
+  return factory
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+  """{'path': array} of a pytree (for npz files and comparisons)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  return {jax.tree_util.keystr(k): np.asarray(jax.device_get(v))
+          for k, v in leaves}
+
+
+def run_mesh(config, images, num_steps, devices=None):
+  """num_steps of the jitted step over a mesh; returns (losses, params)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import train  # pylint: disable=g-import-not-at-top
+  mesh = train.create_mesh(devices)
+  model = tiny_model()
+  tx = train.create_optimizer(config.optimizer,
+                              num_steps=config.train.num_steps)
+  rng = jax.random.PRNGKey(config.seed)
+  state = train.create_train_state(model, tx, rng,
+                                   image_shape=images.shape[1:], mesh=mesh)
+  step = train.jit_train_step(train.make_train_step(config, model, tx), mesh,
+                              state)
+  b = config.train.batch_size
+  data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  losses = []
+  for i in range(num_steps):
+    batch = {"image": jax.device_put(images[i * b:(i + 1) * b], data)}
+    state, metrics = step(state, batch, rng)
+    losses.append(float(metrics["loss"]))
+  return np.array(losses), flat(state.params)
+
+
+def run_pmap(config, images, num_steps):
+  """The same training with jax.pmap over all local devices."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import train  # pylint: disable=g-import-not-at-top
+  n = jax.local_device_count()
+  model = tiny_model()
+  tx = train.create_optimizer(config.optimizer,
+                              num_steps=config.train.num_steps)
+  rng = jax.random.PRNGKey(config.seed)
+  state = jax.jit(lambda r: train.init_train_state(
+      model, tx, r, image_shape=images.shape[1:]))(rng)
+  state = jax.tree.map(lambda x: jnp.stack([x] * n), state)
+  step = jax.pmap(train.make_train_step(config, model, tx, axis_name="batch"),
+                  axis_name="batch", in_axes=(0, 0, None),
+                  donate_argnums=(0,))
+  b = config.train.batch_size
+  losses = []
+  for i in range(num_steps):
+    x = images[i * b:(i + 1) * b].reshape((n, b // n) + images.shape[1:])
+    state, metrics = step(state, {"image": x}, rng)
+    losses.append(float(metrics["loss"][0]))
+  return np.array(losses), flat(jax.tree.map(lambda x: x[0], state.params))
+
+
+def _main(argv):
+  mode = argv[1]
+  if mode == "devices8":
+    import jax  # pylint: disable=g-import-not-at-top
+    assert jax.device_count() == 8, jax.devices()
+    config = make_config(batch_size=16)
+    images = load_mnist()
+    mesh_losses, mesh_params = run_mesh(config, images, 3)
+    pmap_losses, pmap_params = run_pmap(config, images, 3)
+    np.savez(argv[2], mesh_losses=mesh_losses, pmap_losses=pmap_losses,
+             **{"mesh" + k: v for k, v in mesh_params.items()},
+             **{"pmap" + k: v for k, v in pmap_params.items()})
+  elif mode == "distributed":
+    process_id, port, workdir, out = (int(argv[2]), argv[3], argv[4], argv[5])
+    from ddpm_jax import train  # pylint: disable=g-import-not-at-top
+    assert train.initialize_distributed(f"localhost:{port}", 2, process_id)
+    import jax  # pylint: disable=g-import-not-at-top
+    assert jax.process_count() == 2 and jax.device_count() == 2
+    state = train.train_and_evaluate(
+        make_config(), workdir, model=tiny_model(),
+        dataset_factory=dataset_factory(load_mnist()))
+    np.savez(out, step=np.asarray(state.step.addressable_data(0)),
+             **{"params" + k: np.asarray(v.addressable_data(0))
+                for k, v in _leaves(state.params)},
+             **{"ema" + k: np.asarray(v.addressable_data(0))
+                for k, v in _leaves(state.ema_params)})
+  else:
+    raise SystemExit(f"unknown mode {mode}")
+
+
+def _leaves(tree):
+  import jax  # pylint: disable=g-import-not-at-top
+  return [(jax.tree_util.keystr(k), v)
+          for k, v in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+if __name__ == "__main__":
+  _main(sys.argv)
