@@ -1,0 +1,367 @@
+"""Sample-quality metrics: FID, Inception Score and KID, with feature caching.
+
+All statistics are computed in float64 numpy on features from the FID
+Inception (`ddpm_jax.models.inception`), following the conventions of
+TF's original FID / pytorch-fid (FID on the 2048-d pool features), of the
+original Inception Score code (1008 logits, 10 splits) and of Binkowski et
+al.'s KID (unbiased MMD^2 with the kernel (x.y / d + 1)^3, averaged over
+random subsets; defaults of torch-fidelity).
+
+Example:
+  >>> extract = make_fid_inception_extractor(variables)
+  >>> ref = reference_statistics(extract, load_train_images, cache_dir="stats",
+  ...                            dataset="cifar10", split="train",
+  ...                            num_images=50000, batch_size=250)
+  >>> gen = extract_features(extract, samples_uint8, batch_size=250)
+  >>> mu, sigma = feature_statistics(gen.pool)
+  >>> fid = frechet_distance(mu, sigma, ref.mu, ref.sigma)
+  >>> inception_score(gen.logits).mean
+  >>> kernel_inception_distance(gen.pool, ref.features).mean
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from typing import NamedTuple
+
+import numpy as np
+
+
+class FeatureStatistics(NamedTuple):
+  """Gaussian moments of a feature set.
+
+  Attributes:
+    mu: mean, float64 [D].
+    sigma: unbiased covariance (divisor N - 1), float64 [D, D].
+  """
+  mu: np.ndarray
+  sigma: np.ndarray
+
+
+class ScoreWithStd(NamedTuple):
+  """A metric averaged over splits or subsets, with its standard deviation.
+
+  Attributes:
+    mean: the mean over splits/subsets (the reported value).
+    std: their standard deviation.
+  """
+  mean: float
+  std: float
+
+
+class Features(NamedTuple):
+  """Inception outputs of an image set.
+
+  Attributes:
+    pool: float32 [N, 2048] pool features.
+    logits: float32 [N, 1008] logits.
+  """
+  pool: np.ndarray
+  logits: np.ndarray
+
+
+class ReferenceStatistics(NamedTuple):
+  """Cached Inception statistics of a reference data set.
+
+  Attributes:
+    mu: float64 [D] mean of the pool features.
+    sigma: float64 [D, D] covariance of the pool features.
+    features: float32 [N, D] the pool features themselves (for KID).
+  """
+  mu: np.ndarray
+  sigma: np.ndarray
+  features: np.ndarray
+
+
+def _as_feature_matrix(name: str, features) -> np.ndarray:
+  """float64 [N, D] view of `features`, or a ValueError naming `name`."""
+  features = np.asarray(features, dtype=np.float64)
+  if features.ndim != 2:
+    raise ValueError(f"{name} must be a [N, D] matrix; got shape "
+                     f"{features.shape}.")
+  return features
+
+
+def feature_statistics(features) -> FeatureStatistics:
+  """Mean and unbiased covariance of features, in float64.
+
+  Args:
+    features: [N, D] with N >= 2.
+
+  Returns:
+    `FeatureStatistics(mu [D], sigma [D, D])`.
+
+  Example:
+    >>> mu, sigma = feature_statistics(np.random.randn(100, 8))
+    >>> mu.shape, sigma.shape
+    ((8,), (8, 8))
+  """
+  features = _as_feature_matrix("features", features)
+  if features.shape[0] < 2:
+    raise ValueError("A covariance needs at least 2 feature vectors; got "
+                     f"{features.shape[0]}.")
+  return FeatureStatistics(mu=features.mean(axis=0),
+                           sigma=np.cov(features, rowvar=False))
+
+
+def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
+  """Symmetric square root of a symmetric PSD matrix (negative eigenvalues,
+  from round-off, are clipped to 0)."""
+  eigvals, eigvecs = np.linalg.eigh(matrix)
+  return (eigvecs * np.sqrt(np.clip(eigvals, 0.0, None))) @ eigvecs.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+  """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2) (FID).
+
+  d^2 = ||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)).
+
+  The trace of the matrix square root is computed from symmetric
+  eigen-decompositions, tr (sigma1 sigma2)^(1/2) = sum_i sqrt(lambda_i) with
+  lambda_i the eigenvalues of the PSD matrix sigma1^(1/2) sigma2 sigma1^(1/2)
+  (similar to sigma1 sigma2). This is real by construction and exact for
+  singular covariances (e.g. fewer samples than dimensions), so it needs
+  neither scipy's `sqrtm` nor pytorch-fid's eps * I retry; round-off
+  eigenvalues below 0 are clipped to 0.
+
+  Args:
+    mu1: mean, [D].
+    sigma1: symmetric PSD covariance, [D, D].
+    mu2: mean, [D].
+    sigma2: symmetric PSD covariance, [D, D].
+
+  Returns:
+    The squared Fréchet distance (what FID reports) as a float.
+
+  Example:
+    >>> frechet_distance(np.zeros(2), np.eye(2), np.ones(2), np.eye(2))
+    2.0
+  """
+  mu1 = np.atleast_1d(np.asarray(mu1, dtype=np.float64))
+  mu2 = np.atleast_1d(np.asarray(mu2, dtype=np.float64))
+  sigma1 = np.atleast_2d(np.asarray(sigma1, dtype=np.float64))
+  sigma2 = np.atleast_2d(np.asarray(sigma2, dtype=np.float64))
+  d = mu1.shape[0]
+  for name, value, shape in (("mu1", mu1, (d,)), ("mu2", mu2, (d,)),
+                             ("sigma1", sigma1, (d, d)),
+                             ("sigma2", sigma2, (d, d))):
+    if value.shape != shape:
+      raise ValueError(f"{name} has shape {value.shape}; expected {shape} "
+                       f"for feature dimension {d} (from mu1).")
+  sqrt1 = _psd_sqrt(sigma1)
+  inner = sqrt1 @ sigma2 @ sqrt1
+  eigvals = np.linalg.eigvalsh(0.5 * (inner + inner.T))
+  tr_covmean = np.sqrt(np.clip(eigvals, 0.0, None)).sum()
+  diff = mu1 - mu2
+  return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) -
+               2.0 * tr_covmean)
+
+
+def inception_score(logits, *, splits: int = 10) -> ScoreWithStd:
+  """Inception Score exp(E_x KL(p(y|x) || p(y))), over splits.
+
+  The samples are cut into `splits` contiguous parts (sizes differ by at most
+  one); in each, p(y) is the mean of p(y|x) = softmax(logits) over the part.
+  The result is the mean and standard deviation of the per-part scores, as
+  in the original code (which uses the 1008 FID Inception logits).
+
+  Args:
+    logits: [N, K] class logits with N >= splits. For probabilities, pass
+      their logarithm (zeros becoming -inf are fine).
+    splits: number of parts.
+
+  Returns:
+    `ScoreWithStd(mean, std)`; the score lies in [1, K].
+
+  Example:
+    >>> inception_score(np.zeros((100, 1008)), splits=10).mean  # uniform
+    1.0
+  """
+  logits = _as_feature_matrix("logits", logits)
+  if splits < 1 or logits.shape[0] < splits:
+    raise ValueError(f"inception_score needs 1 <= splits <= N; got "
+                     f"splits={splits} with N={logits.shape[0]} samples.")
+  shifted = logits - logits.max(axis=1, keepdims=True)
+  log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+  scores = []
+  for part in np.array_split(log_p, splits):
+    p = np.exp(part)
+    py = p.mean(axis=0)
+    # A class with p(y) = 0 has p(y|x) = 0 for every x: it adds 0 to the KL.
+    log_py = np.log(np.where(py > 0, py, 1.0))
+    kl = np.multiply(p, part - log_py, where=p > 0,
+                     out=np.zeros_like(p)).sum(axis=1)
+    scores.append(np.exp(kl.mean()))
+  return ScoreWithStd(mean=float(np.mean(scores)), std=float(np.std(scores)))
+
+
+def _polynomial_mmd2(x: np.ndarray, y: np.ndarray) -> float:
+  """Unbiased MMD^2 of equal-size sets with k(a, b) = (a.b / d + 1)^3."""
+  m, d = x.shape
+  k_xx = (x @ x.T / d + 1.0) ** 3
+  k_yy = (y @ y.T / d + 1.0) ** 3
+  k_xy = (x @ y.T / d + 1.0) ** 3
+  within = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy))
+  return float(within / (m * (m - 1)) - 2.0 * k_xy.sum() / m**2)
+
+
+def kernel_inception_distance(features1, features2, *, subsets: int = 100,
+                              subset_size: int = 1000, seed: int = 0
+                              ) -> ScoreWithStd:
+  """Kernel Inception Distance (Binkowski et al., 2018).
+
+  For each of `subsets` rounds, draws `subset_size` rows of each feature set
+  without replacement and computes the unbiased MMD^2 with the cubic
+  polynomial kernel k(x, y) = (x.y / d + 1)^3:
+
+    (sum_{i!=j} k(x_i, x_j) + sum_{i!=j} k(y_i, y_j)) / (m (m - 1))
+      - 2 sum_{i,j} k(x_i, y_j) / m^2.
+
+  Being unbiased, it can be slightly negative for equal distributions.
+  Defaults are torch-fidelity's (100 subsets of 1000).
+
+  Args:
+    features1: [N1, D].
+    features2: [N2, D].
+    subsets: number of random subsets.
+    subset_size: rows per subset, 2 <= subset_size <= min(N1, N2).
+    seed: seed of the numpy generator that draws the subsets.
+
+  Returns:
+    `ScoreWithStd(mean, std)` over the subsets.
+
+  Example:
+    >>> f = np.random.randn(200, 16)
+    >>> kernel_inception_distance(f[:100], f[100:], subsets=10,
+    ...                           subset_size=50).mean  # close to 0
+  """
+  x = _as_feature_matrix("features1", features1)
+  y = _as_feature_matrix("features2", features2)
+  if x.shape[1] != y.shape[1]:
+    raise ValueError(f"Feature dimensions differ: features1 has {x.shape[1]}, "
+                     f"features2 has {y.shape[1]}.")
+  if not 2 <= subset_size <= min(x.shape[0], y.shape[0]):
+    raise ValueError(f"subset_size={subset_size} must be in [2, min(N1, N2)] "
+                     f"= [2, {min(x.shape[0], y.shape[0])}].")
+  if subsets < 1:
+    raise ValueError(f"subsets must be >= 1; got {subsets}.")
+  rng = np.random.default_rng(seed)
+  values = [
+      _polynomial_mmd2(x[rng.choice(x.shape[0], subset_size, replace=False)],
+                       y[rng.choice(y.shape[0], subset_size, replace=False)])
+      for _ in range(subsets)
+  ]
+  return ScoreWithStd(mean=float(np.mean(values)), std=float(np.std(values)))
+
+
+def extract_features(extract_fn: Callable, images: np.ndarray, *,
+                     batch_size: int) -> Features:
+  """Runs an Inception extractor over many images in fixed-size batches.
+
+  The last batch is padded (by repeating its last image) to `batch_size` so
+  that a jitted `extract_fn` compiles once; the padding is dropped.
+
+  Args:
+    extract_fn: `images [B, H, W, 3] -> (pool [B, D], logits [B, K])`, e.g.
+      `make_fid_inception_extractor(variables)`.
+    images: uint8 [N, H, W, 3] (or float in [-1, 1]), N >= 1.
+    batch_size: images per call.
+
+  Returns:
+    `Features(pool [N, D], logits [N, K])`, float32 numpy.
+
+  Example:
+    >>> feats = extract_features(extract, images_uint8, batch_size=100)
+  """
+  images = np.asarray(images)
+  if images.ndim != 4 or images.shape[0] == 0:
+    raise ValueError("images must be a non-empty [N, H, W, C] array; got "
+                     f"shape {images.shape}.")
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
+  n = images.shape[0]
+  pools, logits = [], []
+  for start in range(0, n, batch_size):
+    batch = images[start:start + batch_size]
+    size = batch.shape[0]
+    if size < batch_size:
+      batch = np.concatenate(
+          [batch, np.repeat(batch[-1:], batch_size - size, axis=0)])
+    pool, logit = extract_fn(batch)
+    pools.append(np.asarray(pool, dtype=np.float32)[:size])
+    logits.append(np.asarray(logit, dtype=np.float32)[:size])
+  return Features(pool=np.concatenate(pools), logits=np.concatenate(logits))
+
+
+def reference_cache_path(cache_dir: str | os.PathLike, *, dataset: str,
+                         split: str, num_images: int) -> str:
+  """The `.npz` file caching the statistics of `num_images` of a split.
+
+  Characters other than letters, digits, '.', '_' and '-' in the data set
+  and split names become '_' (e.g. "tfds:cifar10" -> "tfds_cifar10").
+
+  Example:
+    >>> reference_cache_path("stats", dataset="cifar10", split="train",
+    ...                      num_images=50000)
+    'stats/fid_inception_cifar10_train_50000.npz'
+  """
+  def clean(name):
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+  return os.path.join(os.fspath(cache_dir), f"fid_inception_{clean(dataset)}_"
+                      f"{clean(split)}_{num_images}.npz")
+
+
+def reference_statistics(extract_fn: Callable,
+                         load_images: Callable[[], np.ndarray], *,
+                         cache_dir: str | os.PathLike, dataset: str,
+                         split: str, num_images: int,
+                         batch_size: int) -> ReferenceStatistics:
+  """Inception statistics of a reference data set, cached on disk.
+
+  If `reference_cache_path(cache_dir, ...)` exists it is loaded and neither
+  `load_images` nor `extract_fn` is called; otherwise the features of
+  `load_images()` are computed, and mu, sigma and the features are written
+  there (the directory is created; the file is written atomically).
+
+  Args:
+    extract_fn: as in `extract_features`.
+    load_images: returns the uint8 [num_images, H, W, 3] reference images;
+      called only when the cache is missing.
+    cache_dir: directory of the cache files.
+    dataset: data set name (part of the cache key).
+    split: split name (part of the cache key).
+    num_images: number of reference images (part of the cache key).
+    batch_size: images per `extract_fn` call.
+
+  Returns:
+    `ReferenceStatistics(mu [D], sigma [D, D], features [N, D])`.
+
+  Example:
+    >>> ref = reference_statistics(extract, lambda: train_images,
+    ...                            cache_dir="stats", dataset="cifar10",
+    ...                            split="train", num_images=50000,
+    ...                            batch_size=250)
+  """
+  path = reference_cache_path(cache_dir, dataset=dataset, split=split,
+                              num_images=num_images)
+  if os.path.exists(path):
+    with np.load(path) as data:
+      missing = {"mu", "sigma", "features"} - set(data.files)
+      if missing:
+        raise ValueError(f"Reference statistics cache {path} lacks "
+                         f"{sorted(missing)}; delete it to recompute.")
+      return ReferenceStatistics(mu=data["mu"], sigma=data["sigma"],
+                                 features=data["features"])
+  images = np.asarray(load_images())
+  if images.shape[0] != num_images:
+    raise ValueError(f"load_images returned {images.shape[0]} images for "
+                     f"{dataset}/{split}; expected num_images={num_images}.")
+  features = extract_features(extract_fn, images, batch_size=batch_size).pool
+  mu, sigma = feature_statistics(features)
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, mu=mu, sigma=sigma, features=features)
+  os.replace(tmp, path)
+  return ReferenceStatistics(mu=mu, sigma=sigma, features=features)
