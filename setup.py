@@ -21,6 +21,7 @@ setuptools.setup(
         "numpy>=1.24",
         "pillow>=9.0",
         "scikit-learn>=1.2",
+        "tensorboardX>=2.6",
         "tensorflow-datasets>=4.9.2",
     ],
     extras_require={

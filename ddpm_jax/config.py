@@ -61,7 +61,9 @@ def base_config() -> ml_collections.ConfigDict:
       log_every=100,
       checkpoint_every=5000,
       keep_checkpoints=3,
-      sample_every=10_000,  # sample grid from the EMA parameters; 0 = off
+      # A sample grid from the EMA parameters every N steps and at the end
+      # (with a GIF of the chain there when sample.gif); 0 = never.
+      sample_every=10_000,
       max_nonfinite_steps=20,  # stop after this many skipped updates in a row
   ))
 
@@ -77,10 +79,14 @@ def base_config() -> ml_collections.ConfigDict:
       gif_frames=40,
   ))
 
-  # Evaluation (--mode=eval): bits/dim of the eval split.
+  # Evaluation (--mode=eval): bits/dim of the eval split; with Inception
+  # weights also FID, Inception Score and KID of samples vs. data.split.
   config.eval = ml_collections.ConfigDict(dict(
-      num_images=1000,  # 0 = the whole split
+      num_images=1000,  # bits/dim images; 0 = the whole split
       batch_size=64,  # global
+      inception_weights="",  # pt_inception-2015-12-05-6726825d.pth or .npz
+      num_samples=10_000,  # generated images for FID / IS / KID
+      num_reference=10_000,  # images of data.split for the reference stats
   ))
   return config
 
@@ -110,7 +116,7 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str, *,
     config.diffusion.num_timesteps = 20
     config.optimizer.warmup_steps = 2
     config.train.update(dict(batch_size=8, num_steps=4, log_every=2,
-                             checkpoint_every=2, sample_every=0))
+                             checkpoint_every=2, sample_every=4))
     config.sample.update(dict(num_images=8, batch_size=8, ddim_steps=5,
                               gif_frames=5))
     config.eval.update(dict(num_images=8, batch_size=8))

@@ -49,7 +49,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ddpm_jax import checkpoint as checkpoint_lib
-from ddpm_jax import config_validation, losses
+from ddpm_jax import config_validation, generation, losses
 from ddpm_jax.schedules import Schedule, make_schedule
 
 PyTree = Any
@@ -447,11 +447,54 @@ def _default_dataset(config, *, batch_size: int, process_index: int,
       skip_bad_files=data.get("skip_bad_files", False))
 
 
-def _default_model(config) -> nn.Module:
+def create_model(config) -> nn.Module:
+  """The U-Net of `config.model` (a preset name plus field overrides)."""
   from ddpm_jax import models  # pylint: disable=g-import-not-at-top
   model_config = models.unet_config(**config.model.to_dict()) if hasattr(
       config.model, "to_dict") else models.unet_config(**config.model)
   return models.UNet(config=model_config)
+
+
+def restore_ema_params(config, workdir: str, *, model: nn.Module,
+                       mesh: Mesh) -> tuple[PyTree, int]:
+  """The EMA parameters of the latest checkpoint in `<workdir>/checkpoints`.
+
+  Args:
+    config: the run config the checkpoint was trained with.
+    workdir: the training workdir.
+    model: the network (from `create_model(config)`).
+    mesh: the mesh to restore onto (replicated).
+
+  Returns:
+    (ema_params replicated on `mesh`, the checkpoint's step).
+
+  Raises:
+    FileNotFoundError: naming the directory, when it holds no checkpoint.
+  """
+  directory = os.path.join(os.fspath(workdir), "checkpoints")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(
+        f"No checkpoint in {directory}: train first with --mode=train and "
+        "this --workdir.")
+  tx = create_optimizer(config.optimizer, num_steps=int(config.train.num_steps))
+  image_shape = (int(config.data.image_size), int(config.data.image_size),
+                 int(config.data.channels))
+  replicated = NamedSharding(mesh, P())
+  rng = jax.random.PRNGKey(0)
+  abstract = jax.eval_shape(functools.partial(
+      init_train_state, model, tx, image_shape=image_shape), rng)
+  shardings = jax.tree.map(lambda _: replicated, abstract)
+  with checkpoint_lib.CheckpointManager(directory) as ckpt:
+    step = ckpt.latest_step()
+    if step is None:
+      raise FileNotFoundError(
+          f"No checkpoint in {directory}: train first with --mode=train and "
+          "this --workdir.")
+    state, _, _ = ckpt.restore(
+        checkpoint_lib.abstract_like(abstract, shardings),
+        jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=replicated),
+        step=step)
+  return state.ema_params, step
 
 
 class _PreemptionFlag:
@@ -528,12 +571,13 @@ def train_and_evaluate(config, workdir: str, *,
   mesh = create_mesh()
   replicated = NamedSharding(mesh, P())
   data_sharding = NamedSharding(mesh, P(DATA_AXIS))
-  model = _default_model(config) if model is None else model
+  model = create_model(config) if model is None else model
   tx = create_optimizer(config.optimizer, num_steps=num_steps)
   # Made on the mesh by jit: identical and replicated on every process.
-  init_rng, train_rng = jax.jit(
-      lambda: tuple(jax.random.split(jax.random.PRNGKey(config.seed))),
-      out_shardings=(replicated, replicated))()
+  # Three independent streams: parameters, train steps, sample grids.
+  init_rng, train_rng, sample_rng = jax.jit(
+      lambda: tuple(jax.random.split(jax.random.PRNGKey(config.seed), 3)),
+      out_shardings=(replicated,) * 3)()
   init_fn = functools.partial(init_train_state, model, tx,
                               image_shape=image_shape)
   abstract_state = jax.eval_shape(init_fn, init_rng)
@@ -575,8 +619,11 @@ def train_and_evaluate(config, workdir: str, *,
                  global_batch, jax.device_count(), process_count,
                  sum(x.size for x in jax.tree.leaves(abstract_state.params)))
 
-  p_train_step = jit_train_step(make_train_step(config, model, tx), mesh,
-                                abstract_state)
+  schedule = make_schedule_from_config(config.diffusion)
+  sample_every = int(tcfg.sample_every)
+  p_train_step = jit_train_step(
+      make_train_step(config, model, tx, schedule=schedule), mesh,
+      abstract_state)
   writer = None
   if is_chief:
     try:
@@ -656,6 +703,12 @@ def train_and_evaluate(config, workdir: str, *,
 
       if step % ckpt_every == 0 or step == num_steps or preempted:
         save(step, metrics)
+      final = step == num_steps
+      if sample_every and (final or step % sample_every == 0):
+        generation.save_training_samples(
+            model, state.ema_params, schedule, config, step=step,
+            workdir=workdir, key=sample_rng, mesh=mesh,
+            gif=final and bool(config.sample.gif))
       if preempted:
         if is_chief:
           logging.warning("SIGTERM: saved checkpoint at step %d in %s; "

@@ -58,23 +58,18 @@ def tiny_model(dtype: str = "float32", dropout: float = 0.0):
 
 
 def make_config(**train_overrides):
-  """A small config with the project's schema."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  c = ml_collections.ConfigDict()
+  """A small config: the project's schema with test-sized values."""
+  from ddpm_jax.config import base_config  # pylint: disable=g-import-not-at-top
+  c = base_config()
   c.seed = 42
-  c.data = dict(source="npz:" + str(MNIST), split="train", eval_split="test",
-                image_size=IMAGE_SIZE, channels=1, random_flip=False,
-                skip_bad_files=False)
-  c.model = dict(preset="tutorial")
-  c.diffusion = dict(schedule="linear", num_timesteps=1000, beta_start=1e-4,
-                     beta_end=0.02, loss_type="l2", target="eps",
-                     var_type="fixed_large", mean_form="x0", clip_x0=True)
-  c.optimizer = dict(lr=2e-3, warmup_steps=2, grad_clip_norm=1.0,
-                     weight_decay=0.0, decay="cosine", b1=0.9, b2=0.999,
-                     eps=1e-8)
-  c.train = dict(batch_size=8, num_steps=6, ema_decay=0.999, ema_warmup=True,
-                 log_every=2, checkpoint_every=2, keep_checkpoints=2,
-                 max_nonfinite_steps=3)
+  c.data.update(dict(source="npz:" + str(MNIST), image_size=IMAGE_SIZE,
+                     channels=1, resize=False))
+  c.diffusion.update(dict(schedule="linear", num_timesteps=1000))
+  c.optimizer.update(dict(lr=2e-3, warmup_steps=2, decay="cosine"))
+  c.train.update(dict(batch_size=8, num_steps=6, ema_decay=0.999,
+                      ema_warmup=True, log_every=2, checkpoint_every=2,
+                      keep_checkpoints=2, max_nonfinite_steps=3,
+                      sample_every=0))
   c.train.update(train_overrides)
   return c
 
