@@ -1,0 +1,125 @@
+"""The command line end to end: train, resume, sample, eval and bad input."""
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = "configs/digits.py:tiny"
+
+
+def _run(args, *, env_extra=None, cache_dir=None):
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  if cache_dir is not None:  # Later runs reuse the first run's compilations.
+    env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  env.update(env_extra or {})
+  return subprocess.run([sys.executable, "-m", "ddpm_jax.main", *args],
+                        cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=900, check=False)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A workdir after `--mode=train` of 4 steps, then a resumed run to 6."""
+  workdir = tmp_path_factory.mktemp("cli")
+  cache = tmp_path_factory.mktemp("jax_cache")
+  first = _run([f"--config={TINY}", f"--workdir={workdir}"], cache_dir=cache)
+  assert first.returncode == 0, first.stderr[-3000:]
+  after_first = sorted(os.listdir(workdir / "checkpoints"))
+  second = _run([f"--config={TINY}", f"--workdir={workdir}",
+                 "--config.train.num_steps=6"], cache_dir=cache)
+  assert second.returncode == 0, second.stderr[-3000:]
+  return dict(workdir=workdir, cache=cache, first=first, second=second,
+              after_first=after_first)
+
+
+def test_train_writes_checkpoints_samples_and_logs(trained):
+  workdir = trained["workdir"]
+  assert trained["after_first"] == ["2", "4"]
+  assert "step 4/4: loss" in trained["first"].stderr
+  grid = Image.open(workdir / "samples" / "step_00000004.png")
+  assert grid.size == (3 * 16, 3 * 16)  # 8 images in a 3x3 grid of 16x16
+  gif = Image.open(workdir / "samples" / "step_00000004.gif")
+  assert gif.n_frames > 1
+  assert any(name.startswith("events.out.tfevents")
+             for name in os.listdir(workdir))
+
+
+def test_second_train_call_resumes(trained):
+  log = trained["second"].stderr
+  assert "Resumed from checkpoint step 4" in log
+  assert "Training 6 steps from step 4" in log
+  assert "step 6/6: loss" in log and "step 2/" not in log
+  # keep_checkpoints = 3
+  assert sorted(os.listdir(trained["workdir"] / "checkpoints")) == ["2", "4", "6"]
+
+
+def test_sample_mode(trained):
+  out = _run([f"--config={TINY}", f"--workdir={trained['workdir']}",
+              "--mode=sample", "--config.sample.num_images=12"],
+             cache_dir=trained["cache"])
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "images/s" in out.stderr
+  samples = trained["workdir"] / "samples"
+  with np.load(samples / "sample_step_00000006.npz") as f:
+    images = f["images"]
+  assert images.shape == (12, 16, 16, 1) and images.dtype == np.uint8
+  # 12 images in rows of ceil(sqrt(12)) = 4
+  assert Image.open(samples / "sample_step_00000006.png").size == (64, 48)
+  assert Image.open(samples / "sample_step_00000006.gif").n_frames > 1
+
+
+def test_eval_mode(trained):
+  out = _run([f"--config={TINY}", f"--workdir={trained['workdir']}",
+              "--mode=eval"], cache_dir=trained["cache"])
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "bits/dim" in out.stderr and "FID, Inception Score and KID skipped" \
+      in out.stderr
+  result = json.loads(
+      (trained["workdir"] / "eval" / "step_00000006.json").read_text())
+  assert result["num_images"] == 8 and result["step"] == 6
+  parts = result["prior_bpd"] + result["decoder_bpd"] + result["kl_bpd"]
+  assert np.isfinite(result["total_bpd"]) and result["total_bpd"] > 0
+  np.testing.assert_allclose(result["total_bpd"], parts, rtol=1e-5)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.train.lr=1"], r"Unknown config field\(s\): train.lr"),
+    (["--config.nosuchgroup.x=1"], "bad command line"),
+    (["--config.train.num_steps=abc"], "bad command line"),
+    (["--config.optimizer.lr=-0.1"], r"config.optimizer.lr must be a number"),
+    (["--config.data.image_size=17"], r"image_size \(17\) must be divisible"),
+    (["--config.data.source=npz:/no/such/file.npz"], "does not exist"),
+    (["--config.model.base_channels=0"], "config.model: UNetConfig"),
+    (["--config.sample.sampler=ddim", "--config.sample.ddim_steps=50"],
+     r"ddim_steps \(50\) must be in \[1, 20\]"),
+    (["--config.train.ema_decay=1.0"], r"ema_decay must be a number in"),
+    (["--mode=sample"], "train first"),
+])
+def test_bad_input_gives_one_clear_line(tmp_path, args, message):
+  out = _run([f"--config={TINY}", f"--workdir={tmp_path / 'w'}", *args])
+  assert out.returncode != 0
+  assert "Traceback" not in out.stderr, out.stderr[-3000:]
+  error_lines = [line for line in out.stderr.splitlines()
+                 if line.startswith("ddpm_jax:")]
+  assert len(error_lines) == 1, out.stderr[-3000:]
+  assert re.search(message, error_lines[0]), error_lines[0]
+
+
+def test_batch_not_divisible_by_devices(tmp_path):
+  out = _run([f"--config={TINY}", f"--workdir={tmp_path}",
+              "--config.train.batch_size=9"],
+             env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+  assert out.returncode == 1 and "Traceback" not in out.stderr
+  assert ("config.train.batch_size (9) must be divisible by the number of "
+          "devices (2)") in out.stderr
