@@ -27,7 +27,15 @@ setuptools.setup(
     extras_require={
         # TensorFlow is only needed for `tfds:` inputs; everything else runs without it.
         "tf": ["tensorflow-cpu>=2.15"],
-        "test": ["pytest>=7.4", "scipy>=1.10", "tensorflow-cpu>=2.15"],
+        "test": [
+            "pytest>=7.4",
+            "scipy>=1.10",
+            "tensorflow-cpu>=2.15",
+            "nbclient>=0.9",
+            "nbformat>=5.9",
+            "ipykernel>=6.25",
+            "matplotlib>=3.7",
+        ],
     },
     entry_points={"console_scripts": ["ddpm-jax=ddpm_jax.main:run"]},
 )

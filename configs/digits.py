@@ -19,7 +19,6 @@ def get_config(variant: str = ""):
   config.data.image_size = 16
   config.data.channels = 1
   config.data.resize = True
-  config.data.eval_split = "train"  # the digits have one split
   config.model.preset = "tutorial"
   config.model.base_channels = 16
   config.model.channel_mults = (1, 2, 4)
