@@ -14,17 +14,22 @@ from ddpm_jax.models import PRESETS, UNet, UNetConfig, count_params, unet_config
 from ddpm_jax.models import layers
 
 # Small versions of each layout and block type: same code paths, a few thousand parameters.
+# Each one compiles twice (init and apply), so keep the list short.
 TINY = {
     "tutorial_convnext": unet_config(
-        "tutorial", base_channels=12, channel_mults=(1, 2), num_res_blocks=1, attention=("linear", "linear")
+        "tutorial", base_channels=12, channel_mults=(1, 2), num_res_blocks=1, attention=("linear", "linear"),
+        dropout=0.1,
     ),
+    "ddpm_resnet_classes": unet_config(
+        "ddpm_cifar10", base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attention=("none", "full"),
+        num_groups=4, num_classes=10,
+    ),
+}
+# Shape-checked only (jax.eval_shape), to keep compilation short.
+SHAPE_ONLY = {
     "tutorial_resnet": unet_config(
         "tutorial", base_channels=12, channel_mults=(1, 2), num_res_blocks=1, attention=("linear", "none"),
-        block_type="resnet", num_groups=4,
-    ),
-    "ddpm_resnet": unet_config(
-        "ddpm_cifar10", base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attention=("none", "full"),
-        num_groups=4,
+        block_type="resnet", num_groups=4, dropout=0.1,
     ),
     "ddpm_convnext": unet_config(
         "ddpm_cifar10", base_channels=16, channel_mults=(1, 2), num_res_blocks=1, block_type="convnext",
@@ -37,7 +42,8 @@ BATCH = 2
 def _inputs(config: UNetConfig, batch: int, size: int):
   x = jax.random.normal(jax.random.key(1), (batch, size, size, config.in_channels))
   t = jnp.arange(batch, dtype=jnp.int32) * 37 + 5
-  return x, t
+  y = None if config.num_classes is None else jnp.arange(batch, dtype=jnp.int32) % config.num_classes
+  return x, t, y
 
 
 @pytest.fixture(scope="module", params=sorted(TINY))
@@ -45,19 +51,20 @@ def tiny(request):
   """A tiny network with its params, inputs and jitted apply, compiled once per module."""
   config = TINY[request.param]
   model = UNet(config=config)
-  x, t = _inputs(config, BATCH, 16)
-  params = model.init(jax.random.key(0), x, t, train=False)["params"]
+  x, t, y = _inputs(config, BATCH, 16)
+  init = jax.jit(lambda key: model.init(key, x, t, y=y, train=False)["params"])
+  params = init(jax.random.key(0))
 
   @jax.jit
-  def apply(params, x, t, dropout_key):
-    return model.apply({"params": params}, x, t, train=True, rngs={"dropout": dropout_key})
+  def apply(params, x, t, y, dropout_key):
+    return model.apply({"params": params}, x, t, y=y, train=True, rngs={"dropout": dropout_key})
 
   @jax.jit
-  def apply_eval(params, x, t):
-    return model.apply({"params": params}, x, t, train=False)
+  def apply_eval(params, x, t, y):
+    return model.apply({"params": params}, x, t, y=y, train=False)
 
-  return dict(name=request.param, config=config, model=model, params=params, x=x, t=t,
-              apply=apply, apply_eval=apply_eval, out=apply_eval(params, x, t))
+  return dict(config=config, model=model, params=params, x=x, t=t, y=y, init=init,
+              apply=apply, apply_eval=apply_eval, out=apply_eval(params, x, t, y))
 
 
 # --- parameter counts and shapes of the presets (no compilation: jax.eval_shape) -----------------
@@ -75,7 +82,7 @@ def tiny(request):
 def test_preset_parameter_count_and_output_shape(preset, overrides, size, expected):
   config = unet_config(preset, **overrides)
   model = UNet(config=config)
-  x, t = _inputs(config, 5, size)
+  x, t, _ = _inputs(config, 5, size)
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), x, t, train=False))["params"]
   assert count_params(params) == expected
   out = jax.eval_shape(lambda p: model.apply({"params": p}, x, t, train=False), params)
@@ -83,17 +90,26 @@ def test_preset_parameter_count_and_output_shape(preset, overrides, size, expect
   chex.assert_type(out, jnp.float32)
 
 
-@pytest.mark.parametrize("name", sorted(TINY))
-@pytest.mark.parametrize("size", [28, 32])
-@pytest.mark.parametrize("channels", [1, 3])
-@pytest.mark.parametrize("batch", [1, 5])
-@pytest.mark.parametrize("learned_variance", [False, True])
+@pytest.mark.parametrize("name", sorted({**TINY, **SHAPE_ONLY}))
+@pytest.mark.parametrize(
+    "size, channels, batch, learned_variance",
+    [(28, 1, 1, False), (28, 3, 5, True), (32, 3, 1, False), (32, 1, 5, True)],
+)
 def test_output_shape(name, size, channels, batch, learned_variance):
-  config = dataclasses.replace(TINY[name], in_channels=channels, learned_variance=learned_variance)
+  config = dataclasses.replace({**TINY, **SHAPE_ONLY}[name], in_channels=channels, learned_variance=learned_variance)
   model = UNet(config=config)
-  x, t = _inputs(config, batch, size)
-  out = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), x, t, train=False)[0])
+  x, t, y = _inputs(config, batch, size)
+  out = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), x, t, y=y, train=False)[0])
   chex.assert_shape(out, (batch, size, size, channels * (2 if learned_variance else 1)))
+
+
+def test_class_embedding_parameter_count():
+  config = TINY["ddpm_resnet_classes"]
+  x, t, y = _inputs(config, BATCH, 16)
+  def count(config, y):
+    return count_params(jax.eval_shape(lambda: UNet(config=config).init(jax.random.key(0), x, t, y=y, train=False)))
+  unconditional = dataclasses.replace(config, num_classes=None)
+  assert count(config, y) - count(unconditional, None) == config.num_classes * config.temb_dim
 
 
 def test_tiny_output_is_finite_with_input_shape(tiny):
@@ -104,65 +120,70 @@ def test_tiny_output_is_finite_with_input_shape(tiny):
 # --- determinism, jit, conditioning, dropout, dtype --------------------------------------------------
 
 
+def _max_diff(a, b) -> float:
+  return float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max())
+
+
 def test_init_and_apply_are_deterministic(tiny):
-  again = tiny["model"].init(jax.random.key(0), tiny["x"], tiny["t"], train=False)["params"]
-  chex.assert_trees_all_equal(again, tiny["params"])
-  np.testing.assert_array_equal(tiny["apply_eval"](tiny["params"], tiny["x"], tiny["t"]), tiny["out"])
+  chex.assert_trees_all_equal(tiny["init"](jax.random.key(0)), tiny["params"])
+  np.testing.assert_array_equal(tiny["apply_eval"](tiny["params"], tiny["x"], tiny["t"], tiny["y"]), tiny["out"])
+  other = tiny["init"](jax.random.key(1))
+  assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, other, tiny["params"])))
 
 
 def test_jit_matches_eager(tiny):
-  eager = tiny["model"].apply({"params": tiny["params"]}, tiny["x"], tiny["t"], train=False)
+  eager = tiny["model"].apply({"params": tiny["params"]}, tiny["x"], tiny["t"], y=tiny["y"], train=False)
   np.testing.assert_allclose(eager, tiny["out"], rtol=1e-4, atol=1e-5)
 
 
 def test_time_step_changes_output(tiny):
-  other = tiny["apply_eval"](tiny["params"], tiny["x"], tiny["t"] + 100)
-  assert np.abs(np.asarray(other - tiny["out"])).max() > 1e-3
+  other = tiny["apply_eval"](tiny["params"], tiny["x"], tiny["t"] + 100, tiny["y"])
+  assert _max_diff(other, tiny["out"]) > 1e-3
 
 
 def test_float_time_steps_match_integer_ones(tiny):
-  out = tiny["apply_eval"](tiny["params"], tiny["x"], tiny["t"].astype(jnp.float32))
+  out = tiny["apply_eval"](tiny["params"], tiny["x"], tiny["t"].astype(jnp.float32), tiny["y"])
   np.testing.assert_allclose(out, tiny["out"], rtol=1e-5, atol=1e-6)
 
 
-def test_dropout_needs_train_and_follows_the_key(tiny):
+def test_class_labels_condition_the_output_or_are_refused(tiny):
   params, x, t = tiny["params"], tiny["x"], tiny["t"]
-  a = tiny["apply"](params, x, t, jax.random.key(3))
-  np.testing.assert_array_equal(tiny["apply"](params, x, t, jax.random.key(3)), a)
-  b = tiny["apply"](params, x, t, jax.random.key(4))
-  if tiny["config"].dropout > 0:
-    assert np.abs(np.asarray(a - b)).max() > 1e-4
-    assert np.abs(np.asarray(a - tiny["out"])).max() > 1e-4
+  num_classes = tiny["config"].num_classes
+  if num_classes is None:
+    with pytest.raises(ValueError, match="num_classes is None"):
+      tiny["apply_eval"](params, x, t, jnp.zeros_like(t))
   else:
-    np.testing.assert_array_equal(a, b)
+    other = tiny["apply_eval"](params, x, t, (tiny["y"] + 1) % num_classes)
+    assert _max_diff(other, tiny["out"]) > 1e-3
+
+
+def test_dropout_needs_train_and_follows_the_key(tiny):
+  params, x, t, y = tiny["params"], tiny["x"], tiny["t"], tiny["y"]
+  a = tiny["apply"](params, x, t, y, jax.random.key(3))
+  np.testing.assert_array_equal(tiny["apply"](params, x, t, y, jax.random.key(3)), a)
+  assert tiny["config"].dropout > 0
+  assert _max_diff(a, tiny["apply"](params, x, t, y, jax.random.key(4))) > 1e-4
+  assert _max_diff(a, tiny["out"]) > 1e-4
 
 
 def test_bfloat16_compute_is_close_to_float32(tiny):
   config = dataclasses.replace(tiny["config"], dtype="bfloat16")
-  out = jax.jit(lambda p: UNet(config=config).apply({"params": p}, tiny["x"], tiny["t"], train=False))(
-      tiny["params"]
-  )
+  out = jax.jit(
+      lambda p: UNet(config=config).apply({"params": p}, tiny["x"], tiny["t"], y=tiny["y"], train=False)
+  )(tiny["params"])
   chex.assert_type(out, jnp.float32)
-  ref = np.asarray(tiny["out"])
-  assert np.abs(np.asarray(out) - ref).max() < 0.05 * np.abs(ref).max()
-
-
-def test_class_labels_condition_the_output(tiny):
-  config = dataclasses.replace(tiny["config"], num_classes=10)
-  model = UNet(config=config)
-  y = jnp.array([1, 2])
-  params = model.init(jax.random.key(0), tiny["x"], tiny["t"], y=y, train=False)["params"]
-  assert count_params(params) - count_params(tiny["params"]) == 10 * config.temb_dim
-  apply = jax.jit(lambda y: model.apply({"params": params}, tiny["x"], tiny["t"], y=y, train=False))
-  assert np.abs(np.asarray(apply(y) - apply(y + 1))).max() > 1e-3
+  assert _max_diff(out, tiny["out"]) < 0.05 * np.abs(np.asarray(tiny["out"])).max()
 
 
 def test_config_is_a_static_jit_argument(tiny):
   @functools.partial(jax.jit, static_argnames="config")
-  def run(params, x, t, config):
-    return UNet(config=config).apply({"params": params}, x, t, train=False)
+  def run(params, x, t, y, *, config):
+    return UNet(config=config).apply({"params": params}, x, t, y=y, train=False)
 
-  np.testing.assert_array_equal(run(tiny["params"], tiny["x"], tiny["t"], config=tiny["config"]), tiny["out"])
+  out = jax.eval_shape(
+      functools.partial(run, config=tiny["config"]), tiny["params"], tiny["x"], tiny["t"], tiny["y"]
+  )
+  chex.assert_shape(out, tiny["x"].shape)
 
 
 # --- config ------------------------------------------------------------------------------------------
@@ -232,8 +253,8 @@ def test_bad_image_raises_value_error(preset, shape, message):
 
 
 def test_bad_time_steps_and_labels_raise_value_error():
-  config = TINY["ddpm_resnet"]
-  x, t = _inputs(config, BATCH, 16)
+  config = dataclasses.replace(TINY["ddpm_resnet_classes"], num_classes=None)
+  x, t, _ = _inputs(config, BATCH, 16)
   with pytest.raises(ValueError, match=r"t must have shape \[B\]=\[2\]"):
     _bad_call(config, x, t[:1])
   with pytest.raises(ValueError, match="num_classes is None"):
