@@ -5,6 +5,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from ddpm_jax.models.layers import DEPTHWISE_METHODS
+
 LAYOUTS = ("ddpm", "tutorial")
 BLOCK_TYPES = ("resnet", "convnext")
 ATTENTION_TYPES = ("none", "linear", "full")
@@ -52,6 +54,9 @@ class UNetConfig:
       embedding and `UNet` requires labels `y`.
     dtype: Compute dtype, 'float32' or 'bfloat16'.
     param_dtype: Parameter dtype, 'float32' or 'bfloat16'.
+    depthwise_method: Implementation of the ConvNeXt depthwise convolution
+      ('auto', 'shifted_sum' or 'lax', see `layers.depthwise_conv2d`); it
+      changes speed only, never parameters or results.
   """
 
   layout: str = "ddpm"
@@ -70,6 +75,7 @@ class UNetConfig:
   num_classes: int | None = None
   dtype: str = "float32"
   param_dtype: str = "float32"
+  depthwise_method: str = "auto"
 
   def __post_init__(self):
     # Configs built from ml_collections / JSON carry lists; store tuples so the config stays hashable.
@@ -94,6 +100,7 @@ class UNetConfig:
     choice("mid_attention", self.mid_attention, ATTENTION_TYPES)
     choice("dtype", self.dtype, DTYPES)
     choice("param_dtype", self.param_dtype, DTYPES)
+    choice("depthwise_method", self.depthwise_method, DEPTHWISE_METHODS)
     for name in ("in_channels", "base_channels", "num_res_blocks", "num_groups", "convnext_mult"):
       positive(name, getattr(self, name))
     check(len(self.channel_mults) > 0, "channel_mults must not be empty")

@@ -92,7 +92,13 @@ class UNet(nn.Module):
   def _block(self, features: int) -> nn.Module:
     cfg = self.config
     if cfg.block_type == "convnext":
-      return layers.ConvNextBlock(features, mult=cfg.convnext_mult, dropout=cfg.dropout, **self._dtypes)
+      return layers.ConvNextBlock(
+          features,
+          mult=cfg.convnext_mult,
+          dropout=cfg.dropout,
+          depthwise_method=cfg.depthwise_method,
+          **self._dtypes,
+      )
     block = layers.ResnetBlock if cfg.layout == "ddpm" else layers.PostNormResnetBlock
     return block(features, num_groups=cfg.num_groups, dropout=cfg.dropout, **self._dtypes)
 

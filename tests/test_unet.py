@@ -1,0 +1,315 @@
+"""Tests of the U-Net, its config and building blocks (tiny widths, each compile shared)."""
+
+import dataclasses
+import functools
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddpm_jax.models import PRESETS, UNet, UNetConfig, count_params, unet_config
+from ddpm_jax.models import layers
+
+# Small versions of each layout and block type: same code paths, a few thousand parameters.
+# Each one compiles twice (init and apply), so keep the list short.
+TINY = {
+    "tutorial_convnext": unet_config(
+        "tutorial", base_channels=12, channel_mults=(1, 2), num_res_blocks=1, attention=("linear", "linear"),
+        dropout=0.1,
+    ),
+    "ddpm_resnet_classes": unet_config(
+        "ddpm_cifar10", base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attention=("none", "full"),
+        num_groups=4, num_classes=10,
+    ),
+}
+# Shape-checked only (jax.eval_shape), to keep compilation short.
+SHAPE_ONLY = {
+    "tutorial_resnet": unet_config(
+        "tutorial", base_channels=12, channel_mults=(1, 2), num_res_blocks=1, attention=("linear", "none"),
+        block_type="resnet", num_groups=4, dropout=0.1,
+    ),
+    "ddpm_convnext": unet_config(
+        "ddpm_cifar10", base_channels=16, channel_mults=(1, 2), num_res_blocks=1, block_type="convnext",
+        attention=("linear", "full"), mid_attention="linear", num_groups=4,
+    ),
+}
+BATCH = 2
+
+
+def _inputs(config: UNetConfig, batch: int, size: int):
+  x = jax.random.normal(jax.random.key(1), (batch, size, size, config.in_channels))
+  t = jnp.arange(batch, dtype=jnp.int32) * 37 + 5
+  y = None if config.num_classes is None else jnp.arange(batch, dtype=jnp.int32) % config.num_classes
+  return x, t, y
+
+
+@pytest.fixture(scope="module", params=sorted(TINY))
+def tiny(request):
+  """A tiny network with its params, inputs and jitted apply, compiled once per module."""
+  config = TINY[request.param]
+  model = UNet(config=config)
+  x, t, y = _inputs(config, BATCH, 16)
+  init = jax.jit(lambda key: model.init(key, x, t, y=y, train=False)["params"])
+  params = init(jax.random.key(0))
+
+  @jax.jit
+  def apply(params, x, t, y, dropout_key):
+    return model.apply({"params": params}, x, t, y=y, train=True, rngs={"dropout": dropout_key})
+
+  @jax.jit
+  def apply_eval(params, x, t, y):
+    return model.apply({"params": params}, x, t, y=y, train=False)
+
+  return dict(config=config, model=model, params=params, x=x, t=t, y=y, init=init,
+              apply=apply, apply_eval=apply_eval, out=apply_eval(params, x, t, y))
+
+
+# --- parameter counts and shapes of the presets (no compilation: jax.eval_shape) -----------------
+
+
+@pytest.mark.parametrize(
+    "preset, overrides, size, expected",
+    [
+        ("tutorial", {}, 28, 2_996_315),
+        ("tutorial", dict(block_type="resnet", base_channels=32), 28, 2_179_337),
+        ("ddpm_cifar10", {}, 32, 35_746_307),
+        ("ddpm_256", {}, 256, 113_673_219),
+    ],
+)
+def test_preset_parameter_count_and_output_shape(preset, overrides, size, expected):
+  config = unet_config(preset, **overrides)
+  model = UNet(config=config)
+  x, t, _ = _inputs(config, 5, size)
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), x, t, train=False))["params"]
+  assert count_params(params) == expected
+  out = jax.eval_shape(lambda p: model.apply({"params": p}, x, t, train=False), params)
+  chex.assert_shape(out, x.shape)
+  chex.assert_type(out, jnp.float32)
+
+
+@pytest.mark.parametrize("name", sorted({**TINY, **SHAPE_ONLY}))
+@pytest.mark.parametrize(
+    "size, channels, batch, learned_variance",
+    [(28, 1, 1, False), (28, 3, 5, True), (32, 3, 1, False), (32, 1, 5, True)],
+)
+def test_output_shape(name, size, channels, batch, learned_variance):
+  config = dataclasses.replace({**TINY, **SHAPE_ONLY}[name], in_channels=channels, learned_variance=learned_variance)
+  model = UNet(config=config)
+  x, t, y = _inputs(config, batch, size)
+  out = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), x, t, y=y, train=False)[0])
+  chex.assert_shape(out, (batch, size, size, channels * (2 if learned_variance else 1)))
+
+
+def test_class_embedding_parameter_count():
+  config = TINY["ddpm_resnet_classes"]
+  x, t, y = _inputs(config, BATCH, 16)
+  def count(config, y):
+    return count_params(jax.eval_shape(lambda: UNet(config=config).init(jax.random.key(0), x, t, y=y, train=False)))
+  unconditional = dataclasses.replace(config, num_classes=None)
+  assert count(config, y) - count(unconditional, None) == config.num_classes * config.temb_dim
+
+
+def test_tiny_output_is_finite_with_input_shape(tiny):
+  chex.assert_shape(tiny["out"], tiny["x"].shape)
+  chex.assert_tree_all_finite(tiny["out"])
+
+
+# --- determinism, jit, conditioning, dropout, dtype --------------------------------------------------
+
+
+def _max_diff(a, b) -> float:
+  return float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max())
+
+
+def test_init_and_apply_are_deterministic(tiny):
+  chex.assert_trees_all_equal(tiny["init"](jax.random.key(0)), tiny["params"])
+  np.testing.assert_array_equal(tiny["apply_eval"](tiny["params"], tiny["x"], tiny["t"], tiny["y"]), tiny["out"])
+  other = tiny["init"](jax.random.key(1))
+  assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, other, tiny["params"])))
+
+
+def test_jit_matches_eager(tiny):
+  eager = tiny["model"].apply({"params": tiny["params"]}, tiny["x"], tiny["t"], y=tiny["y"], train=False)
+  np.testing.assert_allclose(eager, tiny["out"], rtol=1e-4, atol=1e-5)
+
+
+def test_time_step_changes_output(tiny):
+  other = tiny["apply_eval"](tiny["params"], tiny["x"], tiny["t"] + 100, tiny["y"])
+  assert _max_diff(other, tiny["out"]) > 1e-3
+
+
+def test_float_time_steps_match_integer_ones(tiny):
+  out = tiny["apply_eval"](tiny["params"], tiny["x"], tiny["t"].astype(jnp.float32), tiny["y"])
+  np.testing.assert_allclose(out, tiny["out"], rtol=1e-5, atol=1e-6)
+
+
+def test_class_labels_condition_the_output_or_are_refused(tiny):
+  params, x, t = tiny["params"], tiny["x"], tiny["t"]
+  num_classes = tiny["config"].num_classes
+  if num_classes is None:
+    with pytest.raises(ValueError, match="num_classes is None"):
+      tiny["apply_eval"](params, x, t, jnp.zeros_like(t))
+  else:
+    other = tiny["apply_eval"](params, x, t, (tiny["y"] + 1) % num_classes)
+    assert _max_diff(other, tiny["out"]) > 1e-3
+
+
+def test_dropout_needs_train_and_follows_the_key(tiny):
+  params, x, t, y = tiny["params"], tiny["x"], tiny["t"], tiny["y"]
+  a = tiny["apply"](params, x, t, y, jax.random.key(3))
+  np.testing.assert_array_equal(tiny["apply"](params, x, t, y, jax.random.key(3)), a)
+  assert tiny["config"].dropout > 0
+  assert _max_diff(a, tiny["apply"](params, x, t, y, jax.random.key(4))) > 1e-4
+  assert _max_diff(a, tiny["out"]) > 1e-4
+
+
+def test_bfloat16_compute_is_close_to_float32(tiny):
+  config = dataclasses.replace(tiny["config"], dtype="bfloat16")
+  out = jax.jit(
+      lambda p: UNet(config=config).apply({"params": p}, tiny["x"], tiny["t"], y=tiny["y"], train=False)
+  )(tiny["params"])
+  chex.assert_type(out, jnp.float32)
+  assert _max_diff(out, tiny["out"]) < 0.05 * np.abs(np.asarray(tiny["out"])).max()
+
+
+def test_config_is_a_static_jit_argument(tiny):
+  @functools.partial(jax.jit, static_argnames="config")
+  def run(params, x, t, y, *, config):
+    return UNet(config=config).apply({"params": params}, x, t, y=y, train=False)
+
+  out = jax.eval_shape(
+      functools.partial(run, config=tiny["config"]), tiny["params"], tiny["x"], tiny["t"], tiny["y"]
+  )
+  chex.assert_shape(out, tiny["x"].shape)
+
+
+# --- config ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_config_round_trips_through_a_plain_dict(preset):
+  config = PRESETS[preset]
+  fields = config.to_dict()
+  assert fields["channel_mults"] == list(config.channel_mults)
+  assert UNetConfig.from_dict(fields) == config
+  assert UNetConfig(**fields) == config
+  assert hash(UNetConfig(**fields)) == hash(config)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(base_channels=48), "num_groups=32 must divide"),
+        (dict(num_groups=5), "num_groups=5 must divide"),
+        (dict(block_type="transformer"), "block_type must be one of"),
+        (dict(attention=("full",)), "one entry per level"),
+        (dict(attention=("none", "full", "none", "sparse")), "every attention entry"),
+        (dict(dropout=1.0), "dropout must be in"),
+        (dict(dtype="float16"), "dtype must be one of"),
+        (dict(channel_mults=()), "channel_mults must not be empty"),
+        (dict(base_channels=0), "base_channels must be a positive int"),
+        (dict(widht=3), "unknown fields"),
+    ],
+)
+def test_invalid_config_raises_value_error(overrides, message):
+  with pytest.raises(ValueError, match=message):
+    unet_config("ddpm_cifar10", **overrides)
+
+
+def test_unknown_preset_raises_value_error():
+  with pytest.raises(ValueError, match="unknown preset"):
+    unet_config("ddpm_imagenet")
+
+
+def test_group_count_is_only_checked_where_group_norm_uses_it():
+  assert unet_config("tutorial").num_groups == 8  # ConvNeXt blocks use GroupNorm(1): 28 % 8 is fine.
+  with pytest.raises(ValueError, match="num_groups=8 must divide"):
+    unet_config("tutorial", block_type="resnet")
+
+
+# --- bad inputs: one clear ValueError at trace time ----------------------------------------------
+
+
+def _bad_call(config, x, t, **kwargs):
+  model = UNet(config=config)
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), x, t, train=False, **kwargs))
+
+
+@pytest.mark.parametrize(
+    "preset, shape, message",
+    [
+        ("ddpm_cifar10", (2, 28, 28, 3), "image size 28x28 cannot be halved 3 times"),
+        ("tutorial", (2, 30, 28, 1), "image size 30x28 cannot be halved 2 times"),
+        ("tutorial", (2, 28, 28, 3), r"x must have shape \[B, H, W, 1\]"),
+        ("tutorial", (28, 28, 1), r"x must have shape"),
+    ],
+)
+def test_bad_image_raises_value_error(preset, shape, message):
+  with pytest.raises(ValueError, match=message):
+    _bad_call(unet_config(preset), jnp.zeros(shape), jnp.zeros(shape[:1], jnp.int32))
+
+
+def test_bad_time_steps_and_labels_raise_value_error():
+  config = dataclasses.replace(TINY["ddpm_resnet_classes"], num_classes=None)
+  x, t, _ = _inputs(config, BATCH, 16)
+  with pytest.raises(ValueError, match=r"t must have shape \[B\]=\[2\]"):
+    _bad_call(config, x, t[:1])
+  with pytest.raises(ValueError, match="num_classes is None"):
+    _bad_call(config, x, t, y=jnp.zeros((2,), jnp.int32))
+  with pytest.raises(ValueError, match="needs integer labels y"):
+    _bad_call(dataclasses.replace(config, num_classes=3), x, t)
+  with pytest.raises(ValueError, match="must be floating point"):
+    _bad_call(config, x.astype(jnp.int32), t)
+
+
+# --- depthwise convolution ---------------------------------------------------------------------------
+
+
+def _reference_depthwise(x, kernel):
+  return jax.lax.conv_general_dilated(
+      x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1]
+  )
+
+
+@pytest.mark.parametrize("method", ["shifted_sum", "lax", "auto"])
+@pytest.mark.parametrize("kernel_size", [3, 7])
+def test_depthwise_conv_matches_grouped_lax_conv(method, kernel_size):
+  x = jax.random.normal(jax.random.key(0), (2, 9, 11, 5))
+  kernel = jax.random.normal(jax.random.key(1), (kernel_size, kernel_size, 1, 5))
+  cotangent = jax.random.normal(jax.random.key(2), x.shape)
+  out, vjp = jax.vjp(lambda x, k: layers.depthwise_conv2d(x, k, method=method), x, kernel)
+  ref, ref_vjp = jax.vjp(_reference_depthwise, x, kernel)
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+  for grad, ref_grad in zip(vjp(cotangent), ref_vjp(cotangent)):
+    np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-4)
+
+
+def test_depthwise_conv_module_has_grouped_conv_parameters():
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 6))
+  grouped = nn.Conv(6, (7, 7), feature_group_count=6)
+  params = grouped.init(jax.random.key(1), x)
+  chex.assert_trees_all_equal_shapes(layers.DepthwiseConv(7).init(jax.random.key(1), x), params)
+  for method in ("shifted_sum", "lax"):
+    np.testing.assert_allclose(
+        layers.DepthwiseConv(7, method=method).apply(params, x), grouped.apply(params, x), rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    "kernel_shape, method, message",
+    [((4, 4, 1, 5), "lax", "kernel must have shape"), ((3, 3, 1, 5), "fft", "method must be one of")],
+)
+def test_depthwise_conv_rejects_bad_arguments(kernel_shape, method, message):
+  with pytest.raises(ValueError, match=message):
+    layers.depthwise_conv2d(jnp.zeros((1, 8, 8, 5)), jnp.zeros(kernel_shape), method=method)
+
+
+def test_sinusoidal_embedding():
+  emb = layers.sinusoidal_embedding(jnp.array([0, 3]), 8)
+  chex.assert_shape(emb, (2, 8))
+  np.testing.assert_allclose(emb[0], [0, 0, 0, 0, 1, 1, 1, 1])
+  freqs = 10000.0 ** (-np.arange(4) / 3)
+  np.testing.assert_allclose(emb[1], np.concatenate([np.sin(3 * freqs), np.cos(3 * freqs)]), rtol=1e-5, atol=1e-6)
