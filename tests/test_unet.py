@@ -53,7 +53,8 @@ def tiny(request):
   model = UNet(config=config)
   x, t, y = _inputs(config, BATCH, 16)
   init = jax.jit(lambda key: model.init(key, x, t, y=y, train=False)["params"])
-  params = init(jax.random.key(0))
+  init_params = init(jax.random.key(0))
+  params = _perturbed(init_params, jax.random.key(1))
 
   @jax.jit
   def apply(params, x, t, y, dropout_key):
@@ -64,7 +65,24 @@ def tiny(request):
     return model.apply({"params": params}, x, t, y=y, train=False)
 
   return dict(config=config, model=model, params=params, x=x, t=t, y=y, init=init,
-              apply=apply, apply_eval=apply_eval, out=apply_eval(params, x, t, y))
+              init_params=init_params, apply=apply, apply_eval=apply_eval,
+              out=apply_eval(params, x, t, y))
+
+
+def _perturbed(params, key):
+  """Parameters as after some training: the near-zero initialisation of the
+  output and residual-closing layers would otherwise hide how the output
+  depends on t, y and dropout."""
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(key, len(leaves))
+  return jax.tree.unflatten(treedef, [
+      p + 0.1 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)])
+
+
+def test_initial_output_is_near_zero(tiny):
+  """DDPM's init: output layer and residual-closing convs start near zero."""
+  out = tiny["apply_eval"](tiny["init_params"], tiny["x"], tiny["t"], tiny["y"])
+  assert float(np.abs(np.asarray(out)).max()) < 1e-3
 
 
 # --- parameter counts and shapes of the presets (no compilation: jax.eval_shape) -----------------
@@ -125,10 +143,10 @@ def _max_diff(a, b) -> float:
 
 
 def test_init_and_apply_are_deterministic(tiny):
-  chex.assert_trees_all_equal(tiny["init"](jax.random.key(0)), tiny["params"])
+  chex.assert_trees_all_equal(tiny["init"](jax.random.key(0)), tiny["init_params"])
   np.testing.assert_array_equal(tiny["apply_eval"](tiny["params"], tiny["x"], tiny["t"], tiny["y"]), tiny["out"])
   other = tiny["init"](jax.random.key(1))
-  assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, other, tiny["params"])))
+  assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, other, tiny["init_params"])))
 
 
 def test_jit_matches_eager(tiny):

@@ -19,6 +19,10 @@ Dtype = Any
 
 #: Kernel initialiser of every convolution and dense layer (the DDPM default).
 KERNEL_INIT = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+#: DDPM's near-zero initialiser (scale 1e-10) of the layers that close a
+#: residual branch and of the network's output, so that each block starts as
+#: the identity and the initial prediction is about 0 (initial L_simple ~ 1).
+ZERO_INIT = nn.initializers.variance_scaling(1e-10, "fan_avg", "uniform")
 
 DEPTHWISE_METHODS = ("auto", "shifted_sum", "lax")
 
@@ -212,12 +216,12 @@ class ResnetBlock(nn.Module):
   def __call__(self, x: Array, temb: Array | None, *, train: bool) -> Array:
     """Maps [B, H, W, C_in] (and temb [B, T] or None) to [B, H, W, features]."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    conv = functools.partial(nn.Conv, self.features, (3, 3), kernel_init=KERNEL_INIT, **kw)
-    h = conv()(nn.swish(_group_norm(self.num_groups, 1e-6, **kw)(x)))
+    conv = functools.partial(nn.Conv, self.features, (3, 3), **kw)
+    h = conv(kernel_init=KERNEL_INIT)(nn.swish(_group_norm(self.num_groups, 1e-6, **kw)(x)))
     if temb is not None:
       h = h + nn.Dense(self.features, kernel_init=KERNEL_INIT, **kw)(nn.swish(temb))[:, None, None, :]
     h = nn.swish(_group_norm(self.num_groups, 1e-6, **kw)(h))
-    h = conv()(nn.Dropout(self.dropout, deterministic=not train)(h))
+    h = conv(kernel_init=ZERO_INIT)(nn.Dropout(self.dropout, deterministic=not train)(h))
     if x.shape[-1] != self.features:
       x = nn.Dense(self.features, kernel_init=KERNEL_INIT, **kw)(x)
     return x + h

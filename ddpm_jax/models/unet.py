@@ -140,7 +140,7 @@ class UNet(nn.Module):
       if level != 0:
         h = layers.NearestUpsample(**self._dtypes)(h)
     h = nn.swish(nn.GroupNorm(num_groups=cfg.num_groups, epsilon=1e-6, **self._dtypes)(h))
-    return nn.Conv(cfg.out_channels, (3, 3), kernel_init=layers.KERNEL_INIT, **self._dtypes)(h)
+    return nn.Conv(cfg.out_channels, (3, 3), kernel_init=layers.ZERO_INIT, **self._dtypes)(h)
 
   def _tutorial(self, x: Array, temb: Array, *, train: bool) -> Array:
     """Annotated Diffusion layout: one skip per level, taken after its attention.
@@ -169,7 +169,7 @@ class UNet(nn.Module):
       h = self._attention(cfg.attention[level])(h)
       h = layers.TransposedConvUpsample(**self._dtypes)(h)
     h = self._block(cfg.base_channels)(h, None, train=train)
-    return nn.Dense(cfg.out_channels, kernel_init=layers.KERNEL_INIT, **self._dtypes)(h)
+    return nn.Dense(cfg.out_channels, kernel_init=layers.ZERO_INIT, **self._dtypes)(h)
 
 
 def count_params(params) -> int:
