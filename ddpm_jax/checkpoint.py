@@ -40,7 +40,6 @@ Example:
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import sys
@@ -102,6 +101,26 @@ def checksums(tree: PyTree) -> dict[str, int]:
   return {jax.tree_util.keystr(path): int(np.asarray(
       v.addressable_data(0) if isinstance(v, jax.Array) else v))
           for path, v in jax.tree_util.tree_leaves_with_path(sums)}
+
+
+def _quiet_abandoned_reads() -> None:
+  """After one array fails to read, Orbax abandons the other reads; their
+  coroutines, garbage-collected later, would print the same TensorStore
+  error as an 'Exception ignored' traceback. This logs those at debug
+  level instead (other unraisable exceptions go to the previous hook)."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_ddpm_jax", False):
+    return
+
+  def hook(unraisable):
+    if "Encountered error while reading array" in str(unraisable.exc_value):
+      logging.debug("Abandoned checkpoint read: %s",
+                    _one_line(unraisable.exc_value))
+    else:
+      previous(unraisable)
+
+  hook._ddpm_jax = True  # pylint: disable=protected-access
+  sys.unraisablehook = hook
 
 
 def _one_line(error: BaseException, limit: int = 300) -> str:
@@ -312,11 +331,6 @@ class CheckpointManager:
     if missing:
       raise _Unusable(f"missing item(s): {', '.join(missing)}")
     problem = None
-    # A failed read leaves other reads' coroutines to be garbage-collected
-    # with their own errors; keep those out of stderr (they are this one).
-    previous_hook = sys.unraisablehook
-    sys.unraisablehook = lambda u: logging.debug(
-        "While reading %s: %s", path, u.exc_value)
     try:
       restored = self._manager.restore(
           step,
@@ -328,10 +342,7 @@ class CheckpointManager:
       # Orbax and TensorStore raise many types (ValueError, KeyError,
       # JSONDecodeError, plain Exception) for unreadable files.
       problem = f"cannot be read ({_one_line(e)})"
-    finally:
-      if problem is not None:
-        gc.collect()
-      sys.unraisablehook = previous_hook
+      _quiet_abandoned_reads()
     if problem is not None:
       raise _Unusable(problem)
     data = restored["data"]

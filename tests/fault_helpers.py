@@ -148,7 +148,8 @@ def interrupt(workdir: Path, num_steps: int, cache_dir: str, name: str,
               startup_seconds: float = 5.0) -> Interruption:
   """Starts a child and SIGKILLs it at a `requested` moment (or SIGTERMs it).
 
-  start-up: a random delay in [0, startup_seconds) after the spawn.
+  start-up: a random delay in [0, startup_seconds / 2) after the spawn
+    (startup_seconds: how long a previous child took to reach the loop).
   mid-step: a random delay in [0, 1.5) s after the child's log shows the
     train loop started (it may turn out mid-save: the moment is observed).
   mid-save: polls the checkpoint directory and freezes the child while an
@@ -161,7 +162,7 @@ def interrupt(workdir: Path, num_steps: int, cache_dir: str, name: str,
   moment, complete = None, None
   deadline = time.time() + TIMEOUT
   if requested == "start-up":
-    time.sleep(rng.uniform(0, startup_seconds))
+    time.sleep(rng.uniform(0, startup_seconds / 2))
     if child.running():
       moment, complete = _stop_and_classify(child)
   else:
@@ -227,7 +228,8 @@ def assert_same_arrays(a: dict[str, np.ndarray], b: dict[str, np.ndarray]):
 
 
 CORRUPTIONS = ("remove-commit-marker", "remove-item", "truncate-array-file",
-               "flip-array-byte", "empty-data-json", "leave-tmp-dir")
+               "flip-array-byte", "empty-data-json", "leave-tmp-dir",
+               "truncate-any-file")
 
 
 def corrupt(workdir: Path, step: int, kind: str, rng: random.Random) -> Path:
@@ -241,8 +243,14 @@ def corrupt(workdir: Path, step: int, kind: str, rng: random.Random) -> Path:
   elif kind == "remove-item":
     target = path / rng.choice(["state", "data"])
     shutil.rmtree(target)
-  elif kind == "truncate-array-file":
-    target = rng.choice(array_files)
+  elif kind in ("truncate-array-file", "truncate-any-file"):
+    # The largest data file holds the parameters; any other file may be one
+    # the restore never reads (e.g. a superseded per-process B-tree node),
+    # and then the restored arrays are still verified against checksums.
+    if kind == "truncate-array-file":
+      target = max(array_files, key=lambda p: p.stat().st_size)
+    else:
+      target = rng.choice(sorted(p for p in path.rglob("*") if p.is_file()))
     size = target.stat().st_size
     with open(target, "r+b") as f:
       f.truncate(rng.randrange(0, size))
