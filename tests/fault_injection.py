@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import collections
 import random
-import re
 import sys
 import tempfile
 import time

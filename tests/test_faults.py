@@ -19,7 +19,6 @@ import logging
 import os
 import random
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
