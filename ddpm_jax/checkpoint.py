@@ -15,25 +15,120 @@ Saves are asynchronous: `save` returns once the arrays are copied off the
 devices and the files are written in the background; call
 `wait_until_finished` (or `close`) before reading them.
 
+Integrity. Orbax writes a step into `<step>.orbax-checkpoint-tmp-<time>`,
+writes `commit_success.txt` into it and renames it to `<step>` last, so a
+write that was killed leaves only a tmp directory. On top of that the `data`
+item stores a checksum of every array (a position-weighted sum of its bits,
+computed on the devices), so a truncated, missing or altered file that Orbax
+itself would read without complaint is caught. `restore` walks the steps
+newest first and skips (with a warning naming the path) any step directory
+that lacks its commit marker or an item, fails to restore, or does not match
+its checksums; once an older step restores, the broken newer ones are moved
+to `<directory>/corrupt/<step>-<unix time>` (kept for inspection, never
+deleted), so training can write those step numbers again. Interrupted tmp
+directories are reported and removed when a manager opens for writing. When
+no step is usable, `CheckpointError` lists each one and why; nothing is
+moved and nothing starts from scratch.
+
 Example:
   >>> ckpt = CheckpointManager(workdir + "/checkpoints", max_to_keep=3)
   >>> ckpt.save(step, state, rng, data_state=ds.get_state())
-  >>> state, rng, data_state = ckpt.restore(abstract_state, abstract_rng)
+  >>> step, state, rng, data_state = ckpt.restore_newest_valid(
+  ...     abstract_state, abstract_rng)
   >>> ckpt.close()
 """
 
 from __future__ import annotations
 
 import json
+import os
+import sys
+import time
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
+from jax import lax
 from jax.experimental import multihost_utils
 
 PyTree = Any
+ITEMS = ("state", "data")
+COMMIT_MARKER = "commit_success.txt"  # Orbax writes it before the rename.
+TMP_MARKER = ".orbax-checkpoint-tmp"
+CORRUPT_DIR = "corrupt"
+
+
+class CheckpointError(RuntimeError):
+  """No usable checkpoint (each broken one is named with its path and why),
+  or a checkpoint that could not be written."""
+
+
+class _Unusable(Exception):
+  """One step directory is incomplete or corrupt (the message says why)."""
+
+
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+  """uint32 sum over the array's bits weighted by (2 * index + 1), mod 2**32.
+
+  Any single changed element changes it (the weights are odd, so invertible
+  mod 2**32), and so does a swap of two elements; integer addition makes it
+  exact whatever the sharding or reduction order.
+  """
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    bits = x.astype(jnp.uint32)
+  else:
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32,
+                8: jnp.uint32}[x.dtype.itemsize]  # 8 bytes: two words each.
+    bits = lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+  bits = bits.reshape(-1)
+  weights = 2 * jnp.arange(bits.size, dtype=jnp.uint32) + 1
+  return jnp.sum(bits * weights, dtype=jnp.uint32)
+
+
+_checksums_jit = jax.jit(lambda tree: jax.tree.map(_leaf_checksum, tree))
+
+
+def checksums(tree: PyTree) -> dict[str, int]:
+  """{'path': uint32 checksum} of every array of `tree` (computed on the
+  devices; only the scalars come to the host)."""
+  sums = _checksums_jit(tree)
+  return {jax.tree_util.keystr(path): int(np.asarray(
+      v.addressable_data(0) if isinstance(v, jax.Array) else v))
+          for path, v in jax.tree_util.tree_leaves_with_path(sums)}
+
+
+def _quiet_abandoned_reads() -> None:
+  """After one array fails to read, Orbax abandons the other reads; their
+  coroutines, garbage-collected later, would print the same TensorStore
+  error as an 'Exception ignored' traceback. This logs those at debug
+  level instead (other unraisable exceptions go to the previous hook)."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_ddpm_jax", False):
+    return
+
+  def hook(unraisable):
+    if "Encountered error while reading array" in str(unraisable.exc_value):
+      logging.debug("Abandoned checkpoint read: %s",
+                    _one_line(unraisable.exc_value))
+    else:
+      previous(unraisable)
+
+  hook._ddpm_jax = True  # pylint: disable=protected-access
+  sys.unraisablehook = hook
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+  text = " ".join(str(error).split())
+  text = text.split(" See full TensorStore details")[0]
+  if len(text) > limit:
+    text = text[:limit] + "..."
+  return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def abstract_like(tree: PyTree, shardings: Optional[PyTree] = None) -> PyTree:
@@ -94,20 +189,34 @@ class CheckpointManager:
   """
 
   def __init__(self, directory: str | epath.PathLike, *,
-               max_to_keep: Optional[int] = None, async_save: bool = True):
+               max_to_keep: Optional[int] = None, async_save: bool = True,
+               writable: bool = True):
     """Opens (creating if needed) the checkpoint directory.
 
     Args:
       directory: checkpoint directory, e.g. `<workdir>/checkpoints`.
       max_to_keep: keep the latest K checkpoints (None or 0: keep all).
       async_save: write in a background thread.
+      writable: False to only read (sampling, evaluation, possibly while a
+        trainer writes to the same directory): nothing is created, removed or
+        moved aside.
     """
     self.directory = epath.Path(directory)
+    self._writable = writable
+    if writable:
+      for tmp in sorted(self.directory.glob(f"*{TMP_MARKER}*")):
+        logging.warning("Removing %s: an interrupted checkpoint write (never "
+                        "finalized, never used).", tmp)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep or None, create=True,
+        max_to_keep=max_to_keep or None, create=writable,
+        read_only=not writable, cleanup_tmp_directories=writable,
         enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=("state", "data"))
+                                          item_names=ITEMS)
+
+  def step_path(self, step: int) -> epath.Path:
+    """The directory of checkpoint `step`."""
+    return self.directory / str(int(step))
 
   def latest_step(self) -> Optional[int]:
     """The newest finished checkpoint's step, or None when there is none."""
@@ -131,7 +240,8 @@ class CheckpointManager:
       True if a save was started.
     """
     states = _gather_data_states(data_state)
-    data = {"process_count": jax.process_count(), "states": states}
+    data = {"process_count": jax.process_count(), "states": states,
+            "checksums": checksums({"train_state": state, "rng": rng})}
     return self._manager.save(
         int(step),
         args=ocp.args.Composite(
@@ -141,13 +251,14 @@ class CheckpointManager:
 
   def restore(self, abstract_state: PyTree, abstract_rng: jax.ShapeDtypeStruct,
               *, step: Optional[int] = None) -> tuple[PyTree, jax.Array, Any]:
-    """Restores a checkpoint onto the shardings of the abstract targets.
+    """Restores a verified checkpoint onto the shardings of the targets.
 
     Args:
       abstract_state: the train state's structure as `jax.ShapeDtypeStruct`s
         with `sharding` set (see `abstract_like`).
       abstract_rng: the rng's `jax.ShapeDtypeStruct` with sharding.
-      step: which checkpoint; None for the latest.
+      step: which checkpoint; None for the newest usable one (see
+        `restore_newest_valid`, which also returns the step).
 
     Returns:
       (state, rng, data_state): the data state of this process, or None when
@@ -156,24 +267,122 @@ class CheckpointManager:
 
     Raises:
       FileNotFoundError: no checkpoint in the directory.
+      CheckpointError: `step` (or, for None, every step) is incomplete or
+        corrupt.
     """
     if step is None:
-      step = self.latest_step()
-    if step is None:
+      return self.restore_newest_valid(abstract_state, abstract_rng)[1:]
+    try:
+      return self._restore_verified(int(step), abstract_state, abstract_rng)
+    except _Unusable as e:
+      raise CheckpointError(f"Checkpoint {self.step_path(step)} is unusable: "
+                            f"{e}") from None
+
+  def restore_newest_valid(
+      self, abstract_state: PyTree, abstract_rng: jax.ShapeDtypeStruct
+  ) -> tuple[int, PyTree, jax.Array, Any]:
+    """Restores the newest complete, uncorrupted checkpoint.
+
+    Steps are tried newest first; an incomplete or corrupt one is logged as a
+    warning naming its path and skipped. When an older one restores, the
+    skipped ones are moved to `<directory>/corrupt/` (writable managers).
+
+    Returns:
+      (step, state, rng, data_state), as `restore`.
+
+    Raises:
+      FileNotFoundError: no checkpoint in the directory.
+      CheckpointError: checkpoints exist but none is usable; names each one,
+        its path and the problem. Nothing is moved.
+    """
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    if not steps:
       raise FileNotFoundError(f"No checkpoint in {self.directory}.")
-    restored = self._manager.restore(
-        int(step),
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore({"train_state": abstract_state,
-                                            "rng": abstract_rng}),
-            data=ocp.args.JsonRestore()))
-    data = restored["data"] or {}
+    skipped = []
+    for step in steps:
+      try:
+        restored = self._restore_verified(step, abstract_state, abstract_rng)
+      except _Unusable as e:
+        logging.warning("Checkpoint %s is unusable and is skipped: %s",
+                        self.step_path(step), e)
+        skipped.append((step, str(e)))
+        continue
+      if skipped:
+        logging.warning("Restored checkpoint step %d from %s instead of the "
+                        "newer broken one(s).", step, self.step_path(step))
+        self._move_aside([s for s, _ in skipped])
+      return (step,) + restored
+    listing = "; ".join(f"{self.step_path(s)}: {why}" for s, why in skipped)
+    raise CheckpointError(
+        f"No usable checkpoint in {self.directory} ({listing}). Nothing was "
+        "loaded or changed; move these away (or use another workdir) to "
+        "start from scratch.")
+
+  def _restore_verified(self, step: int, abstract_state: PyTree,
+                        abstract_rng: jax.ShapeDtypeStruct):
+    """(state, rng, data_state) of `step`, or `_Unusable` saying why."""
+    path = self.step_path(step)
+    if not path.is_dir():
+      raise _Unusable("no such step directory")
+    if not (path / COMMIT_MARKER).exists():
+      raise _Unusable(f"incomplete: no {COMMIT_MARKER} (the write never "
+                      "finished)")
+    missing = [item for item in ITEMS if not (path / item).is_dir()]
+    if missing:
+      raise _Unusable(f"missing item(s): {', '.join(missing)}")
+    problem = None
+    try:
+      restored = self._manager.restore(
+          step,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardRestore({"train_state": abstract_state,
+                                              "rng": abstract_rng}),
+              data=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except
+      # Orbax and TensorStore raise many types (ValueError, KeyError,
+      # JSONDecodeError, plain Exception) for unreadable files.
+      problem = f"cannot be read ({_one_line(e)})"
+      _quiet_abandoned_reads()
+    if problem is not None:
+      raise _Unusable(problem)
+    data = restored["data"]
+    if not isinstance(data, dict):
+      raise _Unusable(f"item 'data' holds {type(data).__name__}, not a dict")
+    tree = {"train_state": restored["state"]["train_state"],
+            "rng": restored["state"]["rng"]}
+    expected = data.get("checksums")
+    if expected is None:
+      logging.warning("Checkpoint %s has no checksums (written by an older "
+                      "version): its contents are not verified.", path)
+    else:
+      actual = checksums(tree)
+      bad = sorted(k for k in set(actual) | set(expected)
+                   if actual.get(k) != expected.get(k))
+      if bad:
+        raise _Unusable(f"{len(bad)} array(s) differ from their checksums, "
+                        f"e.g. {bad[0]} (a truncated or altered file)")
     data_state = None
     states = data.get("states") or []
     if data.get("process_count") == jax.process_count() and states:
       data_state = states[jax.process_index()]
-    return (restored["state"]["train_state"], restored["state"]["rng"],
-            data_state)
+    return tree["train_state"], tree["rng"], data_state
+
+  def _move_aside(self, steps: list[int]) -> None:
+    """Moves broken step directories to `<directory>/corrupt/` (process 0),
+    so their step numbers can be written again."""
+    if not self._writable:
+      return
+    if jax.process_index() == 0:
+      aside = self.directory / CORRUPT_DIR
+      aside.mkdir(parents=True, exist_ok=True)
+      for step in steps:
+        target = aside / f"{step}-{int(time.time())}"
+        os.rename(os.fspath(self.step_path(step)), os.fspath(target))
+        logging.warning("Moved broken checkpoint %s to %s.",
+                        self.step_path(step), target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("ddpm_jax_checkpoint_move_aside")
+    self._manager.reload()
 
   def wait_until_finished(self) -> None:
     """Blocks until pending asynchronous writes are done."""

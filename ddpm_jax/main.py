@@ -22,7 +22,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ddpm_jax import (config_validation, evaluation, generation,
+from ddpm_jax import (checkpoint, config_validation, evaluation, generation,
                       input_pipeline, train)
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -39,7 +39,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 # Errors that are the user's to fix: reported in one line, without traceback.
 USER_ERRORS = (config_validation.ConfigError, input_pipeline.DataError,
-               train.NonFiniteError, FileNotFoundError)
+               train.NonFiniteError, checkpoint.CheckpointError,
+               FileNotFoundError)
 
 
 def _restore(config, workdir: str):

@@ -470,6 +470,7 @@ def restore_ema_params(config, workdir: str, *, model: nn.Module,
 
   Raises:
     FileNotFoundError: naming the directory, when it holds no checkpoint.
+    checkpoint_lib.CheckpointError: checkpoints exist but none is usable.
   """
   directory = os.path.join(os.fspath(workdir), "checkpoints")
   if not os.path.isdir(directory):
@@ -484,16 +485,15 @@ def restore_ema_params(config, workdir: str, *, model: nn.Module,
   abstract = jax.eval_shape(functools.partial(
       init_train_state, model, tx, image_shape=image_shape), rng)
   shardings = jax.tree.map(lambda _: replicated, abstract)
-  with checkpoint_lib.CheckpointManager(directory) as ckpt:
-    step = ckpt.latest_step()
-    if step is None:
+  with checkpoint_lib.CheckpointManager(directory, writable=False) as ckpt:
+    if ckpt.latest_step() is None:
       raise FileNotFoundError(
           f"No checkpoint in {directory}: train first with --mode=train and "
           "this --workdir.")
-    state, _, _ = ckpt.restore(
+    # Skips incomplete or corrupt steps (with a warning) like training does.
+    step, state, _, _ = ckpt.restore_newest_valid(
         checkpoint_lib.abstract_like(abstract, shardings),
-        jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=replicated),
-        step=step)
+        jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=replicated))
   return state.ema_params, step
 
 
@@ -550,6 +550,8 @@ def train_and_evaluate(config, workdir: str, *,
   Raises:
     ValueError: a bad config field (before anything is compiled).
     NonFiniteError: `train.max_nonfinite_steps` non-finite steps in a row.
+    checkpoint_lib.CheckpointError: the workdir holds checkpoints but none
+      is usable (broken newer ones are skipped in favour of older ones).
   """
   config_validation.validate_train_config(
       config, num_devices=jax.device_count(),
@@ -598,11 +600,12 @@ def train_and_evaluate(config, workdir: str, *,
     rng = train_rng
     last_saved = None
   else:
-    state, rng, data_state = ckpt.restore(
+    # The newest complete, verified checkpoint; broken newer ones are
+    # skipped with a warning (CheckpointError when none is usable).
+    latest, state, rng, data_state = ckpt.restore_newest_valid(
         checkpoint_lib.abstract_like(abstract_state, state_shardings),
         jax.ShapeDtypeStruct(train_rng.shape, train_rng.dtype,
-                             sharding=replicated),
-        step=latest)
+                             sharding=replicated))
     if data_state is not None and hasattr(ds, "set_state"):
       ds.set_state(data_state)
     else:
@@ -704,7 +707,9 @@ def train_and_evaluate(config, workdir: str, *,
       if step % ckpt_every == 0 or step == num_steps or preempted:
         save(step, metrics)
       final = step == num_steps
-      if sample_every and (final or step % sample_every == 0):
+      # Not on SIGTERM: the grace period is for the checkpoint.
+      if sample_every and not preempted and (final or
+                                             step % sample_every == 0):
         generation.save_training_samples(
             model, state.ema_params, schedule, config, step=step,
             workdir=workdir, key=sample_rng, mesh=mesh,
