@@ -2,7 +2,7 @@
 
 Example:
   >>> def model_fn(x_t, t):
-  ...   return unet.apply(params, x_t, t)
+  ...   return unet.apply({"params": params}, x_t, t, train=False)
   >>> per_example = training_losses(model_fn, sched, x0, key)  # [B]
   >>> loss = per_example.mean()
 """

@@ -29,7 +29,8 @@ a guided denoiser is a wrapper. For example classifier guidance on eps
 
 Example:
   >>> sched = schedules.make_schedule("linear", 1000)
-  >>> model_fn = lambda x_t, t: unet.apply(params, x_t, t)
+  >>> model_fn = lambda x_t, t: unet.apply({"params": params}, x_t, t,
+  ...                                       train=False)
   >>> sample = jax.jit(lambda key: ddim_sample(
   ...     model_fn, sched, shape=(16, 32, 32, 3), key=key, num_steps=50))
   >>> images = sample(jax.random.key(0)).images  # [16, 32, 32, 3]
@@ -449,7 +450,7 @@ def generate(make_model_fn: Callable[[Any], diffusion.ModelFn], params,
 
   Args:
     make_model_fn: params -> denoiser `(x_t, t) -> output`, called inside
-      the jitted function (e.g. `lambda p: lambda x, t: unet.apply(p, x, t)`).
+      the jitted function (e.g. `generation.make_model_fn(unet)`).
     params: pytree of model parameters.
     schedule: the diffusion schedule.
     num_images: N >= 1.
@@ -470,7 +471,7 @@ def generate(make_model_fn: Callable[[Any], diffusion.ModelFn], params,
       batch size the 'data' axis does not divide, or bad sampler options.
 
   Example:
-    >>> imgs = generate(lambda p: lambda x, t: unet.apply(p, x, t), params,
+    >>> imgs = generate(generation.make_model_fn(unet), params,
     ...                 sched, num_images=64, batch_size=16,
     ...                 image_shape=(32, 32, 3), key=jax.random.key(0),
     ...                 sampler="ddim", num_steps=50)
