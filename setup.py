@@ -23,6 +23,7 @@ setuptools.setup(
         "scikit-learn>=1.2",
         "tensorboardX>=2.6",
         "tensorflow-datasets>=4.9.2",
+        "tqdm>=4.60",
     ],
     extras_require={
         # TensorFlow is only needed for `tfds:` inputs; everything else runs without it.

@@ -33,6 +33,7 @@ import functools
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable, Iterator, Optional
@@ -42,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tqdm
 from absl import logging
 from flax import struct
 from jax import lax
@@ -664,7 +666,11 @@ def train_and_evaluate(config, workdir: str, *,
   metrics = prev_metrics = None
   timer_step, timer_start = step, None
   preempted = False
-  with _PreemptionFlag() as sigterm:
+  # A progress bar only for a person watching a terminal.
+  progress = tqdm.tqdm(total=num_steps, initial=step, unit="step",
+                       dynamic_ncols=True,
+                       disable=not (is_chief and sys.stderr.isatty()))
+  with _PreemptionFlag() as sigterm, progress:
     while step < num_steps:
       batch = next(ds)
       images = np.asarray(batch["image"], np.float32)
@@ -675,6 +681,7 @@ def train_and_evaluate(config, workdir: str, *,
           data_sharding, images, (global_batch,) + image_shape)
       state, metrics = p_train_step(state, {"image": global_images}, rng)
       step += 1
+      progress.update(1)
       if timer_start is None:  # Excludes the first step's compilation.
         timer_step, timer_start = step, time.time()
       # Checks the previous step, so one step stays in flight.
