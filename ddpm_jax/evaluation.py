@@ -135,7 +135,8 @@ def sample_quality(model: nn.Module, params, schedule: Schedule, config, *,
   features = metrics.extract_features(extract, _rgb(samples),
                                       batch_size=batch_size)
   stats = metrics.feature_statistics(features.pool)
-  score = metrics.inception_score(features.logits)
+  score = metrics.inception_score(features.logits,
+                                  splits=min(10, num_samples))
   kid = metrics.kernel_inception_distance(
       features.pool, reference.features,
       subset_size=min(1000, num_samples, len(reference.features)))

@@ -93,6 +93,28 @@ def test_eval_mode(trained):
   np.testing.assert_allclose(result["total_bpd"], parts, rtol=1e-5)
 
 
+def test_eval_mode_with_inception_weights(trained, tmp_path):
+  """FID, IS and KID through the CLI, with synthetic Inception weights of the
+  right names and shapes (the real ones cannot be downloaded here)."""
+  from tests.test_inception import (  # pylint: disable=import-outside-toplevel
+      _flax_shapes, _random_state_dict, _torch_layout)
+  weights = tmp_path / "fid_inception.npz"
+  np.savez(weights, **_random_state_dict(_torch_layout(_flax_shapes())))
+  out = _run([f"--config={TINY}", f"--workdir={trained['workdir']}",
+              "--mode=eval", f"--config.eval.inception_weights={weights}",
+              "--config.eval.num_samples=8", "--config.eval.num_reference=16"],
+             cache_dir=trained["cache"])
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(
+      (trained["workdir"] / "eval" / "step_00000006.json").read_text())
+  assert result["num_samples"] == 8
+  assert np.isfinite(result["fid"]) and result["fid"] >= 0
+  assert result["inception_score"] >= 1.0 - 1e-6
+  assert np.isfinite(result["kid"])
+  assert os.listdir(trained["workdir"] / "fid_stats") == [
+      "fid_inception_digits_train_16.npz"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--config.train.lr=1"], r"Unknown config field\(s\): train.lr"),
     (["--config.nosuchgroup.x=1"], "bad command line"),
