@@ -141,11 +141,12 @@ def _peak_fraction(flops_per_s: float, dtype: str) -> float | None:
   return None
 
 
-def make_config(preset: str, batch: int, *, tiny: bool, num_timesteps: int | None = None):
+def make_config(preset: str, batch: int, *, tiny: bool, num_timesteps: int | None = None,
+                **model_overrides):
   """The training config of one benchmark row (base_config plus overrides)."""
   config = config_lib.base_config()
   h, _, c = IMAGE_SHAPES[preset]
-  config.model = dict(preset=preset, **(TINY_MODEL if tiny else {}))
+  config.model = dict(preset=preset, **(TINY_MODEL if tiny else {}), **model_overrides)
   config.data.image_size, config.data.channels = h, c
   config.train.batch_size = batch
   config.optimizer.warmup_steps = 10
@@ -155,7 +156,22 @@ def make_config(preset: str, batch: int, *, tiny: bool, num_timesteps: int | Non
 
 
 def bench_train(preset: str, batch: int, *, steps: int, warmup: int, tiny: bool) -> dict:
-  config = make_config(preset, batch, tiny=tiny)
+  compiled, state, batch_arr, rng, compile_s, model = build_train_step(preset, batch, tiny=tiny)
+  for _ in range(warmup):
+    state, metrics = compiled(state, batch_arr, rng)
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    state, metrics = compiled(state, batch_arr, rng)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  return _train_row(preset, batch, compiled, state, metrics, model, compile_s, times)
+
+
+def build_train_step(preset: str, batch: int, *, tiny: bool, **model_overrides):
+  """(compiled step, state, batch, rng, compile seconds, model) of the library's train step."""
+  config = make_config(preset, batch, tiny=tiny, **model_overrides)
   model = train.create_model(config)
   tx = train.create_optimizer(config.optimizer, num_steps=int(config.train.num_steps))
   mesh = train.create_mesh()
@@ -168,15 +184,10 @@ def bench_train(preset: str, batch: int, *, steps: int, warmup: int, tiny: bool)
   start = time.perf_counter()
   compiled = step_fn.lower(state, batch_arr, rng).compile()
   compile_s = time.perf_counter() - start
-  for _ in range(warmup):
-    state, metrics = compiled(state, batch_arr, rng)
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    state, metrics = compiled(state, batch_arr, rng)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
+  return compiled, state, batch_arr, rng, compile_s, model
+
+
+def _train_row(preset, batch, compiled, state, metrics, model, compile_s, times) -> dict:
   row = dict(preset=preset, batch=batch, params=count_params(state.params),
              dtype=model.config.dtype, compile_s=compile_s, **_stats(times),
              loss=float(metrics["loss"]))
