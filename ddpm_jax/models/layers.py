@@ -139,6 +139,95 @@ def depthwise_conv2d(x: Array, kernel: Array, *, method: str) -> Array:
   return _depthwise_shifted_sum(x, kernel)
 
 
+CONV_METHODS = ("auto", "lax", "im2col")
+
+
+def _conv_same(x: Array, kernel: Array) -> Array:
+  kh, kw = kernel.shape[:2]
+  return jax.lax.conv_general_dilated(
+      x, kernel, window_strides=(1, 1), padding=((kh // 2, kh // 2), (kw // 2, kw // 2)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _im2col(x: Array, kh: int, kw: int) -> Array:
+  """[B, H, W, kh * kw * C]: the 'SAME' stride-1 windows of x, ordered (i, j, c) as HWIO."""
+  height, width = x.shape[1:3]
+  xp = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+  return jnp.concatenate(
+      [xp[:, i : i + height, j : j + width, :] for i in range(kh) for j in range(kw)], axis=-1)
+
+
+@jax.custom_vjp
+def _conv_im2col_grad(x: Array, kernel: Array) -> Array:
+  return _conv_same(x, kernel)
+
+
+def _conv_im2col_grad_fwd(x, kernel):
+  return _conv_same(x, kernel), (x, kernel)
+
+
+def _conv_im2col_grad_bwd(residuals, g):
+  x, kernel = residuals
+  kh, kw, cin, cout = kernel.shape
+  # Input gradient: the 'SAME' correlation of g with the flipped, in/out-swapped kernel.
+  dx = _conv_same(g, jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2)))
+  # Kernel gradient: one matmul of the im2col windows with g, contracting batch and space.
+  g2 = g.reshape(-1, cout)
+  dk = jnp.dot(g2.T, _im2col(x, kh, kw).reshape(-1, kh * kw * cin),
+               preferred_element_type=jnp.float32)
+  return dx.astype(x.dtype), dk.T.reshape(kh, kw, cin, cout).astype(kernel.dtype)
+
+
+_conv_im2col_grad.defvjp(_conv_im2col_grad_fwd, _conv_im2col_grad_bwd)
+
+
+def _resolve_conv_method(method: str) -> str:
+  if method not in CONV_METHODS:
+    raise ValueError(f"conv method must be one of {CONV_METHODS}, got {method!r}")
+  if method == "auto":
+    return "im2col" if jax.default_backend() == "cpu" else "lax"
+  return method
+
+
+def conv_general_dilated(method: str) -> Callable[..., Array]:
+  """A drop-in for `lax.conv_general_dilated` (`nn.Conv(conv_general_dilated=...)`).
+
+  With method 'im2col' (or 'auto' on the CPU backend, decided at trace time)
+  a stride-1, undilated, ungrouped NHWC/HWIO convolution with odd kernel and
+  symmetric 'SAME' padding keeps XLA's forward convolution but gets a
+  hand-written gradient: the input gradient as a forward convolution with the
+  flipped kernel, the kernel gradient as one matmul of the im2col windows
+  (XLA:CPU runs its own kernel-gradient convolution several times slower).
+  Every other call, and 'lax', is `lax.conv_general_dilated` itself. Same
+  parameters and math; results equal up to float rounding.
+  """
+  _resolve_conv_method(method)
+
+  def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+           dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+    kh, kw = rhs.shape[:2] if rhs.ndim == 4 else (0, 0)
+    eligible = (
+        _resolve_conv_method(method) == "im2col" and lhs.ndim == 4 and rhs.ndim == 4
+        and not kwargs and precision is None and feature_group_count == 1
+        and tuple(window_strides) == (1, 1)
+        and all(d in (None, 1) for d in (lhs_dilation or (1,)) + (rhs_dilation or (1,)))
+        and kh % 2 == 1 and kw % 2 == 1
+        and (padding == "SAME" or [tuple(p) for p in padding] == [(kh // 2, kh // 2), (kw // 2, kw // 2)])
+        and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+        == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC")))
+    if eligible:
+      return _conv_im2col_grad(lhs, rhs)
+    return jax.lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+        precision=precision, **kwargs)
+
+  return conv
+
+
+_CONV_FNS = {m: conv_general_dilated(m) for m in CONV_METHODS}
+
+
 class DepthwiseConv(nn.Module):
   """Depthwise 'SAME' convolution with bias; parameters as `nn.Conv(feature_group_count=C)`.
 
@@ -209,6 +298,7 @@ class ResnetBlock(nn.Module):
   features: int
   num_groups: int
   dropout: float
+  conv_method: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -216,7 +306,8 @@ class ResnetBlock(nn.Module):
   def __call__(self, x: Array, temb: Array | None, *, train: bool) -> Array:
     """Maps [B, H, W, C_in] (and temb [B, T] or None) to [B, H, W, features]."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    conv = functools.partial(nn.Conv, self.features, (3, 3), **kw)
+    conv = functools.partial(nn.Conv, self.features, (3, 3),
+                             conv_general_dilated=_CONV_FNS[self.conv_method], **kw)
     h = conv(kernel_init=KERNEL_INIT)(nn.swish(_group_norm(self.num_groups, 1e-6, **kw)(x)))
     if temb is not None:
       h = h + nn.Dense(self.features, kernel_init=KERNEL_INIT, **kw)(nn.swish(temb))[:, None, None, :]
@@ -243,6 +334,7 @@ class PostNormResnetBlock(nn.Module):
   features: int
   num_groups: int
   dropout: float
+  conv_method: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -250,7 +342,8 @@ class PostNormResnetBlock(nn.Module):
   def __call__(self, x: Array, temb: Array | None, *, train: bool) -> Array:
     """Maps [B, H, W, C_in] (and temb [B, T] or None) to [B, H, W, features]."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    conv = functools.partial(nn.Conv, self.features, (3, 3), kernel_init=KERNEL_INIT, **kw)
+    conv = functools.partial(nn.Conv, self.features, (3, 3), kernel_init=KERNEL_INIT,
+                             conv_general_dilated=_CONV_FNS[self.conv_method], **kw)
     h = nn.silu(_group_norm(self.num_groups, 1e-5, **kw)(conv()(x)))
     if temb is not None:
       h = h + nn.Dense(self.features, kernel_init=KERNEL_INIT, **kw)(nn.silu(temb))[:, None, None, :]
@@ -281,6 +374,7 @@ class ConvNextBlock(nn.Module):
   mult: int
   dropout: float
   depthwise_method: str = "auto"
+  conv_method: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -293,10 +387,12 @@ class ConvNextBlock(nn.Module):
     if temb is not None:
       h = h + nn.Dense(x.shape[-1], kernel_init=KERNEL_INIT, **kw)(gelu(temb))[:, None, None, :]
     h = _group_norm(1, 1e-5, **kw)(h)
-    h = nn.Conv(self.features * self.mult, (3, 3), kernel_init=KERNEL_INIT, **kw)(h)
+    conv_fn = _CONV_FNS[self.conv_method]
+    h = nn.Conv(self.features * self.mult, (3, 3), kernel_init=KERNEL_INIT,
+                conv_general_dilated=conv_fn, **kw)(h)
     h = _group_norm(1, 1e-5, **kw)(gelu(h))
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
-    h = nn.Conv(self.features, (3, 3), kernel_init=KERNEL_INIT, **kw)(h)
+    h = nn.Conv(self.features, (3, 3), kernel_init=KERNEL_INIT, conv_general_dilated=conv_fn, **kw)(h)
     if x.shape[-1] != self.features:
       x = nn.Dense(self.features, kernel_init=KERNEL_INIT, **kw)(x)
     return x + h
@@ -423,6 +519,7 @@ class TransposedConvUpsample(nn.Module):
 class NearestUpsample(nn.Module):
   """Nearest-neighbour 2x upsampling followed by a 3x3 convolution (DDPM)."""
 
+  conv_method: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -431,5 +528,6 @@ class NearestUpsample(nn.Module):
     """Maps [B, H, W, C] to [B, 2H, 2W, C]."""
     x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
     return nn.Conv(
-        x.shape[-1], (3, 3), kernel_init=KERNEL_INIT, dtype=self.dtype, param_dtype=self.param_dtype
+        x.shape[-1], (3, 3), kernel_init=KERNEL_INIT, conv_general_dilated=_CONV_FNS[self.conv_method],
+        dtype=self.dtype, param_dtype=self.param_dtype,
     )(x)
