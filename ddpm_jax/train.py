@@ -51,7 +51,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ddpm_jax import checkpoint as checkpoint_lib
-from ddpm_jax import config_validation, generation, losses
+from ddpm_jax import config_validation, generation, losses, models
 from ddpm_jax.schedules import Schedule, make_schedule
 
 PyTree = Any
@@ -451,10 +451,7 @@ def _default_dataset(config, *, batch_size: int, process_index: int,
 
 def create_model(config) -> nn.Module:
   """The U-Net of `config.model` (a preset name plus field overrides)."""
-  from ddpm_jax import models  # pylint: disable=g-import-not-at-top
-  model_config = models.unet_config(**config.model.to_dict()) if hasattr(
-      config.model, "to_dict") else models.unet_config(**config.model)
-  return models.UNet(config=model_config)
+  return models.UNet(config=config_validation.model_config(config))
 
 
 def restore_ema_params(config, workdir: str, *, model: nn.Module,
