@@ -51,7 +51,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ddpm_jax import checkpoint as checkpoint_lib
-from ddpm_jax import config_validation, generation, losses, models
+from ddpm_jax import config_validation, generation, losses
 from ddpm_jax.schedules import Schedule, make_schedule
 
 PyTree = Any
@@ -451,6 +451,9 @@ def _default_dataset(config, *, batch_size: int, process_index: int,
 
 def create_model(config) -> nn.Module:
   """The U-Net of `config.model` (a preset name plus field overrides)."""
+  # Imported here: importing the models touches the XLA backend, which must
+  # wait for `initialize_distributed`.
+  from ddpm_jax import models  # pylint: disable=g-import-not-at-top
   return models.UNet(config=config_validation.model_config(config))
 
 
