@@ -5,9 +5,11 @@ Run from the repository root:
   python -m benchmarks.compare_train --preset tutorial:128 --steps 5 \
       --option conv_method=lax --option conv_method=auto
 
-Both steps are compiled first; then timed steps alternate A, B, A, B, ... so
-that load from other processes on a shared machine hits both alike. Prints the
-median step time of each, the ratio, and compile times.
+As a script it restarts with huge pages for malloc's large blocks, as the CLI
+does (`ddpm_jax.main.reexec_with_huge_page_malloc`). Both steps are compiled
+first; then timed steps alternate A, B, A, B, ... so that load from other
+processes on a shared machine hits both alike. Prints the median step time of
+each, the ratio, and compile times.
 """
 
 import argparse
@@ -18,6 +20,7 @@ import time
 import jax
 
 from benchmarks import run
+from ddpm_jax import main as main_lib
 
 
 def main(argv=None):
@@ -53,4 +56,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  main_lib.reexec_with_huge_page_malloc()
   sys.exit(main())

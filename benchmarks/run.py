@@ -22,7 +22,8 @@ It runs on whatever backend JAX sees and writes
 * sample: for each preset, `sampling.ddpm_sample` over `--ddpm-steps` steps
   (default: all T) and `sampling.ddim_sample` with `--ddim-steps` steps, in
   images/s, and each sampler's time over the time of one `lax.scan` of the
-  same number of bare network calls on the same batch (the overhead ratio).
+  same number of bare network calls on the same batch, the two timed in
+  alternation (the overhead ratio: median of the per-pair ratios).
 * input: `input_pipeline.create_dataset` alone, images/s for each source
   that is available (digits always; MNIST npz and the CIFAR-10 JPEG tar from
   ../shared/data when present).
@@ -53,6 +54,7 @@ import numpy as np  # noqa: E402
 
 from ddpm_jax import config as config_lib  # noqa: E402
 from ddpm_jax import input_pipeline, sampling, train  # noqa: E402
+from ddpm_jax import main as main_lib  # noqa: E402
 from ddpm_jax.models import count_params  # noqa: E402
 
 #: Image shape (H, W, C) each preset is benchmarked at.
@@ -90,7 +92,7 @@ def environment() -> dict:
       jax=jax.__version__, jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
       flax=flax.__version__, python=platform.python_version(),
       cpu=cpu, cpu_count=os.cpu_count(), load_average=load,
-      xla_flags=os.environ.get("XLA_FLAGS", ""))
+      xla_flags=os.environ.get("XLA_FLAGS", ""), glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""))
 
 
 def _stats(times: list[float]) -> dict:
@@ -202,17 +204,18 @@ def _train_row(preset, batch, compiled, state, metrics, model, compile_s, times)
   return row
 
 
-def _time_compiled(fn, args, runs: int) -> tuple[float, list[float]]:
+def _compile(fn, args):
   start = time.perf_counter()
   compiled = jax.jit(fn).lower(*args).compile()
   compile_s = time.perf_counter() - start
   jax.block_until_ready(compiled(*args))  # warm-up
-  times = []
-  for _ in range(runs):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - start)
-  return compile_s, times
+  return compiled, compile_s
+
+
+def _time_once(compiled, args) -> float:
+  start = time.perf_counter()
+  jax.block_until_ready(compiled(*args))
+  return time.perf_counter() - start
 
 
 def bench_sample(preset: str, batch: int, *, ddpm_steps: int | None, ddim_steps: int,
@@ -247,14 +250,20 @@ def bench_sample(preset: str, batch: int, *, ddpm_steps: int | None, ddim_steps:
   }
   row = dict(preset=preset, batch=batch, num_timesteps=schedule.num_timesteps)
   for name, (n, fn) in samplers.items():
-    sampler_compile, sampler_times = _time_compiled(fn, (params, x_T), runs)
-    bare_compile, bare_times = _time_compiled(lambda p, x, n=n: bare(p, x, n), (params, x_T), runs)
-    s, b = statistics.median(sampler_times), statistics.median(bare_times)
-    # Pairwise interleaving would be fairer under load; medians of each suffice here.
+    sampler, sampler_compile = _compile(fn, (params, x_T))
+    bare_scan, bare_compile = _compile(lambda p, x, n=n: bare(p, x, n), (params, x_T))
+    # Sampler and bare scan alternate, so that load from other processes hits both alike;
+    # the overhead is the median of the per-pair ratios.
+    sampler_times, bare_times = [], []
+    for _ in range(runs):
+      sampler_times.append(_time_once(sampler, (params, x_T)))
+      bare_times.append(_time_once(bare_scan, (params, x_T)))
+    s = statistics.median(sampler_times)
     row[name] = dict(steps=n, compile_s=sampler_compile, **_stats(sampler_times),
                      images_per_s=batch / s, per_step_s=s / n,
-                     bare_compile_s=bare_compile, bare_median_s=b,
-                     overhead_ratio=s / b)
+                     bare_compile_s=bare_compile, bare_median_s=statistics.median(bare_times),
+                     overhead_ratio=statistics.median(
+                         [a / b for a, b in zip(sampler_times, bare_times)]))
   return row
 
 
@@ -362,6 +371,10 @@ def main(argv=None) -> dict:
   parser.add_argument("--input-runs", type=int, default=5)
   parser.add_argument("--tiny", action="store_true",
                       help="CI smoke setting: tiny nets, batch 2-4, 2 steps, T=10, one preset per section")
+  parser.add_argument("--default-malloc", action="store_true",
+                      help="run as a script: keep glibc's default malloc (otherwise it restarts "
+                           "with huge pages for large blocks, as the CLI does: "
+                           "ddpm_jax.main.reexec_with_huge_page_malloc)")
   parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<backend>_<date>.json)")
   parser.add_argument("--md", default=None, help="also write the markdown table here")
   args = parser.parse_args(argv)
@@ -412,4 +425,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+  if "--default-malloc" not in sys.argv[1:]:
+    main_lib.reexec_with_huge_page_malloc()
   main()

@@ -145,3 +145,38 @@ def test_batch_not_divisible_by_devices(tmp_path):
   assert out.returncode == 1 and "Traceback" not in out.stderr
   assert ("config.train.batch_size (9) must be divisible by the number of "
           "devices (2)") in out.stderr
+
+
+def _huge_pages_possible() -> bool:
+  import platform  # pylint: disable=import-outside-toplevel
+  libc, version = platform.libc_ver()
+  thp = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled")
+  return (libc == "glibc" and tuple(int(v) for v in version.split(".")[:2]) >= (2, 35)
+          and thp.exists() and "[never]" not in thp.read_text())
+
+
+_REEXEC_PROBE = ("import os; from ddpm_jax import main; "
+                 "print('before', os.environ.get('GLIBC_TUNABLES')); "
+                 "main.reexec_with_huge_page_malloc(); "
+                 "print('after', os.environ.get('GLIBC_TUNABLES'))")
+
+
+@pytest.mark.parametrize("tunables, expected", [
+    (None, "glibc.malloc.hugetlb=1"),
+    ("glibc.malloc.arena_max=4", "glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1"),
+    ("glibc.malloc.hugetlb=0", None),  # the user's opt-out is kept
+])
+def test_reexec_with_huge_page_malloc(tunables, expected):
+  env = dict(os.environ)
+  env.pop("GLIBC_TUNABLES", None)
+  if tunables is not None:
+    env["GLIBC_TUNABLES"] = tunables
+  proc = subprocess.run([sys.executable, "-c", _REEXEC_PROBE], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=120, check=True)
+  if expected is None or not _huge_pages_possible():
+    # No restart: the program ran once, its environment untouched.
+    assert proc.stdout.splitlines() == [f"before {tunables}", f"after {tunables}"]
+  else:
+    # The first run restarted itself (same arguments) once, with the tunable added.
+    assert proc.stdout.splitlines() == [
+        f"before {tunables}", f"before {expected}", f"after {expected}"]
