@@ -9,7 +9,8 @@ r"""Command line of ddpm_jax: train, sample and evaluate diffusion models.
 Any config field can be overridden with --config.GROUP.FIELD=VALUE. The
 installed console script `ddpm-jax` takes the same flags. A bad config, bad
 data or a workdir without a checkpoint (for sample and eval) gives one line
-on stderr and exit status 1.
+on stderr and exit status 1. On Linux the program first restarts itself once
+with huge pages for malloc's large blocks (`reexec_with_huge_page_malloc`).
 """
 
 from __future__ import annotations
@@ -168,12 +169,13 @@ def reexec_with_huge_page_malloc() -> None:
   mmap, so every step faults its whole working set in again, 4 KiB at a
   time. With `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc >= 2.35) those
   blocks get 2 MiB pages: on a 2-core machine the tutorial net's step at
-  batch 128 goes from about 1.2 million page faults and 3.2 s of system time
-  to about 3,000 faults and 0.9 s (BENCHMARKS.md). Tunables are read only at
-  start-up, hence the re-exec (same pid, same arguments) before anything
-  runs. Does nothing when GLIBC_TUNABLES already sets `glibc.malloc.hugetlb`
-  (set it to 0 to opt out), off glibc, on older glibc, or when the kernel's
-  transparent huge pages are disabled.
+  batch 128 goes from about 1.1 million page faults and 3-4 s of system
+  time to about 4,000 faults and 1.5 s, 1.2x faster (BENCHMARKS.md).
+  Tunables are read only at start-up, hence the re-exec (same pid, same
+  arguments) before anything runs. Does nothing when GLIBC_TUNABLES already
+  sets `glibc.malloc.hugetlb` (set it to 0 to opt out), off glibc, on older
+  glibc, or when the kernel's transparent huge pages are disabled. Call it
+  only from a program's entry point: it replaces the running process.
   """
   tunables = os.environ.get("GLIBC_TUNABLES", "")
   if "glibc.malloc.hugetlb" in tunables:
