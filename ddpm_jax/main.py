@@ -161,6 +161,18 @@ def _parse_flags(argv: list[str]) -> list[str]:
 MALLOC_TUNABLE = "glibc.malloc.hugetlb=1"
 
 
+def huge_page_malloc_supported() -> bool:
+  """Whether glibc >= 2.35 runs this process and the kernel's transparent huge pages are on."""
+  libc, version = platform.libc_ver()
+  if libc != "glibc" or tuple(int(v) for v in version.split(".")[:2]) < (2, 35):
+    return False
+  try:
+    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+      return "[never]" not in f.read()
+  except OSError:
+    return False
+
+
 def reexec_with_huge_page_malloc() -> None:
   """Restarts this program once with glibc's malloc using transparent huge pages.
 
@@ -178,16 +190,7 @@ def reexec_with_huge_page_malloc() -> None:
   only from a program's entry point: it replaces the running process.
   """
   tunables = os.environ.get("GLIBC_TUNABLES", "")
-  if "glibc.malloc.hugetlb" in tunables:
-    return
-  libc, version = platform.libc_ver()
-  if libc != "glibc" or tuple(int(v) for v in version.split(".")[:2]) < (2, 35):
-    return
-  try:
-    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-      if "[never]" in f.read():
-        return
-  except OSError:
+  if "glibc.malloc.hugetlb" in tunables or not huge_page_malloc_supported():
     return
   os.environ["GLIBC_TUNABLES"] = ":".join(filter(None, [tunables, MALLOC_TUNABLE]))
   sys.stdout.flush()

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ddpm_jax import main
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = "configs/digits.py:tiny"
 
@@ -147,14 +149,6 @@ def test_batch_not_divisible_by_devices(tmp_path):
           "devices (2)") in out.stderr
 
 
-def _huge_pages_possible() -> bool:
-  import platform  # pylint: disable=import-outside-toplevel
-  libc, version = platform.libc_ver()
-  thp = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled")
-  return (libc == "glibc" and tuple(int(v) for v in version.split(".")[:2]) >= (2, 35)
-          and thp.exists() and "[never]" not in thp.read_text())
-
-
 _REEXEC_PROBE = ("import os; from ddpm_jax import main; "
                  "print('before', os.environ.get('GLIBC_TUNABLES')); "
                  "main.reexec_with_huge_page_malloc(); "
@@ -173,7 +167,7 @@ def test_reexec_with_huge_page_malloc(tunables, expected):
     env["GLIBC_TUNABLES"] = tunables
   proc = subprocess.run([sys.executable, "-c", _REEXEC_PROBE], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=120, check=True)
-  if expected is None or not _huge_pages_possible():
+  if expected is None or not main.huge_page_malloc_supported():
     # No restart: the program ran once, its environment untouched.
     assert proc.stdout.splitlines() == [f"before {tunables}", f"after {tunables}"]
   else:
