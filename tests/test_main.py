@@ -50,7 +50,8 @@ def test_train_writes_checkpoints_samples_and_logs(trained):
   assert trained["after_first"] == ["2", "4"]
   assert "step 4/4: loss" in trained["first"].stderr
   grid = Image.open(workdir / "samples" / "step_00000004.png")
-  assert grid.size == (3 * 16, 3 * 16)  # 8 images in a 3x3 grid of 16x16
+  # 8 images in a 3x3 grid of 16x16 images scaled 4x, 2 px of padding.
+  assert grid.size == (3 * (4 * 16 + 2) + 2,) * 2
   gif = Image.open(workdir / "samples" / "step_00000004.gif")
   assert gif.n_frames > 1
   assert any(name.startswith("events.out.tfevents")
@@ -76,8 +77,9 @@ def test_sample_mode(trained):
   with np.load(samples / "sample_step_00000006.npz") as f:
     images = f["images"]
   assert images.shape == (12, 16, 16, 1) and images.dtype == np.uint8
-  # 12 images in rows of ceil(sqrt(12)) = 4
-  assert Image.open(samples / "sample_step_00000006.png").size == (64, 48)
+  # 12 images in rows of ceil(sqrt(12)) = 4, scaled 4x, 2 px of padding.
+  assert Image.open(samples / "sample_step_00000006.png").size == (
+      4 * 66 + 2, 3 * 66 + 2)
   assert Image.open(samples / "sample_step_00000006.gif").n_frames > 1
 
 
