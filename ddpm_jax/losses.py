@@ -19,6 +19,7 @@ from ddpm_jax._checks import check_choice
 from ddpm_jax.schedules import Schedule
 
 LOSS_TYPES = ("l2", "l1", "huber")
+WEIGHTINGS = ("uniform", "min_snr")
 
 
 def regression_loss(prediction: jnp.ndarray, target: jnp.ndarray, *,
@@ -65,7 +66,7 @@ def denoising_loss(model_fn: diffusion.ModelFn, schedule: Schedule, x0: jnp.ndar
     loss_type: 'l2', 'l1' or 'huber'.
     target: what the network predicts: 'eps', 'x0' or 'v'.
     t_weights: optional per-step weights [T], multiplied into each example's
-      loss (e.g. from `schedule.snr` for min-SNR weighting).
+      loss (e.g. `loss_weights(schedule, weighting="min_snr", ...)`).
 
   Returns:
     float32 [B].
@@ -108,3 +109,44 @@ def training_losses(model_fn: diffusion.ModelFn, schedule: Schedule, x0: jnp.nda
   noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
   return denoising_loss(model_fn, schedule, x0, t, noise, loss_type=loss_type,
                         target=target, t_weights=t_weights)
+
+
+def loss_weights(schedule: Schedule, *, weighting: str, target: str = "eps",
+                 gamma: float = 5.0) -> Optional[jnp.ndarray]:
+  """Per-step loss weights [T] for `denoising_loss`'s `t_weights`.
+
+  'uniform' gives None (every step weighs 1). 'min_snr' is Min-SNR-gamma
+  weighting (Hang et al. 2023): each step's loss is rescaled so that in
+  x0 terms it weighs min(SNR_t, gamma), i.e. the weight is
+  min(SNR_t, gamma) / SNR_t for an eps target, min(SNR_t, gamma) for x0 and
+  min(SNR_t, gamma) / (SNR_t + 1) for v. Low-noise steps, whose loss is easy
+  and whose gradients dominate otherwise, are down-weighted.
+
+  Args:
+    schedule: the diffusion schedule.
+    weighting: 'uniform' or 'min_snr'.
+    target: what the network predicts: 'eps', 'x0' or 'v'.
+    gamma: the SNR cap, > 0.
+
+  Returns:
+    float32 [T], or None for 'uniform'.
+
+  Example:
+    >>> w = loss_weights(sched, weighting="min_snr", target="eps", gamma=5.0)
+    >>> loss = denoising_loss(model_fn, sched, x0, t, noise, t_weights=w)
+  """
+  check_choice("weighting", weighting, WEIGHTINGS)
+  check_choice("target", target, diffusion.TARGETS)
+  if weighting == "uniform":
+    return None
+  if not gamma > 0:
+    raise ValueError(f"gamma must be > 0, got {gamma!r}.")
+  snr = schedule.snr
+  capped = jnp.minimum(snr, gamma)
+  if target == "eps":
+    weights = capped / snr
+  elif target == "x0":
+    weights = capped
+  else:
+    weights = capped / (snr + 1.0)
+  return weights.astype(jnp.float32)

@@ -109,3 +109,39 @@ def test_unknown_loss_type():
   with pytest.raises(ValueError, match="Unknown loss_type 'mse'"):
     losses.regression_loss(jnp.zeros((1, 2)), jnp.zeros((1, 2)),
                            loss_type="mse")
+
+
+@pytest.mark.parametrize("target", diffusion.TARGETS)
+def test_min_snr_weighting_is_min_snr_times_the_x0_error(target):
+  """Weighted by `loss_weights`, every target's L2 loss equals
+  min(SNR_t, gamma) * ||x0 - x0_hat||^2 (Hang et al. 2023)."""
+  sched = schedules.make_schedule("linear", 1000)
+  gamma = 5.0
+  weights = losses.loss_weights(sched, weighting="min_snr", target=target,
+                                gamma=gamma)
+  chex.assert_shape(weights, (1000,))
+  x0 = jax.random.uniform(jax.random.key(0), (6, 4, 4, 1), minval=-1,
+                          maxval=1)
+  noise = jax.random.normal(jax.random.key(1), x0.shape)
+  t = jnp.array([0, 10, 100, 300, 600, 999])
+  prediction = jax.random.normal(jax.random.key(2), x0.shape)
+  loss = losses.denoising_loss(lambda x_t, s: prediction, sched, x0, t, noise,
+                               target=target, t_weights=weights)
+  x_t = diffusion.q_sample(sched, x0, t, noise)
+  x0_hat, _ = diffusion.predict_x0_eps(sched, x_t, t, prediction,
+                                       target=target)
+  snr = sched.snr[t]
+  expected = jnp.minimum(snr, gamma) * jnp.mean(jnp.square(x0 - x0_hat),
+                                                 axis=(1, 2, 3))
+  np.testing.assert_allclose(loss, expected, rtol=2e-4)
+  # Both regimes occur: capped at high SNR, SNR itself at low SNR.
+  assert snr[0] > gamma > snr[-1]
+
+
+def test_uniform_weighting_and_bad_options():
+  sched = schedules.make_schedule("linear", 10)
+  assert losses.loss_weights(sched, weighting="uniform") is None
+  with pytest.raises(ValueError, match="Unknown weighting 'snr'"):
+    losses.loss_weights(sched, weighting="snr")
+  with pytest.raises(ValueError, match="gamma must be > 0"):
+    losses.loss_weights(sched, weighting="min_snr", gamma=0.0)
