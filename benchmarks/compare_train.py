@@ -6,7 +6,7 @@ Run from the repository root:
       --option conv_method=lax --option conv_method=auto
 
 As a script it restarts with huge pages for malloc's large blocks, as the CLI
-does (`ddpm_jax.main.reexec_with_huge_page_malloc`). Both steps are compiled
+does (`ddpm_jax.hugepages.reexec_with_huge_page_malloc`). Both steps are compiled
 first; then timed steps alternate A, B, A, B, ... so that load from other
 processes on a shared machine hits both alike. Prints the median step time of
 each, the ratio, and compile times.
@@ -20,7 +20,7 @@ import time
 import jax
 
 from benchmarks import run
-from ddpm_jax import main as main_lib
+from ddpm_jax import hugepages
 
 
 def main(argv=None):
@@ -56,5 +56,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main_lib.reexec_with_huge_page_malloc()
+  hugepages.reexec_with_huge_page_malloc()
   sys.exit(main())

@@ -13,7 +13,8 @@ It runs on whatever backend JAX sees and writes
 (stdout, and `--md FILE`). Sections:
 
 * train: for each `PRESET:BATCH`, the library's own train step
-  (`train.make_train_step` + `train.jit_train_step` on `create_train_state`):
+  (`builders.build_train_step` + `train_step.jit_train_step` on
+  `train_step.create_train_state`):
   compile time, the median / min / max / IQR of `--steps` step times after
   `--warmup` steps, images/s, XLA's memory analysis of the compiled step
   (arguments + outputs + temporaries - aliased) and the process's peak RSS,
@@ -53,8 +54,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ddpm_jax import config as config_lib  # noqa: E402
-from ddpm_jax import input_pipeline, sampling, train  # noqa: E402
-from ddpm_jax import main as main_lib  # noqa: E402
+from ddpm_jax import builders, hugepages, input_pipeline, parallel, sampling, train_step  # noqa: E402
 from ddpm_jax.models import count_params  # noqa: E402
 
 #: Image shape (H, W, C) each preset is benchmarked at.
@@ -174,13 +174,13 @@ def bench_train(preset: str, batch: int, *, steps: int, warmup: int, tiny: bool)
 def build_train_step(preset: str, batch: int, *, tiny: bool, **model_overrides):
   """(compiled step, state, batch, rng, compile seconds, model) of the library's train step."""
   config = make_config(preset, batch, tiny=tiny, **model_overrides)
-  model = train.create_model(config)
-  tx = train.create_optimizer(config.optimizer, num_steps=int(config.train.num_steps))
-  mesh = train.create_mesh()
+  model = builders.build_model(config)
+  tx = builders.build_optimizer(config)
+  mesh = parallel.create_mesh()
   rng = jax.random.key(0)
   shape = IMAGE_SHAPES[preset]
-  state = train.create_train_state(model, tx, rng, image_shape=shape, mesh=mesh)
-  step_fn = train.jit_train_step(train.make_train_step(config, model, tx), mesh, state)
+  state = train_step.create_train_state(model, tx, rng, image_shape=shape, mesh=mesh)
+  step_fn = train_step.jit_train_step(builders.build_train_step(config, model, tx), mesh, state)
   images = jax.random.uniform(jax.random.key(1), (batch,) + shape, jnp.float32, -1, 1)
   batch_arr = {"image": images, "label": jnp.zeros((batch,), jnp.int32)}
   start = time.perf_counter()
@@ -221,8 +221,8 @@ def _time_once(compiled, args) -> float:
 def bench_sample(preset: str, batch: int, *, ddpm_steps: int | None, ddim_steps: int,
                  num_timesteps: int, runs: int, tiny: bool) -> dict:
   config = make_config(preset, batch, tiny=tiny, num_timesteps=num_timesteps)
-  model = train.create_model(config)
-  schedule = train.make_schedule_from_config(config.diffusion)
+  model = builders.build_model(config)
+  schedule = builders.build_schedule(config)
   shape = (batch,) + IMAGE_SHAPES[preset]
   params = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros(shape), jnp.zeros((batch,), jnp.int32),
                                       train=False))()["params"]
@@ -240,8 +240,8 @@ def bench_sample(preset: str, batch: int, *, ddpm_steps: int | None, ddim_steps:
 
   ddpm_n = ddpm_steps or schedule.num_timesteps
   # A shorter DDPM chain than T runs the same sampler on a schedule of that many steps.
-  ddpm_schedule = schedule if ddpm_n == schedule.num_timesteps else train.make_schedule_from_config(
-      make_config(preset, batch, tiny=tiny, num_timesteps=ddpm_n).diffusion)
+  ddpm_schedule = schedule if ddpm_n == schedule.num_timesteps else builders.build_schedule(
+      make_config(preset, batch, tiny=tiny, num_timesteps=ddpm_n))
   samplers = {
       "ddpm": (ddpm_n, lambda p, x: sampling.ddpm_sample(model_fn(p), ddpm_schedule, x_T=x,
                                                          key=key).images),
@@ -374,7 +374,7 @@ def main(argv=None) -> dict:
   parser.add_argument("--default-malloc", action="store_true",
                       help="run as a script: keep glibc's default malloc (otherwise it restarts "
                            "with huge pages for large blocks, as the CLI does: "
-                           "ddpm_jax.main.reexec_with_huge_page_malloc)")
+                           "ddpm_jax.hugepages)")
   parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<backend>_<date>.json)")
   parser.add_argument("--md", default=None, help="also write the markdown table here")
   args = parser.parse_args(argv)
@@ -426,5 +426,5 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
   if "--default-malloc" not in sys.argv[1:]:
-    main_lib.reexec_with_huge_page_malloc()
+    hugepages.reexec_with_huge_page_malloc()
   main()

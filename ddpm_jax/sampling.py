@@ -13,7 +13,8 @@ its noise from `jax.random.fold_in(chain_key, t)`, so no key is used twice.
 
 Sharding: the samplers only see global arrays. Give `x_T` (or constrain it
 with `jax.lax.with_sharding_constraint`) sharded over a mesh's 'data' axis on
-the batch dimension and the chain runs data-parallel; `generate` does this.
+the batch dimension and the chain runs data-parallel;
+`ddpm_jax.generation.generate` does this.
 
 Guidance composes with `model_fn`: any `(x_t, t) -> output` callable works, so
 a guided denoiser is a wrapper. For example classifier guidance on eps
@@ -45,10 +46,8 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ddpm_jax import diffusion
-from ddpm_jax import images as images_lib
 from ddpm_jax._checks import check_choice
 from ddpm_jax.schedules import Schedule
 
@@ -428,85 +427,3 @@ def ddim_invert(model_fn: diffusion.ModelFn, schedule: Schedule,
   x_T, _ = jax.lax.scan(lambda x, inp: (step(x, inp), None), x0,
                         (jnp.asarray(seq, jnp.int32), abar_t, abar_s))
   return x_T
-
-
-# ----------------------------------------------------------------------------
-# Batch driver.
-
-
-def generate(make_model_fn: Callable[[Any], diffusion.ModelFn], params,
-             schedule: Schedule, *, num_images: int, batch_size: int,
-             image_shape: tuple[int, ...], key: jax.Array,
-             sampler: str = "ddpm", mesh: Optional[Mesh] = None,
-             **sampler_options) -> np.ndarray:
-  """Samples `num_images` uint8 images in batches sharded over a mesh.
-
-  One function is jitted and compiled once for all batches; batch i uses key
-  `fold_in(key, i)` and equals the chosen sampler called with that key and
-  `shape=(batch_size,) + image_shape`. Its x_T is sharded over the mesh's
-  'data' axis on the batch dimension. `params` and `schedule` are jit
-  arguments (not baked-in constants) and are replicated over the mesh. The
-  last batch is sampled in full and cut to `num_images`.
-
-  Args:
-    make_model_fn: params -> denoiser `(x_t, t) -> output`, called inside
-      the jitted function (e.g. `generation.make_model_fn(unet)`).
-    params: pytree of model parameters.
-    schedule: the diffusion schedule.
-    num_images: N >= 1.
-    batch_size: images per batch, a multiple of the mesh's 'data' size.
-    image_shape: (H, W, C).
-    key: PRNG key.
-    sampler: 'ddpm' (`ddpm_sample`) or 'ddim' (`ddim_sample`).
-    mesh: a `Mesh` with a 'data' axis; None uses all devices on one 'data'
-      axis.
-    **sampler_options: keyword options of the sampler (e.g. `num_steps=50,
-      eta=0.0` for DDIM), other than shape, key, x_T and trajectory_every.
-
-  Returns:
-    uint8 numpy array [N, H, W, C].
-
-  Raises:
-    ValueError: for bad counts, an unknown sampler, a mesh without 'data', a
-      batch size the 'data' axis does not divide, or bad sampler options.
-
-  Example:
-    >>> imgs = generate(generation.make_model_fn(unet), params,
-    ...                 sched, num_images=64, batch_size=16,
-    ...                 image_shape=(32, 32, 3), key=jax.random.key(0),
-    ...                 sampler="ddim", num_steps=50)
-  """
-  check_choice("sampler", sampler, SAMPLERS)
-  _check_int("num_images", num_images, low=1)
-  _check_int("batch_size", batch_size, low=1)
-  reserved = {"shape", "key", "x_T", "trajectory_every"} & set(sampler_options)
-  if reserved:
-    raise ValueError(f"generate sets {sorted(reserved)} itself; drop them "
-                     "from the sampler options.")
-  if mesh is None:
-    mesh = Mesh(np.asarray(jax.devices()), ("data",))
-  if "data" not in mesh.axis_names:
-    raise ValueError(f"mesh needs a 'data' axis, got axes {mesh.axis_names}.")
-  if batch_size % mesh.shape["data"]:
-    raise ValueError(f"batch_size {batch_size} must be a multiple of the "
-                     f"mesh's 'data' size {mesh.shape['data']}.")
-  shape = (batch_size,) + tuple(image_shape)
-  _check_start(shape, key, None, needs_key=True)
-  sample_fn = ddpm_sample if sampler == "ddpm" else ddim_sample
-  batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
-  replicated = NamedSharding(mesh, PartitionSpec())
-
-  def one_batch(params, schedule, batch_key):
-    x_T = jax.random.normal(jax.random.split(batch_key)[0], shape, jnp.float32)
-    x_T = jax.lax.with_sharding_constraint(x_T, batch_sharding)
-    out = sample_fn(make_model_fn(params), schedule, x_T=x_T, key=batch_key,
-                    **sampler_options)
-    return images_lib.to_uint8(out.images)
-
-  sample_batch = jax.jit(one_batch, out_shardings=batch_sharding)
-  params, schedule = jax.device_put((params, schedule), replicated)
-  batches = [
-      np.asarray(sample_batch(params, schedule, jax.random.fold_in(key, i)))
-      for i in range(math.ceil(num_images / batch_size))
-  ]
-  return np.concatenate(batches)[:num_images]

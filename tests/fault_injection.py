@@ -225,7 +225,7 @@ _BAD_CONFIG = [
 
 def bad_input_campaign(base: Path, rng: random.Random, count: int,
                        failures: list[str]) -> dict:
-  from ddpm_jax import config_validation  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from ddpm_jax import input_pipeline as ip  # pylint: disable=g-import-not-at-top
   from ddpm_jax.config import base_config  # pylint: disable=g-import-not-at-top
   stats = collections.Counter()
@@ -240,10 +240,10 @@ def bad_input_campaign(base: Path, rng: random.Random, count: int,
       config[group][name] = value
       label = f"config:{field}={value}"
       try:
-        config_validation.validate_config(config, mode="train",
+        config_lib.validate_config(config, mode="train",
                                           num_devices=2, process_count=1)
         failures.append(f"{label}: accepted")
-      except config_validation.ConfigError as e:
+      except config_lib.ConfigError as e:
         if f"config.{group}." not in str(e) and "config." not in str(e):
           failures.append(f"{label}: message names no field: {e}")
       except Exception as e:  # pylint: disable=broad-except

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpm_jax import main
+from ddpm_jax import hugepages
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = "configs/digits.py:tiny"
@@ -49,6 +49,9 @@ def test_train_writes_checkpoints_samples_and_logs(trained):
   workdir = trained["workdir"]
   assert trained["after_first"] == ["2", "4"]
   assert "step 4/4: loss" in trained["first"].stderr
+  # CPU training restarts itself with huge-page malloc, and says so.
+  assert ("malloc uses huge pages" in trained["first"].stderr) == (
+      hugepages.huge_page_malloc_supported())
   grid = Image.open(workdir / "samples" / "step_00000004.png")
   assert grid.size == (3 * 16, 3 * 16)  # 8 images in a 3x3 grid of 16x16
   gif = Image.open(workdir / "samples" / "step_00000004.gif")
@@ -72,6 +75,7 @@ def test_sample_mode(trained):
              cache_dir=trained["cache"])
   assert out.returncode == 0, out.stderr[-3000:]
   assert "images/s" in out.stderr
+  assert "malloc uses huge pages" not in out.stderr  # Only CPU training.
   samples = trained["workdir"] / "samples"
   with np.load(samples / "sample_step_00000006.npz") as f:
     images = f["images"]
@@ -149,9 +153,9 @@ def test_batch_not_divisible_by_devices(tmp_path):
           "devices (2)") in out.stderr
 
 
-_REEXEC_PROBE = ("import os; from ddpm_jax import main; "
+_REEXEC_PROBE = ("import os; from ddpm_jax import hugepages; "
                  "print('before', os.environ.get('GLIBC_TUNABLES')); "
-                 "main.reexec_with_huge_page_malloc(); "
+                 "hugepages.reexec_with_huge_page_malloc(); "
                  "print('after', os.environ.get('GLIBC_TUNABLES'))")
 
 
@@ -167,10 +171,18 @@ def test_reexec_with_huge_page_malloc(tunables, expected):
     env["GLIBC_TUNABLES"] = tunables
   proc = subprocess.run([sys.executable, "-c", _REEXEC_PROBE], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=120, check=True)
-  if expected is None or not main.huge_page_malloc_supported():
+  if expected is None or not hugepages.huge_page_malloc_supported():
     # No restart: the program ran once, its environment untouched.
     assert proc.stdout.splitlines() == [f"before {tunables}", f"after {tunables}"]
   else:
     # The first run restarted itself (same arguments) once, with the tunable added.
     assert proc.stdout.splitlines() == [
         f"before {tunables}", f"before {expected}", f"after {expected}"]
+
+
+@pytest.mark.parametrize("platforms, expected", [
+    ("cpu", False), ("cuda", True), ("cpu,tpu", True)])
+def test_accelerator_installed_reads_jax_platforms(monkeypatch, platforms,
+                                                   expected):
+  monkeypatch.setenv("JAX_PLATFORMS", platforms)
+  assert hugepages.accelerator_installed() == expected

@@ -1,4 +1,5 @@
-"""Tests of the training engine (ddpm_jax/train.py, ddpm_jax/checkpoint.py).
+"""Tests of the training engine (ddpm_jax/train_step.py, ddpm_jax/train.py,
+ddpm_jax/checkpoint.py).
 
 CPU only, a ~3k-parameter conv denoiser (tests/train_helpers.py) on a slice
 of ../shared/data/mnist.npz. Multi-device and multi-process runs are
@@ -24,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_helpers as helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from ddpm_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ddpm_jax import config_validation, losses, train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ddpm_jax import builders, config as config_lib, inference, losses, optim, parallel, train, train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 pytestmark = pytest.mark.skipif(not helpers.MNIST.exists(),
                                 reason=f"{helpers.MNIST} not found")
@@ -79,7 +80,7 @@ def _subprocess_env(**extra):
     ("train.batch_size", 0, "config.train.batch_size must be an integer >= 1"),
     ("train.ema_decay", 1.0, r"config.train.ema_decay must be a number in "
      r"[0.0, 1.0)"),
-    ("optimizer.lr", -1e-4, "config.optimizer.lr must be a number in [0.0"),
+    ("optimizer.lr", -1e-4, "config.optimizer.lr must be a number in (0.0"),
     ("optimizer.decay", "linear", "config.optimizer.decay must be one of"),
     ("diffusion.target", "score", "config.diffusion.target must be one of"),
     ("train.ema_warmup", 1, "config.train.ema_warmup must be True or False"),
@@ -87,14 +88,14 @@ def _subprocess_env(**extra):
 ])
 def test_config_validation_names_field(field, value, message):
   config = helpers.make_config().to_dict()  # Plain dicts: no type safety.
-  config_validation.validate_train_config(config, num_devices=1)
+  config_lib.validate_config(config, num_devices=1)
   node = config
   *parents, leaf = field.split(".")
   for p in parents:
     node = node[p]
   node[leaf] = value
-  with pytest.raises(ValueError) as err:
-    config_validation.validate_train_config(config)
+  with pytest.raises(config_lib.ConfigError) as err:
+    config_lib.validate_config(config)
   assert message in str(err.value)
 
 
@@ -102,26 +103,24 @@ def test_config_validation_batch_divisible_by_devices():
   config = helpers.make_config(batch_size=12)
   with pytest.raises(ValueError, match=r"batch_size \(12\) must be divisible "
                      r"by the number of devices \(8\)"):
-    config_validation.validate_train_config(config, num_devices=8)
+    config_lib.validate_config(config, num_devices=8)
 
 
 def test_learning_rate_warmup_cosine_and_ema_decay():
-  config = helpers.make_config()
-  opt = config.optimizer
-  opt.lr, opt.warmup_steps = 2e-4, 10
-  lr = train.learning_rate_schedule(opt, num_steps=110)
+  lr = optim.learning_rate_schedule(lr=2e-4, warmup_steps=10, num_steps=110,
+                                    decay="cosine")
   np.testing.assert_allclose(
       [float(lr(s)) for s in (0, 5, 10, 60, 110, 200)],
       [0.0, 1e-4, 2e-4, 1e-4, 0.0, 0.0], atol=1e-9)
-  opt.decay = "constant"
-  lr = train.learning_rate_schedule(opt, num_steps=110)
+  lr = optim.learning_rate_schedule(lr=2e-4, warmup_steps=10, num_steps=110,
+                                    decay="constant")
   np.testing.assert_allclose([float(lr(s)) for s in (5, 10, 1000)],
                              [1e-4, 2e-4, 2e-4], atol=1e-9)
-  assert float(train.ema_decay_at(0, ema_decay=0.9999, ema_warmup=True)) == (
+  assert float(optim.ema_decay_at(0, ema_decay=0.9999, ema_warmup=True)) == (
       pytest.approx(0.1))
-  assert float(train.ema_decay_at(10**6, ema_decay=0.9999,
+  assert float(optim.ema_decay_at(10**6, ema_decay=0.9999,
                                   ema_warmup=True)) == pytest.approx(0.9999)
-  assert float(train.ema_decay_at(0, ema_decay=0.9999,
+  assert float(optim.ema_decay_at(0, ema_decay=0.9999,
                                   ema_warmup=False)) == pytest.approx(0.9999)
 
 
@@ -134,15 +133,16 @@ def step_setup(images):
   """A jitted step (1-device mesh), compiled once for the module."""
   config = helpers.make_config(batch_size=16, num_steps=40)
   config.optimizer.update(lr=3e-3, warmup_steps=0, decay="constant")
-  mesh = train.create_mesh(jax.devices()[:1])
+  mesh = parallel.create_mesh(jax.devices()[:1])
   model = helpers.tiny_model()
-  tx = train.create_optimizer(config.optimizer, num_steps=40)
+  tx = builders.build_optimizer(config)
   rng = jax.random.PRNGKey(0)
-  state0 = train.create_train_state(model, tx, rng,
-                                    image_shape=images.shape[1:], mesh=mesh)
-  step = train.jit_train_step(train.make_train_step(config, model, tx), mesh,
-                              state0)
-  schedule = train.make_schedule_from_config(config.diffusion)
+  state0 = train_step.create_train_state(model, tx, rng,
+                                         image_shape=images.shape[1:],
+                                         mesh=mesh)
+  step = train_step.jit_train_step(
+      builders.build_train_step(config, model, tx), mesh, state0)
+  schedule = builders.build_schedule(config)
 
   @jax.jit
   def eval_loss(params, x0):
@@ -203,13 +203,13 @@ def test_nonfinite_step_is_skipped(step_setup, images):
 def test_bfloat16_compute_keeps_float32_state(images):
   config = helpers.make_config(batch_size=4)
   model = helpers.tiny_model(dtype="bfloat16")
-  tx = train.create_optimizer(config.optimizer, num_steps=6)
-  mesh = train.create_mesh(jax.devices()[:1])
+  tx = builders.build_optimizer(config)
+  mesh = parallel.create_mesh(jax.devices()[:1])
   rng = jax.random.PRNGKey(1)
-  state = train.create_train_state(model, tx, rng, image_shape=(28, 28, 1),
-                                   mesh=mesh)
-  step = train.jit_train_step(train.make_train_step(config, model, tx), mesh,
-                              state)
+  state = train_step.create_train_state(model, tx, rng,
+                                        image_shape=(28, 28, 1), mesh=mesh)
+  step = train_step.jit_train_step(
+      builders.build_train_step(config, model, tx), mesh, state)
   for i in range(3):
     state, metrics = step(state, {"image": images[4 * i:4 * i + 4]}, rng)
   assert math.isfinite(float(metrics["loss"]))
@@ -227,8 +227,8 @@ def _run(workdir, images, monkeypatch=None, config=None, **data_kwargs):
   config = config or helpers.make_config()
   if monkeypatch is not None:
     # A fresh counter per run: a second trace of the step raises.
-    monkeypatch.setattr(train, "train_step",
-                        chex.assert_max_traces(train.train_step, n=1))
+    monkeypatch.setattr(train_step, "train_step",
+                        chex.assert_max_traces(train_step.train_step, n=1))
   try:
     return train.train_and_evaluate(
         config, str(workdir), model=helpers.tiny_model(),
@@ -312,6 +312,37 @@ def test_sigterm_checkpoints_and_resume_is_exact(uninterrupted, images,
   assert int(resumed.step) == 6
   # Bit for bit: params, EMA, optimizer state, step.
   chex.assert_trees_all_equal(_copy(resumed), _copy(reference))
+
+
+def test_time_budget_stops_with_a_checkpoint_and_samples(images, tmp_path,
+                                                        caplog):
+  config = helpers.make_config(num_steps=6, sample_every=100)
+  config.train.max_time = 1e-6  # Used up before the first step ends.
+  config.sample.update(num_images=4, batch_size=4, sampler="ddim",
+                       ddim_steps=2, gif=False)
+  with caplog.at_level("WARNING"):
+    state = _run(tmp_path, images, config=config)
+  assert int(state.step) == 1
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]
+  # Unlike SIGTERM, the budget leaves time for the final samples.
+  assert (tmp_path / "samples" / "step_00000001.png").is_file()
+  assert "time budget of 0:00:00 used up: saved checkpoint at step 1" \
+      in caplog.text
+
+
+def test_load_trained_needs_no_optimizer(uninterrupted):
+  """Only the EMA parameters are read: a config with another optimizer (a
+  differently shaped optimizer state) loads the same parameters."""
+  workdir, reference = uninterrupted
+  config = helpers.make_config()
+  config.optimizer.update(weight_decay=0.1, grad_clip_norm=0.0)
+  trained = inference.load_trained(config, workdir, model=helpers.tiny_model())
+  assert trained.step == 6
+  chex.assert_trees_all_equal(_copy(trained.params),
+                              _copy(reference.ema_params))
+  for leaf in jax.tree.leaves(trained.params):
+    assert leaf.sharding.is_equivalent_to(
+        parallel.replicated(trained.mesh), leaf.ndim)
 
 
 def test_nonfinite_steps_stop_training(images, tmp_path):
@@ -413,8 +444,6 @@ def test_unet_and_npz_pipeline_resume_exactly(tmp_path):
   reference = train.train_and_evaluate(config, str(tmp_path / "a"))
   assert int(reference.step) == 4
 
-  from ddpm_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-
   class SigtermAfter2:
     """The real iterator; SIGTERM when batch 3 is requested."""
 
@@ -434,9 +463,8 @@ def test_unet_and_npz_pipeline_resume_exactly(tmp_path):
       self.inner.set_state(state)
 
   def factory(config, **kwargs):
-    return SigtermAfter2(train._default_dataset(config, **kwargs))  # pylint: disable=protected-access
+    return SigtermAfter2(builders.build_dataset(config, **kwargs))
 
-  assert input_pipeline.create_dataset is not None
   interrupted = train.train_and_evaluate(config, str(tmp_path / "b"),
                                          dataset_factory=factory)
   assert int(interrupted.step) < 4

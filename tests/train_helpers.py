@@ -129,16 +129,16 @@ def flat(tree) -> dict[str, np.ndarray]:
 def run_mesh(config, images, num_steps, devices=None):
   """num_steps of the jitted step over a mesh; returns (losses, params)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import train  # pylint: disable=g-import-not-at-top
-  mesh = train.create_mesh(devices)
+  from ddpm_jax import builders, parallel, train_step  # pylint: disable=g-import-not-at-top
+  mesh = parallel.create_mesh(devices)
   model = tiny_model()
-  tx = train.create_optimizer(config.optimizer,
-                              num_steps=config.train.num_steps)
+  tx = builders.build_optimizer(config)
   rng = jax.random.PRNGKey(config.seed)
-  state = train.create_train_state(model, tx, rng,
-                                   image_shape=images.shape[1:], mesh=mesh)
-  step = train.jit_train_step(train.make_train_step(config, model, tx), mesh,
-                              state)
+  state = train_step.create_train_state(model, tx, rng,
+                                        image_shape=images.shape[1:],
+                                        mesh=mesh)
+  step = train_step.jit_train_step(
+      builders.build_train_step(config, model, tx), mesh, state)
   b = config.train.batch_size
   data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   losses = []
@@ -153,16 +153,16 @@ def run_pmap(config, images, num_steps):
   """The same training with jax.pmap over all local devices."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import train  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import builders, train_step  # pylint: disable=g-import-not-at-top
   n = jax.local_device_count()
   model = tiny_model()
-  tx = train.create_optimizer(config.optimizer,
-                              num_steps=config.train.num_steps)
+  tx = builders.build_optimizer(config)
   rng = jax.random.PRNGKey(config.seed)
-  state = jax.jit(lambda r: train.init_train_state(
+  state = jax.jit(lambda r: train_step.init_train_state(
       model, tx, r, image_shape=images.shape[1:]))(rng)
   state = jax.tree.map(lambda x: jnp.stack([x] * n), state)
-  step = jax.pmap(train.make_train_step(config, model, tx, axis_name="batch"),
+  step = jax.pmap(builders.build_train_step(config, model, tx,
+                                            axis_name="batch"),
                   axis_name="batch", in_axes=(0, 0, None),
                   donate_argnums=(0,))
   b = config.train.batch_size
@@ -188,8 +188,9 @@ def _main(argv):
              **{"pmap" + k: v for k, v in pmap_params.items()})
   elif mode == "distributed":
     process_id, port, workdir, out = (int(argv[2]), argv[3], argv[4], argv[5])
-    from ddpm_jax import train  # pylint: disable=g-import-not-at-top
-    assert train.initialize_distributed(f"localhost:{port}", 2, process_id)
+    from ddpm_jax import parallel, train  # pylint: disable=g-import-not-at-top
+    assert parallel.initialize_distributed(f"localhost:{port}", 2,
+                                           process_id)
     import jax  # pylint: disable=g-import-not-at-top
     assert jax.process_count() == 2 and jax.device_count() == 2
     state = train.train_and_evaluate(
