@@ -8,6 +8,10 @@ setuptools.setup(
     description="Denoising diffusion models (DDPM, DDIM) in JAX and Flax.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    # The project's repository: the notebooks install from it and the Colab
+    # badges point at it. Change it when you publish, then run
+    # `python colab/sync_repository_url.py`.
+    url="https://github.com/ddpm-jax/ddpm_jax",
     packages=setuptools.find_packages(include=["ddpm_jax", "ddpm_jax.*"]),
     python_requires=">=3.10",
     install_requires=[
