@@ -24,6 +24,7 @@ TINY = os.path.join(FIXTURES, "diffusers_tiny")
 TINY_CLASSES = os.path.join(FIXTURES, "diffusers_tiny_classes")
 CIFAR = os.path.join(FIXTURES, "google_ddpm_cifar10_32")
 CAT = os.path.join(FIXTURES, "google_ddpm_cat_256")
+SEEDED = os.path.join(FIXTURES, "diffusers_32groups")
 WEIGHTS = pretrained.SAFETENSORS_FILE
 LEGACY = {"to_q": "query", "to_k": "key", "to_v": "value",
           "to_out.0": "proj_attn"}
@@ -362,3 +363,143 @@ def test_errors_are_one_line_value_errors(tmp_path):
   with pytest.raises(PretrainedError) as info:
     pretrained.load_diffusers(folder)
   assert "\n" not in str(info.value)
+
+
+# --- the DDPM authors' TensorFlow checkpoints --------------------------------
+
+
+def _tf_name(key: str, levels: int) -> str:
+  """The authors' TF variable name (diffusion_tf.models.unet) of a diffusers
+  tensor, by the scopes of their code."""
+  parts = key.split(".")
+  scope = {"conv_in": ["conv_in"], "conv_out": ["conv_out"],
+           "conv_norm_out": ["norm_out"],
+           "time_embedding": ["temb", {"linear_1": "dense0",
+                                       "linear_2": "dense1"}.get(parts[1])]}
+  if parts[0] in scope:
+    path, rest = scope[parts[0]], parts[2:] if parts[0] == "time_embedding" else parts[1:]
+  else:
+    if parts[0] == "mid_block":
+      level, rest = "mid", parts[1:]
+      path = [{"resnets.0": "block_1", "resnets.1": "block_2",
+               "attentions.0": "attn_1"}[".".join(rest[:2])]]
+    else:
+      index = int(parts[1])
+      level = f"down_{index}" if parts[0] == "down_blocks" else (
+          f"up_{levels - 1 - index}")
+      rest = parts[2:]
+      path = {"resnets": [f"block_{rest[1]}"], "attentions": [f"attn_{rest[1]}"],
+              "downsamplers": ["downsample"], "upsamplers": ["upsample"]}[rest[0]]
+    path, rest = [level] + path, rest[2:]
+  renames = {"norm1": "norm1", "norm2": "norm2", "group_norm": "norm",
+             "time_emb_proj": "temb_proj", "conv_shortcut": "nin_shortcut",
+             "to_q": "q", "to_k": "k", "to_v": "v", "to_out": "proj_out"}
+  layer = [renames.get(p, p) for p in rest[:-1] if p != "0"]
+  return "/".join(["model"] + path + layer + [rest[-1]])
+
+
+def _tf_value(key: str, value: np.ndarray) -> tuple[str, np.ndarray]:
+  """TF leaf name and layout: HWIO convolutions, [in, out] dense kernels."""
+  norm = any(n in key for n in ("norm1.", "norm2.", "group_norm.",
+                                "conv_norm_out."))
+  if key.endswith(".bias"):
+    return ("beta" if norm else "b"), value
+  if norm:
+    return "gamma", value
+  if value.ndim == 4 and value.shape[2:] == (1, 1):
+    return "W", value[:, :, 0, 0].T
+  return "W", value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T
+
+
+def _write_tf_checkpoint(prefix, variables):
+  tf = pytest.importorskip("tensorflow")
+  with tf.Graph().as_default():
+    tf_vars = {name: tf.compat.v1.Variable(value, name=f"v{i}")
+               for i, (name, value) in enumerate(sorted(variables.items()))}
+    saver = tf.compat.v1.train.Saver(var_list=tf_vars)
+    with tf.compat.v1.Session() as sess:
+      sess.run(tf.compat.v1.global_variables_initializer())
+      return saver.save(sess, os.fspath(prefix), global_step=790000)
+
+
+def _seeded_weights(shapes):
+  """tests/fixtures/make_diffusers_fixtures.py's `seeded_weights` (the golden
+  outputs of diffusers_32groups come from these)."""
+  rng = np.random.default_rng(0)
+  return {k: rng.standard_normal(shape, np.float32) * np.float32(
+      1 / np.sqrt(np.prod(shape[1:])) if len(shape) > 1 else 0.1)
+          for k, shape in sorted(shapes.items())}
+
+
+@pytest.fixture(scope="module", name="seeded")
+def fixture_seeded():
+  """The 32-group network of diffusers_32groups: config, weights, golden."""
+  config, _ = pretrained.unet_config_from_diffusers(_json(SEEDED))
+  tensors = _seeded_weights(_json(SEEDED, "tensor_shapes.json"))
+  golden = np.load(os.path.join(SEEDED, "golden.npz"))
+  apply = jax.jit(lambda params, x, t: UNet(config=config).apply(
+      {"params": params}, x, t, train=False))
+  return config, tensors, dict(golden), apply
+
+
+def test_seeded_weights_match_diffusers(seeded):
+  config, tensors, golden, apply = seeded
+  params = pretrained.params_from_diffusers(tensors, config)
+  np.testing.assert_allclose(apply(params, golden["x"], golden["t"]),
+                             golden["out"], rtol=0, atol=1e-5)
+
+
+def _authors_variables(config, tensors):
+  """Weights as the authors' checkpoint holds them: raw weights (here the EMA
+  values minus 1), their moving averages, Adam slots and counters."""
+  variables = {"global_step": np.int64(790000), "beta1_power": np.float32(0.9)}
+  for key, value in tensors.items():
+    leaf, tf_value = _tf_value(key, value)
+    name = _tf_name(key, len(config.channel_mults)).rsplit("/", 1)[0]
+    name += "/" + leaf
+    variables[name] = tf_value - 1
+    variables[name + pretrained.TF_EMA_SUFFIX] = tf_value
+    variables[name + "/Adam"] = np.zeros_like(tf_value)
+  return variables
+
+
+def test_tf_checkpoint_in_the_authors_naming_matches_diffusers(tmp_path,
+                                                               seeded):
+  config, tensors, golden, apply = seeded
+  variables = _authors_variables(config, tensors)
+  assert "model/down_1/attn_0/proj_out/W" in variables
+  assert "model/up_0/block_1/nin_shortcut/W" in variables
+  path = _write_tf_checkpoint(tmp_path / "model.ckpt", variables)
+  tf_config, params = pretrained.load_tf_checkpoint(path)
+  assert tf_config == config
+  np.testing.assert_allclose(apply(params, golden["x"], golden["t"]),
+                             golden["out"], rtol=0, atol=1e-5)
+  _, raw = pretrained.load_tf_checkpoint(tmp_path, ema=False)
+  chex.assert_trees_all_close(raw, jax.tree.map(lambda p: p - 1, params),
+                              atol=1e-6)
+
+
+def test_tf_checkpoint_errors(tmp_path, seeded):
+  config, tensors, _, _ = seeded
+  variables = _authors_variables(config, tensors)
+  no_ema = {k: v for k, v in variables.items()
+            if k != "model/conv_out/b" + pretrained.TF_EMA_SUFFIX}
+  path = _write_tf_checkpoint(tmp_path / "a" / "model.ckpt", no_ema)
+  with pytest.raises(PretrainedError, match=r"no moving average of "
+                     r"model/conv_out/b \(1 variables without one\)"):
+    pretrained.load_tf_checkpoint(path)
+  stray = {**variables, "model/extra/kernel": np.zeros(2, np.float32)}
+  path = _write_tf_checkpoint(tmp_path / "b" / "model.ckpt", stray)
+  with pytest.raises(PretrainedError, match=r"variable model/extra/kernel is "
+                     "not part of the DDPM authors' U-Net"):
+    pretrained.load_tf_checkpoint(path)
+  half = {k: v for k, v in variables.items()
+          if not k.startswith("model/mid/attn_1/k/")}
+  path = _write_tf_checkpoint(tmp_path / "c" / "model.ckpt", half)
+  with pytest.raises(PretrainedError, match=r"2 tensor\(s\) of the network of "
+                     r"this checkpoint are missing: model/mid/attn_1/k/b; "
+                     r"model/mid/attn_1/k/W"):
+    pretrained.load_tf_checkpoint(path)
+  with pytest.raises(PretrainedError, match=r"not a readable TensorFlow "
+                     "checkpoint"):
+    pretrained.load_tf_checkpoint(tmp_path / "absent" / "model.ckpt")
