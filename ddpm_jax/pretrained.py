@@ -579,8 +579,8 @@ def params_from_diffusers(tensors: Mapping[str, np.ndarray],
 
 
 def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """The tensors of a `.safetensors` file (numpy API) or, with torch
-  installed, of a PyTorch `.bin` state dict.
+  """The tensors of a `.safetensors` file (numpy API; bfloat16 files through
+  JAX) or, with torch installed, of a PyTorch `.bin` state dict.
 
   Raises:
     PretrainedError: the file cannot be read (truncated, not a weights file),
@@ -588,9 +588,15 @@ def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """
   path = os.fspath(path)
   if path.endswith(".safetensors"):
-    from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
+    # pylint: disable=g-import-not-at-top
+    from safetensors import flax as safetensors_flax
+    from safetensors import numpy as safetensors_numpy
     try:
-      return dict(safetensors_numpy.load_file(path))
+      try:
+        return dict(safetensors_numpy.load_file(path))
+      except TypeError:  # bfloat16, which numpy lacks: read it with JAX.
+        return {k: np.asarray(v, np.float32)
+                for k, v in safetensors_flax.load_file(path).items()}
     except Exception as e:  # pylint: disable=broad-except
       # safetensors raises its own SafetensorError, OSError and others.
       raise _fail(path, f"not a readable safetensors file "
@@ -698,14 +704,12 @@ def _tf_network_config(shapes: Mapping[str, list[int]],
     return shapes[name]
 
   _, _, in_channels, base = shape("model/conv_in/W")
-  levels = 0
+  shape("model/down_0/block_0/conv1/W")  # at least one level and block
+  levels = blocks = 1
   while f"model/down_{levels}/block_0/conv1/W" in shapes:
     levels += 1
-  blocks = 0
   while f"model/down_0/block_{blocks}/conv1/W" in shapes:
     blocks += 1
-  if not levels or not blocks:
-    shape("model/down_0/block_0/conv1/W")
   widths = [shape(f"model/down_{i}/block_0/conv1/W")[3] for i in range(levels)]
   if any(w % base for w in widths):
     raise _fail(source, f"level widths {widths} are not multiples of "

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors import flax as safetensors_flax
 from safetensors import numpy as safetensors_numpy
 
 from ddpm_jax import pretrained, schedules
@@ -97,6 +98,16 @@ def test_legacy_attention_names_give_the_same_params(tmp_path):
   safetensors_numpy.save_file(legacy, os.path.join(folder, WEIGHTS))
   chex.assert_trees_all_equal(pretrained.load_diffusers(folder).params,
                               pretrained.load_diffusers(TINY).params)
+
+
+def test_bfloat16_weights_are_read(tmp_path):
+  folder = _copy(TINY, tmp_path)
+  tensors = {k: jnp.asarray(v, jnp.bfloat16) for k, v in _tensors(TINY).items()}
+  safetensors_flax.save_file(tensors, os.path.join(folder, WEIGHTS))
+  params = pretrained.load_diffusers(folder).params
+  chex.assert_trees_all_close(params, pretrained.load_diffusers(TINY).params,
+                              rtol=1e-2, atol=1e-2)
+  assert params["Conv_0"]["kernel"].dtype == jnp.float32
 
 
 def test_pipeline_folder_with_unet_and_scheduler_subfolders(tmp_path):
@@ -368,34 +379,32 @@ def test_errors_are_one_line_value_errors(tmp_path):
 # --- the DDPM authors' TensorFlow checkpoints --------------------------------
 
 
-def _tf_name(key: str, levels: int) -> str:
-  """The authors' TF variable name (diffusion_tf.models.unet) of a diffusers
+def _tf_scope(key: str, levels: int) -> str:
+  """The authors' TF variable scope (diffusion_tf.models.unet) of a diffusers
   tensor, by the scopes of their code."""
-  parts = key.split(".")
-  scope = {"conv_in": ["conv_in"], "conv_out": ["conv_out"],
-           "conv_norm_out": ["norm_out"],
-           "time_embedding": ["temb", {"linear_1": "dense0",
-                                       "linear_2": "dense1"}.get(parts[1])]}
-  if parts[0] in scope:
-    path, rest = scope[parts[0]], parts[2:] if parts[0] == "time_embedding" else parts[1:]
+  layer = key.split(".")[:-1]
+  top = {"conv_in": "conv_in", "conv_out": "conv_out",
+         "conv_norm_out": "norm_out", "time_embedding.linear_1": "temb/dense0",
+         "time_embedding.linear_2": "temb/dense1"}
+  if ".".join(layer) in top:
+    return "model/" + top[".".join(layer)]
+  if layer[0] == "mid_block":
+    block = {"resnets.0": "mid/block_1", "resnets.1": "mid/block_2",
+             "attentions.0": "mid/attn_1"}[".".join(layer[1:3])]
+    layer = layer[3:]
   else:
-    if parts[0] == "mid_block":
-      level, rest = "mid", parts[1:]
-      path = [{"resnets.0": "block_1", "resnets.1": "block_2",
-               "attentions.0": "attn_1"}[".".join(rest[:2])]]
-    else:
-      index = int(parts[1])
-      level = f"down_{index}" if parts[0] == "down_blocks" else (
-          f"up_{levels - 1 - index}")
-      rest = parts[2:]
-      path = {"resnets": [f"block_{rest[1]}"], "attentions": [f"attn_{rest[1]}"],
-              "downsamplers": ["downsample"], "upsamplers": ["upsample"]}[rest[0]]
-    path, rest = [level] + path, rest[2:]
-  renames = {"norm1": "norm1", "norm2": "norm2", "group_norm": "norm",
-             "time_emb_proj": "temb_proj", "conv_shortcut": "nin_shortcut",
-             "to_q": "q", "to_k": "k", "to_v": "v", "to_out": "proj_out"}
-  layer = [renames.get(p, p) for p in rest[:-1] if p != "0"]
-  return "/".join(["model"] + path + layer + [rest[-1]])
+    index = int(layer[1])
+    level = (f"down_{index}" if layer[0] == "down_blocks"
+             else f"up_{levels - 1 - index}")
+    block = level + "/" + {
+        "resnets": f"block_{layer[3]}", "attentions": f"attn_{layer[3]}",
+        "downsamplers": "downsample", "upsamplers": "upsample"}[layer[2]]
+    layer = layer[4:]
+  renames = {"group_norm": "norm", "time_emb_proj": "temb_proj",
+             "conv_shortcut": "nin_shortcut", "to_q": "q", "to_k": "k",
+             "to_v": "v", "to_out": "proj_out"}
+  inner = [renames.get(p, p) for p in layer if p != "0"]
+  return "/".join(["model", block] + inner)
 
 
 def _tf_value(key: str, value: np.ndarray) -> tuple[str, np.ndarray]:
@@ -455,8 +464,7 @@ def _authors_variables(config, tensors):
   variables = {"global_step": np.int64(790000), "beta1_power": np.float32(0.9)}
   for key, value in tensors.items():
     leaf, tf_value = _tf_value(key, value)
-    name = _tf_name(key, len(config.channel_mults)).rsplit("/", 1)[0]
-    name += "/" + leaf
+    name = _tf_scope(key, len(config.channel_mults)) + "/" + leaf
     variables[name] = tf_value - 1
     variables[name + pretrained.TF_EMA_SUFFIX] = tf_value
     variables[name + "/Adam"] = np.zeros_like(tf_value)
