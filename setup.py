@@ -24,6 +24,8 @@ setuptools.setup(
         "ml_collections>=0.1.1",
         "numpy>=1.24",
         "pillow>=9.0",
+        # Reads diffusers' weights files (ddpm_jax.pretrained) without torch.
+        "safetensors>=0.4",
         "scikit-learn>=1.2",
         "tensorboardX>=2.6",
         "tensorflow-datasets>=4.9.2",
@@ -32,6 +34,9 @@ setuptools.setup(
     extras_require={
         # TensorFlow is only needed for `tfds:` inputs; everything else runs without it.
         "tf": ["tensorflow-cpu>=2.15"],
+        # Regenerates tests/fixtures (python tests/fixtures/make_diffusers_fixtures.py);
+        # never needed to run the tests.
+        "fixtures": ["torch>=2.0", "diffusers>=0.30"],
         "test": [
             "pytest>=7.4",
             "scipy>=1.10",

@@ -1,0 +1,120 @@
+"""Imports a pretrained diffusers model into a workdir as an ordinary checkpoint.
+
+The workdir then holds `checkpoints/0` (params and EMA params equal to the
+imported weights, a fresh optimizer state, step 0) and `config.py`, the run
+config with the imported network, diffusion settings and image shape, so that
+`--mode=sample`, `--mode=eval` and training (fine-tuning) run unchanged:
+
+  python -m ddpm_jax.main --config=WORKDIR/config.py --workdir=WORKDIR \
+      --mode=sample
+
+Everything is read and validated before anything is written.
+
+Example:
+  >>> run = import_to_workdir("ddpm-cifar10-32", "/tmp/cifar_pretrained",
+  ...                         config=get_config())  # e.g. configs/cifar10.py
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import pprint
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from ddpm_jax import checkpoint, config_validation, pretrained, train
+from ddpm_jax.models import PRESETS, UNetConfig
+
+CONFIG_FILE = "config.py"
+
+
+def model_fields(unet: UNetConfig) -> dict[str, Any]:
+  """`config.model` for `unet`: the closest preset plus the fields that differ.
+
+  Example:
+    >>> model_fields(unet_config("ddpm_cifar10", dropout=0.0))
+    {'preset': 'ddpm_cifar10', 'dropout': 0.0}
+  """
+  fields = unet.to_dict()
+
+  def diff(name: str) -> dict[str, Any]:
+    preset = PRESETS[name].to_dict()
+    return {k: v for k, v in fields.items() if preset[k] != v}
+
+  best = min(sorted(PRESETS), key=lambda name: len(diff(name)))
+  return {"preset": best, **diff(best)}
+
+
+def run_config(config: ml_collections.ConfigDict,
+               net: pretrained.Pretrained) -> ml_collections.ConfigDict:
+  """A copy of `config` with the network, diffusion settings and image shape
+  of `net` (config.model, config.diffusion, data.image_size, data.channels)."""
+  run = copy.deepcopy(config)
+  run.model = ml_collections.ConfigDict(model_fields(net.config))
+  run.diffusion.update(net.diffusion._asdict())
+  if net.image_size is not None:
+    run.data.image_size = net.image_size
+  run.data.channels = net.config.in_channels
+  return run
+
+
+def _config_source(run: ml_collections.ConfigDict, source: str) -> str:
+  body = pprint.pformat(run.to_dict(), width=72)
+  body = "\n".join("      " + line for line in body.splitlines()).lstrip()
+  return (f'"""Run config of the model imported from {source}.\n\n'
+          "Written by ddpm_jax.pretrained_workdir.import_to_workdir; pass it "
+          "as --config\nwith this workdir.\n\"\"\"\n\nimport ml_collections\n\n"
+          "\ndef get_config():\n"
+          f"  return ml_collections.ConfigDict(\n      {body})\n")
+
+
+def import_to_workdir(source: str | os.PathLike, workdir: str | os.PathLike,
+                      *, config: ml_collections.ConfigDict
+                      ) -> ml_collections.ConfigDict:
+  """Writes a diffusers model into `workdir` as a step-0 training checkpoint.
+
+  Args:
+    source: a diffusers `UNet2DModel` folder (see `pretrained.load_diffusers`).
+    workdir: a new or empty directory (no checkpoints, no config.py).
+    config: the run config to start from (e.g. configs/cifar10.py's); its
+      model, diffusion and image shape are replaced by the imported ones, the
+      rest (optimizer, training, sampling, evaluation) is kept.
+
+  Returns:
+    The run config written to `<workdir>/config.py`.
+
+  Raises:
+    pretrained.PretrainedError: the model cannot be imported, or the workdir
+      already holds a run. Nothing is written.
+    config_validation.ConfigError: the resulting run config is invalid.
+      Nothing is written.
+  """
+  source, workdir = os.fspath(source), os.fspath(workdir)
+  net = pretrained.load_diffusers(source)
+  run = run_config(config, net)
+  config_validation.validate_config(run, mode="train")
+  checkpoints = os.path.join(workdir, "checkpoints")
+  config_path = os.path.join(workdir, CONFIG_FILE)
+  for path in (checkpoints, config_path):
+    if os.path.exists(path):
+      raise pretrained.PretrainedError(
+          f"{path} exists: import into a new workdir (nothing was written)")
+  tx = train.create_optimizer(run.optimizer, num_steps=int(run.train.num_steps))
+  state = train.TrainState(
+      step=jnp.zeros((), jnp.int32), params=net.params,
+      ema_params=jax.tree.map(jnp.copy, net.params),
+      opt_state=tx.init(net.params), nonfinite_count=jnp.zeros((), jnp.int32))
+  # The base key a fresh run of this config trains with (train_and_evaluate).
+  rng = jax.random.split(jax.random.PRNGKey(run.seed), 3)[1]
+  os.makedirs(workdir, exist_ok=True)
+  with checkpoint.CheckpointManager(checkpoints) as manager:
+    manager.save(0, state, rng)
+  tmp = config_path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(_config_source(run, source))
+  os.replace(tmp, config_path)
+  return run
