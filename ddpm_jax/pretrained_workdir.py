@@ -1,4 +1,7 @@
-"""Imports a pretrained diffusers model into a workdir as an ordinary checkpoint.
+r"""Imports a pretrained diffusers model into a workdir as an ordinary checkpoint.
+
+  python -m ddpm_jax.pretrained_workdir --source=ddpm-cifar10-32 \
+      --workdir=/tmp/cifar10_pretrained [--config=configs/cifar10.py]
 
 The workdir then holds `checkpoints/0` (params and EMA params equal to the
 imported weights, a fresh optimizer state, step 0) and `config.py`, the run
@@ -8,11 +11,12 @@ config with the imported network, diffusion settings and image shape, so that
   python -m ddpm_jax.main --config=WORKDIR/config.py --workdir=WORKDIR \
       --mode=sample
 
-Everything is read and validated before anything is written.
+Everything is read and validated before anything is written; a bad model,
+config or workdir is one line on stderr and exit status 1.
 
 Example:
   >>> run = import_to_workdir("ddpm-cifar10-32", "/tmp/cifar_pretrained",
-  ...                         config=get_config())  # e.g. configs/cifar10.py
+  ...                         config=load_config("configs/cifar10.py"))
 """
 
 from __future__ import annotations
@@ -20,13 +24,17 @@ from __future__ import annotations
 import copy
 import os
 import pprint
+import sys
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
 
-from ddpm_jax import checkpoint, config_validation, pretrained, train
+from ddpm_jax import builders, checkpoint, config as config_lib, pretrained
+from ddpm_jax import train_step
 from ddpm_jax.models import PRESETS, UNetConfig
 
 CONFIG_FILE = "config.py"
@@ -90,21 +98,21 @@ def import_to_workdir(source: str | os.PathLike, workdir: str | os.PathLike,
   Raises:
     pretrained.PretrainedError: the model cannot be imported, or the workdir
       already holds a run. Nothing is written.
-    config_validation.ConfigError: the resulting run config is invalid.
+    config_lib.ConfigError: the resulting run config is invalid.
       Nothing is written.
   """
   source, workdir = os.fspath(source), os.fspath(workdir)
   net = pretrained.load_diffusers(source)
   run = run_config(config, net)
-  config_validation.validate_config(run, mode="train")
+  config_lib.validate_config(run, mode="train")
   checkpoints = os.path.join(workdir, "checkpoints")
   config_path = os.path.join(workdir, CONFIG_FILE)
   for path in (checkpoints, config_path):
     if os.path.exists(path):
       raise pretrained.PretrainedError(
           f"{path} exists: import into a new workdir (nothing was written)")
-  tx = train.create_optimizer(run.optimizer, num_steps=int(run.train.num_steps))
-  state = train.TrainState(
+  tx = builders.build_optimizer(run)
+  state = train_step.TrainState(
       step=jnp.zeros((), jnp.int32), params=net.params,
       ema_params=jax.tree.map(jnp.copy, net.params),
       opt_state=tx.init(net.params), nonfinite_count=jnp.zeros((), jnp.int32))
@@ -118,3 +126,33 @@ def import_to_workdir(source: str | os.PathLike, workdir: str | os.PathLike,
     f.write(_config_source(run, source))
   os.replace(tmp, config_path)
   return run
+
+
+_SOURCE = flags.DEFINE_string(
+    "source", None, "A diffusers UNet2DModel folder (config.json, "
+    "diffusion_pytorch_model.safetensors, scheduler_config.json).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "A new or empty workdir.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "The run config to start from (optimizer, training, "
+    "sampling, evaluation), e.g. configs/cifar10.py; default: the defaults "
+    "of ddpm_jax/config.py.", lock_config=False, accept_new_attributes=True)
+flags.mark_flags_as_required(["source", "workdir"])
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  config = _CONFIG.value if _CONFIG.value is not None else (
+      config_lib.base_config())
+  try:
+    import_to_workdir(_SOURCE.value, _WORKDIR.value, config=config)
+  except (pretrained.PretrainedError, config_lib.ConfigError) as e:
+    print(f"ddpm_jax: error: {e}", file=sys.stderr)
+    sys.exit(1)
+  print(f"Imported {_SOURCE.value} into {_WORKDIR.value}: sample with\n"
+        f"  python -m ddpm_jax.main --config={_WORKDIR.value}/{CONFIG_FILE} "
+        f"--workdir={_WORKDIR.value} --mode=sample")
+
+
+if __name__ == "__main__":
+  app.run(main)
