@@ -279,7 +279,7 @@ def run() -> dict:
     metrics.write_statistics(_SAVE_REFERENCE.value, reference.stats,
                              preprocessing=preprocessing)
     logging.info("Wrote %s.", _SAVE_REFERENCE.value)
-  for name, side in (("samples", samples), ("reference", reference)):
+  for name, side in (("sample", samples), ("reference", reference)):
     count = _count(side)
     if count is not None and count < _FEW_IMAGES:
       logging.warning("Only %d %s images: FID is biased upwards (published "

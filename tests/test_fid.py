@@ -221,7 +221,7 @@ def test_cli_end_to_end(tmp_path, synthetic_weights):
   assert result["preprocessing"] == "tensorflow"
   assert np.isfinite(result["fid"]) and result["fid"] > 0
   assert np.isfinite(result["kid"]) and result["inception_score"] >= 1.0
-  assert "Only 4 samples images: FID is biased" in out.stderr
+  assert "Only 4 sample images: FID is biased" in out.stderr
   stats = metrics.load_statistics(saved, preprocessing="tensorflow")
   assert stats.features.shape == (5, 2048)
   mu, sigma = metrics.feature_statistics(stats.features)
