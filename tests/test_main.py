@@ -118,7 +118,7 @@ def test_eval_mode_with_inception_weights(trained, tmp_path):
   assert result["inception_score"] >= 1.0 - 1e-6
   assert np.isfinite(result["kid"])
   assert os.listdir(trained["workdir"] / "fid_stats") == [
-      "fid_inception_digits_train_16.npz"]
+      "fid_inception_tensorflow_digits_train_16.npz"]
 
 
 @pytest.mark.parametrize("args, message", [
