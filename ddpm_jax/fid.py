@@ -47,40 +47,7 @@ from absl import app, flags, logging
 from ddpm_jax import input_pipeline, metrics
 from ddpm_jax.models import inception
 
-_WEIGHTS = flags.DEFINE_string(
-    "weights", None, "FID Inception .npz from ddpm_jax.convert_inception.")
-_SAMPLES = flags.DEFINE_string(
-    "samples", None, "Generated images: a folder, .tar(.gz), images .npz, "
-    "statistics .npz or data set source.")
-_REFERENCE = flags.DEFINE_string(
-    "reference", None, "Reference: a data set source (npz:, folder:, tfds:, "
-    "digits), folder, images .npz or statistics .npz.")
-_SAMPLES_SPLIT = flags.DEFINE_string(
-    "samples_split", "train", "Split of a data set source given as --samples.")
-_REFERENCE_SPLIT = flags.DEFINE_string(
-    "reference_split", "train", "Split of a data set source given as "
-    "--reference.")
-_NUM_SAMPLES = flags.DEFINE_integer(
-    "num_samples", 0, "Use the first N sample images (0: all).", lower_bound=0)
-_NUM_REFERENCE = flags.DEFINE_integer(
-    "num_reference", 0, "Use the first N reference images (0: all).",
-    lower_bound=0)
-_PREPROCESSING = flags.DEFINE_enum(
-    "preprocessing", inception.DEFAULT_PREPROCESSING, inception.PREPROCESSING,
-    "Inception input convention (see ddpm_jax.models.inception).")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 50, "Images per Inception "
-                                   "call.", lower_bound=1)
-_SAVE_REFERENCE = flags.DEFINE_string(
-    "save_reference", None, "Write the reference statistics (with features) "
-    "to this .npz, for reuse as --reference.")
-_KID_SUBSETS = flags.DEFINE_integer("kid_subsets", 100, "KID subsets.",
-                                    lower_bound=1)
-_KID_SUBSET_SIZE = flags.DEFINE_integer(
-    "kid_subset_size", 1000, "KID subset size (at most the smaller set).",
-    lower_bound=2)
-_IS_SPLITS = flags.DEFINE_integer(
-    "inception_score_splits", 10, "Inception Score splits (at most the "
-    "number of samples).", lower_bound=1)
+FLAGS = flags.FLAGS
 
 _SCHEMES = ("tfds:", "npz:", "folder:")
 _IMAGE_KEYS = ("images", "arr_0")
@@ -262,33 +229,74 @@ def scores(samples: ImageSet, reference: ImageSet, *, kid_subsets: int,
 
 def run() -> dict:
   """Computes the metrics for the flags; returns the printed dict."""
-  preprocessing = _PREPROCESSING.value
-  variables = inception.load_fid_inception_params(_WEIGHTS.value)
+  preprocessing = FLAGS.preprocessing
+  variables = inception.load_fid_inception_params(FLAGS.weights)
   extract = inception.make_fid_inception_extractor(
       variables, preprocessing=preprocessing)
-  options = dict(batch_size=_BATCH_SIZE.value, preprocessing=preprocessing)
-  samples = image_set(_SAMPLES.value, extract, split=_SAMPLES_SPLIT.value,
-                      num_images=_NUM_SAMPLES.value, **options)
-  reference = image_set(_REFERENCE.value, extract,
-                        split=_REFERENCE_SPLIT.value,
-                        num_images=_NUM_REFERENCE.value, **options)
-  if _SAVE_REFERENCE.value:
+  options = dict(batch_size=FLAGS.batch_size, preprocessing=preprocessing)
+  samples = image_set(FLAGS.samples, extract, split=FLAGS.samples_split,
+                      num_images=FLAGS.num_samples, **options)
+  reference = image_set(FLAGS.reference, extract,
+                        split=FLAGS.reference_split,
+                        num_images=FLAGS.num_reference, **options)
+  if FLAGS.save_reference:
     if reference.stats.features is None:
       raise ValueError("--save_reference needs reference images, not a "
                        "statistics file.")
-    metrics.write_statistics(_SAVE_REFERENCE.value, reference.stats,
+    metrics.write_statistics(FLAGS.save_reference, reference.stats,
                              preprocessing=preprocessing)
-    logging.info("Wrote %s.", _SAVE_REFERENCE.value)
+    logging.info("Wrote %s.", FLAGS.save_reference)
   for name, side in (("sample", samples), ("reference", reference)):
     count = _count(side)
     if count is not None and count < _FEW_IMAGES:
       logging.warning("Only %d %s images: FID is biased upwards (published "
                       "values use 10,000-50,000).", count, name)
-  result = scores(samples, reference, kid_subsets=_KID_SUBSETS.value,
-                  kid_subset_size=_KID_SUBSET_SIZE.value,
-                  inception_score_splits=_IS_SPLITS.value)
+  result = scores(samples, reference, kid_subsets=FLAGS.kid_subsets,
+                  kid_subset_size=FLAGS.kid_subset_size,
+                  inception_score_splits=FLAGS.inception_score_splits)
   result["preprocessing"] = preprocessing
   return result
+
+
+def _define_flags() -> None:
+  """The command line's flags (defined only when this module runs as the
+  program, so importing it next to another command line is safe)."""
+  flags.DEFINE_string(
+      "weights", None, "FID Inception .npz from ddpm_jax.convert_inception.")
+  flags.DEFINE_string(
+      "samples", None, "Generated images: a folder, .tar(.gz), images .npz, "
+      "statistics .npz or data set source.")
+  flags.DEFINE_string(
+      "reference", None, "Reference: a data set source (npz:, folder:, tfds:, "
+      "digits), folder, images .npz or statistics .npz.")
+  flags.DEFINE_string(
+      "samples_split", "train",
+      "Split of a data set source given as --samples.")
+  flags.DEFINE_string(
+      "reference_split", "train", "Split of a data set source given as "
+      "--reference.")
+  flags.DEFINE_integer(
+      "num_samples", 0, "Use the first N sample images (0: all).",
+      lower_bound=0)
+  flags.DEFINE_integer(
+      "num_reference", 0, "Use the first N reference images (0: all).",
+      lower_bound=0)
+  flags.DEFINE_enum(
+      "preprocessing", inception.DEFAULT_PREPROCESSING, inception.PREPROCESSING,
+      "Inception input convention (see ddpm_jax.models.inception).")
+  flags.DEFINE_integer("batch_size", 50, "Images per Inception call.",
+                       lower_bound=1)
+  flags.DEFINE_string(
+      "save_reference", None, "Write the reference statistics (with features) "
+      "to this .npz, for reuse as --reference.")
+  flags.DEFINE_integer("kid_subsets", 100, "KID subsets.", lower_bound=1)
+  flags.DEFINE_integer(
+      "kid_subset_size", 1000, "KID subset size (at most the smaller set).",
+      lower_bound=2)
+  flags.DEFINE_integer(
+      "inception_score_splits", 10, "Inception Score splits (at most the "
+      "number of samples).", lower_bound=1)
+  flags.mark_flags_as_required(["weights", "samples", "reference"])
 
 
 def main(argv) -> None:
@@ -303,5 +311,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["weights", "samples", "reference"])
+  _define_flags()
   app.run(main)

@@ -128,31 +128,38 @@ def import_to_workdir(source: str | os.PathLike, workdir: str | os.PathLike,
   return run
 
 
-_SOURCE = flags.DEFINE_string(
-    "source", None, "A diffusers UNet2DModel folder (config.json, "
-    "diffusion_pytorch_model.safetensors, scheduler_config.json).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "A new or empty workdir.")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "The run config to start from (optimizer, training, "
-    "sampling, evaluation), e.g. configs/cifar10.py; default: the defaults "
-    "of ddpm_jax/config.py.", lock_config=False, accept_new_attributes=True)
-flags.mark_flags_as_required(["source", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  """The command line's flags (defined only when this module runs as the
+  program, so importing it next to `ddpm_jax.main` is safe)."""
+  flags.DEFINE_string(
+      "source", None, "A diffusers UNet2DModel folder (config.json, "
+      "diffusion_pytorch_model.safetensors, scheduler_config.json).")
+  flags.DEFINE_string("workdir", None, "A new or empty workdir.")
+  config_flags.DEFINE_config_file(
+      "config", None, "The run config to start from (optimizer, training, "
+      "sampling, evaluation), e.g. configs/cifar10.py; default: the defaults "
+      "of ddpm_jax/config.py.", lock_config=False, accept_new_attributes=True)
+  flags.mark_flags_as_required(["source", "workdir"])
 
 
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  config = _CONFIG.value if _CONFIG.value is not None else (
+  config = FLAGS.config if FLAGS.config is not None else (
       config_lib.base_config())
   try:
-    import_to_workdir(_SOURCE.value, _WORKDIR.value, config=config)
+    import_to_workdir(FLAGS.source, FLAGS.workdir, config=config)
   except (pretrained.PretrainedError, config_lib.ConfigError) as e:
     print(f"ddpm_jax: error: {e}", file=sys.stderr)
     sys.exit(1)
-  print(f"Imported {_SOURCE.value} into {_WORKDIR.value}: sample with\n"
-        f"  python -m ddpm_jax.main --config={_WORKDIR.value}/{CONFIG_FILE} "
-        f"--workdir={_WORKDIR.value} --mode=sample")
+  print(f"Imported {FLAGS.source} into {FLAGS.workdir}: sample with\n"
+        f"  python -m ddpm_jax.main --config={FLAGS.workdir}/{CONFIG_FILE} "
+        f"--workdir={FLAGS.workdir} --mode=sample")
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
