@@ -15,8 +15,14 @@ Sharding: the samplers only see global arrays. Give `x_T` (or constrain it
 with `jax.lax.with_sharding_constraint`) sharded over a mesh's 'data' axis on
 the batch dimension and the chain runs data-parallel; `generate` does this.
 
+Few-step ODE/SDE solvers (Euler, Heun, DPM-Solver++) with the same
+conventions are in `ddpm_jax.solvers`, which also holds the registry of every
+sampler by name; `ddpm_jax.respace` runs `ddpm_sample` over fewer steps.
+
 Guidance composes with `model_fn`: any `(x_t, t) -> output` callable works, so
-a guided denoiser is a wrapper. For example classifier guidance on eps
+a guided denoiser is a wrapper (classifier-free guidance:
+`ddpm_jax.guidance.classifier_free_guidance`). For example classifier guidance
+on eps
 (Dhariwal & Nichol 2021, eq. 14), for a classifier `log_p_y(x_t, t) -> [B]`:
 
   >>> def guided_fn(x_t, t):
