@@ -38,8 +38,16 @@ noise. Their targets go to the training step nearest in log sigma, as
 diffusers' `_sigma_to_t(...).round()`. Where several levels round to the same
 step they move to the neighbouring free steps, so the S levels stay distinct
 and every sampler makes exactly `num_model_calls(name, S)` network calls.
-'logsnr' is the default: on the Gaussian-mixture benchmark it is the best of
-the three for the DPM-Solver++ solvers and Heun (BENCHMARKS.md).
+'logsnr' is the default, chosen for DPM-Solver++ by the Gaussian-mixture
+benchmark (BENCHMARKS.md): at 20 and 50 calls it is the best of the three
+for 2M, 2M-SDE and 3M on the linear and the cosine schedule (3M at 50 calls:
+by the distance to the ODE solution; all three fits are at the Monte-Carlo
+floor there). It is not
+always the best: on cosine 'uniform' is better at 10 calls or fewer for every
+solver and for Euler at every budget; Heun needs about 50 calls before
+'logsnr' beats 'uniform', and below 10 calls diverges on 'logsnr' and
+'karras' levels (its trapezoid across sigma_max -> sigma(0) in one or two
+steps).
 
 Updates (alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), D_i the data
 prediction at level i, h = lambda_{i+1} - lambda_i, r = h_{i-1} / h):
