@@ -16,8 +16,14 @@ with `jax.lax.with_sharding_constraint`) sharded over a mesh's 'data' axis on
 the batch dimension and the chain runs data-parallel;
 `ddpm_jax.generation.generate` does this.
 
+Few-step ODE/SDE solvers (Euler, Heun, DPM-Solver++) with the same
+conventions are in `ddpm_jax.solvers`, which also holds the registry of every
+sampler by name; `ddpm_jax.respace` runs `ddpm_sample` over fewer steps.
+
 Guidance composes with `model_fn`: any `(x_t, t) -> output` callable works, so
-a guided denoiser is a wrapper. For example classifier guidance on eps
+a guided denoiser is a wrapper (classifier-free guidance:
+`ddpm_jax.guidance.classifier_free_guidance`). For example classifier guidance
+on eps
 (Dhariwal & Nichol 2021, eq. 14), for a classifier `log_p_y(x_t, t) -> [B]`:
 
   >>> def guided_fn(x_t, t):
@@ -122,46 +128,62 @@ def _initial_state(shape, key, x_T):
 # The chain: one lax.scan, optionally keeping every k-th state.
 
 
-def _run_chain(step: Callable[[jnp.ndarray, Any], jnp.ndarray],
-               x_init: jnp.ndarray, xs, state_steps: np.ndarray, *,
-               trajectory_every: Optional[int]) -> SampleOutput:
-  """Applies `step(x, xs[i])` for every i in one `lax.scan`.
+def _run_chain(step: Callable[[Any, Any], Any], init, xs,
+               state_steps, *, trajectory_every: Optional[int],
+               image: Callable[[Any], jnp.ndarray] = lambda carry: carry,
+               step_ids: Optional[np.ndarray] = None) -> SampleOutput:
+  """Applies `carry = step(carry, xs[i])` for every i in one `lax.scan`.
+
+  The carry is the state x, or any pytree holding it (`image(carry)` reads
+  x). A solver step may take several scan iterations (Heun's predictor and
+  corrector): `step_ids[i]` is the solver step of iteration i.
 
   With `trajectory_every=k` the carry also holds a buffer of
-  N = ceil(S / k) frames: step i writes its state into frame i // k, so frame
-  j ends up holding the state after step min((j + 1) k, S) - 1. Only those N
-  states are ever stored, whether or not k divides S.
+  N = ceil(S / k) frames for S solver steps: iteration i writes its state into
+  frame step_ids[i] // k, so frame j ends up holding the state after solver
+  step min((j + 1) k, S) - 1. Only those N states are ever stored, whether or
+  not k divides S.
 
   Args:
-    step: (x [B, ...], one slice of xs) -> next x.
-    x_init: the starting state [B, ...].
-    xs: pytree of per-step inputs with leading dimension S.
+    step: (carry, one slice of xs) -> next carry.
+    init: the starting carry.
+    xs: pytree of per-iteration inputs with leading dimension I.
     state_steps: int [S], the paper's diffusion step of the state after
-      each scan step.
+      each solver step (numpy, or a jnp array when the steps depend on a
+      traced schedule).
     trajectory_every: k, or None for no trajectory.
+    image: carry -> the state x [B, ...].
+    step_ids: int numpy [I], non-decreasing solver step of each iteration;
+      None means one iteration per step (I = S).
   """
   if trajectory_every is None:
-    x, _ = jax.lax.scan(lambda x, inp: (step(x, inp), None), x_init, xs)
-    return SampleOutput(images=x, trajectory=None, trajectory_steps=None)
+    carry, _ = jax.lax.scan(lambda c, inp: (step(c, inp), None), init, xs)
+    return SampleOutput(images=image(carry), trajectory=None,
+                        trajectory_steps=None)
 
   k = trajectory_every
   num_steps = len(state_steps)
+  if step_ids is None:
+    step_ids = np.arange(num_steps)
   num_frames = math.ceil(num_steps / k)
+  x_init = image(init)
   frames = jnp.zeros((num_frames,) + x_init.shape, x_init.dtype)
 
   def body(carry, inp):
-    x, frames = carry
-    i, step_inp = inp
-    x = step(x, step_inp)
-    frames = jax.lax.dynamic_update_index_in_dim(frames, x, i // k, axis=0)
-    return (x, frames), None
+    chain, frames = carry
+    frame, step_inp = inp
+    chain = step(chain, step_inp)
+    frames = jax.lax.dynamic_update_index_in_dim(frames, image(chain), frame,
+                                                 axis=0)
+    return (chain, frames), None
 
-  (x, frames), _ = jax.lax.scan(
-      body, (x_init, frames), (jnp.arange(num_steps, dtype=jnp.int32), xs))
+  (chain, frames), _ = jax.lax.scan(
+      body, (init, frames),
+      (jnp.asarray(np.asarray(step_ids) // k, jnp.int32), xs))
   last_step_of_frame = np.minimum((np.arange(num_frames) + 1) * k,
                                   num_steps) - 1
   return SampleOutput(
-      images=x, trajectory=frames,
+      images=image(chain), trajectory=frames,
       trajectory_steps=jnp.asarray(state_steps[last_step_of_frame],
                                    jnp.int32))
 
