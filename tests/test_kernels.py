@@ -95,6 +95,35 @@ def test_unknown_implementation_raises_value_error():
     kernels.implementation("im2col")
 
 
+def _closed_form_attention(q, k, v):
+  """softmax(q k^T / sqrt(d)) v per head, in float32."""
+  q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+  return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
+
+
+# (heads, head width): the DDPM net's single 256-wide head and the tutorial's 4 heads of 32.
+@pytest.mark.parametrize("heads,head_dim", [(1, 256), (4, 32)])
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 3e-2)])
+def test_attention_matches_the_closed_form(heads, head_dim, dtype, tol):
+  q, k, v, g = (_normal(i, (2, 64, heads, head_dim)) for i in range(4))
+  want, want_vjp = jax.vjp(_closed_form_attention, q, k, v)
+  want_grads = want_vjp(g)
+
+  @jax.jit
+  def value_and_grads(q, k, v, g):
+    out, vjp = jax.vjp(kernels.dot_product_attention, q, k, v)
+    return (out, *vjp(g.astype(dtype)))
+
+  for name in ("auto", "xla"):  # on GPU, 'auto' in bfloat16 is cuDNN's flash attention
+    with kernels.implementation(name):
+      out, *grads = value_and_grads(*(a.astype(dtype) for a in (q, k, v)), g)
+    assert out.dtype == dtype
+    for got, ref in zip((out, *grads), (want, *want_grads)):
+      np.testing.assert_allclose(np.asarray(got, np.float32), ref, rtol=tol,
+                                 atol=tol * float(jnp.max(jnp.abs(ref))))
+
+
 # The tutorial layout reaches every path: its 7x7 input conv and 3x3 convs (im2col
 # gradient), its ConvNeXt blocks' 7x7 depthwise convs (shifted sums) and its
 # stride-2 down and transposed up convs (XLA's).

@@ -1,8 +1,9 @@
-"""How the U-Net's convolutions run on each backend: same math, faster code.
+"""How the U-Net's convolutions and attention run on each backend: same math, faster code.
 
 The network (`layers`, `unet`) only states the math, e.g.
-`nn.Conv(..., conv_general_dilated=kernels.conv_general_dilated)`. This
-module decides, when a function is traced, which code computes it:
+`nn.Conv(..., conv_general_dilated=kernels.conv_general_dilated)` and
+`kernels.dot_product_attention(q, k, v)`. This module decides, when a
+function is traced, which code computes it:
 
 - On the CPU backend, a stride-1 'SAME' NHWC convolution with an odd kernel
   keeps XLA's forward convolution but gets a hand-written gradient: the input
@@ -12,13 +13,17 @@ module decides, when a function is traced, which code computes it:
   (`feature_group_count` = channels) runs as a sum of shifted slices times
   per-channel taps, with a hand-written gradient (XLA:CPU's grouped
   convolution is many times slower).
-- Every other call, and every call on GPU and TPU, is
+- Every other convolution, and every one on GPU and TPU, is
   `lax.conv_general_dilated` itself.
+- On GPU, softmax attention in bfloat16 or float16 runs as cuDNN's fused
+  (flash) attention when cuDNN takes the head width; everywhere else it is
+  XLA's (`jax.nn.dot_product_attention(implementation='xla')`).
 
-`implementation('xla')` turns the hand-written code off (the reference, for
-A/B benchmarks and equivalence tests); the default, 'auto', is the above.
-Parameters never depend on it; the dense convolution's forward pass is
-bit-identical, everything else agrees to float rounding.
+`implementation('xla')` turns the hand-written and cuDNN code off (the
+reference, for A/B benchmarks and equivalence tests); the default, 'auto',
+is the above. Parameters never depend on it; the dense convolution's forward
+pass is bit-identical, everything else agrees to float rounding (bfloat16
+rounding for cuDNN's attention).
 
 The choice is part of JAX's tracing and compilation cache key
 (`jax.make_user_context`), as `jax.default_matmul_precision` is: a jitted
@@ -40,7 +45,7 @@ import jax.numpy as jnp
 Array = jax.Array
 
 #: Values of `implementation`: 'auto' (the fastest known code per backend)
-#: or 'xla' (XLA's own convolution everywhere).
+#: or 'xla' (XLA's own convolution and attention everywhere).
 IMPLEMENTATIONS = ("auto", "xla")
 
 _IMPLEMENTATION = jax.make_user_context(default_value="auto")
@@ -50,8 +55,8 @@ def implementation(name: str) -> ContextManager[None]:
   """A context in which JAX traces with implementation `name`.
 
   Args:
-    name: 'auto' (hand-written CPU convolutions on the CPU backend, XLA's
-      elsewhere) or 'xla' (XLA's everywhere).
+    name: 'auto' (hand-written convolutions on the CPU backend, cuDNN
+      attention on GPU, XLA's elsewhere) or 'xla' (XLA's everywhere).
 
   Returns:
     A context manager; leaving it restores the previous setting.
@@ -224,3 +229,40 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int],
       dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
       batch_group_count=batch_group_count, precision=precision,
       preferred_element_type=preferred_element_type)
+
+
+# --- attention ----------------------------------------------------------------------------------------
+
+
+def _cudnn_takes(query: Array) -> bool:
+  """Whether cuDNN's fused attention takes this query: GPU, 16-bit floats, head width."""
+  if _IMPLEMENTATION.value != "auto" or jax.default_backend() != "gpu":
+    return False
+  if query.dtype not in (jnp.bfloat16, jnp.float16):
+    return False
+  head_dim = query.shape[-1]
+  hopper = float(getattr(jax.devices()[0], "compute_capability", "0")) >= 9.0
+  return head_dim % 8 == 0 and head_dim <= (256 if hopper else 128)
+
+
+def dot_product_attention(query: Array, key: Array, value: Array) -> Array:
+  """Softmax attention `softmax(q k^T / sqrt(d)) v` per head, by the fastest code for the backend.
+
+  Under `implementation('auto')` on GPU, bfloat16/float16 inputs with a head
+  width cuDNN takes (a multiple of 8, at most 128, or 256 on Hopper and
+  later) run as cuDNN's fused flash attention; everything else is XLA's
+  `jax.nn.dot_product_attention` (logits and softmax in float32).
+
+  Args:
+    query: [B, T, N, H] (batch, positions, heads, head width).
+    key: [B, S, N, H].
+    value: [B, S, N, H].
+
+  Returns:
+    [B, T, N, H] of the inputs' dtype.
+
+  Example:
+    >>> out = dot_product_attention(q, k, v)  # q, k, v: [2, 256, 1, 256]
+  """
+  return jax.nn.dot_product_attention(
+      query, key, value, implementation="cudnn" if _cudnn_takes(query) else "xla")

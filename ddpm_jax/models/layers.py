@@ -237,9 +237,7 @@ class Attention(nn.Module):
     h = _group_norm(self.num_groups, self.epsilon, self.dtype, self.param_dtype)(x)
     qkv = nn.Dense(3 * self.heads * head_dim, use_bias=self.qkv_bias, **kw)(h)
     q, k, v = jnp.split(qkv.reshape(batch, height * width, 3 * self.heads, head_dim), 3, axis=2)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    weights = jax.nn.softmax(logits * head_dim**-0.5, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, height, width, -1)
+    out = kernels.dot_product_attention(q, k, v).reshape(batch, height, width, -1)
     return x + nn.Dense(channels, **kw)(out)
 
 
