@@ -235,14 +235,17 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int],
 
 
 def _cudnn_takes(query: Array) -> bool:
-  """Whether cuDNN's fused attention takes this query: GPU, 16-bit floats, head width."""
+  """Whether cuDNN's fused attention takes this query: NVIDIA GPU, 16-bit floats, head width."""
   if _IMPLEMENTATION.value != "auto" or jax.default_backend() != "gpu":
     return False
   if query.dtype not in (jnp.bfloat16, jnp.float16):
     return False
+  try:
+    capability = float(jax.devices()[0].compute_capability)  # NVIDIA only, e.g. '9.0'
+  except (AttributeError, ValueError):
+    return False
   head_dim = query.shape[-1]
-  hopper = float(getattr(jax.devices()[0], "compute_capability", "0")) >= 9.0
-  return head_dim % 8 == 0 and head_dim <= (256 if hopper else 128)
+  return head_dim % 8 == 0 and head_dim <= (256 if capability >= 9.0 else 128)
 
 
 def dot_product_attention(query: Array, key: Array, value: Array) -> Array:
