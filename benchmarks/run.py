@@ -28,6 +28,10 @@ It runs on whatever backend JAX sees and writes
 * input: `input_pipeline.create_dataset` alone, images/s for each source
   that is available (digits always; MNIST npz and the CIFAR-10 JPEG tar from
   ../shared/data when present).
+
+`--kernels xla` runs every section with XLA's own convolutions instead of the
+CPU kernels of `ddpm_jax.models.kernels` (recorded in the JSON's settings and
+the table's header).
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ import numpy as np  # noqa: E402
 
 from ddpm_jax import config as config_lib  # noqa: E402
 from ddpm_jax import builders, hugepages, input_pipeline, parallel, sampling, train_step  # noqa: E402
-from ddpm_jax.models import count_params  # noqa: E402
+from ddpm_jax.models import count_params, kernels  # noqa: E402
 
 #: Image shape (H, W, C) each preset is benchmarked at.
 IMAGE_SHAPES = {"tutorial": (28, 28, 1), "ddpm_cifar10": (32, 32, 3),
@@ -310,7 +314,8 @@ def markdown(result: dict) -> str:
   env = result["environment"]
   lines = [f"Backend {env['backend']} ({env['device_kind']} x{env['device_count']}), "
            f"JAX {env['jax']}, Flax {env['flax']}, {env['cpu']} ({env['cpu_count']} cores), "
-           f"load average {env['load_average']}, {env['date']}", ""]
+           f"load average {env['load_average']}, {env['date']}, "
+           f"kernels {result['settings']['kernels']}", ""]
   if result.get("train"):
     lines += ["| train | batch | params | step median (min-max) | images/s | compile | "
               "XLA peak mem | peak RSS | GFLOP/image | peak frac |",
@@ -351,6 +356,28 @@ def _parse_preset(text: str) -> tuple[str, int]:
   return name, int(batch)
 
 
+def _run_sections(result: dict, args, sections: set[str], train_rows, sample_rows) -> None:
+  """Fills `result` with the rows of each requested section."""
+  if "train" in sections:
+    result["train"] = []
+    for preset, batch in train_rows:
+      result["train"].append(bench_train(preset, batch, steps=args.steps, warmup=args.warmup,
+                                         tiny=args.tiny))
+      print(f"train {preset}:{batch} {result['train'][-1]['median_s']:.3f} s/step", file=sys.stderr,
+            flush=True)
+  if "sample" in sections:
+    result["sample"] = []
+    for preset, batch in sample_rows:
+      result["sample"].append(bench_sample(preset, batch, ddpm_steps=args.ddpm_steps,
+                                           ddim_steps=args.ddim_steps,
+                                           num_timesteps=args.num_timesteps,
+                                           runs=args.sample_runs, tiny=args.tiny))
+      print(f"sample {preset}:{batch} done", file=sys.stderr, flush=True)
+  if "input" in sections:
+    result["input"] = bench_input(batch=args.input_batch, steps=args.input_steps,
+                                  runs=args.input_runs, tiny=args.tiny)
+
+
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--preset", action="append", type=_parse_preset,
@@ -369,6 +396,9 @@ def main(argv=None) -> dict:
   parser.add_argument("--input-batch", type=int, default=128)
   parser.add_argument("--input-steps", type=int, default=50)
   parser.add_argument("--input-runs", type=int, default=5)
+  parser.add_argument("--kernels", choices=kernels.IMPLEMENTATIONS, default="auto",
+                      help="ddpm_jax.models.kernels.implementation for every section: 'auto' (the "
+                           "library's default) or 'xla' (XLA's own convolutions, the reference)")
   parser.add_argument("--tiny", action="store_true",
                       help="CI smoke setting: tiny nets, batch 2-4, 2 steps, T=10, one preset per section")
   parser.add_argument("--default-malloc", action="store_true",
@@ -391,24 +421,8 @@ def main(argv=None) -> dict:
 
   result = dict(environment=environment(), settings=vars(args) | {"preset": train_rows,
                                                                  "sample_preset": sample_rows})
-  if "train" in sections:
-    result["train"] = []
-    for preset, batch in train_rows:
-      result["train"].append(bench_train(preset, batch, steps=args.steps, warmup=args.warmup,
-                                         tiny=args.tiny))
-      print(f"train {preset}:{batch} {result['train'][-1]['median_s']:.3f} s/step", file=sys.stderr,
-            flush=True)
-  if "sample" in sections:
-    result["sample"] = []
-    for preset, batch in sample_rows:
-      result["sample"].append(bench_sample(preset, batch, ddpm_steps=args.ddpm_steps,
-                                           ddim_steps=args.ddim_steps,
-                                           num_timesteps=args.num_timesteps,
-                                           runs=args.sample_runs, tiny=args.tiny))
-      print(f"sample {preset}:{batch} done", file=sys.stderr, flush=True)
-  if "input" in sections:
-    result["input"] = bench_input(batch=args.input_batch, steps=args.input_steps,
-                                  runs=args.input_runs, tiny=args.tiny)
+  with kernels.implementation(args.kernels):
+    _run_sections(result, args, sections, train_rows, sample_rows)
   result["environment"]["load_average_end"] = os.getloadavg()
 
   out = pathlib.Path(args.out) if args.out else (
