@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from ddpm_jax import main
+from tests import inception_helpers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = "configs/digits.py:tiny"
@@ -98,10 +99,9 @@ def test_eval_mode(trained):
 def test_eval_mode_with_inception_weights(trained, tmp_path):
   """FID, IS and KID through the CLI, with synthetic Inception weights of the
   right names and shapes (the real ones cannot be downloaded here)."""
-  from tests.test_inception import (  # pylint: disable=import-outside-toplevel
-      _flax_shapes, _random_state_dict, _torch_layout)
   weights = tmp_path / "fid_inception.npz"
-  np.savez(weights, **_random_state_dict(_torch_layout(_flax_shapes())))
+  np.savez(weights, **inception_helpers.random_state_dict(
+      inception_helpers.torch_layout(inception_helpers.flax_shapes())))
   out = _run([f"--config={TINY}", f"--workdir={trained['workdir']}",
               "--mode=eval", f"--config.eval.inception_weights={weights}",
               "--config.eval.num_samples=8", "--config.eval.num_reference=16"],
