@@ -16,15 +16,14 @@ from tests import inception_helpers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = "configs/digits.py:tiny"
+pytestmark = pytest.mark.slow  # every test starts the command line
 
 
-def _run(args, *, env_extra=None, cache_dir=None):
+def _run(args, *, env_extra=None):
+  # The session's JAX compilation cache (conftest.py) comes with os.environ:
+  # later runs reuse the first run's compilations.
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)
-  if cache_dir is not None:  # Later runs reuse the first run's compilations.
-    env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   env.update(env_extra or {})
   return subprocess.run([sys.executable, "-m", "ddpm_jax.main", *args],
                         cwd=ROOT, env=env, capture_output=True, text=True,
@@ -35,14 +34,13 @@ def _run(args, *, env_extra=None, cache_dir=None):
 def trained(tmp_path_factory):
   """A workdir after `--mode=train` of 4 steps, then a resumed run to 6."""
   workdir = tmp_path_factory.mktemp("cli")
-  cache = tmp_path_factory.mktemp("jax_cache")
-  first = _run([f"--config={TINY}", f"--workdir={workdir}"], cache_dir=cache)
+  first = _run([f"--config={TINY}", f"--workdir={workdir}"])
   assert first.returncode == 0, first.stderr[-3000:]
   after_first = sorted(os.listdir(workdir / "checkpoints"))
   second = _run([f"--config={TINY}", f"--workdir={workdir}",
-                 "--config.train.num_steps=6"], cache_dir=cache)
+                 "--config.train.num_steps=6"])
   assert second.returncode == 0, second.stderr[-3000:]
-  return dict(workdir=workdir, cache=cache, first=first, second=second,
+  return dict(workdir=workdir, first=first, second=second,
               after_first=after_first)
 
 
@@ -69,8 +67,7 @@ def test_second_train_call_resumes(trained):
 
 def test_sample_mode(trained):
   out = _run([f"--config={TINY}", f"--workdir={trained['workdir']}",
-              "--mode=sample", "--config.sample.num_images=12"],
-             cache_dir=trained["cache"])
+              "--mode=sample", "--config.sample.num_images=12"])
   assert out.returncode == 0, out.stderr[-3000:]
   assert "images/s" in out.stderr
   samples = trained["workdir"] / "samples"
@@ -84,7 +81,7 @@ def test_sample_mode(trained):
 
 def test_eval_mode(trained):
   out = _run([f"--config={TINY}", f"--workdir={trained['workdir']}",
-              "--mode=eval"], cache_dir=trained["cache"])
+              "--mode=eval"])
   assert out.returncode == 0, out.stderr[-3000:]
   assert "bits/dim" in out.stderr and "FID, Inception Score and KID skipped" \
       in out.stderr
@@ -104,8 +101,7 @@ def test_eval_mode_with_inception_weights(trained, tmp_path):
       inception_helpers.torch_layout(inception_helpers.flax_shapes())))
   out = _run([f"--config={TINY}", f"--workdir={trained['workdir']}",
               "--mode=eval", f"--config.eval.inception_weights={weights}",
-              "--config.eval.num_samples=8", "--config.eval.num_reference=16"],
-             cache_dir=trained["cache"])
+              "--config.eval.num_samples=8", "--config.eval.num_reference=16"])
   assert out.returncode == 0, out.stderr[-3000:]
   result = json.loads(
       (trained["workdir"] / "eval" / "step_00000006.json").read_text())
