@@ -1,10 +1,11 @@
 """Issue 9: training that survives kills, broken checkpoints and bad input.
 
 * Real training subprocesses (tests/fault_helpers.py) are killed with SIGKILL
-  during start-up, mid-step and in the middle of an asynchronous checkpoint
-  save, and sent SIGTERM; each restart resumes from the last complete
-  checkpoint and the final parameters equal an uninterrupted run's bit for
-  bit.
+  during start-up, mid-step and at three points inside an asynchronous
+  checkpoint write, and sent SIGTERM, each at a moment the child announces
+  and waits at (no timing); each restart resumes from the newest complete
+  checkpoint the previous run left and the final parameters equal an
+  uninterrupted run's bit for bit.
 * Checkpoints damaged on disk (no commit marker, a missing item, a truncated
   or altered array file, an empty JSON item, a tmp directory) are skipped
   with a warning naming the path, in training and in `restore_ema_params`;
