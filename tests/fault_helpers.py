@@ -72,11 +72,7 @@ def child_env(cache_dir: Optional[str] = None) -> dict[str, str]:
   """The environment of a CPU child importing this checkout's ddpm_jax;
   with `cache_dir`, it shares JAX's persistent compilation cache there
   (without, it keeps the one this process's environment names, if any)."""
-  env = dict(os.environ)
-  env["PYTHONPATH"] = os.pathsep.join(
-      [str(helpers.REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
-  env["JAX_PLATFORMS"] = "cpu"
-  env.pop("XLA_FLAGS", None)
+  env = helpers.subprocess_env(JAX_PLATFORMS="cpu")
   if cache_dir is not None:
     env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",

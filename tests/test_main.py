@@ -13,18 +13,17 @@ from PIL import Image
 
 from ddpm_jax import main
 from tests import inception_helpers
+from tests import train_helpers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = "configs/digits.py:tiny"
 pytestmark = pytest.mark.slow  # every test starts the command line
 
 
-def _run(args, *, env_extra=None):
-  # The session's JAX compilation cache (conftest.py) comes with os.environ:
-  # later runs reuse the first run's compilations.
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
-  env.update(env_extra or {})
+def _run(args, *, devices=None):
+  # With the session's JAX compilation cache (conftest.py): later runs reuse
+  # the first run's compilations.
+  env = train_helpers.subprocess_env(devices=devices)
   return subprocess.run([sys.executable, "-m", "ddpm_jax.main", *args],
                         cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=900, check=False)
@@ -139,7 +138,7 @@ def test_bad_input_gives_one_clear_line(tmp_path, args, message):
 def test_batch_not_divisible_by_devices(tmp_path):
   out = _run([f"--config={TINY}", f"--workdir={tmp_path}",
               "--config.train.batch_size=9"],
-             env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+             devices=2)
   assert out.returncode == 1 and "Traceback" not in out.stderr
   assert ("config.train.batch_size (9) must be divisible by the number of "
           "devices (2)") in out.stderr

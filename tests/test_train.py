@@ -36,16 +36,6 @@ def images():
   return helpers.load_digits()
 
 
-def _subprocess_env(**extra):
-  env = dict(os.environ)
-  env["PYTHONPATH"] = os.pathsep.join(
-      [str(helpers.REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
-  env["JAX_PLATFORMS"] = "cpu"
-  env.pop("XLA_FLAGS", None)
-  env.update(extra)
-  return env
-
-
 # ---------------------------------------------------------------------------
 # Config validation, optimizer, EMA.
 
@@ -320,8 +310,7 @@ def test_nonfinite_steps_stop_training(images, tmp_path):
 @pytest.mark.slow
 def test_one_vs_eight_devices_and_pmap(tmp_path, images):
   out = tmp_path / "devices8.npz"
-  env = _subprocess_env(
-      XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = helpers.subprocess_env(devices=8, JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, HELPER, "devices8", str(out)],
                         env=env, capture_output=True, text=True,
                         timeout=SUBPROCESS_TIMEOUT, check=False)
@@ -358,7 +347,8 @@ def test_two_processes_agree_with_one(uninterrupted, tmp_path):
       subprocess.Popen(
           [sys.executable, HELPER, "distributed", str(i), str(port),
            str(workdir), str(tmp_path / f"out{i}.npz")],
-          env=_subprocess_env(), stdout=subprocess.PIPE,
+          env=helpers.subprocess_env(JAX_PLATFORMS="cpu"),
+          stdout=subprocess.PIPE,
           stderr=subprocess.STDOUT, text=True) for i in range(2)
   ]
   outputs = []
@@ -404,6 +394,7 @@ def _unet_config(npz_path):
   return config
 
 
+@pytest.mark.slow  # ~25 s of CPU: three runs of the U-Net
 def test_unet_and_npz_pipeline_resume_exactly(tmp_path):
   config = _unet_config(tmp_path / "digits.npz")
   reference = train.train_and_evaluate(config, str(tmp_path / "a"))

@@ -9,8 +9,10 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -20,6 +22,27 @@ if str(REPO) not in sys.path:
 
 IMAGE_SIZE = 8
 NUM_EXAMPLES = 256
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+def subprocess_env(*, devices: Optional[int] = None,
+                   **extra: str) -> dict[str, str]:
+  """The environment of a test's subprocess: this checkout first on
+  PYTHONPATH; this process's variables, XLA flags (e.g. the fast-compile one
+  of tests/conftest.py) and JAX compilation cache, except that the CPU
+  device count is `devices` (None: XLA's default, one) whatever this process
+  was given; then `extra`.
+  """
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join(
+      [str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+  flags = [f for f in env.get("XLA_FLAGS", "").split()
+           if not f.startswith(DEVICE_COUNT_FLAG)]
+  if devices is not None:
+    flags.append(f"{DEVICE_COUNT_FLAG}={devices}")
+  env["XLA_FLAGS"] = " ".join(flags)
+  env.update(extra)
+  return env
 
 
 def load_digits(n: int = NUM_EXAMPLES) -> np.ndarray:
