@@ -43,6 +43,7 @@ def test_ineligible_calls_fall_through_to_lax():
     layers.conv_general_dilated("fast")
 
 
+@pytest.mark.slow  # ~20-40 s of CPU each: the U-Net and its gradients run eagerly
 @pytest.mark.parametrize("preset,shape,overrides", [
     ("tutorial", (2, 8, 8, 1), dict(base_channels=8, channel_mults=(1, 2), num_groups=4,
                                     attention=("none", "linear"))),
