@@ -23,61 +23,16 @@ from ddpm_jax.models import inception
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 REAL_WEIGHTS = os.environ.get("DDPM_JAX_INCEPTION_WEIGHTS")
 
-# PyTorch name of each Flax leaf: (collection, leaf name) -> suffix.
-_TORCH_LEAF = {("params", "kernel"): "weight", ("params", "scale"): "weight",
-               ("params", "bias"): "bias",
-               ("batch_stats", "mean"): "running_mean",
-               ("batch_stats", "var"): "running_var"}
-
-
-def _flax_shapes():
-  return jax.eval_shape(inception.FIDInceptionV3().init, jax.random.key(0),
-                        jax.ShapeDtypeStruct((1, 75, 75, 3), jnp.float32))
-
-
-def _torch_layout(shapes):
-  """Torch name -> (collection, flax path, torch shape) from the Flax tree."""
-  layout = {}
-  for collection in ("params", "batch_stats"):
-    for key_path, leaf in jax.tree_util.tree_flatten_with_path(
-        shapes[collection])[0]:
-      path = tuple(k.key for k in key_path)
-      name = ".".join(path[:-1] + (_TORCH_LEAF[collection, path[-1]],))
-      shape = leaf.shape
-      if path[-1] == "kernel":
-        shape = ((shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4
-                 else shape[::-1])
-      layout[name] = (collection, path, shape)
-  return layout
-
-
-def _random_state_dict(layout, seed=0):
-  """A synthetic pytorch-fid state dict whose activations stay O(1)."""
-  rng = np.random.default_rng(seed)
-  state = {}
-  for name, (_, _, shape) in layout.items():
-    if name.endswith("conv.weight"):
-      value = rng.normal(0, np.sqrt(2.0 / np.prod(shape[1:])), shape)
-    elif name.endswith("running_var"):
-      value = rng.uniform(0.5, 1.5, shape)
-    elif name.endswith("bn.weight"):
-      value = rng.uniform(0.5, 1.5, shape)
-    elif name == "fc.weight":
-      value = rng.normal(0, 0.05, shape)
-    else:
-      value = rng.normal(0, 0.1, shape)
-    state[name] = value.astype(np.float32)
-  return state
-
+from tests import inception_helpers
 
 @pytest.fixture(scope="module")
 def layout():
-  return _torch_layout(_flax_shapes())
+  return inception_helpers.torch_layout(inception_helpers.flax_shapes())
 
 
 @pytest.fixture(scope="module")
 def state_dict(layout):
-  return _random_state_dict(layout)
+  return inception_helpers.random_state_dict(layout)
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +82,7 @@ def _conv_specs():
 
 
 def test_parameter_count_matches_the_architecture():
-  shapes = _flax_shapes()
+  shapes = inception_helpers.flax_shapes()
   specs = _conv_specs()
   conv_and_bn = sum(i * o * kh * kw + 2 * o for i, o, kh, kw in specs)
   expected = conv_and_bn + 2048 * 1008  # the output layer has no bias

@@ -12,19 +12,18 @@ import pytest
 from PIL import Image
 
 from ddpm_jax import hugepages
+from tests import inception_helpers
+from tests import train_helpers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = "configs/digits.py:tiny"
+pytestmark = pytest.mark.slow  # every test starts the command line
 
 
-def _run(args, *, env_extra=None, cache_dir=None):
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
-  if cache_dir is not None:  # Later runs reuse the first run's compilations.
-    env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  env.update(env_extra or {})
+def _run(args, *, devices=None):
+  # With the session's JAX compilation cache (conftest.py): later runs reuse
+  # the first run's compilations.
+  env = train_helpers.subprocess_env(devices=devices)
   return subprocess.run([sys.executable, "-m", "ddpm_jax.main", *args],
                         cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=900, check=False)
@@ -34,14 +33,13 @@ def _run(args, *, env_extra=None, cache_dir=None):
 def trained(tmp_path_factory):
   """A workdir after `--mode=train` of 4 steps, then a resumed run to 6."""
   workdir = tmp_path_factory.mktemp("cli")
-  cache = tmp_path_factory.mktemp("jax_cache")
-  first = _run([f"--config={TINY}", f"--workdir={workdir}"], cache_dir=cache)
+  first = _run([f"--config={TINY}", f"--workdir={workdir}"])
   assert first.returncode == 0, first.stderr[-3000:]
   after_first = sorted(os.listdir(workdir / "checkpoints"))
   second = _run([f"--config={TINY}", f"--workdir={workdir}",
-                 "--config.train.num_steps=6"], cache_dir=cache)
+                 "--config.train.num_steps=6"])
   assert second.returncode == 0, second.stderr[-3000:]
-  return dict(workdir=workdir, cache=cache, first=first, second=second,
+  return dict(workdir=workdir, first=first, second=second,
               after_first=after_first)
 
 
@@ -71,8 +69,7 @@ def test_second_train_call_resumes(trained):
 
 def test_sample_mode(trained):
   out = _run([f"--config={TINY}", f"--workdir={trained['workdir']}",
-              "--mode=sample", "--config.sample.num_images=12"],
-             cache_dir=trained["cache"])
+              "--mode=sample", "--config.sample.num_images=12"])
   assert out.returncode == 0, out.stderr[-3000:]
   assert "images/s" in out.stderr
   assert "malloc uses huge pages" not in out.stderr  # Only CPU training.
@@ -87,7 +84,7 @@ def test_sample_mode(trained):
 
 def test_eval_mode(trained):
   out = _run([f"--config={TINY}", f"--workdir={trained['workdir']}",
-              "--mode=eval"], cache_dir=trained["cache"])
+              "--mode=eval"])
   assert out.returncode == 0, out.stderr[-3000:]
   assert "bits/dim" in out.stderr and "FID, Inception Score and KID skipped" \
       in out.stderr
@@ -102,14 +99,12 @@ def test_eval_mode(trained):
 def test_eval_mode_with_inception_weights(trained, tmp_path):
   """FID, IS and KID through the CLI, with synthetic Inception weights of the
   right names and shapes (the real ones cannot be downloaded here)."""
-  from tests.test_inception import (  # pylint: disable=import-outside-toplevel
-      _flax_shapes, _random_state_dict, _torch_layout)
   weights = tmp_path / "fid_inception.npz"
-  np.savez(weights, **_random_state_dict(_torch_layout(_flax_shapes())))
+  np.savez(weights, **inception_helpers.random_state_dict(
+      inception_helpers.torch_layout(inception_helpers.flax_shapes())))
   out = _run([f"--config={TINY}", f"--workdir={trained['workdir']}",
               "--mode=eval", f"--config.eval.inception_weights={weights}",
-              "--config.eval.num_samples=8", "--config.eval.num_reference=16"],
-             cache_dir=trained["cache"])
+              "--config.eval.num_samples=8", "--config.eval.num_reference=16"])
   assert out.returncode == 0, out.stderr[-3000:]
   result = json.loads(
       (trained["workdir"] / "eval" / "step_00000006.json").read_text())
@@ -147,7 +142,7 @@ def test_bad_input_gives_one_clear_line(tmp_path, args, message):
 def test_batch_not_divisible_by_devices(tmp_path):
   out = _run([f"--config={TINY}", f"--workdir={tmp_path}",
               "--config.train.batch_size=9"],
-             env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+             devices=2)
   assert out.returncode == 1 and "Traceback" not in out.stderr
   assert ("config.train.batch_size (9) must be divisible by the number of "
           "devices (2)") in out.stderr

@@ -24,16 +24,10 @@ NOTEBOOKS = sorted((REPO_ROOT / "colab").glob("*.ipynb"))
 CELL_TIMEOUT_S = 600
 
 
-@pytest.fixture(scope="module")
-def compilation_cache(tmp_path_factory):
-  """A JAX compilation cache the notebooks' kernels share: 01 and 03 train
-  the same tiny config, so 03 reuses 01's compiled train step."""
-  return tmp_path_factory.mktemp("jax_cache")
-
-
-def _kernel_env(cache_dir) -> dict:
+def _kernel_env() -> dict:
+  # The kernels inherit the session's JAX compilation cache (conftest.py):
+  # 01 and 03 train the same tiny config, so 03 reuses 01's train step.
   env = dict(os.environ)
-  env.setdefault("JAX_COMPILATION_CACHE_DIR", str(cache_dir))
   env["DDPM_JAX_TINY"] = "1"
   env.pop("DDPM_JAX_DATA", None)  # the offline default, whatever the caller has
   env["DDPM_JAX_SOURCE"] = str(REPO_ROOT)
@@ -59,16 +53,16 @@ def test_notebook_is_committed_without_outputs(path):
           f"{path.name} cell {index} has an execution count")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
-def test_notebook_runs_top_to_bottom_at_tiny_settings(path, tmp_path,
-                                                      compilation_cache):
+def test_notebook_runs_top_to_bottom_at_tiny_settings(path, tmp_path):
   notebook = nbformat.read(path, as_version=4)
   # `python3` is ipykernel's kernel; jupyter_client starts its "python" as
   # this interpreter (sys.executable), the one with ddpm_jax's dependencies.
   client = nbclient.NotebookClient(
       notebook, kernel_name="python3", timeout=CELL_TIMEOUT_S,
       resources={"metadata": {"path": str(tmp_path)}})
-  client.execute(env=_kernel_env(compilation_cache), cwd=str(tmp_path))
+  client.execute(env=_kernel_env(), cwd=str(tmp_path))
 
 
 def test_repository_url_is_one_setting(tmp_path):

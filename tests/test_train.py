@@ -1,12 +1,13 @@
 """Tests of the training engine (ddpm_jax/train_step.py, ddpm_jax/train.py,
 ddpm_jax/checkpoint.py).
 
-CPU only, a ~3k-parameter conv denoiser (tests/train_helpers.py) on a slice
-of ../shared/data/mnist.npz. Multi-device and multi-process runs are
-subprocesses running tests/train_helpers.py.
+CPU only, a ~3k-parameter conv denoiser (tests/train_helpers.py) on 256 of
+scikit-learn's bundled 8x8 digits (no data folder needed). Multi-device and
+multi-process runs are subprocesses running tests/train_helpers.py (slow
+tier); JAX's compilation cache (tests/conftest.py) lets the module's
+identical runs share compiled programs.
 """
 
-import importlib.util
 import math
 import os
 import signal
@@ -27,49 +28,13 @@ import train_helpers as helpers  # pylint: disable=g-import-not-at-top,wrong-imp
 from ddpm_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax import builders, config as config_lib, inference, losses, optim, parallel, train, train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-pytestmark = pytest.mark.skipif(not helpers.MNIST.exists(),
-                                reason=f"{helpers.MNIST} not found")
-
 HELPER = str(Path(helpers.__file__).resolve())
 SUBPROCESS_TIMEOUT = 300
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """Shares compiled executables between the module's identical runs."""
-  try:
-    from jax._src import compilation_cache as cc  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    yield None
-    return
-  names = ("jax_compilation_cache_dir",
-           "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
-  old = {n: getattr(jax.config, n) for n in names}
-  path = str(tmp_path_factory.mktemp("jax_cache"))
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  cc.reset_cache()
-  yield path
-  for n, v in old.items():
-    jax.config.update(n, v)
-  cc.reset_cache()
-
-
 @pytest.fixture(scope="module")
 def images():
-  return helpers.load_mnist()
-
-
-def _subprocess_env(**extra):
-  env = dict(os.environ)
-  env["PYTHONPATH"] = os.pathsep.join(
-      [str(helpers.REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
-  env["JAX_PLATFORMS"] = "cpu"
-  env.pop("XLA_FLAGS", None)
-  env.update(extra)
-  return env
+  return helpers.load_digits()
 
 
 # ---------------------------------------------------------------------------
@@ -128,9 +93,8 @@ def test_learning_rate_warmup_cosine_and_ema_decay():
 # The jitted step on one device.
 
 
-@pytest.fixture(scope="module")
-def step_setup(images):
-  """A jitted step (1-device mesh), compiled once for the module."""
+def _step_setup(images):
+  """A jitted step on a 1-device mesh for `images`' shape."""
   config = helpers.make_config(batch_size=16, num_steps=40)
   config.optimizer.update(lr=3e-3, warmup_steps=0, decay="constant")
   mesh = parallel.create_mesh(jax.devices()[:1])
@@ -157,12 +121,17 @@ def step_setup(images):
               eval_loss=eval_loss)
 
 
+@pytest.fixture(scope="module")
+def step_setup(images):
+  """The digits' step, compiled once for the module."""
+  return _step_setup(images)
+
+
 def _copy(tree):
   return jax.tree.map(lambda x: np.array(x), tree)
 
 
-def test_train_step_lowers_loss_on_mnist(step_setup, images):
-  s = step_setup
+def _lowers_loss(s, images):
   state = jax.tree.map(jnp.array, s["state0"])
   before = float(s["eval_loss"](state.params, images[:64]))
   for i in range(40):
@@ -179,6 +148,17 @@ def test_train_step_lowers_loss_on_mnist(step_setup, images):
   diff = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()),
                       state.params, state.ema_params)
   assert max(jax.tree.leaves(diff)) > 0
+
+
+def test_train_step_lowers_loss_on_digits(step_setup, images):
+  _lowers_loss(step_setup, images)
+
+
+@pytest.mark.real_data("mnist.npz")
+def test_train_step_lowers_loss_on_mnist():
+  with np.load(helpers.REPO.parent / "shared" / "data" / "mnist.npz") as f:
+    images = (f["x_train"][:256].astype(np.float32) / 127.5 - 1.0)[..., None]
+  _lowers_loss(_step_setup(images), images)
 
 
 def test_nonfinite_step_is_skipped(step_setup, images):
@@ -207,7 +187,8 @@ def test_bfloat16_compute_keeps_float32_state(images):
   mesh = parallel.create_mesh(jax.devices()[:1])
   rng = jax.random.PRNGKey(1)
   state = train_step.create_train_state(model, tx, rng,
-                                        image_shape=(28, 28, 1), mesh=mesh)
+                                        image_shape=images.shape[1:],
+                                        mesh=mesh)
   step = train_step.jit_train_step(
       builders.build_train_step(config, model, tx), mesh, state)
   for i in range(3):
@@ -253,8 +234,7 @@ def test_train_and_evaluate_traces_once_and_checkpoints(uninterrupted):
   # keep_checkpoints=2 of the saves at 2, 4, 6.
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()
                 if p.name.isdigit()) == ["4", "6"]
-  if importlib.util.find_spec("tensorboardX") is not None:
-    assert list(workdir.glob("events.out.tfevents.*"))
+  assert list(workdir.glob("events.out.tfevents.*"))  # tensorboardX
 
 
 class _SigtermAt(helpers.ArrayDataset):
@@ -359,10 +339,10 @@ def test_nonfinite_steps_stop_training(images, tmp_path):
 # 1 device vs 8 devices, jit-with-mesh vs pmap.
 
 
+@pytest.mark.slow
 def test_one_vs_eight_devices_and_pmap(tmp_path, images):
   out = tmp_path / "devices8.npz"
-  env = _subprocess_env(
-      XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = helpers.subprocess_env(devices=8, JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, HELPER, "devices8", str(out)],
                         env=env, capture_output=True, text=True,
                         timeout=SUBPROCESS_TIMEOUT, check=False)
@@ -390,6 +370,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_agree_with_one(uninterrupted, tmp_path):
   _, reference = uninterrupted
   port = _free_port()
@@ -398,7 +379,8 @@ def test_two_processes_agree_with_one(uninterrupted, tmp_path):
       subprocess.Popen(
           [sys.executable, HELPER, "distributed", str(i), str(port),
            str(workdir), str(tmp_path / f"out{i}.npz")],
-          env=_subprocess_env(), stdout=subprocess.PIPE,
+          env=helpers.subprocess_env(JAX_PLATFORMS="cpu"),
+          stdout=subprocess.PIPE,
           stderr=subprocess.STDOUT, text=True) for i in range(2)
   ]
   outputs = []
@@ -429,9 +411,14 @@ def test_two_processes_agree_with_one(uninterrupted, tmp_path):
 # The real pieces: the U-Net (tiny width, dropout on) and the npz pipeline.
 
 
-def _unet_config():
+def _unet_config(npz_path):
+  """The U-Net on the digits, read back from an npz file by the pipeline."""
+  x = np.round((helpers.load_digits()[..., 0] + 1.0) * 127.5)
+  np.savez(npz_path, x_train=x.astype(np.uint8),
+           y_train=np.zeros((len(x),), np.int64))
   config = helpers.make_config(num_steps=4, batch_size=4, log_every=1,
                                checkpoint_every=10)
+  config.data.source = f"npz:{npz_path}"
   config.model = dict(preset="tutorial", layout="ddpm", in_channels=1,
                       base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
                       block_type="resnet", attention=("none", "none"),
@@ -439,8 +426,9 @@ def _unet_config():
   return config
 
 
+@pytest.mark.slow  # ~25 s of CPU: three runs of the U-Net
 def test_unet_and_npz_pipeline_resume_exactly(tmp_path):
-  config = _unet_config()
+  config = _unet_config(tmp_path / "digits.npz")
   reference = train.train_and_evaluate(config, str(tmp_path / "a"))
   assert int(reference.step) == 4
 
@@ -467,6 +455,6 @@ def test_unet_and_npz_pipeline_resume_exactly(tmp_path):
 
   interrupted = train.train_and_evaluate(config, str(tmp_path / "b"),
                                          dataset_factory=factory)
-  assert int(interrupted.step) < 4
+  assert int(interrupted.step) == 3  # SIGTERM while batch 3 is fetched
   resumed = train.train_and_evaluate(config, str(tmp_path / "b"))
   chex.assert_trees_all_equal(_copy(resumed), _copy(reference))
