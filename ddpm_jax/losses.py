@@ -1,5 +1,11 @@
 """Denoising training losses for any denoiser `model_fn(x_t, t)`.
 
+L_simple regresses the network's prediction (eps, x0 or v) on its target.
+A learned variance (2C output channels, `var_type` 'learned' or
+'learned_range') is trained with L_hybrid = L_simple + lambda L_vlb
+(Nichol & Dhariwal 2021, lambda = 0.001), where L_vlb sees the mean through
+`stop_gradient`, so the bound only trains the variance channels.
+
 Example:
   >>> def model_fn(x_t, t):
   ...   return unet.apply({"params": params}, x_t, t, train=False)
@@ -9,16 +15,21 @@ Example:
 
 from __future__ import annotations
 
-from typing import Optional
+import numbers
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
-from ddpm_jax import diffusion
+from ddpm_jax import diffusion, likelihood
 from ddpm_jax._checks import check_choice
 from ddpm_jax.schedules import Schedule
 
 LOSS_TYPES = ("l2", "l1", "huber")
+WEIGHTINGS = ("uniform", "min_snr")
+LEARNED_VAR_TYPES = ("learned", "learned_range")
+# lambda of L_hybrid (Nichol & Dhariwal 2021, Section 3.1).
+VLB_WEIGHT = 1e-3
 
 
 def regression_loss(prediction: jnp.ndarray, target: jnp.ndarray, *,
@@ -65,7 +76,7 @@ def denoising_loss(model_fn: diffusion.ModelFn, schedule: Schedule, x0: jnp.ndar
     loss_type: 'l2', 'l1' or 'huber'.
     target: what the network predicts: 'eps', 'x0' or 'v'.
     t_weights: optional per-step weights [T], multiplied into each example's
-      loss (e.g. from `schedule.snr` for min-SNR weighting).
+      loss (e.g. `loss_weights(schedule, weighting="min_snr", ...)`).
 
   Returns:
     float32 [B].
@@ -75,6 +86,13 @@ def denoising_loss(model_fn: diffusion.ModelFn, schedule: Schedule, x0: jnp.ndar
   channels = x0.shape[-1]
   if prediction.shape[-1] == 2 * channels:
     prediction = prediction[..., :channels]
+  return _simple_loss(schedule, prediction, x0, t, noise, loss_type=loss_type,
+                      target=target, t_weights=t_weights)
+
+
+def _simple_loss(schedule, prediction, x0, t, noise, *, loss_type, target,
+                 t_weights):
+  """The (weighted) regression of `prediction` on the target, [B]."""
   goal = diffusion.training_target(schedule, x0, t, noise, target=target)
   loss = regression_loss(prediction, goal, loss_type=loss_type)
   if t_weights is not None:
@@ -85,20 +103,93 @@ def denoising_loss(model_fn: diffusion.ModelFn, schedule: Schedule, x0: jnp.ndar
   return loss
 
 
+class HybridLoss(NamedTuple):
+  """L_hybrid of each example and its two terms."""
+  loss: jnp.ndarray  # [B] simple + vlb_weight * T * vlb.
+  simple: jnp.ndarray  # [B] L_simple of the prediction channels.
+  vlb: jnp.ndarray  # [B] L_{t-1} (L_0 at t = 0) in bits/dim, mean stopped.
+
+
+def hybrid_loss(model_fn: diffusion.ModelFn, schedule: Schedule,
+                x0: jnp.ndarray, t: jnp.ndarray, noise: jnp.ndarray, *,
+                var_type: str = "learned_range", loss_type: str = "l2",
+                target: str = "eps", t_weights: Optional[jnp.ndarray] = None,
+                vlb_weight: float = VLB_WEIGHT) -> HybridLoss:
+  """L_hybrid = L_simple + lambda L_vlb at given steps and noise.
+
+  As improved-diffusion's `training_losses` with a learned sigma and
+  `rescale_learned_sigmas`: one network call; the bound term is
+  `likelihood.vb_terms_bpd` of the output with its prediction channels
+  through `stop_gradient` (x0 mean form, no clipping), so its gradient only
+  reaches the variance channels. With t uniform, T L_{t-1} is an unbiased
+  estimate of L_vlb (less its prior term, which has no parameters), so the
+  per-example loss is simple + lambda T vlb.
+
+  Args:
+    model_fn: denoiser `(x_t [B, ..., C], t [B]) -> [B, ..., 2C]`: the
+      prediction, then the variance channels.
+    schedule: the diffusion schedule (T = `schedule.num_timesteps`).
+    x0: clean images [B, ..., C] on the 8-bit grid in [-1, 1] (the decoder
+      term L_0 is a likelihood of 8-bit values).
+    t: integer steps [B] in [0, T).
+    noise: standard normal noise, shape of `x0`.
+    var_type: 'learned' (log-variance channels) or 'learned_range'
+      (interpolation between the fixed log-variances, in [-1, 1]).
+    loss_type: 'l2' (L_simple), 'l1' or 'huber' for the first term.
+    target: what the network predicts: 'eps', 'x0' or 'v'.
+    t_weights: optional per-step weights [T] of the first term.
+    vlb_weight: lambda >= 0.
+
+  Returns:
+    A `HybridLoss`, each field float32 [B].
+
+  Raises:
+    ValueError: for a fixed var_type, a negative `vlb_weight`, or an output
+      without 2C channels.
+
+  Example:
+    >>> terms = hybrid_loss(model_fn, sched, x0, t, noise)
+    >>> loss = terms.loss.mean()
+  """
+  check_choice("var_type", var_type, LEARNED_VAR_TYPES)
+  if isinstance(vlb_weight, bool) or not isinstance(
+      vlb_weight, numbers.Real) or vlb_weight < 0:
+    raise ValueError(f"vlb_weight must be a number >= 0, got {vlb_weight!r}.")
+  x_t = diffusion.q_sample(schedule, x0, t, noise)
+  output = model_fn(x_t, t)
+  prediction, var_output = diffusion.split_model_output(output, x_t,
+                                                        var_type=var_type)
+  simple = _simple_loss(schedule, prediction, x0, t, noise,
+                        loss_type=loss_type, target=target,
+                        t_weights=t_weights)
+  frozen = jnp.concatenate([jax.lax.stop_gradient(prediction), var_output],
+                           axis=-1)
+  vlb = likelihood.vb_terms_bpd(schedule, frozen, x0, x_t, t, target=target,
+                                var_type=var_type, mean_form="x0",
+                                clip_x0=False)
+  return HybridLoss(loss=simple + vlb_weight * schedule.num_timesteps * vlb,
+                    simple=simple, vlb=vlb)
+
+
 def training_losses(model_fn: diffusion.ModelFn, schedule: Schedule, x0: jnp.ndarray,
                     key: jax.Array, *, loss_type: str = "l2",
                     target: str = "eps",
-                    t_weights: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+                    t_weights: Optional[jnp.ndarray] = None,
+                    var_type: str = "fixed_large") -> jnp.ndarray:
   """Per-example loss with t ~ U{0, ..., T-1} and noise ~ N(0, I) from `key`.
 
   Args:
     model_fn: denoiser `(x_t, t) -> prediction`.
     schedule: the diffusion schedule.
-    x0: clean images [B, ..., C] in [-1, 1].
+    x0: clean images [B, ..., C] in [-1, 1] (on the 8-bit grid for a learned
+      variance).
     key: PRNG key; split here into the step and noise keys.
     loss_type: 'l2' (L_simple), 'l1' or 'huber'.
     target: 'eps', 'x0' or 'v'.
     t_weights: optional per-step weights [T].
+    var_type: the model's variance: 'fixed_large' or 'fixed_small' train the
+      prediction alone (`denoising_loss`); 'learned' and 'learned_range'
+      train L_hybrid (`hybrid_loss`, lambda = VLB_WEIGHT).
 
   Returns:
     float32 [B].
@@ -106,5 +197,51 @@ def training_losses(model_fn: diffusion.ModelFn, schedule: Schedule, x0: jnp.nda
   t_key, noise_key = jax.random.split(key)
   t = jax.random.randint(t_key, (x0.shape[0],), 0, schedule.num_timesteps)
   noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
+  check_choice("var_type", var_type, diffusion.VAR_TYPES)
+  if var_type in LEARNED_VAR_TYPES:
+    return hybrid_loss(model_fn, schedule, x0, t, noise, var_type=var_type,
+                       loss_type=loss_type, target=target,
+                       t_weights=t_weights).loss
   return denoising_loss(model_fn, schedule, x0, t, noise, loss_type=loss_type,
                         target=target, t_weights=t_weights)
+
+
+def loss_weights(schedule: Schedule, *, weighting: str, target: str = "eps",
+                 gamma: float = 5.0) -> Optional[jnp.ndarray]:
+  """Per-step loss weights [T] for `denoising_loss`'s `t_weights`.
+
+  'uniform' gives None (every step weighs 1). 'min_snr' is Min-SNR-gamma
+  weighting (Hang et al. 2023): each step's loss is rescaled so that in
+  x0 terms it weighs min(SNR_t, gamma), i.e. the weight is
+  min(SNR_t, gamma) / SNR_t for an eps target, min(SNR_t, gamma) for x0 and
+  min(SNR_t, gamma) / (SNR_t + 1) for v. Low-noise steps, whose loss is easy
+  and whose gradients dominate otherwise, are down-weighted.
+
+  Args:
+    schedule: the diffusion schedule.
+    weighting: 'uniform' or 'min_snr'.
+    target: what the network predicts: 'eps', 'x0' or 'v'.
+    gamma: the SNR cap, > 0.
+
+  Returns:
+    float32 [T], or None for 'uniform'.
+
+  Example:
+    >>> w = loss_weights(sched, weighting="min_snr", target="eps", gamma=5.0)
+    >>> loss = denoising_loss(model_fn, sched, x0, t, noise, t_weights=w)
+  """
+  check_choice("weighting", weighting, WEIGHTINGS)
+  check_choice("target", target, diffusion.TARGETS)
+  if weighting == "uniform":
+    return None
+  if not gamma > 0:
+    raise ValueError(f"gamma must be > 0, got {gamma!r}.")
+  snr = schedule.snr
+  capped = jnp.minimum(snr, gamma)
+  if target == "eps":
+    weights = capped / snr
+  elif target == "x0":
+    weights = capped
+  else:
+    weights = capped / (snr + 1.0)
+  return weights.astype(jnp.float32)

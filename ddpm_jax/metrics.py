@@ -7,15 +7,22 @@ original Inception Score code (1008 logits, 10 splits) and of Binkowski et
 al.'s KID (unbiased MMD^2 with the kernel (x.y / d + 1)^3, averaged over
 random subsets; defaults of torch-fidelity).
 
+Statistics files (`write_statistics`, `load_statistics`) are `.npz` files
+with `mu` [D] and `sigma` [D, D], as TF's FID, pytorch-fid, clean-fid and
+NVIDIA's EDM write them, plus optionally `features` [N, D] (needed for KID)
+and `preprocessing` (the Inception input convention they were computed
+with; see `ddpm_jax.models.inception`).
+
 Example:
   >>> extract = make_fid_inception_extractor(variables)
   >>> ref = reference_statistics(extract, load_train_images, cache_dir="stats",
   ...                            dataset="cifar10", split="train",
-  ...                            num_images=50000, batch_size=250)
+  ...                            num_images=50000, batch_size=250,
+  ...                            preprocessing="tensorflow")
   >>> gen = extract_features(extract, samples_uint8, batch_size=250)
   >>> mu, sigma = feature_statistics(gen.pool)
   >>> fid = frechet_distance(mu, sigma, ref.mu, ref.sigma)
-  >>> inception_score(gen.logits).mean
+  >>> inception_score(gen.logits).mean  # needs weights with the output layer
   >>> kernel_inception_distance(gen.pool, ref.features).mean
 """
 
@@ -23,10 +30,15 @@ from __future__ import annotations
 
 import os
 import re
+import zipfile
 from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
+
+# Input conventions of the FID Inception (`models.inception.preprocess_images`):
+# the TensorFlow reference's (the default) or pytorch-fid's.
+INCEPTION_PREPROCESSING = ("tensorflow", "pytorch_fid")
 
 
 class FeatureStatistics(NamedTuple):
@@ -56,10 +68,11 @@ class Features(NamedTuple):
 
   Attributes:
     pool: float32 [N, 2048] pool features.
-    logits: float32 [N, 1008] logits.
+    logits: float32 [N, 1008] logits, or None for Inception weights without
+      the output layer.
   """
   pool: np.ndarray
-  logits: np.ndarray
+  logits: np.ndarray | None
 
 
 class ReferenceStatistics(NamedTuple):
@@ -68,11 +81,12 @@ class ReferenceStatistics(NamedTuple):
   Attributes:
     mu: float64 [D] mean of the pool features.
     sigma: float64 [D, D] covariance of the pool features.
-    features: float32 [N, D] the pool features themselves (for KID).
+    features: float32 [N, D] the pool features themselves (for KID), or None
+      for statistics files without them.
   """
   mu: np.ndarray
   sigma: np.ndarray
-  features: np.ndarray
+  features: np.ndarray | None
 
 
 def _as_feature_matrix(name: str, features) -> np.ndarray:
@@ -100,8 +114,8 @@ def feature_statistics(features) -> FeatureStatistics:
   """
   features = _as_feature_matrix("features", features)
   if features.shape[0] < 2:
-    raise ValueError("A covariance needs at least 2 feature vectors; got "
-                     f"{features.shape[0]}.")
+    raise ValueError("Too few images: a covariance (FID) needs at least 2 "
+                     f"feature vectors; got {features.shape[0]}.")
   return FeatureStatistics(mu=features.mean(axis=0),
                            sigma=np.cov(features, rowvar=False))
 
@@ -165,7 +179,8 @@ def inception_score(logits, *, splits: int = 10) -> ScoreWithStd:
   The samples are cut into `splits` contiguous parts (sizes differ by at most
   one); in each, p(y) is the mean of p(y|x) = softmax(logits) over the part.
   The result is the mean and standard deviation of the per-part scores, as
-  in the original code (which uses the 1008 FID Inception logits).
+  in the original code, which uses the 1008 FID Inception logits without
+  the output bias (`InceptionOutputs.logits`).
 
   Args:
     logits: [N, K] class logits with N >= splits. For probabilities, pass
@@ -256,6 +271,41 @@ def kernel_inception_distance(features1, features2, *, subsets: int = 100,
   return ScoreWithStd(mean=float(np.mean(values)), std=float(np.std(values)))
 
 
+def check_images(images, name: str = "images") -> np.ndarray:
+  """Checks an image batch for the Inception and returns it as an array.
+
+  Args:
+    images: [N, H, W, 3] with N >= 1, uint8 in [0, 255] or float in [-1, 1].
+    name: what to call them in errors.
+
+  Returns:
+    `np.asarray(images)`.
+
+  Raises:
+    ValueError: naming `name`, the shape, dtype or value range.
+
+  Example:
+    >>> check_images(np.zeros((2, 32, 32, 3), np.uint8)).shape
+    (2, 32, 32, 3)
+  """
+  images = np.asarray(images)
+  if images.ndim != 4 or images.shape[0] == 0 or images.shape[-1] != 3:
+    raise ValueError(f"{name} must be a non-empty RGB [N, H, W, 3] array; "
+                     f"got shape {images.shape}.")
+  if images.dtype == np.uint8:
+    return images
+  if not np.issubdtype(images.dtype, np.floating):
+    raise ValueError(f"{name} must be uint8 in [0, 255] or float in [-1, 1]; "
+                     f"got dtype {images.dtype}.")
+  if not np.all(np.isfinite(images)):
+    raise ValueError(f"{name} contain NaN or infinity.")
+  low, high = float(images.min()), float(images.max())
+  if low < -1.0 or high > 1.0:
+    raise ValueError(f"{name} are float in [{low:g}, {high:g}]; expected "
+                     "[-1, 1] (or uint8 in [0, 255]).")
+  return images
+
+
 def extract_features(extract_fn: Callable, images: np.ndarray, *,
                      batch_size: int) -> Features:
   """Runs an Inception extractor over many images in fixed-size batches.
@@ -264,21 +314,19 @@ def extract_features(extract_fn: Callable, images: np.ndarray, *,
   that a jitted `extract_fn` compiles once; the padding is dropped.
 
   Args:
-    extract_fn: `images [B, H, W, 3] -> (pool [B, D], logits [B, K])`, e.g.
-      `make_fid_inception_extractor(variables)`.
-    images: uint8 [N, H, W, 3] (or float in [-1, 1]), N >= 1.
+    extract_fn: `images [B, H, W, 3] -> (pool [B, D], logits [B, K] or
+      None)`, e.g. `make_fid_inception_extractor(variables)`.
+    images: uint8 [N, H, W, 3] (or float in [-1, 1]), N >= 1; checked by
+      `check_images`.
     batch_size: images per call.
 
   Returns:
-    `Features(pool [N, D], logits [N, K])`, float32 numpy.
+    `Features(pool [N, D], logits [N, K] or None)`, float32 numpy.
 
   Example:
     >>> feats = extract_features(extract, images_uint8, batch_size=100)
   """
-  images = np.asarray(images)
-  if images.ndim != 4 or images.shape[0] == 0:
-    raise ValueError("images must be a non-empty [N, H, W, C] array; got "
-                     f"shape {images.shape}.")
+  images = check_images(images)
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
   n = images.shape[0]
@@ -291,12 +339,91 @@ def extract_features(extract_fn: Callable, images: np.ndarray, *,
           [batch, np.repeat(batch[-1:], batch_size - size, axis=0)])
     pool, logit = extract_fn(batch)
     pools.append(np.asarray(pool, dtype=np.float32)[:size])
-    logits.append(np.asarray(logit, dtype=np.float32)[:size])
-  return Features(pool=np.concatenate(pools), logits=np.concatenate(logits))
+    if logit is not None:
+      logits.append(np.asarray(logit, dtype=np.float32)[:size])
+  return Features(pool=np.concatenate(pools),
+                  logits=np.concatenate(logits) if logits else None)
+
+
+def write_statistics(path: str | os.PathLike, stats: ReferenceStatistics, *,
+                     preprocessing: str) -> None:
+  """Writes statistics to an `.npz` (atomically; the directory is created).
+
+  Args:
+    path: the file, ending in .npz.
+    stats: mu, sigma and (unless None) the features.
+    preprocessing: the Inception preprocessing they were computed with.
+
+  Example:
+    >>> write_statistics("cifar10_train.npz", ref, preprocessing="tensorflow")
+  """
+  path = os.fspath(path)
+  if not path.endswith(".npz"):
+    raise ValueError(f"A statistics file must end in .npz; got {path!r}.")
+  arrays = dict(mu=stats.mu, sigma=stats.sigma,
+                preprocessing=np.array(preprocessing))
+  if stats.features is not None:
+    arrays["features"] = stats.features
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = path[:-len(".npz")] + ".tmp.npz"
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+def load_statistics(path: str | os.PathLike, *,
+                    preprocessing: str | None = None) -> ReferenceStatistics:
+  """Reads a statistics `.npz`: `mu`, `sigma`, optionally `features`.
+
+  Args:
+    path: the file (ours, or TF's / pytorch-fid's / EDM's `mu`, `sigma`).
+    preprocessing: if given, and the file records another preprocessing,
+      that is an error (such statistics are not comparable).
+
+  Returns:
+    `ReferenceStatistics`; `features` is None when the file has none.
+
+  Raises:
+    FileNotFoundError: if `path` does not exist.
+    ValueError: for an unreadable file, missing or mis-shaped arrays, or a
+      preprocessing mismatch.
+
+  Example:
+    >>> ref = load_statistics("cifar10_train.npz", preprocessing="tensorflow")
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"Statistics file not found: {path}")
+  try:
+    with np.load(path) as data:
+      arrays = {name: data[name] for name in data.files}
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+    raise ValueError(f"Cannot read {path} as .npz ({type(e).__name__}: {e}); "
+                     "truncated or corrupt?") from e
+  missing = {"mu", "sigma"} - set(arrays)
+  if missing:
+    raise ValueError(f"{path} is not a statistics file: it lacks "
+                     f"{sorted(missing)} (it holds {sorted(arrays)}).")
+  mu = np.asarray(arrays["mu"], np.float64)
+  sigma = np.asarray(arrays["sigma"], np.float64)
+  features = arrays.get("features")
+  d = mu.shape[0] if mu.ndim == 1 else -1
+  if (mu.ndim != 1 or sigma.shape != (d, d) or
+      (features is not None and (features.ndim != 2 or
+                                 features.shape[1] != d))):
+    raise ValueError(f"{path}: mu {mu.shape}, sigma {sigma.shape} and "
+                     f"features {None if features is None else features.shape}"
+                     " do not fit together ([D], [D, D], [N, D]).")
+  recorded = str(arrays["preprocessing"]) if "preprocessing" in arrays else None
+  if preprocessing and recorded and recorded != preprocessing:
+    raise ValueError(f"{path} was computed with {recorded!r} preprocessing, "
+                     f"not {preprocessing!r}: the features are not "
+                     "comparable.")
+  return ReferenceStatistics(mu=mu, sigma=sigma, features=features)
 
 
 def reference_cache_path(cache_dir: str | os.PathLike, *, dataset: str,
-                         split: str, num_images: int) -> str:
+                         split: str, num_images: int,
+                         preprocessing: str) -> str:
   """The `.npz` file caching the statistics of `num_images` of a split.
 
   Characters other than letters, digits, '.', '_' and '-' in the data set
@@ -304,20 +431,21 @@ def reference_cache_path(cache_dir: str | os.PathLike, *, dataset: str,
 
   Example:
     >>> reference_cache_path("stats", dataset="cifar10", split="train",
-    ...                      num_images=50000)
-    'stats/fid_inception_cifar10_train_50000.npz'
+    ...                      num_images=50000, preprocessing="tensorflow")
+    'stats/fid_inception_tensorflow_cifar10_train_50000.npz'
   """
   def clean(name):
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)
-  return os.path.join(os.fspath(cache_dir), f"fid_inception_{clean(dataset)}_"
-                      f"{clean(split)}_{num_images}.npz")
+  return os.path.join(os.fspath(cache_dir),
+                      f"fid_inception_{clean(preprocessing)}_"
+                      f"{clean(dataset)}_{clean(split)}_{num_images}.npz")
 
 
 def reference_statistics(extract_fn: Callable,
                          load_images: Callable[[], np.ndarray], *,
                          cache_dir: str | os.PathLike, dataset: str,
-                         split: str, num_images: int,
-                         batch_size: int) -> ReferenceStatistics:
+                         split: str, num_images: int, batch_size: int,
+                         preprocessing: str) -> ReferenceStatistics:
   """Inception statistics of a reference data set, cached on disk.
 
   If `reference_cache_path(cache_dir, ...)` exists it is loaded and neither
@@ -334,6 +462,8 @@ def reference_statistics(extract_fn: Callable,
     split: split name (part of the cache key).
     num_images: number of reference images (part of the cache key).
     batch_size: images per `extract_fn` call.
+    preprocessing: the Inception preprocessing `extract_fn` uses (part of
+      the cache key, and recorded in the file).
 
   Returns:
     `ReferenceStatistics(mu [D], sigma [D, D], features [N, D])`.
@@ -342,26 +472,23 @@ def reference_statistics(extract_fn: Callable,
     >>> ref = reference_statistics(extract, lambda: train_images,
     ...                            cache_dir="stats", dataset="cifar10",
     ...                            split="train", num_images=50000,
-    ...                            batch_size=250)
+    ...                            batch_size=250, preprocessing="tensorflow")
   """
   path = reference_cache_path(cache_dir, dataset=dataset, split=split,
-                              num_images=num_images)
+                              num_images=num_images,
+                              preprocessing=preprocessing)
   if os.path.exists(path):
-    with np.load(path) as data:
-      missing = {"mu", "sigma", "features"} - set(data.files)
-      if missing:
-        raise ValueError(f"Reference statistics cache {path} lacks "
-                         f"{sorted(missing)}; delete it to recompute.")
-      return ReferenceStatistics(mu=data["mu"], sigma=data["sigma"],
-                                 features=data["features"])
+    stats = load_statistics(path, preprocessing=preprocessing)
+    if stats.features is None:
+      raise ValueError(f"Reference statistics cache {path} lacks "
+                       "['features']; delete it to recompute.")
+    return stats
   images = np.asarray(load_images())
   if images.shape[0] != num_images:
     raise ValueError(f"load_images returned {images.shape[0]} images for "
                      f"{dataset}/{split}; expected num_images={num_images}.")
   features = extract_features(extract_fn, images, batch_size=batch_size).pool
   mu, sigma = feature_statistics(features)
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, mu=mu, sigma=sigma, features=features)
-  os.replace(tmp, path)
-  return ReferenceStatistics(mu=mu, sigma=sigma, features=features)
+  stats = ReferenceStatistics(mu=mu, sigma=sigma, features=features)
+  write_statistics(path, stats, preprocessing=preprocessing)
+  return stats

@@ -13,10 +13,17 @@ its noise from `jax.random.fold_in(chain_key, t)`, so no key is used twice.
 
 Sharding: the samplers only see global arrays. Give `x_T` (or constrain it
 with `jax.lax.with_sharding_constraint`) sharded over a mesh's 'data' axis on
-the batch dimension and the chain runs data-parallel; `generate` does this.
+the batch dimension and the chain runs data-parallel;
+`ddpm_jax.generation.generate` does this.
+
+Few-step ODE/SDE solvers (Euler, Heun, DPM-Solver++) with the same
+conventions are in `ddpm_jax.solvers`, which also holds the registry of every
+sampler by name; `ddpm_jax.respace` runs `ddpm_sample` over fewer steps.
 
 Guidance composes with `model_fn`: any `(x_t, t) -> output` callable works, so
-a guided denoiser is a wrapper. For example classifier guidance on eps
+a guided denoiser is a wrapper (classifier-free guidance:
+`ddpm_jax.guidance.classifier_free_guidance`). For example classifier guidance
+on eps
 (Dhariwal & Nichol 2021, eq. 14), for a classifier `log_p_y(x_t, t) -> [B]`:
 
   >>> def guided_fn(x_t, t):
@@ -45,10 +52,8 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ddpm_jax import diffusion
-from ddpm_jax import images as images_lib
 from ddpm_jax._checks import check_choice
 from ddpm_jax.schedules import Schedule
 
@@ -123,46 +128,62 @@ def _initial_state(shape, key, x_T):
 # The chain: one lax.scan, optionally keeping every k-th state.
 
 
-def _run_chain(step: Callable[[jnp.ndarray, Any], jnp.ndarray],
-               x_init: jnp.ndarray, xs, state_steps: np.ndarray, *,
-               trajectory_every: Optional[int]) -> SampleOutput:
-  """Applies `step(x, xs[i])` for every i in one `lax.scan`.
+def _run_chain(step: Callable[[Any, Any], Any], init, xs,
+               state_steps, *, trajectory_every: Optional[int],
+               image: Callable[[Any], jnp.ndarray] = lambda carry: carry,
+               step_ids: Optional[np.ndarray] = None) -> SampleOutput:
+  """Applies `carry = step(carry, xs[i])` for every i in one `lax.scan`.
+
+  The carry is the state x, or any pytree holding it (`image(carry)` reads
+  x). A solver step may take several scan iterations (Heun's predictor and
+  corrector): `step_ids[i]` is the solver step of iteration i.
 
   With `trajectory_every=k` the carry also holds a buffer of
-  N = ceil(S / k) frames: step i writes its state into frame i // k, so frame
-  j ends up holding the state after step min((j + 1) k, S) - 1. Only those N
-  states are ever stored, whether or not k divides S.
+  N = ceil(S / k) frames for S solver steps: iteration i writes its state into
+  frame step_ids[i] // k, so frame j ends up holding the state after solver
+  step min((j + 1) k, S) - 1. Only those N states are ever stored, whether or
+  not k divides S.
 
   Args:
-    step: (x [B, ...], one slice of xs) -> next x.
-    x_init: the starting state [B, ...].
-    xs: pytree of per-step inputs with leading dimension S.
+    step: (carry, one slice of xs) -> next carry.
+    init: the starting carry.
+    xs: pytree of per-iteration inputs with leading dimension I.
     state_steps: int [S], the paper's diffusion step of the state after
-      each scan step.
+      each solver step (numpy, or a jnp array when the steps depend on a
+      traced schedule).
     trajectory_every: k, or None for no trajectory.
+    image: carry -> the state x [B, ...].
+    step_ids: int numpy [I], non-decreasing solver step of each iteration;
+      None means one iteration per step (I = S).
   """
   if trajectory_every is None:
-    x, _ = jax.lax.scan(lambda x, inp: (step(x, inp), None), x_init, xs)
-    return SampleOutput(images=x, trajectory=None, trajectory_steps=None)
+    carry, _ = jax.lax.scan(lambda c, inp: (step(c, inp), None), init, xs)
+    return SampleOutput(images=image(carry), trajectory=None,
+                        trajectory_steps=None)
 
   k = trajectory_every
   num_steps = len(state_steps)
+  if step_ids is None:
+    step_ids = np.arange(num_steps)
   num_frames = math.ceil(num_steps / k)
+  x_init = image(init)
   frames = jnp.zeros((num_frames,) + x_init.shape, x_init.dtype)
 
   def body(carry, inp):
-    x, frames = carry
-    i, step_inp = inp
-    x = step(x, step_inp)
-    frames = jax.lax.dynamic_update_index_in_dim(frames, x, i // k, axis=0)
-    return (x, frames), None
+    chain, frames = carry
+    frame, step_inp = inp
+    chain = step(chain, step_inp)
+    frames = jax.lax.dynamic_update_index_in_dim(frames, image(chain), frame,
+                                                 axis=0)
+    return (chain, frames), None
 
-  (x, frames), _ = jax.lax.scan(
-      body, (x_init, frames), (jnp.arange(num_steps, dtype=jnp.int32), xs))
+  (chain, frames), _ = jax.lax.scan(
+      body, (init, frames),
+      (jnp.asarray(np.asarray(step_ids) // k, jnp.int32), xs))
   last_step_of_frame = np.minimum((np.arange(num_frames) + 1) * k,
                                   num_steps) - 1
   return SampleOutput(
-      images=x, trajectory=frames,
+      images=image(chain), trajectory=frames,
       trajectory_steps=jnp.asarray(state_steps[last_step_of_frame],
                                    jnp.int32))
 
@@ -428,85 +449,3 @@ def ddim_invert(model_fn: diffusion.ModelFn, schedule: Schedule,
   x_T, _ = jax.lax.scan(lambda x, inp: (step(x, inp), None), x0,
                         (jnp.asarray(seq, jnp.int32), abar_t, abar_s))
   return x_T
-
-
-# ----------------------------------------------------------------------------
-# Batch driver.
-
-
-def generate(make_model_fn: Callable[[Any], diffusion.ModelFn], params,
-             schedule: Schedule, *, num_images: int, batch_size: int,
-             image_shape: tuple[int, ...], key: jax.Array,
-             sampler: str = "ddpm", mesh: Optional[Mesh] = None,
-             **sampler_options) -> np.ndarray:
-  """Samples `num_images` uint8 images in batches sharded over a mesh.
-
-  One function is jitted and compiled once for all batches; batch i uses key
-  `fold_in(key, i)` and equals the chosen sampler called with that key and
-  `shape=(batch_size,) + image_shape`. Its x_T is sharded over the mesh's
-  'data' axis on the batch dimension. `params` and `schedule` are jit
-  arguments (not baked-in constants) and are replicated over the mesh. The
-  last batch is sampled in full and cut to `num_images`.
-
-  Args:
-    make_model_fn: params -> denoiser `(x_t, t) -> output`, called inside
-      the jitted function (e.g. `generation.make_model_fn(unet)`).
-    params: pytree of model parameters.
-    schedule: the diffusion schedule.
-    num_images: N >= 1.
-    batch_size: images per batch, a multiple of the mesh's 'data' size.
-    image_shape: (H, W, C).
-    key: PRNG key.
-    sampler: 'ddpm' (`ddpm_sample`) or 'ddim' (`ddim_sample`).
-    mesh: a `Mesh` with a 'data' axis; None uses all devices on one 'data'
-      axis.
-    **sampler_options: keyword options of the sampler (e.g. `num_steps=50,
-      eta=0.0` for DDIM), other than shape, key, x_T and trajectory_every.
-
-  Returns:
-    uint8 numpy array [N, H, W, C].
-
-  Raises:
-    ValueError: for bad counts, an unknown sampler, a mesh without 'data', a
-      batch size the 'data' axis does not divide, or bad sampler options.
-
-  Example:
-    >>> imgs = generate(generation.make_model_fn(unet), params,
-    ...                 sched, num_images=64, batch_size=16,
-    ...                 image_shape=(32, 32, 3), key=jax.random.key(0),
-    ...                 sampler="ddim", num_steps=50)
-  """
-  check_choice("sampler", sampler, SAMPLERS)
-  _check_int("num_images", num_images, low=1)
-  _check_int("batch_size", batch_size, low=1)
-  reserved = {"shape", "key", "x_T", "trajectory_every"} & set(sampler_options)
-  if reserved:
-    raise ValueError(f"generate sets {sorted(reserved)} itself; drop them "
-                     "from the sampler options.")
-  if mesh is None:
-    mesh = Mesh(np.asarray(jax.devices()), ("data",))
-  if "data" not in mesh.axis_names:
-    raise ValueError(f"mesh needs a 'data' axis, got axes {mesh.axis_names}.")
-  if batch_size % mesh.shape["data"]:
-    raise ValueError(f"batch_size {batch_size} must be a multiple of the "
-                     f"mesh's 'data' size {mesh.shape['data']}.")
-  shape = (batch_size,) + tuple(image_shape)
-  _check_start(shape, key, None, needs_key=True)
-  sample_fn = ddpm_sample if sampler == "ddpm" else ddim_sample
-  batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
-  replicated = NamedSharding(mesh, PartitionSpec())
-
-  def one_batch(params, schedule, batch_key):
-    x_T = jax.random.normal(jax.random.split(batch_key)[0], shape, jnp.float32)
-    x_T = jax.lax.with_sharding_constraint(x_T, batch_sharding)
-    out = sample_fn(make_model_fn(params), schedule, x_T=x_T, key=batch_key,
-                    **sampler_options)
-    return images_lib.to_uint8(out.images)
-
-  sample_batch = jax.jit(one_batch, out_shardings=batch_sharding)
-  params, schedule = jax.device_put((params, schedule), replicated)
-  batches = [
-      np.asarray(sample_batch(params, schedule, jax.random.fold_in(key, i)))
-      for i in range(math.ceil(num_images / batch_size))
-  ]
-  return np.concatenate(batches)[:num_images]

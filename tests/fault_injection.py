@@ -6,9 +6,10 @@
 Not part of `python -m pytest` (a few minutes on two CPU cores). It
 
 * trains real subprocesses (tests/fault_helpers.py) in a few workdirs and
-  interrupts each several times at random moments: SIGKILL during start-up,
-  mid-step or mid-save (an Orbax tmp directory exists; the child is frozen
-  with SIGSTOP, the moment checked on disk, then killed), or SIGTERM;
+  interrupts each several times at random moments that the child announces
+  and waits at: SIGKILL during start-up (three points), mid-step (a random
+  step) or mid-save (a random checkpoint, its tmp directory just created,
+  half moved into place, or complete but not committed), or SIGTERM mid-step;
 * between runs damages the newest complete checkpoint in a random way
   (fault_helpers.CORRUPTIONS);
 * checks every restart resumed from the newest complete, undamaged
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import collections
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -37,17 +39,38 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fault_helpers as fh  # pylint: disable=g-import-not-at-top,wrong-import-position
-import train_helpers as helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 NUM_STEPS = 10
 MOMENTS = ("start-up", "mid-step", "mid-save", "sigterm")
+# Known noise: after a read of a damaged OCDBT manifest fails, TensorStore
+# callbacks print "Event loop is closed" tracebacks from its own threads (the
+# restore itself is handled; counted apart).
+NOISE = ("Traceback (most recent call last):", "asyncio/base_events.py",
+         "self._check_closed()", "raise RuntimeError('Event loop is closed')",
+         "RuntimeError: Event loop is closed")
+
+
+def choose_hold(rng: random.Random, moment: str, newest: int,
+                has_checkpoint: bool) -> tuple[str, bool]:
+  """A hold of kind `moment` that a run resuming at or before step `newest`
+  reaches; returns (hold, send SIGTERM instead of SIGKILL)."""
+  if moment != "start-up" and newest >= NUM_STEPS:
+    moment = "start-up"  # nothing left to train: only start-up remains
+  if moment == "start-up":
+    return rng.choice(["start-up:begin", "start-up:dataset"] +
+                      (["start-up:restored"] if has_checkpoint else [])), False
+  if moment in ("mid-step", "sigterm"):
+    return f"mid-step:{rng.randint(newest + 1, NUM_STEPS)}", moment == "sigterm"
+  saves = [k for k in range(newest + 1, NUM_STEPS + 1)
+           if k % fh.CHECKPOINT_EVERY == 0 or k == NUM_STEPS]
+  where = rng.choice(["begin", "items", "commit"])
+  return f"mid-save:{rng.choice(saves)}:{where}", False
 
 
 def kill_campaign(base: Path, cache: str, rng: random.Random, kills: int,
                   corruptions: int, failures: list[str]) -> dict:
   stats = collections.Counter()
-  _, startup = fh.run_to_end(base / "reference", NUM_STEPS, cache,
-                             "reference")
+  fh.run_to_end(base / "reference", NUM_STEPS, "reference", cache_dir=cache)
   reference = fh.read_checkpoint(base / "reference", NUM_STEPS)
   per_workdir = 4
   workdirs = max(1, -(-kills // per_workdir))
@@ -58,33 +81,41 @@ def kill_campaign(base: Path, cache: str, rng: random.Random, kills: int,
     expected_from = None  # the step the next run must resume from
     damaged = None
     for i in range(min(per_workdir, kills - done)):
-      requested = rng.choice(MOMENTS)
-      r = fh.interrupt(workdir, NUM_STEPS, cache, f"run{w}-{i}-{requested}",
-                       requested, rng, startup_seconds=startup)
+      complete = fh.complete_steps(workdir)
+      hold, sigterm = choose_hold(rng, rng.choice(MOMENTS),
+                                  complete[-1] if complete else 0,
+                                  bool(complete))
+      r = fh.interrupt(workdir, NUM_STEPS, f"run{w}-{i}", hold,
+                       sigterm=sigterm, cache_dir=cache)
       done += 1
-      stats[f"kill:{r.moment}"] += 1
-      where = f"run{w}/{i} ({r.moment})"
-      # Known noise: after a read of a damaged OCDBT manifest fails,
-      # TensorStore callbacks print "Event loop is closed" tracebacks from
-      # its own threads (the restore itself is handled; counted apart).
-      noise = ("Traceback (most recent call last):", "asyncio/base_events.py",
-               "self._check_closed()", "raise RuntimeError('Event loop is "
-               "closed')", "RuntimeError: Event loop is closed")
+      moment = ("sigterm" if sigterm else hold.split(":")[0])
+      stats[f"kill:{moment}"] += 1
+      where = f"run{w}/{i} ({hold}{', SIGTERM' if sigterm else ''})"
+      if r.at is None:
+        failures.append(f"{where}: exited ({r.exit_code}) before its hold:\n"
+                        f"{r.log[-2000:]}")
+        continue
       log = r.log
       if "RuntimeError: Event loop is closed" in log:
         log = "\n".join(l for l in log.splitlines()
-                        if not any(n in l for n in noise))
-      if log != r.log:
+                        if not any(n in l for n in NOISE))
         stats["noise:event-loop-closed"] += 1
       if "Traceback" in log:
         at = log.index("Traceback")
         failures.append(f"{where}: traceback in the log:\n"
                         f"{log[max(0, at - 500):at + 2500]}")
-      if r.moment == "sigterm" and r.exit_code != 0:
-        failures.append(f"{where}: SIGTERM exit code {r.exit_code}")
-      if (r.moment != "start-up" and expected_from is not None and
-          r.resumed_from != expected_from):
-        failures.append(f"{where}: resumed from {r.resumed_from}, expected "
+      if r.exit_code != (0 if sigterm else -signal.SIGKILL):
+        failures.append(f"{where}: exit code {r.exit_code}")
+      if hold.startswith("mid-save"):
+        step = int(hold.split(":")[1])
+        if not any(t.startswith(f"{step}{fh.TMP_MARKER}")
+                   for t in fh.tmp_dirs(workdir)):
+          failures.append(f"{where}: no tmp directory of step {step} after "
+                          "the kill")
+      got = (r.at.get("restored_step") if hold == "start-up:restored"
+             else r.resumed_from if hold.startswith("mid-") else "-")
+      if got != "-" and expected_from is not None and got != expected_from:
+        failures.append(f"{where}: resumed from {got}, expected "
                         f"{expected_from}")
       if damaged is not None:
         step, kind, changed = damaged
@@ -93,8 +124,8 @@ def kill_campaign(base: Path, cache: str, rng: random.Random, kills: int,
         if reported:
           stats["corruption:detected"] += 1
           damaged = None
-        elif r.moment != "start-up":
-          if kind == "truncate-any-file" and r.resumed_from == step:
+        elif got != "-":  # it restored, yet said nothing of the damage
+          if kind == "truncate-any-file" and got == step:
             stats["corruption:harmless"] += 1  # never read; arrays verified
           else:
             failures.append(f"{where}: damaged step {step} ({kind}) was not "
@@ -112,10 +143,10 @@ def kill_campaign(base: Path, cache: str, rng: random.Random, kills: int,
           expected_from = complete[-2]
           if kind == "truncate-any-file":
             expected_from = None  # the damaged file may not be read at all
-    log, _ = fh.run_to_end(workdir, NUM_STEPS, cache, f"run{w}-final")
-    if expected_from is not None and fh._resumed_from(log) != expected_from:  # pylint: disable=protected-access
-      failures.append(f"run{w}/final: resumed from "
-                      f"{fh._resumed_from(log)}, expected {expected_from}")  # pylint: disable=protected-access
+    log = fh.run_to_end(workdir, NUM_STEPS, f"run{w}-final", cache_dir=cache)
+    if expected_from is not None and fh.resumed_from(log) != expected_from:
+      failures.append(f"run{w}/final: resumed from {fh.resumed_from(log)}, "
+                      f"expected {expected_from}")
     try:
       fh.assert_same_arrays(fh.read_checkpoint(workdir, NUM_STEPS), reference)
       stats["workdir:identical"] += 1
@@ -225,7 +256,7 @@ _BAD_CONFIG = [
 
 def bad_input_campaign(base: Path, rng: random.Random, count: int,
                        failures: list[str]) -> dict:
-  from ddpm_jax import config_validation  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from ddpm_jax import input_pipeline as ip  # pylint: disable=g-import-not-at-top
   from ddpm_jax.config import base_config  # pylint: disable=g-import-not-at-top
   stats = collections.Counter()
@@ -240,10 +271,10 @@ def bad_input_campaign(base: Path, rng: random.Random, count: int,
       config[group][name] = value
       label = f"config:{field}={value}"
       try:
-        config_validation.validate_config(config, mode="train",
+        config_lib.validate_config(config, mode="train",
                                           num_devices=2, process_count=1)
         failures.append(f"{label}: accepted")
-      except config_validation.ConfigError as e:
+      except config_lib.ConfigError as e:
         if f"config.{group}." not in str(e) and "config." not in str(e):
           failures.append(f"{label}: message names no field: {e}")
       except Exception as e:  # pylint: disable=broad-except
@@ -288,9 +319,6 @@ def main(argv=None) -> int:
   parser.add_argument("--corruptions", type=int, default=6)
   parser.add_argument("--bad-inputs", type=int, default=60)
   args = parser.parse_args(argv)
-  if not helpers.MNIST.exists():
-    print(f"fault injection: {helpers.MNIST} not found", file=sys.stderr)
-    return 2
   rng = random.Random(args.seed)
   failures: list[str] = []
   start = time.time()

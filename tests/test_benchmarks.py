@@ -6,9 +6,12 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_json_with_every_section(tmp_path):
   out = tmp_path / "bench.json"
   md = tmp_path / "bench.md"

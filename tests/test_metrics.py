@@ -27,9 +27,10 @@ def test_feature_statistics_matches_numpy():
       sigma, (f64 - f64.mean(0)).T @ (f64 - f64.mean(0)) / 49, rtol=1e-10)
 
 
-@pytest.mark.parametrize("shape", [(1, 4), (4,)])
-def test_feature_statistics_rejects_bad_shapes(shape):
-  with pytest.raises(ValueError, match="features|feature vectors"):
+@pytest.mark.parametrize("shape, message", [((1, 4), "Too few images"),
+                                            ((4,), "features")])
+def test_feature_statistics_rejects_bad_shapes(shape, message):
+  with pytest.raises(ValueError, match=message):
     metrics.feature_statistics(np.zeros(shape))
 
 
@@ -233,16 +234,17 @@ def test_reference_statistics_are_cached(tmp_path):
     return images
 
   kwargs = dict(cache_dir=tmp_path / "stats", dataset="tfds:cifar10",
-                split="train", num_images=9, batch_size=4)
+                split="train", num_images=9, batch_size=4,
+                preprocessing="tensorflow")
   extract = _CountingExtractor()
   first = metrics.reference_statistics(extract, load, **kwargs)
   assert (extract.calls, len(loads)) == (3, 1)
   path = metrics.reference_cache_path(tmp_path / "stats",
                                       dataset="tfds:cifar10", split="train",
-                                      num_images=9)
-  assert path.endswith("fid_inception_tfds_cifar10_train_9.npz")
+                                      num_images=9, preprocessing="tensorflow")
+  assert path.endswith("fid_inception_tensorflow_tfds_cifar10_train_9.npz")
   assert sorted(p.name for p in (tmp_path / "stats").iterdir()) == [
-      "fid_inception_tfds_cifar10_train_9.npz"]
+      "fid_inception_tensorflow_tfds_cifar10_train_9.npz"]
 
   second = metrics.reference_statistics(extract, load, **kwargs)
   assert (extract.calls, len(loads)) == (3, 1)  # loaded, not recomputed
@@ -253,10 +255,71 @@ def test_reference_statistics_are_cached(tmp_path):
 
   metrics.reference_statistics(extract, load, **{**kwargs, "split": "test"})
   assert (extract.calls, len(loads)) == (6, 2)  # another key recomputes
+  metrics.reference_statistics(extract, load,
+                               **{**kwargs, "preprocessing": "pytorch_fid"})
+  assert (extract.calls, len(loads)) == (9, 3)  # so does another convention
 
 
 def test_reference_statistics_checks_the_image_count(tmp_path):
   with pytest.raises(ValueError, match="num_images=8"):
     metrics.reference_statistics(_CountingExtractor(), lambda: _images(9),
                                  cache_dir=tmp_path, dataset="d", split="s",
-                                 num_images=8, batch_size=4)
+                                 num_images=8, batch_size=4,
+                                 preprocessing="tensorflow")
+
+
+def test_extract_features_without_logits():
+  def pool_only(images):
+    return images.reshape(len(images), -1)[:, :5].astype(np.float32), None
+  feats = metrics.extract_features(pool_only, _images(5), batch_size=2)
+  assert feats.logits is None
+  np.testing.assert_array_equal(feats.pool, _images(5).reshape(5, -1)[:, :5])
+
+
+@pytest.mark.parametrize("images, message", [
+    (np.zeros((0, 4, 4, 3), np.uint8), r"non-empty RGB \[N, H, W, 3\]"),
+    (np.zeros((2, 4, 4, 1), np.uint8), r"got shape \(2, 4, 4, 1\)"),
+    (np.zeros((2, 4, 4, 3), np.int32), "got dtype int32"),
+    (np.linspace(0, 255, 96, dtype=np.float32).reshape(2, 4, 4, 3),
+     r"float in \[0, 255\]; expected \[-1, 1\]"),
+    (np.full((2, 4, 4, 3), np.nan, np.float32), "NaN"),
+])
+def test_extract_features_rejects_bad_images(images, message):
+  with pytest.raises(ValueError, match=message):
+    metrics.extract_features(_CountingExtractor(), images, batch_size=2)
+
+
+def test_statistics_files_round_trip(tmp_path):
+  f = np.random.default_rng(9).normal(size=(6, 3))
+  mu, sigma = metrics.feature_statistics(f)
+  stats = metrics.ReferenceStatistics(mu=mu, sigma=sigma, features=f)
+  path = tmp_path / "s.npz"
+  metrics.write_statistics(path, stats, preprocessing="tensorflow")
+  back = metrics.load_statistics(path, preprocessing="tensorflow")
+  chex.assert_trees_all_equal(tuple(back), tuple(stats))
+  with pytest.raises(ValueError, match="'tensorflow' preprocessing, not "
+                     "'pytorch_fid'"):
+    metrics.load_statistics(path, preprocessing="pytorch_fid")
+  # Published files have only mu and sigma: no features, any preprocessing.
+  np.savez(tmp_path / "published.npz", mu=mu, sigma=sigma)
+  published = metrics.load_statistics(tmp_path / "published.npz",
+                                      preprocessing="pytorch_fid")
+  assert published.features is None
+  np.testing.assert_array_equal(published.sigma, sigma)
+
+
+def test_load_statistics_rejects_bad_files(tmp_path):
+  with pytest.raises(FileNotFoundError, match="absent.npz"):
+    metrics.load_statistics(tmp_path / "absent.npz")
+  np.savez(tmp_path / "images.npz", x_train=np.zeros((2, 4, 4, 3)))
+  with pytest.raises(ValueError, match=r"lacks \['mu', 'sigma'\]"):
+    metrics.load_statistics(tmp_path / "images.npz")
+  np.savez(tmp_path / "shapes.npz", mu=np.zeros(3), sigma=np.eye(4))
+  with pytest.raises(ValueError, match="do not fit together"):
+    metrics.load_statistics(tmp_path / "shapes.npz")
+  good = tmp_path / "good.npz"
+  np.savez(good, mu=np.zeros(300), sigma=np.eye(300))
+  truncated = tmp_path / "truncated.npz"
+  truncated.write_bytes(good.read_bytes()[:5000])
+  with pytest.raises(ValueError, match="truncated or corrupt"):
+    metrics.load_statistics(truncated)

@@ -1,11 +1,13 @@
-"""Tests of the training engine (ddpm_jax/train.py, ddpm_jax/checkpoint.py).
+"""Tests of the training engine (ddpm_jax/train_step.py, ddpm_jax/train.py,
+ddpm_jax/checkpoint.py).
 
-CPU only, a ~3k-parameter conv denoiser (tests/train_helpers.py) on a slice
-of ../shared/data/mnist.npz. Multi-device and multi-process runs are
-subprocesses running tests/train_helpers.py.
+CPU only, a ~3k-parameter conv denoiser (tests/train_helpers.py) on 256 of
+scikit-learn's bundled 8x8 digits (no data folder needed). Multi-device and
+multi-process runs are subprocesses running tests/train_helpers.py (slow
+tier); JAX's compilation cache (tests/conftest.py) lets the module's
+identical runs share compiled programs.
 """
 
-import importlib.util
 import math
 import os
 import signal
@@ -24,51 +26,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_helpers as helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from ddpm_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ddpm_jax import config_validation, losses, train  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-pytestmark = pytest.mark.skipif(not helpers.MNIST.exists(),
-                                reason=f"{helpers.MNIST} not found")
+from ddpm_jax import builders, config as config_lib, inference, losses, optim, parallel, train, train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 HELPER = str(Path(helpers.__file__).resolve())
 SUBPROCESS_TIMEOUT = 300
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """Shares compiled executables between the module's identical runs."""
-  try:
-    from jax._src import compilation_cache as cc  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    yield None
-    return
-  names = ("jax_compilation_cache_dir",
-           "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
-  old = {n: getattr(jax.config, n) for n in names}
-  path = str(tmp_path_factory.mktemp("jax_cache"))
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  cc.reset_cache()
-  yield path
-  for n, v in old.items():
-    jax.config.update(n, v)
-  cc.reset_cache()
-
-
 @pytest.fixture(scope="module")
 def images():
-  return helpers.load_mnist()
-
-
-def _subprocess_env(**extra):
-  env = dict(os.environ)
-  env["PYTHONPATH"] = os.pathsep.join(
-      [str(helpers.REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
-  env["JAX_PLATFORMS"] = "cpu"
-  env.pop("XLA_FLAGS", None)
-  env.update(extra)
-  return env
+  return helpers.load_digits()
 
 
 # ---------------------------------------------------------------------------
@@ -79,7 +45,7 @@ def _subprocess_env(**extra):
     ("train.batch_size", 0, "config.train.batch_size must be an integer >= 1"),
     ("train.ema_decay", 1.0, r"config.train.ema_decay must be a number in "
      r"[0.0, 1.0)"),
-    ("optimizer.lr", -1e-4, "config.optimizer.lr must be a number in [0.0"),
+    ("optimizer.lr", -1e-4, "config.optimizer.lr must be a number in (0.0"),
     ("optimizer.decay", "linear", "config.optimizer.decay must be one of"),
     ("diffusion.target", "score", "config.diffusion.target must be one of"),
     ("train.ema_warmup", 1, "config.train.ema_warmup must be True or False"),
@@ -87,14 +53,14 @@ def _subprocess_env(**extra):
 ])
 def test_config_validation_names_field(field, value, message):
   config = helpers.make_config().to_dict()  # Plain dicts: no type safety.
-  config_validation.validate_train_config(config, num_devices=1)
+  config_lib.validate_config(config, num_devices=1)
   node = config
   *parents, leaf = field.split(".")
   for p in parents:
     node = node[p]
   node[leaf] = value
-  with pytest.raises(ValueError) as err:
-    config_validation.validate_train_config(config)
+  with pytest.raises(config_lib.ConfigError) as err:
+    config_lib.validate_config(config)
   assert message in str(err.value)
 
 
@@ -102,26 +68,24 @@ def test_config_validation_batch_divisible_by_devices():
   config = helpers.make_config(batch_size=12)
   with pytest.raises(ValueError, match=r"batch_size \(12\) must be divisible "
                      r"by the number of devices \(8\)"):
-    config_validation.validate_train_config(config, num_devices=8)
+    config_lib.validate_config(config, num_devices=8)
 
 
 def test_learning_rate_warmup_cosine_and_ema_decay():
-  config = helpers.make_config()
-  opt = config.optimizer
-  opt.lr, opt.warmup_steps = 2e-4, 10
-  lr = train.learning_rate_schedule(opt, num_steps=110)
+  lr = optim.learning_rate_schedule(lr=2e-4, warmup_steps=10, num_steps=110,
+                                    decay="cosine")
   np.testing.assert_allclose(
       [float(lr(s)) for s in (0, 5, 10, 60, 110, 200)],
       [0.0, 1e-4, 2e-4, 1e-4, 0.0, 0.0], atol=1e-9)
-  opt.decay = "constant"
-  lr = train.learning_rate_schedule(opt, num_steps=110)
+  lr = optim.learning_rate_schedule(lr=2e-4, warmup_steps=10, num_steps=110,
+                                    decay="constant")
   np.testing.assert_allclose([float(lr(s)) for s in (5, 10, 1000)],
                              [1e-4, 2e-4, 2e-4], atol=1e-9)
-  assert float(train.ema_decay_at(0, ema_decay=0.9999, ema_warmup=True)) == (
+  assert float(optim.ema_decay_at(0, ema_decay=0.9999, ema_warmup=True)) == (
       pytest.approx(0.1))
-  assert float(train.ema_decay_at(10**6, ema_decay=0.9999,
+  assert float(optim.ema_decay_at(10**6, ema_decay=0.9999,
                                   ema_warmup=True)) == pytest.approx(0.9999)
-  assert float(train.ema_decay_at(0, ema_decay=0.9999,
+  assert float(optim.ema_decay_at(0, ema_decay=0.9999,
                                   ema_warmup=False)) == pytest.approx(0.9999)
 
 
@@ -129,20 +93,20 @@ def test_learning_rate_warmup_cosine_and_ema_decay():
 # The jitted step on one device.
 
 
-@pytest.fixture(scope="module")
-def step_setup(images):
-  """A jitted step (1-device mesh), compiled once for the module."""
+def _step_setup(images):
+  """A jitted step on a 1-device mesh for `images`' shape."""
   config = helpers.make_config(batch_size=16, num_steps=40)
   config.optimizer.update(lr=3e-3, warmup_steps=0, decay="constant")
-  mesh = train.create_mesh(jax.devices()[:1])
+  mesh = parallel.create_mesh(jax.devices()[:1])
   model = helpers.tiny_model()
-  tx = train.create_optimizer(config.optimizer, num_steps=40)
+  tx = builders.build_optimizer(config)
   rng = jax.random.PRNGKey(0)
-  state0 = train.create_train_state(model, tx, rng,
-                                    image_shape=images.shape[1:], mesh=mesh)
-  step = train.jit_train_step(train.make_train_step(config, model, tx), mesh,
-                              state0)
-  schedule = train.make_schedule_from_config(config.diffusion)
+  state0 = train_step.create_train_state(model, tx, rng,
+                                         image_shape=images.shape[1:],
+                                         mesh=mesh)
+  step = train_step.jit_train_step(
+      builders.build_train_step(config, model, tx), mesh, state0)
+  schedule = builders.build_schedule(config)
 
   @jax.jit
   def eval_loss(params, x0):
@@ -157,12 +121,17 @@ def step_setup(images):
               eval_loss=eval_loss)
 
 
+@pytest.fixture(scope="module")
+def step_setup(images):
+  """The digits' step, compiled once for the module."""
+  return _step_setup(images)
+
+
 def _copy(tree):
   return jax.tree.map(lambda x: np.array(x), tree)
 
 
-def test_train_step_lowers_loss_on_mnist(step_setup, images):
-  s = step_setup
+def _lowers_loss(s, images):
   state = jax.tree.map(jnp.array, s["state0"])
   before = float(s["eval_loss"](state.params, images[:64]))
   for i in range(40):
@@ -179,6 +148,17 @@ def test_train_step_lowers_loss_on_mnist(step_setup, images):
   diff = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()),
                       state.params, state.ema_params)
   assert max(jax.tree.leaves(diff)) > 0
+
+
+def test_train_step_lowers_loss_on_digits(step_setup, images):
+  _lowers_loss(step_setup, images)
+
+
+@pytest.mark.real_data("mnist.npz")
+def test_train_step_lowers_loss_on_mnist():
+  with np.load(helpers.REPO.parent / "shared" / "data" / "mnist.npz") as f:
+    images = (f["x_train"][:256].astype(np.float32) / 127.5 - 1.0)[..., None]
+  _lowers_loss(_step_setup(images), images)
 
 
 def test_nonfinite_step_is_skipped(step_setup, images):
@@ -203,13 +183,14 @@ def test_nonfinite_step_is_skipped(step_setup, images):
 def test_bfloat16_compute_keeps_float32_state(images):
   config = helpers.make_config(batch_size=4)
   model = helpers.tiny_model(dtype="bfloat16")
-  tx = train.create_optimizer(config.optimizer, num_steps=6)
-  mesh = train.create_mesh(jax.devices()[:1])
+  tx = builders.build_optimizer(config)
+  mesh = parallel.create_mesh(jax.devices()[:1])
   rng = jax.random.PRNGKey(1)
-  state = train.create_train_state(model, tx, rng, image_shape=(28, 28, 1),
-                                   mesh=mesh)
-  step = train.jit_train_step(train.make_train_step(config, model, tx), mesh,
-                              state)
+  state = train_step.create_train_state(model, tx, rng,
+                                        image_shape=images.shape[1:],
+                                        mesh=mesh)
+  step = train_step.jit_train_step(
+      builders.build_train_step(config, model, tx), mesh, state)
   for i in range(3):
     state, metrics = step(state, {"image": images[4 * i:4 * i + 4]}, rng)
   assert math.isfinite(float(metrics["loss"]))
@@ -227,8 +208,8 @@ def _run(workdir, images, monkeypatch=None, config=None, **data_kwargs):
   config = config or helpers.make_config()
   if monkeypatch is not None:
     # A fresh counter per run: a second trace of the step raises.
-    monkeypatch.setattr(train, "train_step",
-                        chex.assert_max_traces(train.train_step, n=1))
+    monkeypatch.setattr(train_step, "train_step",
+                        chex.assert_max_traces(train_step.train_step, n=1))
   try:
     return train.train_and_evaluate(
         config, str(workdir), model=helpers.tiny_model(),
@@ -253,8 +234,7 @@ def test_train_and_evaluate_traces_once_and_checkpoints(uninterrupted):
   # keep_checkpoints=2 of the saves at 2, 4, 6.
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()
                 if p.name.isdigit()) == ["4", "6"]
-  if importlib.util.find_spec("tensorboardX") is not None:
-    assert list(workdir.glob("events.out.tfevents.*"))
+  assert list(workdir.glob("events.out.tfevents.*"))  # tensorboardX
 
 
 class _SigtermAt(helpers.ArrayDataset):
@@ -314,6 +294,37 @@ def test_sigterm_checkpoints_and_resume_is_exact(uninterrupted, images,
   chex.assert_trees_all_equal(_copy(resumed), _copy(reference))
 
 
+def test_time_budget_stops_with_a_checkpoint_and_samples(images, tmp_path,
+                                                        caplog):
+  config = helpers.make_config(num_steps=6, sample_every=100)
+  config.train.max_time = 1e-6  # Used up before the first step ends.
+  config.sample.update(num_images=4, batch_size=4, sampler="ddim",
+                       ddim_steps=2, gif=False)
+  with caplog.at_level("WARNING"):
+    state = _run(tmp_path, images, config=config)
+  assert int(state.step) == 1
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]
+  # Unlike SIGTERM, the budget leaves time for the final samples.
+  assert (tmp_path / "samples" / "step_00000001.png").is_file()
+  assert "time budget of 0:00:00 used up: saved checkpoint at step 1" \
+      in caplog.text
+
+
+def test_load_trained_needs_no_optimizer(uninterrupted):
+  """Only the EMA parameters are read: a config with another optimizer (a
+  differently shaped optimizer state) loads the same parameters."""
+  workdir, reference = uninterrupted
+  config = helpers.make_config()
+  config.optimizer.update(weight_decay=0.1, grad_clip_norm=0.0)
+  trained = inference.load_trained(config, workdir, model=helpers.tiny_model())
+  assert trained.step == 6
+  chex.assert_trees_all_equal(_copy(trained.params),
+                              _copy(reference.ema_params))
+  for leaf in jax.tree.leaves(trained.params):
+    assert leaf.sharding.is_equivalent_to(
+        parallel.replicated(trained.mesh), leaf.ndim)
+
+
 def test_nonfinite_steps_stop_training(images, tmp_path):
   config = helpers.make_config(checkpoint_every=1, max_nonfinite_steps=2)
   with pytest.raises(train.NonFiniteError) as err:
@@ -328,10 +339,10 @@ def test_nonfinite_steps_stop_training(images, tmp_path):
 # 1 device vs 8 devices, jit-with-mesh vs pmap.
 
 
+@pytest.mark.slow
 def test_one_vs_eight_devices_and_pmap(tmp_path, images):
   out = tmp_path / "devices8.npz"
-  env = _subprocess_env(
-      XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = helpers.subprocess_env(devices=8, JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, HELPER, "devices8", str(out)],
                         env=env, capture_output=True, text=True,
                         timeout=SUBPROCESS_TIMEOUT, check=False)
@@ -359,6 +370,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_agree_with_one(uninterrupted, tmp_path):
   _, reference = uninterrupted
   port = _free_port()
@@ -367,7 +379,8 @@ def test_two_processes_agree_with_one(uninterrupted, tmp_path):
       subprocess.Popen(
           [sys.executable, HELPER, "distributed", str(i), str(port),
            str(workdir), str(tmp_path / f"out{i}.npz")],
-          env=_subprocess_env(), stdout=subprocess.PIPE,
+          env=helpers.subprocess_env(JAX_PLATFORMS="cpu"),
+          stdout=subprocess.PIPE,
           stderr=subprocess.STDOUT, text=True) for i in range(2)
   ]
   outputs = []
@@ -398,9 +411,14 @@ def test_two_processes_agree_with_one(uninterrupted, tmp_path):
 # The real pieces: the U-Net (tiny width, dropout on) and the npz pipeline.
 
 
-def _unet_config():
+def _unet_config(npz_path):
+  """The U-Net on the digits, read back from an npz file by the pipeline."""
+  x = np.round((helpers.load_digits()[..., 0] + 1.0) * 127.5)
+  np.savez(npz_path, x_train=x.astype(np.uint8),
+           y_train=np.zeros((len(x),), np.int64))
   config = helpers.make_config(num_steps=4, batch_size=4, log_every=1,
                                checkpoint_every=10)
+  config.data.source = f"npz:{npz_path}"
   config.model = dict(preset="tutorial", layout="ddpm", in_channels=1,
                       base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
                       block_type="resnet", attention=("none", "none"),
@@ -408,12 +426,11 @@ def _unet_config():
   return config
 
 
+@pytest.mark.slow  # ~25 s of CPU: three runs of the U-Net
 def test_unet_and_npz_pipeline_resume_exactly(tmp_path):
-  config = _unet_config()
+  config = _unet_config(tmp_path / "digits.npz")
   reference = train.train_and_evaluate(config, str(tmp_path / "a"))
   assert int(reference.step) == 4
-
-  from ddpm_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 
   class SigtermAfter2:
     """The real iterator; SIGTERM when batch 3 is requested."""
@@ -434,11 +451,10 @@ def test_unet_and_npz_pipeline_resume_exactly(tmp_path):
       self.inner.set_state(state)
 
   def factory(config, **kwargs):
-    return SigtermAfter2(train._default_dataset(config, **kwargs))  # pylint: disable=protected-access
+    return SigtermAfter2(builders.build_dataset(config, **kwargs))
 
-  assert input_pipeline.create_dataset is not None
   interrupted = train.train_and_evaluate(config, str(tmp_path / "b"),
                                          dataset_factory=factory)
-  assert int(interrupted.step) < 4
+  assert int(interrupted.step) == 3  # SIGTERM while batch 3 is fetched
   resumed = train.train_and_evaluate(config, str(tmp_path / "b"))
   chex.assert_trees_all_equal(_copy(resumed), _copy(reference))

@@ -12,23 +12,46 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-MNIST = REPO.parent / "shared" / "data" / "mnist.npz"
 if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
 
-IMAGE_SIZE = 28
+IMAGE_SIZE = 8
 NUM_EXAMPLES = 256
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 
-def load_mnist(n: int = NUM_EXAMPLES) -> np.ndarray:
-  """The first n MNIST training images as float32 [n, 28, 28, 1] in [-1, 1]."""
-  with np.load(MNIST) as f:
-    x = f["x_train"][:n]
-  return (x.astype(np.float32) / 127.5 - 1.0)[..., None]
+def subprocess_env(*, devices: Optional[int] = None,
+                   **extra: str) -> dict[str, str]:
+  """The environment of a test's subprocess: this checkout first on
+  PYTHONPATH; this process's variables, XLA flags (e.g. the fast-compile one
+  of tests/conftest.py) and JAX compilation cache, except that the CPU
+  device count is `devices` (None: XLA's default, one) whatever this process
+  was given; then `extra`.
+  """
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join(
+      [str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+  flags = [f for f in env.get("XLA_FLAGS", "").split()
+           if not f.startswith(DEVICE_COUNT_FLAG)]
+  if devices is not None:
+    flags.append(f"{DEVICE_COUNT_FLAG}={devices}")
+  env["XLA_FLAGS"] = " ".join(flags)
+  env.update(extra)
+  return env
+
+
+def load_digits(n: int = NUM_EXAMPLES) -> np.ndarray:
+  """The first n of scikit-learn's bundled 8x8 digits (no download, no data
+  folder) as float32 [n, 8, 8, 1] in [-1, 1]: 17 grey levels, k -> k/8 - 1.
+  """
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+  x = datasets.load_digits().images[:n]
+  return (x.astype(np.float32) / 8.0 - 1.0)[..., None]
 
 
 def tiny_model(dtype: str = "float32", dropout: float = 0.0):
@@ -62,8 +85,8 @@ def make_config(**train_overrides):
   from ddpm_jax.config import base_config  # pylint: disable=g-import-not-at-top
   c = base_config()
   c.seed = 42
-  c.data.update(dict(source="npz:" + str(MNIST), image_size=IMAGE_SIZE,
-                     channels=1, resize=False))
+  c.data.update(dict(source="digits", image_size=IMAGE_SIZE, channels=1,
+                     resize=False))
   c.diffusion.update(dict(schedule="linear", num_timesteps=1000))
   c.optimizer.update(dict(lr=2e-3, warmup_steps=2, decay="cosine"))
   c.train.update(dict(batch_size=8, num_steps=6, ema_decay=0.999,
@@ -129,16 +152,16 @@ def flat(tree) -> dict[str, np.ndarray]:
 def run_mesh(config, images, num_steps, devices=None):
   """num_steps of the jitted step over a mesh; returns (losses, params)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import train  # pylint: disable=g-import-not-at-top
-  mesh = train.create_mesh(devices)
+  from ddpm_jax import builders, parallel, train_step  # pylint: disable=g-import-not-at-top
+  mesh = parallel.create_mesh(devices)
   model = tiny_model()
-  tx = train.create_optimizer(config.optimizer,
-                              num_steps=config.train.num_steps)
+  tx = builders.build_optimizer(config)
   rng = jax.random.PRNGKey(config.seed)
-  state = train.create_train_state(model, tx, rng,
-                                   image_shape=images.shape[1:], mesh=mesh)
-  step = train.jit_train_step(train.make_train_step(config, model, tx), mesh,
-                              state)
+  state = train_step.create_train_state(model, tx, rng,
+                                        image_shape=images.shape[1:],
+                                        mesh=mesh)
+  step = train_step.jit_train_step(
+      builders.build_train_step(config, model, tx), mesh, state)
   b = config.train.batch_size
   data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   losses = []
@@ -153,16 +176,16 @@ def run_pmap(config, images, num_steps):
   """The same training with jax.pmap over all local devices."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import train  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import builders, train_step  # pylint: disable=g-import-not-at-top
   n = jax.local_device_count()
   model = tiny_model()
-  tx = train.create_optimizer(config.optimizer,
-                              num_steps=config.train.num_steps)
+  tx = builders.build_optimizer(config)
   rng = jax.random.PRNGKey(config.seed)
-  state = jax.jit(lambda r: train.init_train_state(
+  state = jax.jit(lambda r: train_step.init_train_state(
       model, tx, r, image_shape=images.shape[1:]))(rng)
   state = jax.tree.map(lambda x: jnp.stack([x] * n), state)
-  step = jax.pmap(train.make_train_step(config, model, tx, axis_name="batch"),
+  step = jax.pmap(builders.build_train_step(config, model, tx,
+                                            axis_name="batch"),
                   axis_name="batch", in_axes=(0, 0, None),
                   donate_argnums=(0,))
   b = config.train.batch_size
@@ -180,7 +203,7 @@ def _main(argv):
     import jax  # pylint: disable=g-import-not-at-top
     assert jax.device_count() == 8, jax.devices()
     config = make_config(batch_size=16)
-    images = load_mnist()
+    images = load_digits()
     mesh_losses, mesh_params = run_mesh(config, images, 3)
     pmap_losses, pmap_params = run_pmap(config, images, 3)
     np.savez(argv[2], mesh_losses=mesh_losses, pmap_losses=pmap_losses,
@@ -188,13 +211,14 @@ def _main(argv):
              **{"pmap" + k: v for k, v in pmap_params.items()})
   elif mode == "distributed":
     process_id, port, workdir, out = (int(argv[2]), argv[3], argv[4], argv[5])
-    from ddpm_jax import train  # pylint: disable=g-import-not-at-top
-    assert train.initialize_distributed(f"localhost:{port}", 2, process_id)
+    from ddpm_jax import parallel, train  # pylint: disable=g-import-not-at-top
+    assert parallel.initialize_distributed(f"localhost:{port}", 2,
+                                           process_id)
     import jax  # pylint: disable=g-import-not-at-top
     assert jax.process_count() == 2 and jax.device_count() == 2
     state = train.train_and_evaluate(
         make_config(), workdir, model=tiny_model(),
-        dataset_factory=dataset_factory(load_mnist()))
+        dataset_factory=dataset_factory(load_digits()))
     np.savez(out, step=np.asarray(state.step.addressable_data(0)),
              **{"params" + k: np.asarray(v.addressable_data(0))
                 for k, v in _leaves(state.params)},

@@ -5,8 +5,6 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from ddpm_jax.models.layers import CONV_METHODS, DEPTHWISE_METHODS
-
 LAYOUTS = ("ddpm", "tutorial")
 BLOCK_TYPES = ("resnet", "convnext")
 ATTENTION_TYPES = ("none", "linear", "full")
@@ -54,14 +52,6 @@ class UNetConfig:
       embedding and `UNet` requires labels `y`.
     dtype: Compute dtype, 'float32' or 'bfloat16'.
     param_dtype: Parameter dtype, 'float32' or 'bfloat16'.
-    depthwise_method: Implementation of the ConvNeXt depthwise convolution
-      ('auto', 'shifted_sum' or 'lax', see `layers.depthwise_conv2d`); it
-      changes speed only, never parameters or results.
-    conv_method: Implementation of the stride-1 'SAME' convolutions ('auto',
-      'im2col' or 'lax', see `layers.conv_general_dilated`): 'im2col' keeps
-      XLA's forward convolution and computes the kernel gradient as one
-      im2col matmul; 'auto' is 'im2col' on CPU and 'lax' on GPU/TPU. It
-      changes speed only, never parameters; results agree to float rounding.
   """
 
   layout: str = "ddpm"
@@ -80,8 +70,6 @@ class UNetConfig:
   num_classes: int | None = None
   dtype: str = "float32"
   param_dtype: str = "float32"
-  depthwise_method: str = "auto"
-  conv_method: str = "auto"
 
   def __post_init__(self):
     # Configs built from ml_collections / JSON carry lists; store tuples so the config stays hashable.
@@ -106,8 +94,6 @@ class UNetConfig:
     choice("mid_attention", self.mid_attention, ATTENTION_TYPES)
     choice("dtype", self.dtype, DTYPES)
     choice("param_dtype", self.param_dtype, DTYPES)
-    choice("depthwise_method", self.depthwise_method, DEPTHWISE_METHODS)
-    choice("conv_method", self.conv_method, CONV_METHODS)
     for name in ("in_channels", "base_channels", "num_res_blocks", "num_groups", "convnext_mult"):
       positive(name, getattr(self, name))
     check(len(self.channel_mults) > 0, "channel_mults must not be empty")

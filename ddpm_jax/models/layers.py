@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ddpm_jax.models import kernels
+
 Array = jax.Array
 Dtype = Any
 
@@ -23,8 +25,10 @@ KERNEL_INIT = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
 #: residual branch and of the network's output, so that each block starts as
 #: the identity and the initial prediction is about 0 (initial L_simple ~ 1).
 ZERO_INIT = nn.initializers.variance_scaling(1e-10, "fan_avg", "uniform")
-
-DEPTHWISE_METHODS = ("auto", "shifted_sum", "lax")
+#: The network's convolution: `nn.Conv` (same parameters) computed by
+#: `kernels.conv_general_dilated`, XLA's convolution or faster code for the
+#: backend with the same results.
+Conv = functools.partial(nn.Conv, conv_general_dilated=kernels.conv_general_dilated)
 
 
 def sinusoidal_embedding(t: Array, dim: int) -> Array:
@@ -44,200 +48,14 @@ def sinusoidal_embedding(t: Array, dim: int) -> Array:
   return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
 
 
-def _depthwise_lax(x: Array, kernel: Array) -> Array:
-  return jax.lax.conv_general_dilated(
-      x,
-      kernel,
-      window_strides=(1, 1),
-      padding="SAME",
-      dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      feature_group_count=x.shape[-1],
-  )
-
-
-def _shifted_sum(x: Array, kernel: Array) -> Array:
-  """Depthwise 'SAME' correlation as a sum of shifted slices times per-channel taps."""
-  kh, kw = kernel.shape[:2]
-  height, width = x.shape[1:3]
-  xp = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
-  out = xp[:, :height, :width, :] * kernel[0, 0, 0]
-  for i in range(kh):
-    for j in range(kw):
-      if i or j:
-        out = out + xp[:, i : i + height, j : j + width, :] * kernel[i, j, 0]
-  return out
-
-
-def _shifted_sum_kernel_grad(x: Array, g: Array, kernel_shape: tuple[int, ...]) -> Array:
-  """Gradient of `_shifted_sum` with respect to its kernel.
-
-  For each kernel row i, one batched matmul over channels contracts the batch
-  and height axes: `o[c, i, u, w] = sum_{b,h} xp[b, h+i, u, c] * g[b, h, w, c]`;
-  the kernel gradient is then the diagonal sum `dk[i, j, c] = sum_w o[c, i, w+j, w]`.
-  This reads the activations once per kernel row instead of once per tap.
-  """
-  kh, kw = kernel_shape[:2]
-  height, width = x.shape[1:3]
-  xp = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
-  rows = jnp.stack([xp[:, i : i + height] for i in range(kh)], axis=1)  # [B, kh, H, Wp, C]
-  o = jnp.einsum("bihuc,bhwc->ciuw", rows, g, preferred_element_type=jnp.float32)
-  taps = jnp.stack(
-      [jnp.trace(o[:, :, j : j + width, :], axis1=2, axis2=3) for j in range(kw)], axis=-1
-  )  # [C, kh, kw]
-  return jnp.transpose(taps, (1, 2, 0))[:, :, None, :]
-
-
-@jax.custom_vjp
-def _depthwise_shifted_sum(x: Array, kernel: Array) -> Array:
-  return _shifted_sum(x, kernel)
-
-
-def _depthwise_shifted_sum_fwd(x, kernel):
-  return _shifted_sum(x, kernel), (x, kernel)
-
-
-def _depthwise_shifted_sum_bwd(residuals, g):
-  x, kernel = residuals
-  dx = _shifted_sum(g, kernel[::-1, ::-1])
-  dk = _shifted_sum_kernel_grad(x, g, kernel.shape)
-  return dx.astype(x.dtype), dk.astype(kernel.dtype)
-
-
-_depthwise_shifted_sum.defvjp(_depthwise_shifted_sum_fwd, _depthwise_shifted_sum_bwd)
-
-
-def depthwise_conv2d(x: Array, kernel: Array, *, method: str) -> Array:
-  """Depthwise 'SAME' 2-D correlation, stride 1 (a grouped conv with one group per channel).
-
-  Args:
-    x: Input [B, H, W, C].
-    kernel: Taps [kh, kw, 1, C] (the HWIO layout of `nn.Conv(feature_group_count=C)`),
-      kh and kw odd.
-    method: 'lax' calls `jax.lax.conv_general_dilated(feature_group_count=C)`;
-      'shifted_sum' adds kh * kw shifted slices of the input times per-channel
-      taps, with a hand-written gradient; 'auto' is 'shifted_sum' on the CPU
-      backend and 'lax' on GPU/TPU (decided at trace time). Same result; XLA
-      on CPU runs 'shifted_sum' many times faster than its grouped convolution.
-
-  Returns:
-    Output [B, H, W, C].
-
-  Raises:
-    ValueError: For an unknown method, an even kernel or a kernel/input mismatch.
-  """
-  if method not in DEPTHWISE_METHODS:
-    raise ValueError(f"depthwise_conv2d: method must be one of {DEPTHWISE_METHODS}, got {method!r}")
-  kh, kw, kin, channels = kernel.shape
-  if kh % 2 == 0 or kw % 2 == 0 or kin != 1 or channels != x.shape[-1]:
-    raise ValueError(
-        f"depthwise_conv2d: kernel must have shape [odd, odd, 1, C={x.shape[-1]}], got {kernel.shape}"
-    )
-  if method == "auto":
-    method = "shifted_sum" if jax.default_backend() == "cpu" else "lax"
-  if method == "lax":
-    return _depthwise_lax(x, kernel)
-  return _depthwise_shifted_sum(x, kernel)
-
-
-CONV_METHODS = ("auto", "lax", "im2col")
-
-
-def _conv_same(x: Array, kernel: Array) -> Array:
-  kh, kw = kernel.shape[:2]
-  return jax.lax.conv_general_dilated(
-      x, kernel, window_strides=(1, 1), padding=((kh // 2, kh // 2), (kw // 2, kw // 2)),
-      dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-def _im2col(x: Array, kh: int, kw: int) -> Array:
-  """[B, H, W, kh * kw * C]: the 'SAME' stride-1 windows of x, ordered (i, j, c) as HWIO."""
-  height, width = x.shape[1:3]
-  xp = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
-  return jnp.concatenate(
-      [xp[:, i : i + height, j : j + width, :] for i in range(kh) for j in range(kw)], axis=-1)
-
-
-@jax.custom_vjp
-def _conv_im2col_grad(x: Array, kernel: Array) -> Array:
-  return _conv_same(x, kernel)
-
-
-def _conv_im2col_grad_fwd(x, kernel):
-  return _conv_same(x, kernel), (x, kernel)
-
-
-def _conv_im2col_grad_bwd(residuals, g):
-  x, kernel = residuals
-  kh, kw, cin, cout = kernel.shape
-  # Input gradient: the 'SAME' correlation of g with the flipped, in/out-swapped kernel.
-  dx = _conv_same(g, jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2)))
-  # Kernel gradient: one matmul of the im2col windows with g, contracting batch and space.
-  g2 = g.reshape(-1, cout)
-  dk = jnp.dot(g2.T, _im2col(x, kh, kw).reshape(-1, kh * kw * cin),
-               preferred_element_type=jnp.float32)
-  return dx.astype(x.dtype), dk.T.reshape(kh, kw, cin, cout).astype(kernel.dtype)
-
-
-_conv_im2col_grad.defvjp(_conv_im2col_grad_fwd, _conv_im2col_grad_bwd)
-
-
-def _resolve_conv_method(method: str) -> str:
-  if method not in CONV_METHODS:
-    raise ValueError(f"conv method must be one of {CONV_METHODS}, got {method!r}")
-  if method == "auto":
-    return "im2col" if jax.default_backend() == "cpu" else "lax"
-  return method
-
-
-def conv_general_dilated(method: str) -> Callable[..., Array]:
-  """A drop-in for `lax.conv_general_dilated` (`nn.Conv(conv_general_dilated=...)`).
-
-  With method 'im2col' (or 'auto' on the CPU backend, decided at trace time)
-  a stride-1, undilated, ungrouped NHWC/HWIO convolution with odd kernel and
-  symmetric 'SAME' padding keeps XLA's forward convolution but gets a
-  hand-written gradient: the input gradient as a forward convolution with the
-  flipped kernel, the kernel gradient as one matmul of the im2col windows
-  (XLA:CPU runs its own kernel-gradient convolution several times slower).
-  Every other call, and 'lax', is `lax.conv_general_dilated` itself. Same
-  parameters and math; results equal up to float rounding.
-  """
-  _resolve_conv_method(method)
-
-  def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-           dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
-    kh, kw = rhs.shape[:2] if rhs.ndim == 4 else (0, 0)
-    eligible = (
-        _resolve_conv_method(method) == "im2col" and lhs.ndim == 4 and rhs.ndim == 4
-        and not kwargs and precision is None and feature_group_count == 1
-        and tuple(window_strides) == (1, 1)
-        and all(d in (None, 1) for d in (lhs_dilation or (1,)) + (rhs_dilation or (1,)))
-        and kh % 2 == 1 and kw % 2 == 1
-        and (padding == "SAME" or [tuple(p) for p in padding] == [(kh // 2, kh // 2), (kw // 2, kw // 2)])
-        and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-        == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC")))
-    if eligible:
-      return _conv_im2col_grad(lhs, rhs)
-    return jax.lax.conv_general_dilated(
-        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-        dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
-        precision=precision, **kwargs)
-
-  return conv
-
-
-_CONV_FNS = {m: conv_general_dilated(m) for m in CONV_METHODS}
-
-
 class DepthwiseConv(nn.Module):
   """Depthwise 'SAME' convolution with bias; parameters as `nn.Conv(feature_group_count=C)`.
 
   Attributes:
     kernel_size: Odd spatial size of the square kernel.
-    method: Implementation, see `depthwise_conv2d`.
   """
 
   kernel_size: int
-  method: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -250,7 +68,9 @@ class DepthwiseConv(nn.Module):
     )
     bias = self.param("bias", nn.initializers.zeros_init(), (channels,), self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    return depthwise_conv2d(x, kernel, method=self.method) + bias
+    return kernels.conv_general_dilated(
+        x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=channels) + bias
 
 
 class TimeEmbedding(nn.Module):
@@ -298,7 +118,6 @@ class ResnetBlock(nn.Module):
   features: int
   num_groups: int
   dropout: float
-  conv_method: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -306,8 +125,7 @@ class ResnetBlock(nn.Module):
   def __call__(self, x: Array, temb: Array | None, *, train: bool) -> Array:
     """Maps [B, H, W, C_in] (and temb [B, T] or None) to [B, H, W, features]."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    conv = functools.partial(nn.Conv, self.features, (3, 3),
-                             conv_general_dilated=_CONV_FNS[self.conv_method], **kw)
+    conv = functools.partial(Conv, self.features, (3, 3), **kw)
     h = conv(kernel_init=KERNEL_INIT)(nn.swish(_group_norm(self.num_groups, 1e-6, **kw)(x)))
     if temb is not None:
       h = h + nn.Dense(self.features, kernel_init=KERNEL_INIT, **kw)(nn.swish(temb))[:, None, None, :]
@@ -334,7 +152,6 @@ class PostNormResnetBlock(nn.Module):
   features: int
   num_groups: int
   dropout: float
-  conv_method: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -342,8 +159,7 @@ class PostNormResnetBlock(nn.Module):
   def __call__(self, x: Array, temb: Array | None, *, train: bool) -> Array:
     """Maps [B, H, W, C_in] (and temb [B, T] or None) to [B, H, W, features]."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    conv = functools.partial(nn.Conv, self.features, (3, 3), kernel_init=KERNEL_INIT,
-                             conv_general_dilated=_CONV_FNS[self.conv_method], **kw)
+    conv = functools.partial(Conv, self.features, (3, 3), kernel_init=KERNEL_INIT, **kw)
     h = nn.silu(_group_norm(self.num_groups, 1e-5, **kw)(conv()(x)))
     if temb is not None:
       h = h + nn.Dense(self.features, kernel_init=KERNEL_INIT, **kw)(nn.silu(temb))[:, None, None, :]
@@ -366,15 +182,11 @@ class ConvNextBlock(nn.Module):
     features: Output channels.
     mult: Width multiplier of the hidden convolution.
     dropout: Dropout rate before the last convolution.
-    depthwise_method: Implementation of the 7x7 depthwise convolution, see
-      `depthwise_conv2d`.
   """
 
   features: int
   mult: int
   dropout: float
-  depthwise_method: str = "auto"
-  conv_method: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -383,16 +195,15 @@ class ConvNextBlock(nn.Module):
     """Maps [B, H, W, C_in] (and temb [B, T] or None) to [B, H, W, features]."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     gelu = functools.partial(nn.gelu, approximate=False)
-    h = DepthwiseConv(7, method=self.depthwise_method, **kw)(x)
+    h = DepthwiseConv(7, **kw)(x)
     if temb is not None:
       h = h + nn.Dense(x.shape[-1], kernel_init=KERNEL_INIT, **kw)(gelu(temb))[:, None, None, :]
     h = _group_norm(1, 1e-5, **kw)(h)
-    conv_fn = _CONV_FNS[self.conv_method]
-    h = nn.Conv(self.features * self.mult, (3, 3), kernel_init=KERNEL_INIT,
-                conv_general_dilated=conv_fn, **kw)(h)
+    conv = functools.partial(Conv, kernel_size=(3, 3), kernel_init=KERNEL_INIT, **kw)
+    h = conv(self.features * self.mult)(h)
     h = _group_norm(1, 1e-5, **kw)(gelu(h))
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
-    h = nn.Conv(self.features, (3, 3), kernel_init=KERNEL_INIT, conv_general_dilated=conv_fn, **kw)(h)
+    h = conv(self.features)(h)
     if x.shape[-1] != self.features:
       x = nn.Dense(self.features, kernel_init=KERNEL_INIT, **kw)(x)
     return x + h
@@ -426,9 +237,7 @@ class Attention(nn.Module):
     h = _group_norm(self.num_groups, self.epsilon, self.dtype, self.param_dtype)(x)
     qkv = nn.Dense(3 * self.heads * head_dim, use_bias=self.qkv_bias, **kw)(h)
     q, k, v = jnp.split(qkv.reshape(batch, height * width, 3 * self.heads, head_dim), 3, axis=2)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    weights = jax.nn.softmax(logits * head_dim**-0.5, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, height, width, -1)
+    out = kernels.dot_product_attention(q, k, v).reshape(batch, height, width, -1)
     return x + nn.Dense(channels, **kw)(out)
 
 
@@ -481,7 +290,7 @@ class Downsample(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """Maps [B, H, W, C] to [B, H/2, W/2, C]."""
-    return nn.Conv(
+    return Conv(
         x.shape[-1],
         (self.kernel_size, self.kernel_size),
         strides=(2, 2),
@@ -519,7 +328,6 @@ class TransposedConvUpsample(nn.Module):
 class NearestUpsample(nn.Module):
   """Nearest-neighbour 2x upsampling followed by a 3x3 convolution (DDPM)."""
 
-  conv_method: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -527,7 +335,5 @@ class NearestUpsample(nn.Module):
   def __call__(self, x: Array) -> Array:
     """Maps [B, H, W, C] to [B, 2H, 2W, C]."""
     x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-    return nn.Conv(
-        x.shape[-1], (3, 3), kernel_init=KERNEL_INIT, conv_general_dilated=_CONV_FNS[self.conv_method],
-        dtype=self.dtype, param_dtype=self.param_dtype,
-    )(x)
+    return Conv(x.shape[-1], (3, 3), kernel_init=KERNEL_INIT, dtype=self.dtype,
+                param_dtype=self.param_dtype)(x)

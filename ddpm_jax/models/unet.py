@@ -96,13 +96,10 @@ class UNet(nn.Module):
           features,
           mult=cfg.convnext_mult,
           dropout=cfg.dropout,
-          depthwise_method=cfg.depthwise_method,
-          conv_method=cfg.conv_method,
           **self._dtypes,
       )
     block = layers.ResnetBlock if cfg.layout == "ddpm" else layers.PostNormResnetBlock
-    return block(features, num_groups=cfg.num_groups, dropout=cfg.dropout, conv_method=cfg.conv_method,
-                 **self._dtypes)
+    return block(features, num_groups=cfg.num_groups, dropout=cfg.dropout, **self._dtypes)
 
   def _attention(self, kind: str) -> Callable[[Array], Array]:
     cfg = self.config
@@ -127,9 +124,7 @@ class UNet(nn.Module):
     cfg = self.config
     widths = cfg.level_widths
     last = len(widths) - 1
-    conv_fn = layers._CONV_FNS[cfg.conv_method]  # pylint: disable=protected-access
-    hs = [nn.Conv(cfg.base_channels, (3, 3), kernel_init=layers.KERNEL_INIT, conv_general_dilated=conv_fn,
-                  **self._dtypes)(x)]
+    hs = [layers.Conv(cfg.base_channels, (3, 3), kernel_init=layers.KERNEL_INIT, **self._dtypes)(x)]
     for level, width in enumerate(widths):
       for _ in range(cfg.num_res_blocks):
         h = self._block(width)(hs[-1], temb, train=train)
@@ -142,10 +137,9 @@ class UNet(nn.Module):
         h = self._block(widths[level])(jnp.concatenate([h, hs.pop()], axis=-1), temb, train=train)
         h = self._attention(cfg.attention[level])(h)
       if level != 0:
-        h = layers.NearestUpsample(conv_method=cfg.conv_method, **self._dtypes)(h)
+        h = layers.NearestUpsample(**self._dtypes)(h)
     h = nn.swish(nn.GroupNorm(num_groups=cfg.num_groups, epsilon=1e-6, **self._dtypes)(h))
-    return nn.Conv(cfg.out_channels, (3, 3), kernel_init=layers.ZERO_INIT, conv_general_dilated=conv_fn,
-                   **self._dtypes)(h)
+    return layers.Conv(cfg.out_channels, (3, 3), kernel_init=layers.ZERO_INIT, **self._dtypes)(h)
 
   def _tutorial(self, x: Array, temb: Array, *, train: bool) -> Array:
     """Annotated Diffusion layout: one skip per level, taken after its attention.
@@ -157,9 +151,7 @@ class UNet(nn.Module):
     widths = cfg.level_widths
     last = len(widths) - 1
     init_width = cfg.base_channels // 3 * 2
-    h = nn.Conv(init_width, (7, 7), kernel_init=layers.KERNEL_INIT,
-                conv_general_dilated=layers._CONV_FNS[cfg.conv_method],  # pylint: disable=protected-access
-                **self._dtypes)(x)
+    h = layers.Conv(init_width, (7, 7), kernel_init=layers.KERNEL_INIT, **self._dtypes)(x)
     skips = []
     for level, width in enumerate(widths):
       for _ in range(cfg.num_res_blocks):

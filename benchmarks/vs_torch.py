@@ -1,0 +1,331 @@
+"""ddpm_jax against the PyTorch reference networks on this machine, alternated in one run.
+
+An optional extra, never a CI dependency: it needs `torch` (CPU build is
+enough) and, for the CIFAR-10 net, `diffusers` (`pip install torch diffusers`).
+Run from the repository root:
+
+  python -m benchmarks.vs_torch --train tutorial:128 --train ddpm_cifar10:16 --steps 5
+  python -m benchmarks.vs_torch --forward tutorial:1,8,32,128 --forward ddpm_cifar10:1,4,16
+
+* train: the library's train step (`benchmarks.run.build_train_step`: Adam
+  with global-norm clipping, EMA, dropout as the preset) against a PyTorch
+  eager step doing the same work: noisy images at random t, the network,
+  MSE to the noise, backward, `clip_grad_norm_(1.0)`, Adam, an EMA update
+  of every parameter. Steps alternate JAX, PyTorch, JAX, ... after a warm-up
+  of each, so that load from other processes hits both alike; the ratio is
+  the median of the per-pair time ratios (PyTorch / JAX: above 1, JAX is
+  faster).
+* forward: one network call at each batch size (what each step of a sampler
+  costs: the samplers' scans measured within 5% of bare network calls, see
+  BENCHMARKS.md), alternated likewise; images/s of a 50-step DDIM chain =
+  batch / (50 x call time).
+
+The PyTorch networks: the tutorial's U-Net ("The Annotated Diffusion Model",
+ConvNeXt blocks) written out below, and diffusers' `UNet2DModel` with DDPM's
+CIFAR-10 layer sizes; their parameter counts are checked against the
+library's presets before timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import run
+from ddpm_jax import hugepages
+from ddpm_jax.models import UNet, count_params, unet_config
+
+try:
+  import torch
+  from torch import nn
+except ImportError:  # pragma: no cover - the whole script needs it
+  sys.exit("benchmarks/vs_torch.py needs PyTorch: pip install torch (and diffusers for ddpm_cifar10)")
+
+PARAMS = {"tutorial": 2_996_315, "ddpm_cifar10": 35_746_307}
+DDIM_STEPS = 50
+
+
+# --- the tutorial's U-Net in PyTorch ("The Annotated Diffusion Model") -------------------------
+
+
+class _Embedding(nn.Module):
+
+  def __init__(self, dim):
+    super().__init__()
+    self.dim = dim
+
+  def forward(self, t):
+    half = self.dim // 2
+    freqs = torch.exp(torch.arange(half, device=t.device) * -(math.log(10000) / (half - 1)))
+    args = t[:, None].float() * freqs[None, :]
+    return torch.cat([args.sin(), args.cos()], dim=-1)
+
+
+class _ConvNextBlock(nn.Module):
+
+  def __init__(self, dim, dim_out, *, time_emb_dim=None, mult=2):
+    super().__init__()
+    self.mlp = nn.Sequential(nn.GELU(), nn.Linear(time_emb_dim, dim)) if time_emb_dim else None
+    self.ds_conv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+    self.net = nn.Sequential(
+        nn.GroupNorm(1, dim), nn.Conv2d(dim, dim_out * mult, 3, padding=1), nn.GELU(),
+        nn.GroupNorm(1, dim_out * mult), nn.Conv2d(dim_out * mult, dim_out, 3, padding=1))
+    self.res_conv = nn.Conv2d(dim, dim_out, 1) if dim != dim_out else nn.Identity()
+
+  def forward(self, x, temb=None):
+    h = self.ds_conv(x)
+    if self.mlp is not None and temb is not None:
+      h = h + self.mlp(temb)[:, :, None, None]
+    return self.net(h) + self.res_conv(x)
+
+
+class _Attention(nn.Module):
+
+  def __init__(self, dim, heads=4, dim_head=32):
+    super().__init__()
+    self.scale, self.heads = dim_head**-0.5, heads
+    self.to_qkv = nn.Conv2d(dim, dim_head * heads * 3, 1, bias=False)
+    self.to_out = nn.Conv2d(dim_head * heads, dim, 1)
+
+  def forward(self, x):
+    b, _, h, w = x.shape
+    q, k, v = (t.reshape(b, self.heads, -1, h * w) for t in self.to_qkv(x).chunk(3, dim=1))
+    attn = torch.einsum("bhdi,bhdj->bhij", q * self.scale, k).softmax(dim=-1)
+    out = torch.einsum("bhij,bhdj->bhid", attn, v)
+    return self.to_out(out.permute(0, 1, 3, 2).reshape(b, -1, h, w))
+
+
+class _LinearAttention(nn.Module):
+
+  def __init__(self, dim, heads=4, dim_head=32):
+    super().__init__()
+    self.scale, self.heads = dim_head**-0.5, heads
+    self.to_qkv = nn.Conv2d(dim, dim_head * heads * 3, 1, bias=False)
+    self.to_out = nn.Sequential(nn.Conv2d(dim_head * heads, dim, 1), nn.GroupNorm(1, dim))
+
+  def forward(self, x):
+    b, _, h, w = x.shape
+    q, k, v = (t.reshape(b, self.heads, -1, h * w) for t in self.to_qkv(x).chunk(3, dim=1))
+    q = q.softmax(dim=-2) * self.scale
+    k = k.softmax(dim=-1)
+    context = torch.einsum("bhdn,bhen->bhde", k, v)
+    out = torch.einsum("bhde,bhdn->bhen", context, q)
+    return self.to_out(out.reshape(b, -1, h, w))
+
+
+class _PreNormResidual(nn.Module):
+
+  def __init__(self, dim, fn):
+    super().__init__()
+    self.norm, self.fn = nn.GroupNorm(1, dim), fn
+
+  def forward(self, x):
+    return self.fn(self.norm(x)) + x
+
+
+class TutorialUNet(nn.Module):
+  """The Annotated Diffusion Model's `Unet(dim=28, channels=1, dim_mults=(1, 2, 4))`."""
+
+  def __init__(self, dim=28, channels=1, dim_mults=(1, 2, 4)):
+    super().__init__()
+    init_dim = dim // 3 * 2
+    self.init_conv = nn.Conv2d(channels, init_dim, 7, padding=3)
+    dims = [init_dim, *(dim * m for m in dim_mults)]
+    in_out = list(zip(dims[:-1], dims[1:]))
+    time_dim = dim * 4
+    self.time_mlp = nn.Sequential(_Embedding(dim), nn.Linear(dim, time_dim), nn.GELU(),
+                                  nn.Linear(time_dim, time_dim))
+    self.downs = nn.ModuleList([nn.ModuleList([
+        _ConvNextBlock(d_in, d_out, time_emb_dim=time_dim),
+        _ConvNextBlock(d_out, d_out, time_emb_dim=time_dim),
+        _PreNormResidual(d_out, _LinearAttention(d_out)),
+        nn.Conv2d(d_out, d_out, 4, 2, 1) if i < len(in_out) - 1 else nn.Identity()])
+        for i, (d_in, d_out) in enumerate(in_out)])
+    mid = dims[-1]
+    self.mid_block1 = _ConvNextBlock(mid, mid, time_emb_dim=time_dim)
+    self.mid_attn = _PreNormResidual(mid, _Attention(mid))
+    self.mid_block2 = _ConvNextBlock(mid, mid, time_emb_dim=time_dim)
+    self.ups = nn.ModuleList([nn.ModuleList([
+        _ConvNextBlock(d_out * 2, d_in, time_emb_dim=time_dim),
+        _ConvNextBlock(d_in, d_in, time_emb_dim=time_dim),
+        _PreNormResidual(d_in, _LinearAttention(d_in)),
+        nn.ConvTranspose2d(d_in, d_in, 4, 2, 1)])
+        for d_in, d_out in reversed(in_out[1:])])
+    self.final_block = _ConvNextBlock(dim, dim)
+    self.final_conv = nn.Conv2d(dim, channels, 1)
+
+  def forward(self, x, t):
+    x = self.init_conv(x)
+    temb = self.time_mlp(t)
+    skips = []
+    for block1, block2, attn, down in self.downs:
+      x = attn(block2(block1(x, temb), temb))
+      skips.append(x)
+      x = down(x)
+    x = self.mid_block2(self.mid_attn(self.mid_block1(x, temb)), temb)
+    for block1, block2, attn, up in self.ups:
+      x = up(attn(block2(block1(torch.cat([x, skips.pop()], dim=1), temb), temb)))
+    return self.final_conv(self.final_block(x))
+
+
+def torch_net(preset: str) -> nn.Module:
+  """The PyTorch reference network of `preset`."""
+  if preset == "tutorial":
+    return TutorialUNet()
+  from diffusers import UNet2DModel  # pylint: disable=import-outside-toplevel
+  net = UNet2DModel(
+      sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
+      block_out_channels=(128, 256, 256, 256), norm_num_groups=32, norm_eps=1e-6,
+      down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+      up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+      downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, dropout=0.1)
+  return _Call(net)
+
+
+class _Call(nn.Module):
+  """diffusers' model called as `net(x, t)` returning the tensor."""
+
+  def __init__(self, net):
+    super().__init__()
+    self.net = net
+
+  def forward(self, x, t):
+    return self.net(x, t).sample
+
+
+# --- timing ---------------------------------------------------------------------------------------
+
+
+def torch_train_step(preset: str, batch: int):
+  """A PyTorch eager train step doing the library step's work; returns step()."""
+  net = torch_net(preset).train()
+  n = sum(p.numel() for p in net.parameters())
+  if n != PARAMS[preset]:
+    raise SystemExit(f"vs_torch: the PyTorch {preset} net has {n:,} parameters, expected {PARAMS[preset]:,}")
+  opt = torch.optim.Adam(net.parameters(), lr=2e-4)
+  ema = [p.detach().clone() for p in net.parameters()]
+  h, w, c = run.IMAGE_SHAPES[preset]
+  x0 = torch.rand(batch, c, h, w) * 2 - 1
+  alphas_bar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0)
+
+  def step():
+    t = torch.randint(0, 1000, (batch,))
+    noise = torch.randn_like(x0)
+    a = alphas_bar[t][:, None, None, None]
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    loss = torch.mean((net(x_t, t) - noise) ** 2)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    opt.step()
+    with torch.no_grad():
+      params = list(net.parameters())
+      torch._foreach_mul_(ema, 0.9999)  # pylint: disable=protected-access
+      torch._foreach_add_(ema, params, alpha=1e-4)  # pylint: disable=protected-access
+    return float(loss)
+
+  return step
+
+
+def jax_train_step(preset: str, batch: int):
+  compiled, state, batch_arr, rng, compile_s, _ = run.build_train_step(preset, batch, tiny=False)
+  holder = {"state": state}
+
+  def step():
+    holder["state"], metrics = compiled(holder["state"], batch_arr, rng)
+    return float(metrics["loss"])
+
+  return step, compile_s
+
+
+def jax_forward(preset: str, batch: int):
+  model = UNet(config=unet_config(preset))
+  shape = (batch,) + run.IMAGE_SHAPES[preset]
+  x, t = jnp.zeros(shape), jnp.full((batch,), 500, jnp.int32)
+  params = jax.jit(lambda: model.init(jax.random.key(0), x, t, train=False))()["params"]
+  if count_params(params) != PARAMS[preset]:
+    raise SystemExit(f"vs_torch: the JAX {preset} net has {count_params(params):,} parameters")
+  start = time.perf_counter()
+  compiled = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t, train=False)).lower(
+      params, x, t).compile()
+  compile_s = time.perf_counter() - start
+  return (lambda: jax.block_until_ready(compiled(params, x, t))), compile_s
+
+
+def torch_forward(preset: str, batch: int):
+  net = torch_net(preset).eval()
+  h, w, c = run.IMAGE_SHAPES[preset]
+  x, t = torch.zeros(batch, c, h, w), torch.full((batch,), 500)
+
+  def call():
+    with torch.no_grad():
+      return net(x, t)
+
+  return call
+
+
+def alternate(a, b, *, runs: int, warmup: int = 1) -> tuple[list[float], list[float]]:
+  """Times a() and b() alternately, `runs` times each after `warmup` calls of each."""
+  for _ in range(warmup):
+    a()
+    b()
+  ta, tb = [], []
+  for _ in range(runs):
+    for f, times in ((a, ta), (b, tb)):
+      start = time.perf_counter()
+      f()
+      times.append(time.perf_counter() - start)
+  return ta, tb
+
+
+def _parse(text: str) -> tuple[str, list[int]]:
+  name, _, batches = text.partition(":")
+  if name not in PARAMS or not batches:
+    raise argparse.ArgumentTypeError(f"expected PRESET:BATCH[,BATCH...] with PRESET in {sorted(PARAMS)}")
+  return name, [int(b) for b in batches.split(",")]
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--train", type=_parse, action="append", default=[],
+                      help="PRESET:BATCH (repeatable): train steps, alternated")
+  parser.add_argument("--forward", type=_parse, action="append", default=[],
+                      help="PRESET:BATCH[,BATCH...] (repeatable): network calls, alternated")
+  parser.add_argument("--steps", type=int, default=5, help="timed train steps of each")
+  parser.add_argument("--calls", type=int, default=5, help="timed network calls of each")
+  parser.add_argument("--threads", type=int, default=None,
+                      help="torch.set_num_threads (default: PyTorch's own, the core count)")
+  args = parser.parse_args(argv)
+  if args.threads:
+    torch.set_num_threads(args.threads)
+  print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), jax {jax.__version__} "
+        f"({jax.default_backend()})", flush=True)
+  for preset, batches in args.train:
+    for batch in batches:
+      jax_step, compile_s = jax_train_step(preset, batch)
+      ta, tb = alternate(jax_step, torch_train_step(preset, batch), runs=args.steps)
+      ratio = statistics.median(b / a for a, b in zip(ta, tb))
+      print(f"train {preset}:{batch}  ddpm_jax {statistics.median(ta):.3f} s/step "
+            f"(compile {compile_s:.1f} s)  PyTorch {statistics.median(tb):.3f} s/step  "
+            f"PyTorch/ddpm_jax x{ratio:.2f}  (runs {[round(v, 2) for v in ta]} / "
+            f"{[round(v, 2) for v in tb]})", flush=True)
+  for preset, batches in args.forward:
+    for batch in batches:
+      jax_call, compile_s = jax_forward(preset, batch)
+      ta, tb = alternate(jax_call, torch_forward(preset, batch), runs=args.calls)
+      ja, tt = statistics.median(ta), statistics.median(tb)
+      print(f"forward {preset}:{batch}  ddpm_jax {ja * 1e3:.1f} ms (compile {compile_s:.1f} s, "
+            f"DDIM-{DDIM_STEPS} {batch / (DDIM_STEPS * ja):.2f} images/s)  PyTorch {tt * 1e3:.1f} ms "
+            f"(DDIM-{DDIM_STEPS} {batch / (DDIM_STEPS * tt):.2f} images/s)  "
+            f"PyTorch/ddpm_jax x{statistics.median(b / a for a, b in zip(ta, tb)):.2f}", flush=True)
+
+
+if __name__ == "__main__":
+  hugepages.reexec_with_huge_page_malloc()
+  main()

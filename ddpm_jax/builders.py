@@ -1,0 +1,147 @@
+"""The config, turned into objects: model, schedule, optimizer, train step,
+dataset and sampler.
+
+These are the only functions that read a run config (`ddpm_jax.config`);
+everything they build is plain library objects with keyword options, so
+research code can skip them and call the library directly.
+
+Example:
+  >>> model = build_model(config)
+  >>> schedule = build_schedule(config)
+  >>> tx = build_optimizer(config)
+  >>> sampler = build_sampler(config)
+  >>> out = sampler.fn(model_fn, schedule, shape=(16, 32, 32, 3), key=key)
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple, Optional
+
+import flax.linen as nn
+import optax
+
+from ddpm_jax import losses, optim, sampling, train_step
+from ddpm_jax.config import model_config
+from ddpm_jax.data.common import DatasetIterator
+from ddpm_jax.schedules import Schedule, make_schedule
+
+
+def image_shape(config) -> tuple[int, int, int]:
+  """(H, W, C) of the run's images."""
+  size = int(config.data.image_size)
+  return (size, size, int(config.data.channels))
+
+
+def build_model(config) -> nn.Module:
+  """The U-Net of `config.model` (a preset name plus field overrides)."""
+  # Imported here: importing the models touches the XLA backend, which must
+  # wait for `parallel.initialize_distributed`.
+  from ddpm_jax import models  # pylint: disable=g-import-not-at-top
+  return models.UNet(config=model_config(config))
+
+
+def build_schedule(config) -> Schedule:
+  """The `Schedule` of `config.diffusion`."""
+  diff = config.diffusion
+  return make_schedule(diff.schedule, int(diff.num_timesteps),
+                       beta_start=float(diff.beta_start),
+                       beta_end=float(diff.beta_end))
+
+
+def _optimizer_options(config) -> dict[str, Any]:
+  opt = config.optimizer
+  return dict(lr=float(opt.lr), warmup_steps=int(opt.warmup_steps),
+              num_steps=int(config.train.num_steps), decay=opt.decay)
+
+
+def build_learning_rate_fn(config) -> optax.Schedule:
+  """The learning-rate schedule of `config.optimizer`."""
+  return optim.learning_rate_schedule(**_optimizer_options(config))
+
+
+def build_optimizer(config) -> optax.GradientTransformation:
+  """The optimizer of `config.optimizer` (see `optim.create_optimizer`)."""
+  opt = config.optimizer
+  return optim.create_optimizer(
+      **_optimizer_options(config), grad_clip_norm=float(opt.grad_clip_norm),
+      weight_decay=float(opt.weight_decay), b1=float(opt.b1),
+      b2=float(opt.b2), eps=float(opt.eps))
+
+
+def build_train_step(config, model: nn.Module,
+                     tx: optax.GradientTransformation, *,
+                     schedule: Optional[Schedule] = None,
+                     axis_name: Optional[str] = None) -> Callable:
+  """`train_step.train_step` with the loss, EMA and optimizer settings of
+  `config` bound: `step(state, batch, rng) -> (state, metrics)`."""
+  schedule = build_schedule(config) if schedule is None else schedule
+  diff = config.diffusion
+  return train_step.make_train_step(
+      model, tx, schedule, learning_rate_fn=build_learning_rate_fn(config),
+      loss_type=diff.loss_type, target=diff.target,
+      t_weights=losses.loss_weights(schedule, weighting=diff.loss_weighting,
+                                    target=diff.target,
+                                    gamma=float(diff.min_snr_gamma)),
+      ema_decay=float(config.train.ema_decay),
+      ema_warmup=bool(config.train.ema_warmup), axis_name=axis_name)
+
+
+def build_dataset(config, *, batch_size: int, process_index: int = 0,
+                  process_count: int = 1, training: bool = True,
+                  split: Optional[str] = None) -> DatasetIterator:
+  """This host's iterator over `config.data`.
+
+  Args:
+    config: the run config (`data`, `seed`).
+    batch_size: images per batch on this host.
+    process_index: this host's index.
+    process_count: number of hosts.
+    training: True: shuffled, flipped as configured, forever. False: in
+      order, unflipped, one padded pass whose batches carry a 'mask'.
+    split: the split to read; default `data.split` for training,
+      `data.eval_split` otherwise.
+
+  Returns:
+    An iterator of {'image', 'label'(, 'mask')} batches with
+    `get_state()` / `set_state()`.
+  """
+  from ddpm_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  data = config.data
+  if split is None:
+    split = data.split if training else data.eval_split
+  return input_pipeline.create_dataset(
+      data.source, split=split, batch_size=batch_size,
+      image_size=int(data.image_size), channels=int(data.channels),
+      resize=bool(data.resize), random_flip=bool(data.random_flip) and training,
+      seed=int(config.seed), shuffle=training, repeat=training,
+      process_index=process_index, process_count=process_count,
+      skip_bad_files=bool(data.skip_bad_files))
+
+
+class Sampler(NamedTuple):
+  """A sampler of `ddpm_jax.sampling` with the run's options bound.
+
+  `fn(model_fn, schedule, *, key, shape=None, x_T=None,
+  trajectory_every=None) -> sampling.SampleOutput`.
+  """
+  name: str  # 'ddpm' or 'ddim'.
+  fn: Callable[..., sampling.SampleOutput]
+  num_steps: int  # steps of the reverse chain (trajectory frames divide it).
+
+
+def build_sampler(config) -> Sampler:
+  """The sampler of `config.sample` with its options from `config.sample`
+  and `config.diffusion`: the one place a config becomes a sampler."""
+  sample, diff = config.sample, config.diffusion
+  if sample.sampler == "ddim":
+    num_steps = int(sample.ddim_steps)
+    fn = functools.partial(sampling.ddim_sample, num_steps=num_steps,
+                           eta=float(sample.eta), spacing=sample.ddim_spacing,
+                           target=diff.target, clip_x0=bool(diff.clip_x0))
+  else:
+    num_steps = int(diff.num_timesteps)
+    fn = functools.partial(sampling.ddpm_sample, target=diff.target,
+                           var_type=diff.var_type, mean_form=diff.mean_form,
+                           clip_x0=bool(diff.clip_x0))
+  return Sampler(name=sample.sampler, fn=fn, num_steps=num_steps)

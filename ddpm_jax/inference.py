@@ -1,0 +1,96 @@
+"""A trained model, ready to sample: `load_trained(config, workdir)`.
+
+The command line's `--mode=sample` and `--mode=eval` and the notebooks all
+get their model here. Only the EMA parameters of the newest usable
+checkpoint are read, so neither the optimizer nor its state is needed.
+
+Example:
+  >>> trained = load_trained(config, "/tmp/ddpm_digits")
+  >>> sampler = builders.build_sampler(config)
+  >>> out = jax.jit(lambda key: sampler.fn(
+  ...     trained.model_fn, trained.schedule, shape=(16, 16, 16, 1),
+  ...     key=key))(jax.random.key(0))
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from etils import epath
+from jax.sharding import Mesh
+
+from ddpm_jax import builders, checkpoint, diffusion, parallel, train_step
+from ddpm_jax.schedules import Schedule
+
+PyTree = Any
+
+
+def make_model_fn(model: nn.Module) -> Callable[[PyTree], diffusion.ModelFn]:
+  """params -> the denoiser `(x_t, t) -> output` of `model` in eval mode."""
+  def bind(params):
+    return lambda x_t, t: model.apply({"params": params}, x_t, t, train=False)
+  return bind
+
+
+class Trained(NamedTuple):
+  """What sampling needs from a training run."""
+  model: nn.Module  # the network of config.model.
+  params: PyTree  # its EMA parameters, replicated on `mesh`.
+  schedule: Schedule  # the diffusion schedule of config.diffusion.
+  step: int  # the training step of the checkpoint.
+  mesh: Mesh  # the 'data' mesh the parameters live on.
+
+  @property
+  def model_fn(self) -> diffusion.ModelFn:
+    """The denoiser `(x_t, t) -> output` with the EMA parameters."""
+    return make_model_fn(self.model)(self.params)
+
+
+def load_trained(config, workdir: str | epath.PathLike, *,
+                 model: Optional[nn.Module] = None,
+                 mesh: Optional[Mesh] = None) -> Trained:
+  """The EMA parameters of the newest usable checkpoint of a run.
+
+  Every process of a multi-host run must call it (the parameters are
+  replicated over the whole mesh). Broken newer checkpoints are skipped
+  with a warning, as training does, but nothing is moved.
+
+  Args:
+    config: the run config the checkpoint was trained with (`model`,
+      `data.image_size`, `data.channels`, `diffusion`).
+    workdir: the training workdir (checkpoints in `<workdir>/checkpoints`).
+    model: the network; default `builders.build_model(config)` (pass the
+      one given to `train.train_and_evaluate`, if any).
+    mesh: the mesh to restore onto; default all devices on 'data'.
+
+  Returns:
+    A `Trained`.
+
+  Raises:
+    FileNotFoundError: the workdir holds no checkpoint.
+    checkpoint.CheckpointError: checkpoints exist but none is usable.
+  """
+  mesh = parallel.create_mesh() if mesh is None else mesh
+  model = builders.build_model(config) if model is None else model
+  directory = epath.Path(workdir) / "checkpoints"
+  no_checkpoint = FileNotFoundError(
+      f"No checkpoint in {directory}: train first with --mode=train and this "
+      "--workdir.")
+  if not directory.is_dir():
+    raise no_checkpoint
+  init_fn = functools.partial(train_step.init_params, model,
+                              image_shape=builders.image_shape(config))
+  abstract = parallel.replicated_abstract(
+      lambda rng: jax.tree.map(lambda p: p.astype(jnp.float32), init_fn(rng)),
+      jax.ShapeDtypeStruct((2,), jnp.uint32), mesh=mesh)  # EMA is float32.
+  with checkpoint.CheckpointManager(directory, writable=False) as ckpt:
+    if ckpt.latest_step() is None:
+      raise no_checkpoint
+    step, params = ckpt.restore_ema_params(abstract)
+  return Trained(model=model, params=params,
+                 schedule=builders.build_schedule(config), step=step,
+                 mesh=mesh)

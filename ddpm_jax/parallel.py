@@ -1,0 +1,139 @@
+"""Devices and hosts: the 'data' mesh, jax.distributed, host <-> global arrays.
+
+Every parallel piece of the library uses one 1-D mesh whose axis is named
+`DATA_AXIS` and spans every device of every host: batches are sharded along
+it, parameters and train state replicated. With several hosts each one reads
+its own slice of a global batch, `global_batch` assembles the global array,
+and `host_value` reads a replicated result back on any host.
+
+Example:
+  >>> initialize_distributed()  # first thing; a no-op on one host
+  >>> mesh = create_mesh()
+  >>> abstract = replicated_abstract(init_fn, rng, mesh=mesh)
+  >>> state = jax.jit(init_fn, out_shardings=shardings(abstract))(rng)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Optional
+
+import jax
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+PyTree = Any
+DATA_AXIS = "data"
+
+
+def create_mesh(devices=None) -> Mesh:
+  """A 1-D mesh with axis 'data' over `devices` (default: all, all hosts)."""
+  devices = jax.devices() if devices is None else list(devices)
+  return jax.make_mesh((len(devices),), (DATA_AXIS,),
+                       axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=devices)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """The sharding of arrays copied to every device of `mesh`."""
+  return NamedSharding(mesh, P())
+
+
+def data_sharded(mesh: Mesh) -> NamedSharding:
+  """The sharding of batches: leading dimension split over 'data'."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated_abstract(fn: Callable[..., PyTree], *args,
+                        mesh: Mesh) -> PyTree:
+  """`jax.eval_shape(fn, *args)` with every leaf replicated on `mesh`.
+
+  The result is a tree of `jax.ShapeDtypeStruct`s with shardings: a restore
+  target for checkpoints, and via `shardings` the `out_shardings` of a jit
+  that materializes `fn(*args)` directly on the mesh.
+  """
+  sharding = replicated(mesh)
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+      jax.eval_shape(fn, *args))
+
+
+def shardings(abstract: PyTree) -> PyTree:
+  """The tree of shardings of a tree of sharded `ShapeDtypeStruct`s."""
+  return jax.tree.map(lambda x: x.sharding, abstract)
+
+
+def global_batch(local: np.ndarray, mesh: Mesh) -> jax.Array:
+  """This host's slice of a batch -> the global batch sharded over 'data'.
+
+  Every host passes an array of the same shape; the global batch stacks them
+  in process order.
+  """
+  global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
+  return jax.make_array_from_process_local_data(data_sharded(mesh), local,
+                                                global_shape)
+
+
+def host_value(x) -> np.ndarray:
+  """A replicated (possibly multi-host) array as numpy, from a local copy."""
+  if isinstance(x, jax.Array):
+    return np.asarray(x.addressable_data(0))
+  return np.asarray(x)
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process when `flag` is True on any (collective)."""
+  if jax.process_count() == 1:
+    return flag
+  flags = multihost_utils.process_allgather(np.array([flag], np.int32))
+  return bool(np.asarray(flags).any())
+
+
+def _env_int(name: str) -> Optional[int]:
+  value = os.environ.get(name)
+  return int(value) if value not in (None, "") else None
+
+
+def initialize_distributed(coordinator_address: Optional[str] = None,
+                           num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None) -> bool:
+  """Calls `jax.distributed.initialize` when this is a multi-process launch.
+
+  Must run before any other JAX call. Multi-process is recognised from the
+  arguments, or the environment: JAX_COORDINATOR_ADDRESS with
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID (explicit launch), a multi-host Cloud
+  TPU slice (TPU_WORKER_HOSTNAMES lists several hosts), SLURM_NTASKS > 1 or
+  OMPI_COMM_WORLD_SIZE > 1 (JAX detects the rest). CPU collectives use gloo,
+  so CPU-only hosts can train together too. Single-process launches do
+  nothing.
+
+  Returns:
+    True when `jax.distributed.initialize` was called.
+  """
+  coordinator_address = coordinator_address or os.environ.get(
+      "JAX_COORDINATOR_ADDRESS")
+  if num_processes is None:
+    num_processes = _env_int("JAX_NUM_PROCESSES")
+  if process_id is None:
+    process_id = _env_int("JAX_PROCESS_ID")
+  explicit = coordinator_address is not None and num_processes is not None
+  hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")
+           if h]
+  detected = (len(hosts) > 1 or (_env_int("SLURM_NTASKS") or 1) > 1 or
+              (_env_int("OMPI_COMM_WORLD_SIZE") or 1) > 1)
+  if not explicit and not detected:
+    return False
+  if explicit and num_processes <= 1:
+    return False
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if explicit:
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes,
+                               process_id=process_id)
+  else:
+    jax.distributed.initialize()
+  logging.info("jax.distributed initialized: process %d of %d.",
+               jax.process_index(), jax.process_count())
+  return True

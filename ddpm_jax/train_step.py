@@ -1,0 +1,256 @@
+"""The train state, the pure train step and its jit over the 'data' mesh.
+
+`train_step(state, batch, rng)` is pure: jit it over a mesh with
+`jit_train_step` (batch sharded along 'data', state replicated and donated)
+or run it under `jax.pmap(..., axis_name=...)` (gradients and loss averaged
+with `lax.pmean`). Both draw the same t and noise for the same example: the
+step key is `fold_in(rng, state.step)`, and from it each example of the
+*global* batch gets its own key; under pmap each device takes its slice of
+those keys by `lax.axis_index`. Dropout draws from `fold_in(step key, 1)`
+over the whole batch on the mesh path (device-count independent) and also
+folds in the device index under pmap, so pmap and mesh agree only without
+dropout.
+
+Example:
+  >>> tx = optim.create_optimizer(lr=2e-4, warmup_steps=0, num_steps=1000)
+  >>> state = create_train_state(model, tx, rng, image_shape=(32, 32, 3),
+  ...                            mesh=mesh)
+  >>> step = jit_train_step(make_train_step(model, tx, schedule), mesh,
+  ...                       state)
+  >>> state, metrics = step(state, {"image": images}, rng)
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax import lax
+from jax.sharding import Mesh
+
+from ddpm_jax import losses, optim, parallel
+from ddpm_jax.schedules import Schedule
+
+PyTree = Any
+
+
+@struct.dataclass
+class TrainState:
+  """Everything that changes during training (a pytree of arrays).
+
+  The model and optimizer are not part of it: `train_step` gets them bound
+  (see `make_train_step`), so the state checkpoints as plain arrays.
+  """
+  step: jax.Array  # int32 [], steps taken so far (skipped steps included).
+  params: PyTree  # model parameters (param_dtype, float32 by default).
+  ema_params: PyTree  # float32 EMA of params, same tree; used for sampling.
+  opt_state: optax.OptState  # optimizer state (float32 moments, int counts).
+  nonfinite_count: jax.Array  # int32 [], consecutive skipped steps now.
+
+
+def init_params(model: nn.Module, rng: jax.Array, *,
+                image_shape: tuple[int, int, int]) -> PyTree:
+  """The model's initial parameters for images of `image_shape` (pure)."""
+  params_rng, dropout_rng = jax.random.split(rng)
+  x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+  t = jnp.zeros((1,), jnp.int32)
+  return model.init({"params": params_rng, "dropout": dropout_rng}, x, t,
+                    train=False)["params"]
+
+
+def init_train_state(model: nn.Module, tx: optax.GradientTransformation,
+                     rng: jax.Array, *, image_shape: tuple[int, int, int]
+                     ) -> TrainState:
+  """A fresh train state (pure; wrap in jit / eval_shape).
+
+  Args:
+    model: a linen module called as `model.apply(variables, x, t, train=...)`.
+    tx: the optimizer.
+    rng: PRNG key for the parameters.
+    image_shape: (H, W, C) of one image.
+
+  Returns:
+    `TrainState` at step 0 with ema_params == params.
+  """
+  params = init_params(model, rng, image_shape=image_shape)
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      ema_params=jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params),
+      opt_state=tx.init(params),
+      nonfinite_count=jnp.zeros((), jnp.int32))
+
+
+def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation,
+                         *, image_shape: tuple[int, int, int],
+                         mesh: Mesh) -> TrainState:
+  """The train state's shapes, replicated on `mesh` (nothing computed)."""
+  init_fn = functools.partial(init_train_state, model, tx,
+                              image_shape=tuple(image_shape))
+  return parallel.replicated_abstract(
+      init_fn, jax.ShapeDtypeStruct((2,), jnp.uint32), mesh=mesh)
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
+                       rng: jax.Array, *, image_shape: tuple[int, int, int],
+                       mesh: Mesh) -> TrainState:
+  """Initializes the state directly replicated on `mesh` (no host copy):
+  shapes planned with `jax.eval_shape`, then a jit with `out_shardings`."""
+  init_fn = functools.partial(init_train_state, model, tx,
+                              image_shape=tuple(image_shape))
+  abstract = parallel.replicated_abstract(init_fn, rng, mesh=mesh)
+  return jax.jit(init_fn, out_shardings=parallel.shardings(abstract))(rng)
+
+
+def _draw_t_and_noise(key: jax.Array, x0: jnp.ndarray, num_timesteps: int,
+                      axis_name: Optional[str]):
+  """t [B] in [0, T) and noise like x0, one key per example of the global
+  batch (sliced per device under pmap)."""
+  local_batch = x0.shape[0]
+  if axis_name is None:
+    keys = jax.random.split(key, local_batch)
+  else:
+    num_shards = lax.axis_size(axis_name)
+    keys = jax.random.split(key, local_batch * num_shards)
+    keys = lax.dynamic_slice_in_dim(keys, lax.axis_index(axis_name) *
+                                    local_batch, local_batch)
+
+  def draw(k):
+    t_key, noise_key = jax.random.split(k)
+    t = jax.random.randint(t_key, (), 0, num_timesteps, jnp.int32)
+    noise = jax.random.normal(noise_key, x0.shape[1:], x0.dtype)
+    return t, noise
+
+  return jax.vmap(draw)(keys)
+
+
+def train_step(state: TrainState, batch: dict[str, jnp.ndarray],
+               rng: jax.Array, *, apply_fn: Callable[..., jnp.ndarray],
+               tx: optax.GradientTransformation, schedule: Schedule,
+               learning_rate_fn: optax.Schedule, loss_type: str = "l2",
+               target: str = "eps", t_weights: Optional[jnp.ndarray] = None,
+               ema_decay: float = 0.9999, ema_warmup: bool = False,
+               axis_name: Optional[str] = None
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on the denoising loss. Pure; bind the keyword
+  arguments with `make_train_step` (or `functools.partial`).
+
+  Per example: t ~ U{0..T-1}, noise ~ N(0, I), x_t = q_sample(x0, t, noise),
+  loss(model(x_t, t), target) (times t_weights[t]) averaged over the batch;
+  gradients (pmean'd under pmap), optax update, EMA update. A step whose loss
+  or gradient norm is not finite is skipped (params, EMA and optimizer state
+  unchanged, step still advances) and `nonfinite_count` counts such steps in
+  a row.
+
+  Args:
+    state: the current `TrainState`.
+    batch: {'image': float [B, H, W, C] in [-1, 1], ...}; B is the global
+      batch under jit (sharded by XLA) or the per-device batch under pmap.
+    rng: the run's base key (the same every step).
+    apply_fn: `model.apply`, called as
+      `apply_fn({'params': p}, x_t, t, train=True, rngs={'dropout': k})`.
+    tx: the optimizer.
+    schedule: the diffusion schedule.
+    learning_rate_fn: the optimizer's lr schedule (for the lr metric).
+    loss_type: 'l2' (L_simple), 'l1' or 'huber'.
+    target: 'eps', 'x0' or 'v'.
+    t_weights: optional per-step loss weights [T] (`losses.loss_weights`).
+    ema_decay: EMA decay in [0, 1).
+    ema_warmup: use min(ema_decay, (1 + step) / (10 + step)).
+    axis_name: the pmap axis name, or None under jit.
+
+  Returns:
+    (new state, metrics): float32 scalars 'loss', 'grad_norm', 'lr',
+    'ema_decay', and int32 'skipped' (1 when this step was skipped) and
+    'nonfinite_count'.
+  """
+  x0 = batch["image"]
+  step_key = jax.random.fold_in(rng, state.step)
+  noise_key, dropout_key = jax.random.split(step_key)
+  t, noise = _draw_t_and_noise(noise_key, x0, schedule.num_timesteps,
+                               axis_name)
+  if axis_name is not None:
+    dropout_key = jax.random.fold_in(dropout_key, lax.axis_index(axis_name))
+
+  def loss_fn(params):
+    def model_fn(x_t, steps):
+      return apply_fn({"params": params}, x_t, steps, train=True,
+                      rngs={"dropout": dropout_key})
+
+    per_example = losses.denoising_loss(model_fn, schedule, x0, t, noise,
+                                        loss_type=loss_type, target=target,
+                                        t_weights=t_weights)
+    return jnp.mean(per_example)
+
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  if axis_name is not None:
+    loss, grads = lax.pmean((loss, grads), axis_name)
+  grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
+                           for g in jax.tree.leaves(grads)))
+  updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  decay = optim.ema_decay_at(state.step, ema_decay=ema_decay,
+                             ema_warmup=ema_warmup)
+  new_ema = jax.tree.map(
+      lambda e, p: decay * e + (1.0 - decay) * p.astype(jnp.float32),
+      state.ema_params, new_params)
+
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(
+      lambda n, o: jnp.where(finite, n, o), new, old)
+  nonfinite_count = jnp.where(finite, 0, state.nonfinite_count + 1)
+  new_state = state.replace(
+      step=state.step + 1,
+      params=keep(new_params, state.params),
+      ema_params=keep(new_ema, state.ema_params),
+      opt_state=keep(new_opt_state, state.opt_state),
+      nonfinite_count=nonfinite_count.astype(jnp.int32))
+  metrics = {
+      "loss": loss.astype(jnp.float32),
+      "grad_norm": grad_norm,
+      "lr": jnp.asarray(learning_rate_fn(state.step), jnp.float32),
+      "ema_decay": decay,
+      "skipped": (~finite).astype(jnp.int32),
+      "nonfinite_count": nonfinite_count.astype(jnp.int32),
+  }
+  return new_state, metrics
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
+                    schedule: Schedule, *, learning_rate_fn: optax.Schedule,
+                    **options) -> Callable:
+  """`train_step` with the model, optimizer, schedule and `options` (the
+  keyword options of `train_step`: loss_type, target, t_weights, ema_decay,
+  ema_warmup, axis_name) bound.
+
+  Returns:
+    `step(state, batch, rng) -> (state, metrics)`; jit it with
+    `jit_train_step`, or `jax.pmap(..., axis_name=axis_name)` it.
+  """
+  return functools.partial(train_step, apply_fn=model.apply, tx=tx,
+                           schedule=schedule,
+                           learning_rate_fn=learning_rate_fn, **options)
+
+
+def jit_train_step(step_fn: Callable, mesh: Mesh,
+                   state: PyTree) -> Callable:
+  """jits `step_fn` for `mesh`: batch sharded on 'data', state replicated and
+  donated, rng and metrics replicated.
+
+  Args:
+    step_fn: `step(state, batch, rng)`, e.g. from `make_train_step`.
+    mesh: the mesh.
+    state: the (abstract or concrete) state, for the sharding tree.
+  """
+  replicated = parallel.replicated(mesh)
+  state_shardings = jax.tree.map(lambda _: replicated, state)
+  return jax.jit(step_fn,
+                 in_shardings=(state_shardings, parallel.data_sharded(mesh),
+                               replicated),
+                 out_shardings=(state_shardings, replicated),
+                 donate_argnums=(0,))

@@ -1,0 +1,45 @@
+"""Filesystem checks of a run's workdir, before anything is built.
+
+Example:
+  >>> check_workdir("/tmp/ddpm_digits", mode="train")
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from ddpm_jax.config import ConfigError
+
+
+def check_workdir(workdir: str, *, mode: str,
+                  min_free_bytes: int = 100 * 2**20) -> None:
+  """Fails early on a workdir that cannot hold a run.
+
+  For training the directory is created if needed and must be writable with
+  at least `min_free_bytes` free; for sampling and evaluation it must exist.
+
+  Raises:
+    ConfigError: naming the directory and the problem.
+  """
+  if mode != "train":
+    if not os.path.isdir(workdir):
+      raise ConfigError(f"--workdir {workdir} does not exist: train first "
+                        "with --mode=train.")
+    return
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".ddpm_jax_write_test")
+    with open(probe, "wb") as f:
+      f.write(b"0" * 4096)
+      f.flush()
+      os.fsync(f.fileno())
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError(f"--workdir {workdir} is not writable: {e.strerror} "
+                      f"({e.filename}).") from None
+  free = shutil.disk_usage(workdir).free
+  if free < min_free_bytes:
+    raise ConfigError(f"--workdir {workdir} has only {free / 2**20:.0f} MiB "
+                      f"free; at least {min_free_bytes / 2**20:.0f} MiB are "
+                      "needed for checkpoints.")
