@@ -122,10 +122,6 @@ def sample_with_trajectory(trained: Trained, sampler: builders.Sampler, *,
   return jax.tree.map(parallel.host_value, out)
 
 
-def _nrow(count: int) -> int:
-  return max(1, math.ceil(math.sqrt(count)))
-
-
 def write_samples(out: sampling.SampleOutput, directory: epath.PathLike,
                   name: str, *, gif: bool) -> list[epath.Path]:
   """Writes `name.png` (a grid of the final images) and optionally
@@ -134,12 +130,23 @@ def write_samples(out: sampling.SampleOutput, directory: epath.PathLike,
   directory.mkdir(parents=True, exist_ok=True)
   final = np.asarray(out.images)
   paths = [directory / f"{name}.png"]
-  images.save_image_grid(final, paths[0], nrow=_nrow(len(final)))
+  images.save_image_grid(final, paths[0], nrow=images.grid_nrow(len(final)))
   if gif:
     paths.append(directory / f"{name}.gif")
     images.save_gif(np.asarray(out.trajectory), paths[1],
-                    nrow=_nrow(len(final)))
+                    nrow=images.grid_nrow(len(final)))
   return paths
+
+
+def save_data_grid(batch_images, workdir: epath.PathLike) -> epath.Path:
+  """Writes `<workdir>/samples/data.png`: up to 64 real images of a data
+  batch [N, H, W, C] (floats in [-1, 1] or uint8) drawn as the sample grids
+  are (`images.data_grid`), to compare them with. Returns the path."""
+  directory = epath.Path(workdir) / "samples"
+  directory.mkdir(parents=True, exist_ok=True)
+  path = directory / "data.png"
+  images.save_png(images.data_grid(batch_images), path)
+  return path
 
 
 def save_training_samples(trained: Trained, config, *, key: jax.Array,
@@ -199,12 +206,12 @@ def sample_to_files(trained: Trained, config, *,
       np.savez_compressed(f, images=uint8)
     grid_path = directory / f"{stem}.png"
     shown = uint8[:64]
-    images.save_image_grid(shown, grid_path, nrow=_nrow(len(shown)))
+    images.save_image_grid(shown, grid_path, nrow=images.grid_nrow(len(shown)))
     result["paths"] = [str(npz_path), str(grid_path)]
     if out is not None:
       gif_path = directory / f"{stem}.gif"
       images.save_gif(out.trajectory, gif_path,
-                      nrow=_nrow(out.images.shape[0]))
+                      nrow=images.grid_nrow(out.images.shape[0]))
       result["paths"].append(str(gif_path))
     logging.info("Sampled %d images with %s in %.1f s (%.1f images/s, "
                  "compilation included): %s", num_images, sampler.name,

@@ -7,7 +7,8 @@ and runs its periodic actions, each a small piece of its own:
 * `_NonFiniteGuard`: stops after too many skipped (non-finite) steps;
 * `_StopRequest`: SIGTERM (preemption) or the wall-clock budget;
 * checkpoints (`ddpm_jax.checkpoint`) and sample grids
-  (`ddpm_jax.generation`).
+  (`ddpm_jax.generation`), with one grid of real data at the start of a
+  fresh run (`samples/data.png`).
 
 Multi-host: call `parallel.initialize_distributed()` first (the command line
 does). Each host reads batch_size / process_count examples of its own shard,
@@ -303,9 +304,14 @@ def train_and_evaluate(config, workdir: str | epath.PathLike, *,
           config, key=sample_rng, workdir=workdir, gif=gif)
 
     metrics = prev_metrics = None
+    # A fresh run shows its real data once, drawn as the sample grids are.
+    show_data = is_chief and last_saved is None and bool(sample_every)
     while step < num_steps:
       images = np.asarray(next(ds)["image"], np.float32)
       _check_batch(images, host_shape)
+      if show_data:
+        show_data = False
+        generation.save_data_grid(images, workdir)
       state, metrics = step_fn(
           state, {"image": parallel.global_batch(images, mesh)}, rng)
       step += 1

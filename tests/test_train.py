@@ -21,11 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_helpers as helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from ddpm_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ddpm_jax import images as image_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax import builders, config as config_lib, inference, losses, optim, parallel, train, train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 HELPER = str(Path(helpers.__file__).resolve())
@@ -308,6 +310,24 @@ def test_time_budget_stops_with_a_checkpoint_and_samples(images, tmp_path,
   assert (tmp_path / "samples" / "step_00000001.png").is_file()
   assert "time budget of 0:00:00 used up: saved checkpoint at step 1" \
       in caplog.text
+
+
+def test_a_fresh_run_draws_its_first_batch_once(images, tmp_path):
+  config = helpers.make_config(num_steps=1, sample_every=1)
+  config.sample.update(num_images=4, batch_size=4, sampler="ddim",
+                       ddim_steps=2, gif=False)
+  _run(tmp_path, images, config=config)
+  data_png = tmp_path / "samples" / "data.png"
+  with Image.open(data_png) as png:
+    drawn = np.asarray(png)
+  # The first batch (8 images), laid out as an 8-image sample grid.
+  np.testing.assert_array_equal(drawn[..., None],
+                                image_lib.data_grid(images[:8]))
+  data_png.unlink()
+  config.train.num_steps = 2
+  _run(tmp_path, images, config=config)  # Resumes: no second data grid.
+  assert (tmp_path / "samples" / "step_00000002.png").is_file()
+  assert not data_png.exists()
 
 
 def test_load_trained_needs_no_optimizer(uninterrupted):
