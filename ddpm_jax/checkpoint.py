@@ -299,24 +299,34 @@ class CheckpointManager:
         lambda s: self._restore_verified(s, abstract_state, abstract_rng))
     return (step,) + restored
 
-  def restore_ema_params(self, abstract_params: PyTree) -> tuple[int, PyTree]:
-    """The EMA parameters of the newest usable checkpoint, nothing else.
+  def restore_ema_params(self, abstract_params: PyTree, *,
+                         step: Optional[int] = None) -> tuple[int, PyTree]:
+    """The EMA parameters of the newest usable checkpoint (or of `step`),
+    nothing else.
 
     Only `train_state.ema_params` is read (and checked against its
     checksums), so no optimizer is needed to describe the target and the
-    optimizer state never occupies memory. Broken steps are skipped as in
-    `restore_newest_valid`.
+    optimizer state never occupies memory. Without `step`, broken steps are
+    skipped as in `restore_newest_valid`.
 
     Args:
       abstract_params: the parameters' `jax.ShapeDtypeStruct`s with
         shardings.
+      step: a kept checkpoint's step; default the newest usable one.
 
     Returns:
       (step, ema_params).
 
     Raises:
-      FileNotFoundError, CheckpointError: as `restore_newest_valid`.
+      FileNotFoundError, CheckpointError: as `restore_newest_valid`;
+        CheckpointError also when `step` is missing or broken.
     """
+    if step is not None:
+      try:
+        return step, self._restore_ema_verified(step, abstract_params)
+      except _Unusable as e:
+        raise CheckpointError(f"Checkpoint {self.step_path(step)} is "
+                              f"unusable: {e}.") from None
     return self._newest_valid(
         lambda s: self._restore_ema_verified(s, abstract_params))
 

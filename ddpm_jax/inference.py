@@ -52,8 +52,10 @@ class Trained(NamedTuple):
 
 def load_trained(config, workdir: str | epath.PathLike, *,
                  model: Optional[nn.Module] = None,
-                 mesh: Optional[Mesh] = None) -> Trained:
-  """The EMA parameters of the newest usable checkpoint of a run.
+                 mesh: Optional[Mesh] = None,
+                 step: Optional[int] = None) -> Trained:
+  """The EMA parameters of the newest usable checkpoint of a run (or of
+  checkpoint `step`).
 
   Every process of a multi-host run must call it (the parameters are
   replicated over the whole mesh). Broken newer checkpoints are skipped
@@ -66,13 +68,16 @@ def load_trained(config, workdir: str | epath.PathLike, *,
     model: the network; default `builders.build_model(config)` (pass the
       one given to `train.train_and_evaluate`, if any).
     mesh: the mesh to restore onto; default all devices on 'data'.
+    step: a kept checkpoint's step (e.g. to follow quality over training);
+      default the newest usable one.
 
   Returns:
     A `Trained`.
 
   Raises:
     FileNotFoundError: the workdir holds no checkpoint.
-    checkpoint.CheckpointError: checkpoints exist but none is usable.
+    checkpoint.CheckpointError: checkpoints exist but none is usable, or
+      checkpoint `step` is missing or broken.
   """
   mesh = parallel.create_mesh() if mesh is None else mesh
   model = builders.build_model(config) if model is None else model
@@ -90,7 +95,7 @@ def load_trained(config, workdir: str | epath.PathLike, *,
   with checkpoint.CheckpointManager(directory, writable=False) as ckpt:
     if ckpt.latest_step() is None:
       raise no_checkpoint
-    step, params = ckpt.restore_ema_params(abstract)
+    step, params = ckpt.restore_ema_params(abstract, step=step)
   return Trained(model=model, params=params,
                  schedule=builders.build_schedule(config), step=step,
                  mesh=mesh)

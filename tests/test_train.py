@@ -345,6 +345,24 @@ def test_load_trained_needs_no_optimizer(uninterrupted):
         parallel.replicated(trained.mesh), leaf.ndim)
 
 
+def test_load_trained_at_a_chosen_step(uninterrupted):
+  workdir, reference = uninterrupted
+  config = helpers.make_config()
+  ckpt = checkpoint_lib.CheckpointManager(workdir / "checkpoints",
+                                          writable=False)
+  at4, _, _ = ckpt.restore(checkpoint_lib.abstract_like(reference),
+                           checkpoint_lib.abstract_like(
+                               jax.random.PRNGKey(0)), step=4)
+  ckpt.close()
+  trained = inference.load_trained(config, workdir, model=helpers.tiny_model(),
+                                   step=4)
+  assert trained.step == 4
+  chex.assert_trees_all_equal(_copy(trained.params), _copy(at4.ema_params))
+  with pytest.raises(checkpoint_lib.CheckpointError,
+                     match=r"checkpoints/3 is unusable: no such step"):
+    inference.load_trained(config, workdir, model=helpers.tiny_model(), step=3)
+
+
 def test_nonfinite_steps_stop_training(images, tmp_path):
   config = helpers.make_config(checkpoint_every=1, max_nonfinite_steps=2)
   with pytest.raises(train.NonFiniteError) as err:
