@@ -168,7 +168,7 @@ def test_cli_imports_and_main_samples(tmp_path):
       [sys.executable, "-m", "ddpm_jax.main", f"--config={workdir}/config.py",
        f"--workdir={workdir}", "--mode=sample", "--config.sample.num_images=4",
        "--config.sample.batch_size=4", "--config.sample.sampler=ddim",
-       "--config.sample.ddim_steps=3", "--config.sample.gif=False"],
+       "--config.sample.num_steps=3", "--config.sample.gif=False"],
       cwd=root, env=dict(os.environ, JAX_PLATFORMS="cpu"),
       capture_output=True, text=True, timeout=600, check=False)
   assert sample.returncode == 0, sample.stderr[-3000:]
