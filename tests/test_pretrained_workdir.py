@@ -45,8 +45,8 @@ def test_model_fields_pick_the_closest_preset():
       "preset": "ddpm_256"}
   tiny = pretrained.load_diffusers(TINY).config
   fields = pretrained_workdir.model_fields(tiny)
-  assert config_lib.model_config(
-      ml_collections.ConfigDict({"model": fields})) == tiny
+  assert config_lib.model_config(ml_collections.ConfigDict(
+      {"model": fields, "data": {"num_classes": 0}})) == tiny
 
 
 def test_imported_workdir_restores_the_weights_and_config(tmp_path):
