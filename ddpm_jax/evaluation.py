@@ -33,9 +33,10 @@ def bits_per_dim(trained: inference.Trained,
 
   Args:
     trained: the model, its (EMA) parameters, schedule and mesh.
-    batches: this host's one-pass iterator of {'image', 'mask'} batches
-      (see `builders.build_dataset(training=False)`); images on the 8-bit
-      grid in [-1, 1].
+    batches: this host's one-pass iterator of {'image', 'label', 'mask'}
+      batches (see `builders.build_dataset(training=False)`); images on the
+      8-bit grid in [-1, 1]. A class-conditional model's bound is
+      conditional on the labels.
     num_images: stop after this many images (0: the whole iterator).
     key: PRNG key; batch i uses `fold_in(key, i)`.
     **bound_options: keyword options of `likelihood.variational_bound`
@@ -45,10 +46,12 @@ def bits_per_dim(trained: inference.Trained,
     The mean of each term of `likelihood.VariationalBound` over the images
     ('total_bpd', 'prior_bpd', 'decoder_bpd', 'kl_bpd') and 'num_images'.
   """
-  bind = inference.make_model_fn(trained.model)
-
-  def batch_sums(p, s, images_, mask, k):
-    vlb = likelihood.variational_bound(bind(p), s, images_, k,
+  def batch_sums(p, s, images_, labels, mask, k):
+    model_fn = trained.bind(p)
+    if trained.num_classes:
+      cond_fn = model_fn
+      model_fn = lambda x_t, t: cond_fn(x_t, t, labels)
+    vlb = likelihood.variational_bound(model_fn, s, images_, k,
                                        **bound_options)
     weights = mask.astype(jnp.float32)
     return {name: jnp.sum(getattr(vlb, name) * weights) for name in TERMS}
@@ -65,8 +68,12 @@ def bits_per_dim(trained: inference.Trained,
       local_offset = global_offset + jax.process_index() * local.shape[0]
       mask &= np.arange(local_offset, local_offset + len(mask)) < num_images
     masks = parallel.global_batch(mask, trained.mesh)
+    labels = None
+    if trained.num_classes:
+      labels = parallel.global_batch(np.asarray(batch["label"], np.int32),
+                                     trained.mesh)
     sums = sums_fn(trained.params, trained.schedule,
-                   parallel.global_batch(local, trained.mesh), masks,
+                   parallel.global_batch(local, trained.mesh), labels, masks,
                    jax.random.fold_in(key, index))
     count = int(parallel.host_value(jnp.sum(masks)))
     if count == 0:
@@ -169,6 +176,9 @@ def evaluate(config, workdir: epath.PathLike) -> dict[str, Any]:
 
   Every process must call it; process 0 writes `<workdir>/eval/step_N.json`.
 
+  A class-conditional run's bits/dim are conditional on the eval labels;
+  its FID samples have the classes of `builders.sample_labels`.
+
   Returns:
     The results: bits/dim terms and 'num_images', plus FID, IS and KID
     when `config.eval.inception_weights` is set.
@@ -185,19 +195,21 @@ def evaluate(config, workdir: epath.PathLike) -> dict[str, Any]:
       trained, batches, num_images=int(config.eval.num_images), key=bpd_key,
       target=diff.target, var_type=diff.var_type, mean_form=diff.mean_form,
       clip_x0=bool(diff.clip_x0))
-  logging.info("Step %d, %d images of split %r: %.4f bits/dim (prior %.3g, "
-               "decoder %.4f, KL terms %.4f).", trained.step,
+  logging.info("Step %d, %d images of split %r: %.4f bits/dim%s (prior "
+               "%.3g, decoder %.4f, KL terms %.4f).", trained.step,
                results["num_images"], data.eval_split, results["total_bpd"],
+               " given the labels" if trained.num_classes else "",
                results["prior_bpd"], results["decoder_bpd"],
                results["kl_bpd"])
   if config.eval.inception_weights:
+    num_samples = int(config.eval.num_samples)
     samples = generation.generate(
-        inference.make_model_fn(trained.model), trained.params,
-        trained.schedule, sample_fn=builders.build_sampler(config).fn,
-        num_images=int(config.eval.num_samples),
+        trained.bind, trained.params, trained.schedule,
+        sample_fn=builders.build_sampler(config).fn, num_images=num_samples,
         batch_size=int(config.sample.batch_size),
         image_shape=builders.image_shape(config), key=sample_key,
-        mesh=trained.mesh)
+        mesh=trained.mesh,
+        labels=builders.sample_labels(config, num_samples))
     num_reference = int(config.eval.num_reference)
     results.update(sample_quality(
         samples,

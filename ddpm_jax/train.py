@@ -212,8 +212,9 @@ def train_and_evaluate(config, workdir: str | epath.PathLike, *,
     workdir: directory for checkpoints, TensorBoard events and samples.
     model: the network; default `builders.build_model(config)`.
     dataset_factory: `f(config, *, batch_size, process_index, process_count)`
-      returning this host's iterator of {'image': [b, H, W, C]} batches with
-      `get_state()` / `set_state()`; default `builders.build_dataset`.
+      returning this host's iterator of {'image': [b, H, W, C]} batches
+      (and 'label' [b] in [0, data.num_classes) for a class-conditional run)
+      with `get_state()` / `set_state()`; default `builders.build_dataset`.
 
   Returns:
     The final `TrainState` (replicated over the mesh).
@@ -246,15 +247,17 @@ def train_and_evaluate(config, workdir: str | epath.PathLike, *,
   init_rng, train_rng, sample_rng = jax.jit(
       lambda: tuple(jax.random.split(jax.random.PRNGKey(config.seed), 3)),
       out_shardings=(replicated,) * 3)()
+  num_classes = int(config.data.num_classes)
   abstract_state = train_step.abstract_train_state(
-      model, tx, image_shape=image_shape, mesh=mesh)
+      model, tx, image_shape=image_shape, mesh=mesh, num_classes=num_classes)
 
   with contextlib.ExitStack() as stack:
     ckpt = stack.enter_context(checkpoint.CheckpointManager(
         workdir / "checkpoints", max_to_keep=int(tcfg.keep_checkpoints)))
     if ckpt.latest_step() is None:
       state = train_step.create_train_state(model, tx, init_rng,
-                                            image_shape=image_shape, mesh=mesh)
+                                            image_shape=image_shape, mesh=mesh,
+                                            num_classes=num_classes)
       rng, last_saved = train_rng, None
     else:
       # The newest complete, verified checkpoint; broken newer ones are
@@ -299,15 +302,19 @@ def train_and_evaluate(config, workdir: str | epath.PathLike, *,
     def sample_grid(at_step, *, gif):
       generation.save_training_samples(
           Trained(model=model, params=state.ema_params, schedule=schedule,
-                  step=at_step, mesh=mesh),
+                  step=at_step, mesh=mesh, num_classes=num_classes),
           config, key=sample_rng, workdir=workdir, gif=gif)
 
     metrics = prev_metrics = None
     while step < num_steps:
-      images = np.asarray(next(ds)["image"], np.float32)
+      batch = next(ds)
+      images = np.asarray(batch["image"], np.float32)
       _check_batch(images, host_shape)
-      state, metrics = step_fn(
-          state, {"image": parallel.global_batch(images, mesh)}, rng)
+      arrays = {"image": parallel.global_batch(images, mesh)}
+      if num_classes:
+        arrays["label"] = parallel.global_batch(
+            np.asarray(batch["label"], np.int32), mesh)
+      state, metrics = step_fn(state, arrays, rng)
       step += 1
       log.step_done(step, stop.seconds_left())
       guard.check(step - 1, prev_metrics)  # One step stays in flight.
