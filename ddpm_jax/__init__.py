@@ -1,3 +1,10 @@
 """ddpm_jax: denoising diffusion models (DDPM, DDIM) in JAX and Flax."""
 
+import os as _os
+
+# gs:// paths go through gcsfs, also when TensorFlow is installed: one client
+# for every path of the program (see ddpm_jax/storage.py). Set before etils
+# picks a backend, which it does once.
+_os.environ.setdefault("EPATH_USE_TF", "false")
+
 __version__ = "0.1.0"

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
+from etils import epath
 
 
 class FeatureStatistics(NamedTuple):
@@ -309,21 +310,22 @@ def reference_cache_path(cache_dir: str | os.PathLike, *, dataset: str,
   """
   def clean(name):
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)
-  return os.path.join(os.fspath(cache_dir), f"fid_inception_{clean(dataset)}_"
-                      f"{clean(split)}_{num_images}.npz")
+  return os.fspath(epath.Path(cache_dir) / (
+      f"fid_inception_{clean(dataset)}_{clean(split)}_{num_images}.npz"))
 
 
 def reference_statistics(extract_fn: Callable,
                          load_images: Callable[[], np.ndarray], *,
                          cache_dir: str | os.PathLike, dataset: str,
-                         split: str, num_images: int,
-                         batch_size: int) -> ReferenceStatistics:
+                         split: str, num_images: int, batch_size: int,
+                         write: bool = True) -> ReferenceStatistics:
   """Inception statistics of a reference data set, cached on disk.
 
   If `reference_cache_path(cache_dir, ...)` exists it is loaded and neither
   `load_images` nor `extract_fn` is called; otherwise the features of
   `load_images()` are computed, and mu, sigma and the features are written
-  there (the directory is created; the file is written atomically).
+  there (the directory is created; the file is written atomically). The
+  cache may be local or gs:// (any `etils.epath` path).
 
   Args:
     extract_fn: as in `extract_features`.
@@ -334,6 +336,8 @@ def reference_statistics(extract_fn: Callable,
     split: split name (part of the cache key).
     num_images: number of reference images (part of the cache key).
     batch_size: images per `extract_fn` call.
+    write: False to compute without writing the cache (all processes of a
+      multi-host run but the one that writes).
 
   Returns:
     `ReferenceStatistics(mu [D], sigma [D, D], features [N, D])`.
@@ -344,10 +348,10 @@ def reference_statistics(extract_fn: Callable,
     ...                            split="train", num_images=50000,
     ...                            batch_size=250)
   """
-  path = reference_cache_path(cache_dir, dataset=dataset, split=split,
-                              num_images=num_images)
-  if os.path.exists(path):
-    with np.load(path) as data:
+  path = epath.Path(reference_cache_path(cache_dir, dataset=dataset,
+                                        split=split, num_images=num_images))
+  if path.exists():
+    with path.open("rb") as f, np.load(f) as data:
       missing = {"mu", "sigma", "features"} - set(data.files)
       if missing:
         raise ValueError(f"Reference statistics cache {path} lacks "
@@ -360,8 +364,10 @@ def reference_statistics(extract_fn: Callable,
                      f"{dataset}/{split}; expected num_images={num_images}.")
   features = extract_features(extract_fn, images, batch_size=batch_size).pool
   mu, sigma = feature_statistics(features)
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, mu=mu, sigma=sigma, features=features)
-  os.replace(tmp, path)
+  if write:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / (path.name + ".tmp.npz")
+    with tmp.open("wb") as f:
+      np.savez(f, mu=mu, sigma=sigma, features=features)
+    tmp.replace(path)
   return ReferenceStatistics(mu=mu, sigma=sigma, features=features)

@@ -37,6 +37,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 INPUT_SIZE = 299
 MIN_INPUT_SIZE = 75
@@ -377,7 +378,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   `np.savez(out, **read_state_dict(pth))`) needs only numpy.
 
   Args:
-    path: the file.
+    path: the file (local or gs://).
 
   Returns:
     name -> float numpy array, in PyTorch layout.
@@ -387,20 +388,21 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     ValueError: for another extension.
     ImportError: for a `.pth` file without torch installed.
   """
-  path = os.fspath(path)
-  if not os.path.isfile(path):
+  path = epath.Path(path)
+  if not path.is_file():
     raise FileNotFoundError(f"FID Inception weight file not found: {path}")
-  if path.endswith(".npz"):
-    with np.load(path) as data:
+  if path.name.endswith(".npz"):
+    with path.open("rb") as f, np.load(f) as data:
       return {name: data[name] for name in data.files}
-  if path.endswith(".pth") or path.endswith(".pt"):
+  if path.name.endswith((".pth", ".pt")):
     try:
       import torch  # pylint: disable=import-outside-toplevel
     except ImportError as e:
       raise ImportError(
           f"Reading {path} needs torch; convert it once to .npz elsewhere with "
           "np.savez(out, **read_state_dict(path)) and load the .npz.") from e
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    with path.open("rb") as f:
+      state = torch.load(f, map_location="cpu", weights_only=True)
     return {name: t.detach().cpu().numpy() for name, t in state.items()}
   raise ValueError(f"Unknown FID Inception weight format {path!r}; expected a "
                    ".pth (PyTorch state dict) or .npz file.")
