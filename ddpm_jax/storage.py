@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging as std_logging
 import os
+import shutil
 import uuid
 from typing import Iterator
 
@@ -141,6 +142,7 @@ def move_tree(source: epath.PathLike, target: epath.PathLike) -> None:
   for root, _, filenames in walk(source):
     for name in filenames:
       destination = target / (root / name).relative_to(source)
-      destination.parent.mkdir(parents=True, exist_ok=True)
-      (root / name).copy(destination)
+      # Streamed through this process (epath's copy can hang in gcsfs).
+      with (root / name).open("rb") as src, destination.open("wb") as dst:
+        shutil.copyfileobj(src, dst, 2**24)
   source.rmtree()
