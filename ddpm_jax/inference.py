@@ -80,7 +80,7 @@ def load_trained(config, workdir: str | epath.PathLike, *,
   no_checkpoint = FileNotFoundError(
       f"No checkpoint in {directory}: train first with --mode=train and this "
       "--workdir.")
-  if not directory.is_dir():
+  if parallel.any_process(not directory.is_dir()):  # Agreed by all hosts.
     raise no_checkpoint
   init_fn = functools.partial(train_step.init_params, model,
                               image_shape=builders.image_shape(config))
