@@ -88,9 +88,7 @@ def test_sample_mode_matches_one_process(runs):
 def test_eval_mode_matches_one_process(runs):
   results = [json.loads((workdir / "eval" / "step_00000004.json").read_text())
              for workdir in (runs["two"], runs["one"])]
-  assert set(results[0]) == set(results[1])
-  for key, value in results[1].items():
-    np.testing.assert_allclose(results[0][key], value, rtol=1e-6, err_msg=key)
+  assert results[0] == results[1]  # The same programs over the same mesh.
   assert np.isfinite(results[0]["fid"]) and results[0]["num_images"] == 8
   first, second = runs["logs"]["eval2"]
   for line in ("bits/dim", "FID", "Wrote"):
