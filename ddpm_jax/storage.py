@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import logging as std_logging
 import os
-import shutil
 import uuid
 from typing import Iterator
 
@@ -141,8 +140,5 @@ def move_tree(source: epath.PathLike, target: epath.PathLike) -> None:
     return
   for root, _, filenames in walk(source):
     for name in filenames:
-      destination = target / (root / name).relative_to(source)
-      # Streamed through this process (epath's copy can hang in gcsfs).
-      with (root / name).open("rb") as src, destination.open("wb") as dst:
-        shutil.copyfileobj(src, dst, 2**24)
+      (root / name).copy(target / (root / name).relative_to(source))
   source.rmtree()
