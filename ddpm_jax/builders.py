@@ -19,9 +19,11 @@ import functools
 from typing import Any, Callable, NamedTuple, Optional
 
 import flax.linen as nn
+import numpy as np
 import optax
 
-from ddpm_jax import losses, optim, sampling, train_step
+from ddpm_jax import guidance, losses, optim, respace, sampling, solvers
+from ddpm_jax import train_step
 from ddpm_jax.config import model_config
 from ddpm_jax.data.common import DatasetIterator
 from ddpm_jax.schedules import Schedule, make_schedule
@@ -83,6 +85,8 @@ def build_train_step(config, model: nn.Module,
       t_weights=losses.loss_weights(schedule, weighting=diff.loss_weighting,
                                     target=diff.target,
                                     gamma=float(diff.min_snr_gamma)),
+      var_type=diff.var_type, num_classes=int(config.data.num_classes),
+      p_uncond=float(config.train.p_uncond),
       ema_decay=float(config.train.ema_decay),
       ema_warmup=bool(config.train.ema_warmup), axis_name=axis_name)
 
@@ -116,32 +120,106 @@ def build_dataset(config, *, batch_size: int, process_index: int = 0,
       resize=bool(data.resize), random_flip=bool(data.random_flip) and training,
       seed=int(config.seed), shuffle=training, repeat=training,
       process_index=process_index, process_count=process_count,
-      skip_bad_files=bool(data.skip_bad_files))
+      num_classes=int(data.num_classes) or None,
+      skip_bad_files=bool(data.skip_bad_files),
+      data_dir=data.tfds_data_dir or None)
 
 
 class Sampler(NamedTuple):
-  """A sampler of `ddpm_jax.sampling` with the run's options bound.
+  """A sampler of `ddpm_jax.solvers.SAMPLER_FNS` with the run's options,
+  respacing and guidance bound.
 
   `fn(model_fn, schedule, *, key, shape=None, x_T=None,
-  trajectory_every=None) -> sampling.SampleOutput`.
+  trajectory_every=None, labels=None) -> sampling.SampleOutput`, where
+  `schedule` is the run's T-step schedule (`build_schedule(config)`). For an
+  unconditional run `model_fn` is the denoiser `(x_t, t)` and `labels` is
+  None. For a class-conditional run `model_fn` is the conditional denoiser
+  `(x_t, t, y)` (`inference.make_model_fn(model, conditional=True)`) and
+  `labels` int [B] the class of each sample (`sample_labels`); the sampler
+  runs on `guidance.classifier_free_guidance` of it with the run's scale.
   """
-  name: str  # 'ddpm' or 'ddim'.
+  name: str  # a name of solvers.SAMPLER_NAMES.
   fn: Callable[..., sampling.SampleOutput]
-  num_steps: int  # steps of the reverse chain (trajectory frames divide it).
+  num_steps: int  # steps of the reverse chain (trajectory frames count them).
+  num_calls: int  # network calls per sample (each on 2B inputs if guided).
+
+
+def _guided_respaced(solver: Callable[..., sampling.SampleOutput],
+                     model_fn: Callable, schedule: Schedule, *,
+                     num_classes: int, guidance_scale: float,
+                     respaced: Optional[respace.Respaced],
+                     num_timesteps: int,
+                     labels: Optional[np.ndarray] = None,
+                     **kwargs) -> sampling.SampleOutput:
+  """`solver` on the guided (conditional runs) and respaced (respaced
+  ddpm) denoiser; `schedule` is the run's, respaced here when asked."""
+  if num_classes:
+    if labels is None:
+      raise ValueError("labels [B] are required: the run is "
+                       f"class-conditional ({num_classes} classes).")
+    model_fn = guidance.classifier_free_guidance(
+        model_fn, labels=labels, num_classes=num_classes,
+        scale=guidance_scale)
+  elif labels is not None:
+    raise ValueError("labels were given to the sampler of an unconditional "
+                     "run.")
+  if respaced is not None:
+    if schedule.num_timesteps != num_timesteps:
+      raise ValueError(f"This respaced sampler was built for the run's "
+                       f"schedule of {num_timesteps} steps, got "
+                       f"{schedule.num_timesteps}.")
+    model_fn = respace.map_timesteps(model_fn, respaced.timesteps)
+    schedule = respaced.schedule
+  return solver(model_fn, schedule, **kwargs)
 
 
 def build_sampler(config) -> Sampler:
   """The sampler of `config.sample` with its options from `config.sample`
-  and `config.diffusion`: the one place a config becomes a sampler."""
+  and `config.diffusion`, respaced DDPM (`sample.ddpm_steps`) and guidance
+  (`data.num_classes`, `sample.guidance_scale`): the one place a config
+  becomes a sampler."""
   sample, diff = config.sample, config.diffusion
-  if sample.sampler == "ddim":
-    num_steps = int(sample.ddim_steps)
-    fn = functools.partial(sampling.ddim_sample, num_steps=num_steps,
-                           eta=float(sample.eta), spacing=sample.ddim_spacing,
-                           target=diff.target, clip_x0=bool(diff.clip_x0))
+  name = sample.sampler
+  num_timesteps = int(diff.num_timesteps)
+  options = dict(target=diff.target, clip_x0=bool(diff.clip_x0))
+  respaced = None
+  if name == "ddpm":
+    options.update(var_type=diff.var_type, mean_form=diff.mean_form)
+    num_steps = int(sample.ddpm_steps) or num_timesteps
+    if num_steps < num_timesteps:
+      # Its last step is the run's: the run's schedule warns if it misses
+      # noise.
+      respaced = respace.respace(
+          build_schedule(config),
+          respace.spaced_timesteps(num_timesteps, num_steps), warn=False)
   else:
-    num_steps = int(diff.num_timesteps)
-    fn = functools.partial(sampling.ddpm_sample, target=diff.target,
-                           var_type=diff.var_type, mean_form=diff.mean_form,
-                           clip_x0=bool(diff.clip_x0))
-  return Sampler(name=sample.sampler, fn=fn, num_steps=num_steps)
+    num_steps = int(sample.num_steps)
+    options["num_steps"] = num_steps
+    if name == "ddim":
+      options.update(eta=float(sample.eta), spacing=sample.ddim_spacing)
+    else:
+      options["spacing"] = sample.solver_spacing
+  fn = functools.partial(
+      _guided_respaced, functools.partial(solvers.get_sampler(name),
+                                          **options),
+      num_classes=int(config.data.num_classes),
+      guidance_scale=float(sample.guidance_scale), respaced=respaced,
+      num_timesteps=num_timesteps)
+  return Sampler(name=name, fn=fn, num_steps=num_steps,
+                 num_calls=solvers.num_model_calls(name, num_steps))
+
+
+def sample_labels(config, num_images: int) -> Optional[np.ndarray]:
+  """The class of each of `num_images` samples of a class-conditional run.
+
+  Returns:
+    None for an unconditional run; else int32 [num_images]: every image of
+    class `sample.class_id`, or with class_id = -1 image i of class i mod C.
+  """
+  num_classes = int(config.data.num_classes)
+  if not num_classes:
+    return None
+  class_id = int(config.sample.class_id)
+  if class_id >= 0:
+    return np.full((num_images,), class_id, np.int32)
+  return (np.arange(num_images) % num_classes).astype(np.int32)

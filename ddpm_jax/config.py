@@ -26,12 +26,12 @@ from typing import Any, Optional
 
 import ml_collections
 
-from ddpm_jax import diffusion, losses, metrics, optim, sampling, schedules
+from ddpm_jax import (diffusion, losses, metrics, optim, sampling, schedules,
+                      solvers)
 
 MODES = ("train", "sample", "eval")
-VARIANTS = ("", "tiny")
-# Variance types training can fit today (the learned ones need L_hybrid).
-TRAINABLE_VAR_TYPES = ("fixed_large", "fixed_small")
+# Parts of a config-file variant (`--config=FILE:PART[,PART]`).
+VARIANTS = ("tiny", "cond")
 
 
 class ConfigError(ValueError):
@@ -134,6 +134,15 @@ SCHEMA: dict[str, Any] = {
                              "probability 1/2."),
         "skip_bad_files": Field(False, "folder: sources skip undecodable "
                                 "files with a warning."),
+        "num_classes": _int(
+            0, "C > 0: class-conditional on the labels, which must lie in "
+            "[0, C); the network embeds C + 1 classes, the last (id C) being "
+            "the null class of classifier-free guidance. 0: unconditional "
+            "(labels unused)."),
+        "tfds_data_dir": Field("", "Where tfds: sources are downloaded and "
+                               "prepared, local or gs://; empty: tfds's "
+                               "default (~/tensorflow_datasets or "
+                               "$TFDS_DATA_DIR)."),
     },
     # Network: a preset of `ddpm_jax.models.unet_config` plus field overrides.
     "model": {
@@ -162,9 +171,10 @@ SCHEMA: dict[str, Any] = {
                                 low_open=True),
         "var_type": _choice(
             "fixed_large", diffusion.VAR_TYPES,
-            "Reverse-process variance: fixed_large (beta_t) or fixed_small "
-            "(posterior variance); learned and learned_range are not "
-            "trainable yet."),
+            "Reverse-process variance: fixed_large (beta_t), fixed_small "
+            "(posterior variance), or learned / learned_range (the network's "
+            "extra channels, trained with L_hybrid = L_simple + 0.001 L_vlb; "
+            "needs model.learned_variance)."),
         "mean_form": _choice("x0", diffusion.MEAN_FORMS,
                              "DDPM mean: x0 (clipped x0 estimate) or eps "
                              "(Algorithm 2)."),
@@ -208,15 +218,47 @@ SCHEMA: dict[str, Any] = {
         "max_nonfinite_steps": _int(20, "Stop after this many skipped "
                                     "(non-finite) updates in a row; 0 = "
                                     "never stop."),
+        "p_uncond": _float(0.1, "Class-conditional runs: probability that a "
+                           "training label is replaced by the null class "
+                           "(label dropout, Ho & Salimans 2022), which "
+                           "makes classifier-free guidance possible; 0 "
+                           "trains no null class.", high=1.0),
+        "profile_start": _int(0, "A jax.profiler trace of the train steps "
+                              "profile_start, ..., profile_start + "
+                              "profile_steps - 1 (counted from 1, as the "
+                              "log) in <workdir>/profile, for TensorBoard's "
+                              "profile tab or Perfetto; 0 = no trace."),
+        "profile_steps": _int(5, "Steps in the profiler trace.", low=1),
     },
     # Sampling, for grids during training and --mode=sample.
     "sample": {
-        "sampler": _choice("ddpm", sampling.SAMPLERS, "ddpm or ddim."),
-        "ddim_steps": _int(50, "DDIM steps (<= diffusion.num_timesteps).",
-                           low=1),
+        "sampler": _choice(
+            "ddpm", solvers.SAMPLER_NAMES,
+            "ddpm (ancestral), ddim, or the ODE/SDE solvers euler, heun "
+            "(Karras et al. 2022), dpmpp_2m, dpmpp_2m_sde, dpmpp_3m "
+            "(DPM-Solver++, Lu et al. 2022)."),
+        "num_steps": _int(50, "Steps of ddim and the solvers (<= "
+                          "diffusion.num_timesteps); heun makes 2 num_steps "
+                          "- 1 network calls, the others num_steps.", low=1),
+        "ddpm_steps": _int(0, "ddpm: 0 runs all T steps; S in [1, T] runs "
+                           "the process respaced to S evenly spaced steps "
+                           "(Nichol & Dhariwal 2021)."),
         "ddim_spacing": _choice("uniform", sampling.SPACINGS,
                                 "Which steps DDIM visits."),
+        "solver_spacing": _choice(
+            "logsnr", solvers.SPACINGS,
+            "Levels of euler, heun and dpmpp_*: uniform in time, uniform in "
+            "log-SNR, or karras (rho = 7)."),
         "eta": _float(0.0, "DDIM stochasticity.", high=1.0),
+        "guidance_scale": _float(
+            0.0, "Classifier-free guidance w of class-conditional runs "
+            "(Ho & Salimans eq. 6): 0 samples the conditional model, w > 0 "
+            "sharpens it towards the class, -1 is the unconditional model; "
+            "w != 0 needs train.p_uncond > 0.", low=-1.0),
+        "class_id": _int(-1, "Class-conditional runs: the class of every "
+                         "sample, or -1 for all classes (grids: one row per "
+                         "class; --mode=sample: image i has class i mod C).",
+                         low=-1),
         "num_images": _int(64, "Images of --mode=sample.", low=1),
         "batch_size": _int(64, "Global sampling batch.", low=1),
         "gif": Field(True, "An animated GIF of the denoising chain."),
@@ -256,29 +298,49 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def apply_variant(config: ml_collections.ConfigDict, variant: str, *,
-                  tiny_model: dict) -> ml_collections.ConfigDict:
+                  tiny_model: dict,
+                  num_classes: int = 0) -> ml_collections.ConfigDict:
   """Applies a config-file variant (`--config=FILE:VARIANT`).
 
   Args:
     config: the recipe's full-size config.
-    variant: '' (the recipe as it is) or 'tiny' (the same recipe with a small
-      network, T = 20 and a few steps of batch 8: a run takes seconds, for
-      smoke tests and CI).
+    variant: '' (the recipe as it is), or parts joined by commas, e.g.
+      'cond,tiny':
+      'tiny': the same recipe with a small network, T = 20 and a few steps
+        of batch 8; a run takes seconds, for smoke tests and CI.
+      'cond': class-conditional on the data's `num_classes` labels with
+        label dropout `train.p_uncond` (0.1), so that samples can be guided;
+        the sample grids are guided with w = 1, one row per class.
     tiny_model: `config.model` overrides that make the recipe's network small.
+    num_classes: the classes of the recipe's data; 0 if it has no 'cond'
+      variant.
 
   Returns:
     `config`, changed in place.
+
+  Raises:
+    ValueError: for an unknown part, or 'cond' without `num_classes`.
   """
-  if variant not in VARIANTS:
-    raise ValueError(f"Unknown config variant {variant!r}; expected 'tiny' "
-                     "or none.")
-  if variant == "tiny":
+  parts = set(variant.split(",")) if variant else set()
+  unknown = sorted(parts - set(VARIANTS))
+  if unknown:
+    raise ValueError(f"Unknown config variant {variant!r}: expected none or "
+                     f"parts of {', '.join(VARIANTS)} joined by commas "
+                     "(e.g. 'cond,tiny').")
+  if "cond" in parts:
+    if not num_classes:
+      raise ValueError("This config has no class-conditional variant "
+                       "('cond'): its data has no classes.")
+    config.data.num_classes = num_classes
+    config.sample.guidance_scale = 1.0
+  if "tiny" in parts:
     config.model.update(tiny_model)
     config.diffusion.num_timesteps = 20
     config.optimizer.warmup_steps = 2
     config.train.update(dict(batch_size=8, num_steps=4, log_every=2,
                              checkpoint_every=2, sample_every=4))
-    config.sample.update(dict(num_images=8, batch_size=8, ddim_steps=5,
+    config.sample.update(dict(num_images=8, batch_size=8, num_steps=5,
+                              ddpm_steps=min(config.sample.ddpm_steps, 5),
                               gif_frames=5))
     config.eval.update(dict(num_images=8, batch_size=8))
   return config
@@ -356,12 +418,24 @@ def _check_fields(config, schema: dict[str, Any], prefix: str = "") -> None:
 
 
 def model_config(config):
-  """The `UNetConfig` of `config.model`, or a `ConfigError` saying why not."""
+  """The `UNetConfig` of `config.model`, or a `ConfigError` saying why not.
+
+  A class-conditional run (`data.num_classes` = C > 0) gets a network with
+  C + 1 class embeddings: the classes and the null class C.
+  """
   # Imported here: the models touch the XLA backend, which must wait for
   # `parallel.initialize_distributed`.
   from ddpm_jax import models  # pylint: disable=g-import-not-at-top
   model = _get(config, "model")
   fields = dict(model.to_dict() if hasattr(model, "to_dict") else model)
+  if "num_classes" in fields:
+    raise ConfigError(
+        "config.model.num_classes is derived from config.data.num_classes "
+        "(C classes and the null class); set config.data.num_classes "
+        "instead.")
+  num_classes = _get(config, "data.num_classes")
+  if num_classes:
+    fields["num_classes"] = num_classes + 1
   try:
     return models.unet_config(**fields)
   except (TypeError, ValueError) as e:
@@ -378,13 +452,60 @@ def _check_divides(path: str, size: int, num_devices: Optional[int],
                       f"number of processes ({process_count}).")
 
 
+def _check_path(field: str, path: str) -> None:
+  """A `ConfigError` naming `field` unless `path` (local or gs://) exists."""
+  from ddpm_jax import storage  # pylint: disable=g-import-not-at-top
+  try:
+    found = storage.exists(path)
+  except storage.StorageError as e:
+    raise ConfigError(f"config.{field}: {e}") from None
+  if not found:
+    where = "" if storage.is_remote(path) else (
+        f" (working directory {os.getcwd()})")
+    raise ConfigError(f"config.{field}: {path} does not exist{where}.")
+
+
 def _check_data_source(source: str) -> None:
   if not source:
     raise ConfigError("config.data.source must be a non-empty string.")
   scheme, _, rest = source.partition(":")
-  if scheme in ("npz", "folder") and rest and not os.path.exists(rest):
-    raise ConfigError(f"config.data.source {source!r}: {rest} does not exist "
-                      f"(working directory {os.getcwd()}).")
+  if scheme in ("npz", "folder") and rest:
+    _check_path(f"data.source {source!r}", rest)
+
+
+def _check_sampling(config) -> None:
+  """The sampler's steps against T, and guidance against the model."""
+  num_timesteps = _get(config, "diffusion.num_timesteps")
+  sampler = _get(config, "sample.sampler")
+  path = "sample.ddpm_steps" if sampler == "ddpm" else "sample.num_steps"
+  steps = _get(config, path)
+  if steps > num_timesteps:
+    raise ConfigError(
+        f"config.{path} ({steps}) must be in [{int(sampler != 'ddpm')}, "
+        f"{num_timesteps}] (config.diffusion.num_timesteps) for sampler "
+        f"{sampler!r}.")
+  num_classes = _get(config, "data.num_classes")
+  scale = _get(config, "sample.guidance_scale")
+  class_id = _get(config, "sample.class_id")
+  if not num_classes:
+    if scale != 0:
+      raise ConfigError(
+          f"config.sample.guidance_scale ({scale}) needs a class-conditional "
+          "model: train with config.data.num_classes > 0 and "
+          "config.train.p_uncond > 0.")
+    if class_id != -1:
+      raise ConfigError(
+          f"config.sample.class_id ({class_id}) needs a class-conditional "
+          "model (config.data.num_classes > 0).")
+    return
+  if class_id >= num_classes:
+    raise ConfigError(
+        f"config.sample.class_id ({class_id}) must be -1 or a class in [0, "
+        f"{num_classes}) (config.data.num_classes).")
+  if scale != 0 and _get(config, "train.p_uncond") == 0:
+    raise ConfigError(
+        f"config.sample.guidance_scale ({scale}) needs the null class, which "
+        "config.train.p_uncond = 0 does not train.")
 
 
 def validate_config(config, *, mode: str = "train",
@@ -393,8 +514,10 @@ def validate_config(config, *, mode: str = "train",
   """Checks a whole run config for `mode` before anything is built.
 
   Unknown fields, wrong types and values out of range, a network that cannot
-  take the image size or channels, batch sizes the devices do not divide and
-  a missing dataset path each give one `ConfigError`.
+  take the image size or channels, sampler steps beyond T, guidance or a
+  class on an unconditional model (or a class out of range), batch sizes the
+  devices do not divide and a missing dataset path each give one
+  `ConfigError`.
 
   Args:
     config: the run's `ml_collections.ConfigDict` (or nested dicts).
@@ -409,6 +532,11 @@ def validate_config(config, *, mode: str = "train",
     raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}.")
   _check_fields(config, SCHEMA)
   _check_data_source(_get(config, "data.source"))
+  if _get(config, "data.tfds_data_dir") and not _get(
+      config, "data.source").startswith("tfds:"):
+    raise ConfigError("config.data.tfds_data_dir applies to tfds: sources "
+                      f"only; config.data.source is "
+                      f"{_get(config, 'data.source')!r}.")
 
   net = model_config(config)
   image_size = _get(config, "data.image_size")
@@ -428,11 +556,6 @@ def validate_config(config, *, mode: str = "train",
     raise ConfigError(
         f"config.diffusion.var_type {var_type!r} needs "
         f"config.model.learned_variance = {not net.learned_variance}.")
-  if mode == "train" and var_type not in TRAINABLE_VAR_TYPES:
-    raise ConfigError(
-        f"config.diffusion.var_type {var_type!r} cannot be trained yet (its "
-        f"loss, L_hybrid, is not implemented); use one of "
-        f"{', '.join(TRAINABLE_VAR_TYPES)}.")
 
   num_steps = _get(config, "train.num_steps")
   warmup = _get(config, "optimizer.warmup_steps")
@@ -440,15 +563,9 @@ def validate_config(config, *, mode: str = "train",
     raise ConfigError(
         f"config.optimizer.warmup_steps ({warmup}) must be < "
         f"config.train.num_steps ({num_steps}) with cosine decay.")
-  num_timesteps = _get(config, "diffusion.num_timesteps")
-  ddim_steps = _get(config, "sample.ddim_steps")
-  if _get(config, "sample.sampler") == "ddim" and ddim_steps > num_timesteps:
-    raise ConfigError(
-        f"config.sample.ddim_steps ({ddim_steps}) must be in [1, "
-        f"{num_timesteps}] (config.diffusion.num_timesteps).")
+  _check_sampling(config)
   for path in ("train.batch_size", "sample.batch_size", "eval.batch_size"):
     _check_divides(path, _get(config, path), num_devices, process_count)
   weights = _get(config, "eval.inception_weights")
-  if mode == "eval" and weights and not os.path.isfile(weights):
-    raise ConfigError(f"config.eval.inception_weights: {weights} is not a "
-                      "file.")
+  if mode == "eval" and weights:
+    _check_path("eval.inception_weights", weights)

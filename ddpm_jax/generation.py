@@ -1,26 +1,31 @@
 """Samples from a model, many at a time: the sharded batch driver
 `generate`, sample grids during training and `--mode=sample`'s files.
 
-The samplers themselves are the pure functions of `ddpm_jax.sampling`;
-`builders.build_sampler` binds one to the run's options. Here a sampler runs
-over the 'data' mesh and its images are written as PNG grids, GIFs and .npz.
-Every process of a multi-host run calls these functions; process 0 writes.
+The samplers themselves are the pure functions of `ddpm_jax.sampling` and
+`ddpm_jax.solvers`; `builders.build_sampler` binds one to the run's options
+(respacing and classifier-free guidance included). Here a sampler runs over
+the 'data' mesh and its images are written as PNG grids, GIFs and .npz.
+Class-conditional runs sample the classes of `builders.sample_labels`; their
+grids show one row per class (unless `sample.class_id` picks one). Every
+process of a multi-host run calls these functions; process 0 writes.
 
 Example:
   >>> trained = inference.load_trained(config, workdir)
-  >>> images = generate(inference.make_model_fn(trained.model),
-  ...                   trained.params, trained.schedule,
+  >>> images = generate(trained.bind, trained.params, trained.schedule,
   ...                   sample_fn=builders.build_sampler(config).fn,
   ...                   num_images=1000, batch_size=250,
   ...                   image_shape=(32, 32, 3), key=jax.random.key(0),
-  ...                   mesh=trained.mesh)  # uint8 [1000, 32, 32, 3]
+  ...                   mesh=trained.mesh,
+  ...                   labels=builders.sample_labels(config, 1000))
+  >>> images.shape  # uint8
+  (1000, 32, 32, 3)
 """
 
 from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
@@ -28,35 +33,36 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
-from ddpm_jax import builders, diffusion, images, parallel, sampling
-from ddpm_jax.inference import Trained, make_model_fn
+from ddpm_jax import builders, images, parallel, sampling
+from ddpm_jax.inference import Trained
 from ddpm_jax.schedules import Schedule
 
 PyTree = Any
 
 
-def generate(make_model_fn_: Callable[[PyTree], diffusion.ModelFn],
+def generate(make_model_fn_: Callable[[PyTree], Callable[..., jax.Array]],
              params: PyTree, schedule: Schedule, *,
              sample_fn: Callable[..., sampling.SampleOutput], num_images: int,
              batch_size: int, image_shape: tuple[int, ...], key: jax.Array,
-             mesh: Mesh) -> np.ndarray:
+             mesh: Mesh, labels: Optional[np.ndarray] = None) -> np.ndarray:
   """Samples `num_images` uint8 images in batches sharded over `mesh`.
 
   One function is jitted and compiled once for all batches; batch i uses key
   `fold_in(key, i)` and equals `sample_fn(model_fn, schedule, x_T=x_T,
   key=that key)` with x_T ~ N(0, I) drawn from `split(that key)[0]` (what
-  the samplers draw themselves for `shape=(batch_size,) + image_shape`).
-  x_T is sharded over the mesh's 'data' axis on the batch dimension;
-  `params` and `schedule` are jit arguments, replicated over the mesh. The
-  last batch is sampled in full and cut to `num_images`. Every process gets
-  all images.
+  the samplers draw themselves for `shape=(batch_size,) + image_shape`),
+  plus `labels=` its slice of `labels` when given.
+  x_T (and the labels) are sharded over the mesh's 'data' axis on the batch
+  dimension; `params` and `schedule` are jit arguments, replicated over the
+  mesh. The last batch is sampled in full (its labels continued from the
+  start of `labels`) and cut to `num_images`. Every process gets all images.
 
   Args:
-    make_model_fn_: params -> denoiser `(x_t, t) -> output`, called inside
-      the jitted function (e.g. `inference.make_model_fn(unet)`).
+    make_model_fn_: params -> denoiser, called inside the jitted function
+      (e.g. `inference.make_model_fn(unet)` or `Trained.bind`).
     params: pytree of model parameters.
     schedule: the diffusion schedule.
-    sample_fn: a sampler of `ddpm_jax.sampling` with its options bound
+    sample_fn: a sampler with its options bound
       (`builders.build_sampler(config).fn`, or e.g.
       `functools.partial(sampling.ddim_sample, num_steps=50)`).
     num_images: N >= 1.
@@ -64,17 +70,22 @@ def generate(make_model_fn_: Callable[[PyTree], diffusion.ModelFn],
     image_shape: (H, W, C).
     key: PRNG key.
     mesh: a `Mesh` with a 'data' axis.
+    labels: optional int [N], the class of each image, passed to
+      `sample_fn` as `labels` (class-conditional runs).
 
   Returns:
     uint8 numpy array [N, H, W, C].
 
   Raises:
-    ValueError: for bad counts, a mesh without 'data' or a batch size the
-      'data' axis does not divide.
+    ValueError: for bad counts, labels that are not N, a mesh without 'data'
+      or a batch size the 'data' axis does not divide.
   """
   for name, value in (("num_images", num_images), ("batch_size", batch_size)):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
       raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+  if labels is not None and np.shape(labels) != (num_images,):
+    raise ValueError(f"labels must have shape ({num_images},), got "
+                     f"{np.shape(labels)}.")
   if parallel.DATA_AXIS not in mesh.axis_names:
     raise ValueError(f"mesh needs a '{parallel.DATA_AXIS}' axis, got axes "
                      f"{mesh.axis_names}.")
@@ -85,20 +96,33 @@ def generate(make_model_fn_: Callable[[PyTree], diffusion.ModelFn],
   shape = (batch_size,) + tuple(image_shape)
   batch_sharding = parallel.data_sharded(mesh)
   replicated = parallel.replicated(mesh)
+  num_batches = math.ceil(num_images / batch_size)
 
-  def one_batch(params, schedule, batch_key):
+  def one_batch(params, schedule, batch_key, batch_labels):
     x_T = jax.random.normal(jax.random.split(batch_key)[0], shape)
     x_T = jax.lax.with_sharding_constraint(x_T, batch_sharding)
-    out = sample_fn(make_model_fn_(params), schedule, x_T=x_T, key=batch_key)
+    label_kwargs = {}
+    if batch_labels is not None:
+      label_kwargs["labels"] = jax.lax.with_sharding_constraint(
+          batch_labels, batch_sharding)
+    out = sample_fn(make_model_fn_(params), schedule, x_T=x_T, key=batch_key,
+                    **label_kwargs)
     return images.to_uint8(out.images)
 
+  if labels is None:
+    batch_labels = [None] * num_batches
+  else:
+    batch_labels = np.resize(np.asarray(labels, np.int32),
+                             num_batches * batch_size).reshape(
+                                 num_batches, batch_size)
   # Gathered to every device, so every host can read the whole batch.
   sample_batch = jax.jit(one_batch, out_shardings=replicated)
   params, schedule = jax.device_put((params, schedule), replicated)
   batches = [
       parallel.host_value(sample_batch(params, schedule,
-                                       jax.random.fold_in(key, i)))
-      for i in range(math.ceil(num_images / batch_size))
+                                       jax.random.fold_in(key, i),
+                                       batch_labels[i]))
+      for i in range(num_batches)
   ]
   return np.concatenate(batches)[:num_images]
 
@@ -106,35 +130,63 @@ def generate(make_model_fn_: Callable[[PyTree], diffusion.ModelFn],
 def sample_with_trajectory(trained: Trained, sampler: builders.Sampler, *,
                            image_shape: tuple[int, int, int],
                            num_images: int, num_frames: int,
-                           key: jax.Array) -> sampling.SampleOutput:
+                           key: jax.Array,
+                           labels: Optional[np.ndarray] = None
+                           ) -> sampling.SampleOutput:
   """One batch of samples and about `num_frames` frames of their chain,
-  replicated on every device of the run's mesh (all processes call it)."""
+  replicated on every device of the run's mesh (all processes call it);
+  `labels` int [num_images] for a class-conditional run."""
   every = max(1, math.ceil(sampler.num_steps / max(1, num_frames)))
-  bind = make_model_fn(trained.model)
+  label_kwargs = {} if labels is None else {"labels": labels}
 
-  def run(params, schedule, key):
-    return sampler.fn(bind(params), schedule,
+  def run(params, schedule, key, label_kwargs):
+    return sampler.fn(trained.bind(params), schedule,
                       shape=(num_images,) + tuple(image_shape), key=key,
-                      trajectory_every=every)
+                      trajectory_every=every, **label_kwargs)
 
   out = jax.jit(run, out_shardings=parallel.replicated(trained.mesh))(
-      trained.params, trained.schedule, key)
+      trained.params, trained.schedule, key, label_kwargs)
   return jax.tree.map(parallel.host_value, out)
 
 
+def class_rows(labels: np.ndarray, num_classes: int, *,
+               max_images: int = 64) -> tuple[np.ndarray, int]:
+  """The images a grid of samples of every class shows, one row per class.
+
+  Args:
+    labels: int [N], the class of each sample.
+    num_classes: C.
+    max_images: the grid shows at most this many images.
+
+  Returns:
+    (indices into the N samples, images per row): per class in order, its
+    first max(1, min(N, max_images) // C) samples.
+
+  Example:
+    >>> class_rows(np.arange(25) % 10, 10)
+    (array([ 0, 10,  1, 11,  2, 12, ...,  9, 19]), 2)
+  """
+  labels = np.asarray(labels)
+  per_row = max(1, min(len(labels), max_images) // num_classes)
+  indices = [np.flatnonzero(labels == c)[:per_row] for c in range(num_classes)]
+  return np.concatenate(indices), per_row
+
+
 def write_samples(out: sampling.SampleOutput, directory: epath.PathLike,
-                  name: str, *, gif: bool) -> list[epath.Path]:
-  """Writes `name.png` (a grid of the final images) and optionally
-  `name.gif` (the denoising chain) to `directory`. Returns the paths."""
+                  name: str, *, gif: bool,
+                  nrow: Optional[int] = None) -> list[epath.Path]:
+  """Writes `name.png` (a grid of the final images, `nrow` per row, default
+  about square) and optionally `name.gif` (the denoising chain) to
+  `directory`. Returns the paths."""
   directory = epath.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   final = np.asarray(out.images)
+  nrow = images.grid_nrow(len(final)) if nrow is None else nrow
   paths = [directory / f"{name}.png"]
-  images.save_image_grid(final, paths[0], nrow=images.grid_nrow(len(final)))
+  images.save_image_grid(final, paths[0], nrow=nrow)
   if gif:
     paths.append(directory / f"{name}.gif")
-    images.save_gif(np.asarray(out.trajectory), paths[1],
-                    nrow=images.grid_nrow(len(final)))
+    images.save_gif(np.asarray(out.trajectory), paths[1], nrow=nrow)
   return paths
 
 
@@ -149,19 +201,35 @@ def save_data_grid(batch_images, workdir: epath.PathLike) -> epath.Path:
   return path
 
 
+def _by_class(trained: Trained, config) -> bool:
+  """Whether the run's grids show every class, one row each."""
+  return trained.num_classes > 0 and int(config.sample.class_id) < 0
+
+
 def save_training_samples(trained: Trained, config, *, key: jax.Array,
                           workdir: epath.PathLike, gif: bool) -> None:
   """A grid of up to 64 samples from the EMA parameters in
-  `<workdir>/samples/step_N.png` (and `.gif`); process 0 writes."""
+  `<workdir>/samples/step_N.png` (and `.gif`); process 0 writes. A
+  class-conditional run's grid has one row per class of 64 // C samples (at
+  least one), or shows `sample.class_id` alone."""
+  count = min(int(config.sample.num_images), 64)
+  if _by_class(trained, config):
+    count = trained.num_classes * max(1, count // trained.num_classes)
+  labels = builders.sample_labels(config, count)
   out = sample_with_trajectory(
       trained, builders.build_sampler(config),
-      image_shape=builders.image_shape(config),
-      num_images=min(int(config.sample.num_images), 64),
+      image_shape=builders.image_shape(config), num_images=count,
       num_frames=int(config.sample.gif_frames),
-      key=jax.random.fold_in(key, trained.step))
+      key=jax.random.fold_in(key, trained.step), labels=labels)
+  nrow = None
+  if _by_class(trained, config):
+    order, nrow = class_rows(labels, trained.num_classes)
+    out = out._replace(images=out.images[order],
+                       trajectory=None if out.trajectory is None
+                       else out.trajectory[:, order])
   if jax.process_index() == 0:
     paths = write_samples(out, epath.Path(workdir) / "samples",
-                          f"step_{trained.step:08d}", gif=gif)
+                          f"step_{trained.step:08d}", gif=gif, nrow=nrow)
     logging.info("Step %d: wrote %s.", trained.step,
                  ", ".join(map(str, paths)))
 
@@ -170,9 +238,11 @@ def sample_to_files(trained: Trained, config, *,
                     workdir: epath.PathLike) -> dict[str, Any]:
   """`--mode=sample`: `config.sample.num_images` images from `trained`.
 
-  Writes `<workdir>/samples/sample_step_N.npz` (uint8 'images' [N, H, W, C]),
-  a PNG grid of the first 64 and, with `config.sample.gif`, a GIF of 16
-  chains. Every process must call it; process 0 writes.
+  Writes `<workdir>/samples/sample_step_N.npz` (uint8 'images' [N, H, W, C],
+  and for a class-conditional run int32 'labels' [N]), a PNG grid of the
+  first 64 (of a class-conditional run over all classes: one row per class)
+  and, with `config.sample.gif`, a GIF of 16 chains. Every process must call
+  it; process 0 writes.
 
   Returns:
     {'images_per_sec': float, 'paths': [str], 'num_images': int}.
@@ -182,38 +252,50 @@ def sample_to_files(trained: Trained, config, *,
   sampler = builders.build_sampler(config)
   shape = builders.image_shape(config)
   num_images = int(config.sample.num_images)
+  labels = builders.sample_labels(config, num_images)
   start = time.perf_counter()
-  uint8 = generate(make_model_fn(trained.model), trained.params,
-                   trained.schedule, sample_fn=sampler.fn,
-                   num_images=num_images,
+  uint8 = generate(trained.bind, trained.params, trained.schedule,
+                   sample_fn=sampler.fn, num_images=num_images,
                    batch_size=int(config.sample.batch_size), image_shape=shape,
-                   key=sample_key, mesh=trained.mesh)
+                   key=sample_key, mesh=trained.mesh, labels=labels)
   seconds = time.perf_counter() - start
   result = dict(images_per_sec=num_images / seconds, num_images=num_images,
                 paths=[])
   out = None
   if config.sample.gif:
-    out = sample_with_trajectory(trained, sampler, image_shape=shape,
-                                 num_images=min(num_images, 16),
-                                 num_frames=int(config.sample.gif_frames),
-                                 key=grid_key)
+    num_chains = min(num_images, 16)
+    out = sample_with_trajectory(
+        trained, sampler, image_shape=shape, num_images=num_chains,
+        num_frames=int(config.sample.gif_frames), key=grid_key,
+        labels=builders.sample_labels(config, num_chains))
   if jax.process_index() == 0:
     directory = epath.Path(workdir) / "samples"
     directory.mkdir(parents=True, exist_ok=True)
     stem = f"sample_step_{trained.step:08d}"
     npz_path = directory / f"{stem}.npz"
+    arrays = dict(images=uint8)
+    if labels is not None:
+      arrays["labels"] = labels
     with npz_path.open("wb") as f:
-      np.savez_compressed(f, images=uint8)
+      np.savez_compressed(f, **arrays)
     grid_path = directory / f"{stem}.png"
-    shown = uint8[:64]
-    images.save_image_grid(shown, grid_path, nrow=images.grid_nrow(len(shown)))
+    if _by_class(trained, config):
+      order, nrow = class_rows(labels, trained.num_classes)
+      shown = uint8[order]
+    else:
+      shown = uint8[:64]
+      nrow = images.grid_nrow(len(shown))
+    images.save_image_grid(shown, grid_path, nrow=nrow)
     result["paths"] = [str(npz_path), str(grid_path)]
     if out is not None:
       gif_path = directory / f"{stem}.gif"
       images.save_gif(out.trajectory, gif_path,
                       nrow=images.grid_nrow(out.images.shape[0]))
       result["paths"].append(str(gif_path))
-    logging.info("Sampled %d images with %s in %.1f s (%.1f images/s, "
-                 "compilation included): %s", num_images, sampler.name,
-                 seconds, result["images_per_sec"], ", ".join(result["paths"]))
+    guided = (f", guidance scale {float(config.sample.guidance_scale):g}"
+              if trained.num_classes else "")
+    logging.info("Sampled %d images with %s (%d network calls each%s) in "
+                 "%.1f s (%.1f images/s, compilation included): %s",
+                 num_images, sampler.name, sampler.num_calls, guided, seconds,
+                 result["images_per_sec"], ", ".join(result["paths"]))
   return result

@@ -16,7 +16,8 @@ guided; the variance channels are the conditional model's.
 
 `classifier_free_guidance` returns a plain `model_fn(x_t, t)`, so every
 sampler guides without knowing it; the conditional and unconditional inputs
-go through the network in one call on a batch of 2B.
+go through the network in one call on a batch of 2B (with a Python scale of
+0, the conditional model itself, one call on B).
 
 Example:
   >>> cond_fn = lambda x_t, t, y: unet.apply({"params": params}, x_t, t, y=y,
@@ -88,7 +89,8 @@ def classifier_free_guidance(cond_fn: CondModelFn, *, labels: jnp.ndarray,
       concrete).
     num_classes: C, the number of real classes.
     scale: guidance scale w: a Python number (checked finite) or a scalar
-      array (traced is fine). 0 is the conditional model.
+      array (traced is fine). 0 is the conditional model; a Python 0 calls
+      `cond_fn` on the B conditional inputs only.
     null_label: the label of the unconditional model; default C, the extra
       class of an embedding with C + 1 entries.
 
@@ -112,11 +114,14 @@ def classifier_free_guidance(cond_fn: CondModelFn, *, labels: jnp.ndarray,
       isinstance(scale, numbers.Real) and math.isfinite(scale))):
     raise ValueError(f"scale must be a finite real number, got {scale!r}.")
   both_labels = jnp.concatenate([labels, jnp.full_like(labels, null)])
+  conditional_only = isinstance(scale, numbers.Real) and scale == 0
 
   def model_fn(x_t, t):
     if x_t.shape[0] != labels.shape[0]:
       raise ValueError(f"guidance has {labels.shape[0]} labels for a batch "
                        f"of {x_t.shape[0]}.")
+    if conditional_only:
+      return cond_fn(x_t, t, labels)
     both = cond_fn(jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]),
                    both_labels)
     cond, uncond = jnp.split(both, 2, axis=0)

@@ -17,10 +17,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 # Channel counts a PNG/GIF frame can hold, and the Pillow mode of each.
 _MODES = {1: "L", 3: "RGB"}
@@ -209,13 +212,22 @@ def data_grid(images, *, num_images: int = 64) -> np.ndarray:
   return render_grid(shown, nrow=grid_nrow(shown.shape[0]))
 
 
+def _binary_file(path):
+  """A writable binary file for a path (local or gs://, via epath); a file
+  object is passed through, left open."""
+  if isinstance(path, (str, os.PathLike)):
+    return epath.Path(path).open("wb")
+  return contextlib.nullcontext(path)
+
+
 def _to_pil(grid: np.ndarray):
   from PIL import Image  # pylint: disable=g-import-not-at-top
   return Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
 
 
 def save_png(grid, path) -> None:
-  """Writes one uint8 image [H, W, C] (C = 1 or 3), e.g. a grid, as PNG.
+  """Writes one uint8 image [H, W, C] (C = 1 or 3), e.g. a grid, as PNG, to a
+  file path (local or gs://) or binary file object.
 
   Example:
     >>> save_png(data_grid(batch["image"]), "data.png")
@@ -224,7 +236,8 @@ def save_png(grid, path) -> None:
   if grid.ndim != 3 or grid.dtype != np.uint8 or grid.shape[-1] not in _MODES:
     raise ValueError("grid must be uint8 [H, W, C] with C in "
                      f"{sorted(_MODES)}, got {grid.dtype} {grid.shape}.")
-  _to_pil(grid).save(path, format="PNG")
+  with _binary_file(path) as f:
+    _to_pil(grid).save(f, format="PNG")
 
 
 def save_image_grid(images, path, *, nrow: int, padding: int = PADDING,
@@ -234,7 +247,7 @@ def save_image_grid(images, path, *, nrow: int, padding: int = PADDING,
   Args:
     images: [N, H, W, C], uint8 or floats in [-1, 1]; C is 1 (grayscale PNG)
       or 3 (RGB PNG).
-    path: file path or binary file object; written as PNG.
+    path: file path (local or gs://) or binary file object; written as PNG.
     nrow: images per grid row.
     padding: pixels between cells and around the grid.
     min_size: images are scaled up (nearest neighbour, integer factor) to at
@@ -260,7 +273,7 @@ def save_gif(trajectory, path, *, nrow: int, duration: int = 100,
   Args:
     trajectory: [F, N, H, W, C], uint8 or floats in [-1, 1] (for example
       `SampleOutput.trajectory`); C is 1 or 3.
-    path: file path or binary file object; written as GIF.
+    path: file path (local or gs://) or binary file object; written as GIF.
     nrow: images per grid row in every frame.
     duration: display time of each frame in milliseconds, >= 1.
     padding: pixels between cells and around the grid.
@@ -281,5 +294,6 @@ def save_gif(trajectory, path, *, nrow: int, duration: int = 100,
   frames = [_to_pil(render_grid(frame, nrow=nrow, padding=padding,
                                 min_size=min_size))
             for frame in _as_uint8(trajectory)]
-  frames[0].save(path, format="GIF", save_all=True, append_images=frames[1:],
-                 duration=int(duration), loop=0)
+  with _binary_file(path) as f:
+    frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:],
+                   duration=int(duration), loop=0)

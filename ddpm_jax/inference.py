@@ -10,6 +10,9 @@ Example:
   >>> out = jax.jit(lambda key: sampler.fn(
   ...     trained.model_fn, trained.schedule, shape=(16, 16, 16, 1),
   ...     key=key))(jax.random.key(0))
+
+A class-conditional run's `trained.model_fn` takes labels, `(x_t, t, y)`;
+its sampler guides it and needs `labels=builders.sample_labels(config, 16)`.
 """
 
 from __future__ import annotations
@@ -23,15 +26,32 @@ import jax.numpy as jnp
 from etils import epath
 from jax.sharding import Mesh
 
-from ddpm_jax import builders, checkpoint, diffusion, parallel, train_step
+from ddpm_jax import builders, checkpoint, diffusion, guidance, parallel
+from ddpm_jax import train_step
 from ddpm_jax.schedules import Schedule
 
 PyTree = Any
 
 
-def make_model_fn(model: nn.Module) -> Callable[[PyTree], diffusion.ModelFn]:
-  """params -> the denoiser `(x_t, t) -> output` of `model` in eval mode."""
+def make_model_fn(model: nn.Module, *, conditional: bool = False
+                  ) -> Callable[[PyTree], Callable[..., jnp.ndarray]]:
+  """params -> the denoiser of `model` in eval mode.
+
+  Args:
+    model: a linen module called as `model.apply(variables, x, t, train=...)`
+      (and `y=labels` when class-conditional).
+    conditional: return the class-conditional denoiser `(x_t, t, y) ->
+      output` (`guidance.CondModelFn`, y int [B], the null class included)
+      instead of `(x_t, t) -> output`.
+
+  Example:
+    >>> model_fn = make_model_fn(unet)(params)
+    >>> eps = model_fn(x_t, t)
+  """
   def bind(params):
+    if conditional:
+      return lambda x_t, t, y: model.apply({"params": params}, x_t, t, y=y,
+                                           train=False)
     return lambda x_t, t: model.apply({"params": params}, x_t, t, train=False)
   return bind
 
@@ -43,11 +63,20 @@ class Trained(NamedTuple):
   schedule: Schedule  # the diffusion schedule of config.diffusion.
   step: int  # the training step of the checkpoint.
   mesh: Mesh  # the 'data' mesh the parameters live on.
+  # C of a class-conditional run (the network also embeds the null class C);
+  # 0 for an unconditional one.
+  num_classes: int = 0
 
   @property
-  def model_fn(self) -> diffusion.ModelFn:
-    """The denoiser `(x_t, t) -> output` with the EMA parameters."""
-    return make_model_fn(self.model)(self.params)
+  def model_fn(self) -> diffusion.ModelFn | guidance.CondModelFn:
+    """The denoiser with the EMA parameters: `(x_t, t) -> output`, or
+    `(x_t, t, y) -> output` for a class-conditional run."""
+    return self.bind(self.params)
+
+  def bind(self, params: PyTree) -> Callable[..., jnp.ndarray]:
+    """The denoiser of the model with `params` (`make_model_fn`)."""
+    return make_model_fn(self.model,
+                         conditional=self.num_classes > 0)(params)
 
 
 def load_trained(config, workdir: str | epath.PathLike, *,
@@ -63,7 +92,7 @@ def load_trained(config, workdir: str | epath.PathLike, *,
 
   Args:
     config: the run config the checkpoint was trained with (`model`,
-      `data.image_size`, `data.channels`, `diffusion`).
+      `data.image_size`, `data.channels`, `data.num_classes`, `diffusion`).
     workdir: the training workdir (checkpoints in `<workdir>/checkpoints`).
     model: the network; default `builders.build_model(config)` (pass the
       one given to `train.train_and_evaluate`, if any).
@@ -85,10 +114,12 @@ def load_trained(config, workdir: str | epath.PathLike, *,
   no_checkpoint = FileNotFoundError(
       f"No checkpoint in {directory}: train first with --mode=train and this "
       "--workdir.")
-  if not directory.is_dir():
+  if parallel.any_process(not directory.is_dir()):  # Agreed by all hosts.
     raise no_checkpoint
+  num_classes = int(config.data.num_classes)
   init_fn = functools.partial(train_step.init_params, model,
-                              image_shape=builders.image_shape(config))
+                              image_shape=builders.image_shape(config),
+                              num_classes=num_classes)
   abstract = parallel.replicated_abstract(
       lambda rng: jax.tree.map(lambda p: p.astype(jnp.float32), init_fn(rng)),
       jax.ShapeDtypeStruct((2,), jnp.uint32), mesh=mesh)  # EMA is float32.
@@ -98,4 +129,4 @@ def load_trained(config, workdir: str | epath.PathLike, *,
     step, params = ckpt.restore_ema_params(abstract, step=step)
   return Trained(model=model, params=params,
                  schedule=builders.build_schedule(config), step=step,
-                 mesh=mesh)
+                 mesh=mesh, num_classes=num_classes)

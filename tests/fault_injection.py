@@ -245,7 +245,7 @@ _BAD_CONFIG = [
     ("train.ema_decay", [1.0, -0.1, 1.5]),
     ("diffusion.num_timesteps", [0, -5]),
     ("sample.eta", [-0.1, 1.01, 2.0]),
-    ("sample.ddim_steps", [0, 10**6]),
+    ("sample.num_steps", [0, 10**6]),
     ("train.batch_size", [0, 9]),  # 9 over 2 devices
     ("diffusion.beta_end", [0.0, 1.0]),
     ("train.num_steps", [0]),

@@ -49,6 +49,55 @@ def test_generate_compiles_once_and_matches_the_sampler(sched):
   np.testing.assert_array_equal(out, expected)
 
 
+def test_generate_passes_each_batch_its_labels(sched):
+  """Batch i gets labels[i B:(i + 1) B]; the last batch's labels continue
+  from the start."""
+  def make_model_fn(params):
+    return lambda x, t, y: params["scale"] * x + y[:, None, None, None]
+
+  def sample_fn(model_fn, schedule, *, x_T, key, labels):
+    return DDIM(lambda x, t: model_fn(x, t, labels), schedule, x_T=x_T,
+                key=key)
+
+  params = {"scale": jnp.float32(0.5)}
+  key = jax.random.key(2)
+  labels = np.array([0, 1, 2, 0, 1, 2, 0], np.int32)
+  out = generation.generate(make_model_fn, params, sched, sample_fn=sample_fn,
+                            num_images=7, batch_size=4, image_shape=(4, 4, 1),
+                            key=key, mesh=parallel.create_mesh(),
+                            labels=labels)
+  reference = jax.jit(lambda k, y: images.to_uint8(sample_fn(
+      make_model_fn(params), sched, x_T=jax.random.normal(
+          jax.random.split(k)[0], (4, 4, 4, 1)), key=k, labels=y).images))
+  expected = np.concatenate([
+      reference(jax.random.fold_in(key, 0), labels[:4]),
+      reference(jax.random.fold_in(key, 1), np.array([1, 2, 0, 0]))])[:7]
+  np.testing.assert_array_equal(out, expected)
+  with pytest.raises(ValueError, match=r"labels must have shape \(7,\)"):
+    generation.generate(make_model_fn, params, sched, sample_fn=sample_fn,
+                        num_images=7, batch_size=4, image_shape=(4, 4, 1),
+                        key=key, mesh=parallel.create_mesh(),
+                        labels=labels[:3])
+
+
+@pytest.mark.parametrize("num_images, per_row, order", [
+    (25, 2, [0, 10, 1, 11, 2, 12, 3, 13, 4, 14, 5, 15, 6, 16, 7, 17, 8, 18,
+             9, 19]),
+    (10, 1, list(range(10))),
+    (7, 1, list(range(7))),  # Fewer images than classes: one row each.
+    (200, 6, None),  # At most 64 shown: 6 per class.
+])
+def test_class_rows(num_images, per_row, order):
+  labels = np.arange(num_images) % 10
+  indices, nrow = generation.class_rows(labels, 10)
+  assert nrow == per_row
+  if order is not None:
+    np.testing.assert_array_equal(indices, order)
+  shown = labels[indices]
+  np.testing.assert_array_equal(shown, np.sort(shown))
+  assert len(indices) == min(num_images, 10 * per_row)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(num_images=0), "num_images must be an integer >= 1"),
     (dict(batch_size=0), "batch_size must be an integer >= 1"),

@@ -162,6 +162,21 @@ def test_one_batched_call_per_step_and_labels():
   np.testing.assert_allclose(out, 3.0 * x)  # (1 + w) x - w 0
 
 
+def test_scale_0_calls_the_conditional_model_alone():
+  seen = []
+
+  def cond_fn(x, t, y):
+    seen.append((x.shape, np.asarray(y)))
+    return x + y[:, None]
+
+  model_fn = guidance.classifier_free_guidance(
+      cond_fn, labels=jnp.array([0, 2]), num_classes=3, scale=0)
+  out = model_fn(jnp.ones((2, 2)), jnp.array([5, 5]))
+  assert len(seen) == 1 and seen[0][0] == (2, 2)
+  np.testing.assert_array_equal(seen[0][1], [0, 2])
+  np.testing.assert_array_equal(out, [[1.0, 1.0], [3.0, 3.0]])
+
+
 def test_learned_variance_channels_are_not_guided():
   def cond_fn(x, t, y):
     scale = jnp.where(y == 10, 1.0, 2.0)[:, None]

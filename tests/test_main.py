@@ -118,6 +118,39 @@ def test_eval_mode_with_inception_weights(trained, tmp_path):
       "fid_inception_tensorflow_digits_train_16.npz"]
 
 
+@pytest.mark.slow
+def test_guided_sampling_of_a_class_conditional_run(tmp_path_factory):
+  """digits:cond,tiny trains with labels (label dropout), samples guided with
+  DPM-Solver++, one grid row per class, and writes the labels."""
+  workdir = tmp_path_factory.mktemp("cond")
+  cache = tmp_path_factory.mktemp("jax_cache_cond")
+  config = "--config=configs/digits.py:cond,tiny"
+  out = _run([config, f"--workdir={workdir}"], cache_dir=cache)
+  assert out.returncode == 0, out.stderr[-3000:]
+  # 10 classes, 8 grid images: one image per class, one class per row.
+  assert Image.open(workdir / "samples" / "step_00000004.png").size == (
+      16, 10 * 16)
+  out = _run([config, f"--workdir={workdir}", "--mode=sample",
+              "--config.sample.num_images=25",
+              "--config.sample.sampler=dpmpp_2m",
+              "--config.sample.guidance_scale=2"], cache_dir=cache)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "with dpmpp_2m (5 network calls each, guidance scale 2)" in (
+      out.stderr)
+  samples = workdir / "samples"
+  with np.load(samples / "sample_step_00000004.npz") as f:
+    assert f["images"].shape == (25, 16, 16, 1)
+    np.testing.assert_array_equal(f["labels"], np.arange(25) % 10)
+  # Two images of each class per row, one row per class.
+  assert Image.open(samples / "sample_step_00000004.png").size == (32, 160)
+  out = _run([config, f"--workdir={workdir}", "--mode=sample",
+              "--config.sample.num_images=4", "--config.sample.class_id=7",
+              "--config.sample.gif=False"], cache_dir=cache)
+  assert out.returncode == 0, out.stderr[-3000:]
+  with np.load(samples / "sample_step_00000004.npz") as f:
+    np.testing.assert_array_equal(f["labels"], [7, 7, 7, 7])
+
+
 @pytest.mark.parametrize("args, message", [
     (["--config.train.lr=1"], r"Unknown config field\(s\): train.lr"),
     (["--config.nosuchgroup.x=1"], "bad command line"),
@@ -126,8 +159,17 @@ def test_eval_mode_with_inception_weights(trained, tmp_path):
     (["--config.data.image_size=17"], r"image_size \(17\) must be divisible"),
     (["--config.data.source=npz:/no/such/file.npz"], "does not exist"),
     (["--config.model.base_channels=0"], "config.model: UNetConfig"),
-    (["--config.sample.sampler=ddim", "--config.sample.ddim_steps=50"],
-     r"ddim_steps \(50\) must be in \[1, 20\]"),
+    (["--config.sample.sampler=ddim", "--config.sample.num_steps=50"],
+     r"num_steps \(50\) must be in \[1, 20\]"),
+    (["--config.sample.sampler=dpm_solver"],
+     "config.sample.sampler must be one of ddpm, ddim, euler, heun, "
+     "dpmpp_2m, dpmpp_2m_sde, dpmpp_3m; got 'dpm_solver'"),
+    (["--config.sample.sampler=ddpm", "--config.sample.ddpm_steps=21"],
+     r"ddpm_steps \(21\) must be in \[0, 20\]"),
+    (["--config.sample.guidance_scale=2"],
+     r"guidance_scale \(2.0\) needs a class-conditional model"),
+    (["--config.data.num_classes=10", "--config.sample.class_id=10"],
+     r"class_id \(10\) must be -1 or a class in \[0, 10\)"),
     (["--config.train.ema_decay=1.0"], r"ema_decay must be a number in"),
     (["--mode=sample"], "train first"),
 ])

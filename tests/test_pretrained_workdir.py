@@ -45,8 +45,8 @@ def test_model_fields_pick_the_closest_preset():
       "preset": "ddpm_256"}
   tiny = pretrained.load_diffusers(TINY).config
   fields = pretrained_workdir.model_fields(tiny)
-  assert config_lib.model_config(
-      ml_collections.ConfigDict({"model": fields})) == tiny
+  assert config_lib.model_config(ml_collections.ConfigDict(
+      {"model": fields, "data": {"num_classes": 0}})) == tiny
 
 
 def test_imported_workdir_restores_the_weights_and_config(tmp_path):
@@ -168,7 +168,7 @@ def test_cli_imports_and_main_samples(tmp_path):
       [sys.executable, "-m", "ddpm_jax.main", f"--config={workdir}/config.py",
        f"--workdir={workdir}", "--mode=sample", "--config.sample.num_images=4",
        "--config.sample.batch_size=4", "--config.sample.sampler=ddim",
-       "--config.sample.ddim_steps=3", "--config.sample.gif=False"],
+       "--config.sample.num_steps=3", "--config.sample.gif=False"],
       cwd=root, env=dict(os.environ, JAX_PLATFORMS="cpu"),
       capture_output=True, text=True, timeout=600, check=False)
   assert sample.returncode == 0, sample.stderr[-3000:]

@@ -301,7 +301,7 @@ def test_time_budget_stops_with_a_checkpoint_and_samples(images, tmp_path,
   config = helpers.make_config(num_steps=6, sample_every=100)
   config.train.max_time = 1e-6  # Used up before the first step ends.
   config.sample.update(num_images=4, batch_size=4, sampler="ddim",
-                       ddim_steps=2, gif=False)
+                       num_steps=2, gif=False)
   with caplog.at_level("WARNING"):
     state = _run(tmp_path, images, config=config)
   assert int(state.step) == 1

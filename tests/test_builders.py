@@ -1,0 +1,164 @@
+"""builders.build_sampler, the one place a config becomes a sampler: each
+sampler with its options, respaced DDPM and classifier-free guidance, checked
+for exact equality against the library functions called directly; the class
+labels of samples."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddpm_jax import (builders, config as config_lib, guidance, respace,
+                      sampling, solvers, testing)
+
+T = 40
+MIX = testing.gaussian_mixture(weights=[0.5, 0.3, 0.2],
+                               means=[[-0.5, 0.2], [0.4, -0.3], [0.3, 0.6]],
+                               stds=[0.1, 0.15, 0.2], labels=[0, 1, 1])
+
+
+def _config(**sample):
+  config = config_lib.base_config()
+  config.diffusion.update(num_timesteps=T, schedule="cosine", target="x0",
+                          var_type="fixed_small", mean_form="eps",
+                          clip_x0=False)
+  config.sample.update(sample)
+  return config
+
+
+@pytest.fixture(scope="module")
+def sched():
+  return builders.build_schedule(_config())
+
+
+@pytest.fixture(scope="module")
+def x_T():
+  return jax.random.normal(jax.random.key(3), (16, 2))
+
+
+KEY = jax.random.key(11)
+
+
+# The options each sampler must get from `_config(**SAMPLE_FIELDS)`.
+SAMPLE_FIELDS = dict(num_steps=7, ddpm_steps=0, eta=0.5,
+                     ddim_spacing="quadratic", solver_spacing="karras")
+SOLVER_OPTIONS = dict(num_steps=7, spacing="karras", target="x0",
+                      clip_x0=False)
+EXPECTED = {
+    "ddpm": (dict(target="x0", var_type="fixed_small", mean_form="eps",
+                  clip_x0=False), T, T),
+    "ddim": (dict(num_steps=7, eta=0.5, spacing="quadratic", target="x0",
+                  clip_x0=False), 7, 7),
+    "euler": (SOLVER_OPTIONS, 7, 7),
+    "heun": (SOLVER_OPTIONS, 7, 13),
+    "dpmpp_2m": (SOLVER_OPTIONS, 7, 7),
+    "dpmpp_2m_sde": (SOLVER_OPTIONS, 7, 7),
+    "dpmpp_3m": (SOLVER_OPTIONS, 7, 7),
+}
+
+
+def test_every_sampler_is_covered():
+  assert set(EXPECTED) == set(solvers.SAMPLER_NAMES)
+
+
+@pytest.mark.parametrize("name", solvers.SAMPLER_NAMES)
+def test_build_sampler_binds_the_config_options(name, sched, x_T):
+  sampler = builders.build_sampler(_config(sampler=name, **SAMPLE_FIELDS))
+  options, num_steps, num_calls = EXPECTED[name]
+  assert (sampler.name, sampler.num_steps, sampler.num_calls) == (
+      name, num_steps, num_calls)
+  model_fn = testing.denoiser(MIX, sched, target="x0")
+  built = jax.jit(lambda x, k: sampler.fn(model_fn, sched, x_T=x, key=k,
+                                          trajectory_every=3))(x_T, KEY)
+  direct = jax.jit(lambda x, k: solvers.SAMPLER_FNS[name](
+      model_fn, sched, x_T=x, key=k, trajectory_every=3, **options))(x_T, KEY)
+  np.testing.assert_array_equal(built.images, direct.images)
+  np.testing.assert_array_equal(built.trajectory, direct.trajectory)
+  np.testing.assert_array_equal(built.trajectory_steps,
+                                direct.trajectory_steps)
+
+
+def test_respaced_ddpm_from_the_config(sched, x_T):
+  sampler = builders.build_sampler(_config(sampler="ddpm", ddpm_steps=8))
+  assert (sampler.num_steps, sampler.num_calls) == (8, 8)
+  model_fn = testing.denoiser(MIX, sched, target="x0")
+  out = jax.jit(lambda x: sampler.fn(model_fn, sched, x_T=x, key=KEY))(x_T)
+  spaced = respace.respace(sched, respace.spaced_timesteps(T, 8))
+  expected = jax.jit(lambda x: sampling.ddpm_sample(
+      respace.map_timesteps(testing.denoiser(MIX, sched, target="x0"),
+                            spaced.timesteps),
+      spaced.schedule, x_T=x, key=KEY, target="x0", var_type="fixed_small",
+      mean_form="eps", clip_x0=False))(x_T)
+  np.testing.assert_array_equal(out.images, expected.images)
+  np.testing.assert_array_equal(spaced.timesteps, [0, 6, 11, 17, 22, 28, 33,
+                                                   39])
+  with pytest.raises(ValueError, match="built for the run's schedule of 40 "
+                     "steps, got 8"):
+    sampler.fn(model_fn, spaced.schedule, x_T=x_T, key=KEY)
+
+
+def test_ddpm_steps_0_and_t_are_plain_ddpm(sched, x_T):
+  model_fn = testing.denoiser(MIX, sched, target="x0")
+  outs = [jax.jit(lambda x, fn=builders.build_sampler(_config(
+      sampler="ddpm", ddpm_steps=s)).fn: fn(model_fn, sched, x_T=x,
+                                             key=KEY).images)(x_T)
+          for s in (0, T)]
+  expected = jax.jit(lambda x: sampling.ddpm_sample(
+      model_fn, sched, x_T=x, key=KEY, target="x0", var_type="fixed_small",
+      mean_form="eps", clip_x0=False).images)(x_T)
+  for out in outs:
+    np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("name", ["ddpm", "dpmpp_2m"])
+def test_guided_sampler_of_a_conditional_run(name, sched, x_T):
+  config = _config(sampler=name, num_steps=6, ddpm_steps=10,
+                   guidance_scale=1.5)
+  config.data.num_classes = 2
+  sampler = builders.build_sampler(config)
+  cond_fn = testing.conditional_denoiser(MIX, sched, target="x0")
+  labels = jnp.asarray(builders.sample_labels(config, 16))
+  out = jax.jit(lambda x, y: sampler.fn(cond_fn, sched, x_T=x, key=KEY,
+                                        labels=y))(x_T, labels)
+  spaced = respace.respace(sched, respace.spaced_timesteps(T, 10))
+
+  def direct(x, y):
+    guided = guidance.classifier_free_guidance(cond_fn, labels=y,
+                                               num_classes=2, scale=1.5)
+    if name == "ddpm":
+      return sampling.ddpm_sample(
+          respace.map_timesteps(guided, spaced.timesteps), spaced.schedule,
+          x_T=x, key=KEY, target="x0", var_type="fixed_small",
+          mean_form="eps", clip_x0=False)
+    return solvers.dpmpp_2m_sample(guided, sched, x_T=x, num_steps=6,
+                                   spacing="logsnr", target="x0")
+
+  expected = jax.jit(direct)(x_T, labels)
+  np.testing.assert_array_equal(out.images, expected.images)
+  with pytest.raises(ValueError, match="labels .* are required"):
+    sampler.fn(cond_fn, sched, x_T=x_T, key=KEY)
+
+
+def test_labels_for_an_unconditional_run_are_an_error(sched, x_T):
+  sampler = builders.build_sampler(_config(sampler="euler"))
+  with pytest.raises(ValueError, match="labels were given to the sampler of "
+                     "an unconditional run"):
+    sampler.fn(testing.denoiser(MIX, sched), sched, x_T=x_T,
+               labels=jnp.zeros((16,), jnp.int32))
+
+
+def test_sample_labels():
+  config = _config()
+  assert builders.sample_labels(config, 5) is None
+  config.data.num_classes = 3
+  labels = builders.sample_labels(config, 7)
+  assert labels.dtype == np.int32
+  np.testing.assert_array_equal(labels, [0, 1, 2, 0, 1, 2, 0])
+  config.sample.class_id = 2
+  np.testing.assert_array_equal(builders.sample_labels(config, 3), [2, 2, 2])
+
+
+def test_build_model_embeds_the_null_class():
+  config = config_lib.load_config("configs/digits.py:cond,tiny")
+  model = builders.build_model(config)
+  assert model.config.num_classes == 11
