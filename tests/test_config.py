@@ -176,7 +176,8 @@ def test_variants_combine_in_any_order():
     "configs/cifar10.py:tiny", "configs/fashion_mnist.py",
     "configs/digits.py:cond,tiny", "configs/mnist.py:cond",
     "configs/fashion_mnist.py:cond", "configs/cifar10.py:cond",
-    "configs/improved_cifar10.py", "configs/improved_cifar10.py:tiny"])
+    "configs/improved_cifar10.py", "configs/improved_cifar10.py:tiny",
+    "configs/mnist_cpu.py", "configs/mnist_cpu.py:tiny"])
 def test_load_config_reads_the_repository_configs(spec):
   config = config_lib.load_config(spec)
   assert set(config.keys()) == set(config_lib.SCHEMA)
