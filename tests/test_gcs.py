@@ -195,7 +195,8 @@ def test_sample_and_eval_on_gcs(killed_and_resumed, tmp_path):
     images = np.load(f)["images"]
   assert images.shape == (12, 16, 16, 1) and images.dtype == np.uint8
   with (samples / f"sample_step_{r['end']:08d}.png").open("rb") as f:
-    assert Image.open(f).size == (64, 48)
+    # 4 per row, 16x16 images scaled 4x, 2 px of padding.
+    assert Image.open(f).size == (4 * 66 + 2, 3 * 66 + 2)
 
   # Synthetic Inception weights of the right names and shapes, on gs://.
   from tests.test_inception import (  # pylint: disable=import-outside-toplevel

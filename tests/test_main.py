@@ -123,17 +123,17 @@ def test_guided_sampling_of_a_class_conditional_run(tmp_path_factory):
   """digits:cond,tiny trains with labels (label dropout), samples guided with
   DPM-Solver++, one grid row per class, and writes the labels."""
   workdir = tmp_path_factory.mktemp("cond")
-  cache = tmp_path_factory.mktemp("jax_cache_cond")
   config = "--config=configs/digits.py:cond,tiny"
-  out = _run([config, f"--workdir={workdir}"], cache_dir=cache)
+  out = _run([config, f"--workdir={workdir}"])
   assert out.returncode == 0, out.stderr[-3000:]
-  # 10 classes, 8 grid images: one image per class, one class per row.
+  # 10 classes, 8 grid images: one image per class, one class per row
+  # (16x16 images scaled 4x, 2 px of padding).
   assert Image.open(workdir / "samples" / "step_00000004.png").size == (
-      16, 10 * 16)
+      66 + 2, 10 * 66 + 2)
   out = _run([config, f"--workdir={workdir}", "--mode=sample",
               "--config.sample.num_images=25",
               "--config.sample.sampler=dpmpp_2m",
-              "--config.sample.guidance_scale=2"], cache_dir=cache)
+              "--config.sample.guidance_scale=2"])
   assert out.returncode == 0, out.stderr[-3000:]
   assert "with dpmpp_2m (5 network calls each, guidance scale 2)" in (
       out.stderr)
@@ -142,10 +142,11 @@ def test_guided_sampling_of_a_class_conditional_run(tmp_path_factory):
     assert f["images"].shape == (25, 16, 16, 1)
     np.testing.assert_array_equal(f["labels"], np.arange(25) % 10)
   # Two images of each class per row, one row per class.
-  assert Image.open(samples / "sample_step_00000004.png").size == (32, 160)
+  assert Image.open(samples / "sample_step_00000004.png").size == (
+      2 * 66 + 2, 10 * 66 + 2)
   out = _run([config, f"--workdir={workdir}", "--mode=sample",
               "--config.sample.num_images=4", "--config.sample.class_id=7",
-              "--config.sample.gif=False"], cache_dir=cache)
+              "--config.sample.gif=False"])
   assert out.returncode == 0, out.stderr[-3000:]
   with np.load(samples / "sample_step_00000004.npz") as f:
     np.testing.assert_array_equal(f["labels"], [7, 7, 7, 7])

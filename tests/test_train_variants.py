@@ -211,9 +211,10 @@ def trained_run(tmp_path_factory):
 def test_conditional_learned_variance_run_trains_and_grids(trained_run):
   _, _, workdir, state = trained_run
   assert int(state.step) == 4
-  # 8 grid images over 3 classes: one row of 2 per class, 8x8 images.
+  # 8 grid images over 3 classes: one row of 2 per class, 8x8 images
+  # scaled 8x, 2 px of padding.
   grid = Image.open(workdir / "samples" / "step_00000004.png")
-  assert grid.size == (2 * 8, NUM_CLASSES * 8)
+  assert grid.size == (2 * 66 + 2, NUM_CLASSES * 66 + 2)
 
 
 def test_trained_run_samples_guided_and_evaluates(trained_run):
