@@ -9,11 +9,13 @@ tests/test_hosts.py; also the worker of its checkpoint-agreement test:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -52,21 +54,29 @@ def env(cache_dir: Path, *, process: Optional[int] = None,
 
 def run_processes(commands: list[list[str]], envs: list[dict[str, str]],
                   cwd: Path = REPO) -> list[subprocess.CompletedProcess]:
-  """Runs the commands together; returns each one's exit code and stderr."""
-  procs = [subprocess.Popen(c, env=e, cwd=cwd, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-           for c, e in zip(commands, envs)]
-  results = []
-  try:
-    for command, proc in zip(commands, procs):
-      _, err = proc.communicate(timeout=TIMEOUT)
-      results.append(subprocess.CompletedProcess(command, proc.returncode,
-                                                 "", err))
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+  """Runs the commands together; returns each one's exit code and stderr.
+
+  Each stderr goes to a file, not a pipe: a process whose pipe nobody reads
+  yet would block on a full pipe while the others wait for it at a barrier.
+  """
+  with contextlib.ExitStack() as stack:
+    logs = [stack.enter_context(tempfile.TemporaryFile("w+")) for _ in commands]
+    procs = [subprocess.Popen(c, env=e, cwd=cwd, stdout=subprocess.DEVNULL,
+                              stderr=log, text=True)
+             for c, e, log in zip(commands, envs, logs)]
+    try:
+      for proc in procs:
+        proc.wait(timeout=TIMEOUT)
+    finally:
+      for proc in procs:
+        if proc.poll() is None:
+          proc.kill()
+          proc.wait()
+    results = []
+    for command, proc, log in zip(commands, procs, logs):
+      log.seek(0)
+      results.append(subprocess.CompletedProcess(command, proc.returncode, "",
+                                                 log.read()))
   return results
 
 

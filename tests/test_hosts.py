@@ -15,6 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import host_helpers as hh  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tests import inception_helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 pytestmark = pytest.mark.slow
 
@@ -49,10 +50,9 @@ def runs(tmp_path_factory):
   sample = ["--mode=sample", "--config.sample.num_images=12"]
   logs["sample2"] = [_ok(r) for r in _two(sample, cache, two)]
   logs["sample1"] = _ok(_one(sample, cache, one))
-  from tests.test_inception import (  # pylint: disable=import-outside-toplevel
-      _flax_shapes, _random_state_dict, _torch_layout)
   weights = base / "fid_inception.npz"
-  np.savez(weights, **_random_state_dict(_torch_layout(_flax_shapes())))
+  np.savez(weights, **inception_helpers.random_state_dict(
+      inception_helpers.torch_layout(inception_helpers.flax_shapes())))
   evaluate = ["--mode=eval", f"--config.eval.inception_weights={weights}",
               "--config.eval.num_samples=8", "--config.eval.num_reference=16"]
   logs["eval2"] = [_ok(r) for r in _two(evaluate, cache, two)]
