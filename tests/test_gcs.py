@@ -218,7 +218,7 @@ def test_sample_and_eval_on_gcs(killed_and_resumed, tmp_path):
   assert result["step"] == r["end"] and result["num_images"] == 8
   assert np.isfinite(result["total_bpd"]) and np.isfinite(result["fid"])
   cached = [p.name for p in (epath.Path(r["run"]) / "fid_stats").iterdir()]
-  assert cached == [f"fid_inception_npz_gs___{BUCKET}_data_digits.npz_"
+  assert cached == [f"fid_inception_tensorflow_npz_gs___{BUCKET}_data_digits.npz_"
                     "train_16.npz"]
   assert not os.listdir(r["cwd"])
 

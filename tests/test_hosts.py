@@ -129,3 +129,32 @@ def test_hosts_with_different_configs_are_named(runs, tmp_path):
     assert ("ddpm_jax: error: Hosts started with different configs: process "
             "1 (") in lines[0] and "differ from process 0" in lines[0]
   assert not (tmp_path / "w").exists()  # Stopped before the workdir.
+
+
+def test_a_check_failing_on_one_host_stops_every_host(tmp_path):
+  """A relative npz: path that process 0 finds in its working directory and
+  process 1 does not (hosts with different local files): every host stops
+  at start-up, naming process 1 and why, instead of waiting for it."""
+  cwds = [tmp_path / "host0", tmp_path / "host1"]
+  for cwd in cwds:
+    cwd.mkdir()
+  digits = np.zeros((4, 16, 16), np.uint8)
+  np.savez(cwds[0] / "digits.npz", x_train=digits, y_train=np.zeros(4),
+           x_test=digits, y_test=np.zeros(4))
+  port = hh.free_port()
+  results = hh.run_processes(
+      [hh.cli([f"--workdir={tmp_path / 'w'}",
+               "--config.data.source=npz:digits.npz"])] * 2,
+      [hh.env(tmp_path / "cache", process=i, port=port) for i in range(2)],
+      cwds)
+  for result in results:
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [l for l in result.stderr.splitlines()
+             if l.startswith("ddpm_jax:")]
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith(
+        "ddpm_jax: error: Start-up checks failed on process 1 ("), lines[0]
+    assert "digits.npz does not exist" in lines[0], lines[0]
+    assert "process 0" not in lines[0], lines[0]
+  assert not (tmp_path / "w" / "checkpoints").exists()
