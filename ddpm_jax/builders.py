@@ -121,7 +121,8 @@ def build_dataset(config, *, batch_size: int, process_index: int = 0,
       seed=int(config.seed), shuffle=training, repeat=training,
       process_index=process_index, process_count=process_count,
       num_classes=int(data.num_classes) or None,
-      skip_bad_files=bool(data.skip_bad_files))
+      skip_bad_files=bool(data.skip_bad_files),
+      data_dir=data.tfds_data_dir or None)
 
 
 class Sampler(NamedTuple):

@@ -41,7 +41,6 @@ Example:
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from typing import Any, Callable, Optional
@@ -54,6 +53,8 @@ from absl import logging
 from etils import epath
 from jax import lax
 from jax.experimental import multihost_utils
+
+from ddpm_jax import parallel, storage
 
 PyTree = Any
 ITEMS = ("state", "data")
@@ -94,10 +95,19 @@ def _leaf_checksum(x: jax.Array) -> jax.Array:
 _checksums_jit = jax.jit(lambda tree: jax.tree.map(_leaf_checksum, tree))
 
 
+def _local(x):
+  """A replicated array's copy on one local device (so a checksum is a
+  computation of this process alone); other leaves as they are."""
+  if isinstance(x, jax.Array) and x.is_fully_replicated:
+    return x.addressable_data(0)
+  return x
+
+
 def checksums(tree: PyTree) -> dict[str, int]:
   """{'path': uint32 checksum} of every array of `tree` (computed on the
-  devices; only the scalars come to the host)."""
-  sums = _checksums_jit(tree)
+  devices; only the scalars come to the host). Replicated arrays are summed
+  from this process's copy, so no other process takes part."""
+  sums = _checksums_jit(jax.tree.map(_local, tree))
   return {jax.tree_util.keystr(path): int(np.asarray(
       v.addressable_data(0) if isinstance(v, jax.Array) else v))
           for path, v in jax.tree_util.tree_leaves_with_path(sums)}
@@ -169,16 +179,8 @@ def _json_default(obj):
 def _gather_data_states(data_state: Any) -> list[Any]:
   """Every process's JSON-able `data_state`, in process order."""
   encoded = json.dumps(data_state, default=_json_default).encode("utf-8")
-  if jax.process_count() == 1:
-    return [json.loads(encoded)]
-  lengths = multihost_utils.process_allgather(np.array([len(encoded)],
-                                                       np.int32))
-  lengths = np.asarray(lengths).reshape(-1)
-  padded = np.zeros((int(lengths.max()),), np.uint8)
-  padded[:len(encoded)] = np.frombuffer(encoded, np.uint8)
-  gathered = np.asarray(multihost_utils.process_allgather(padded))
-  return [json.loads(bytes(row[:n]).decode("utf-8"))
-          for row, n in zip(gathered, lengths)]
+  return [json.loads(b.decode("utf-8"))
+          for b in parallel.allgather_bytes(encoded)]
 
 
 class CheckpointManager:
@@ -219,12 +221,20 @@ class CheckpointManager:
     return self.directory / str(int(step))
 
   def latest_step(self) -> Optional[int]:
-    """The newest finished checkpoint's step, or None when there is none."""
-    return self._manager.latest_step()
+    """The newest finished checkpoint's step, or None when there is none
+    (as `all_steps`, agreed by every process)."""
+    steps = self.all_steps()
+    return steps[-1] if steps else None
 
   def all_steps(self) -> list[int]:
-    """Steps of every kept checkpoint, ascending."""
-    return sorted(self._manager.all_steps())
+    """Steps of every kept checkpoint, ascending.
+
+    With several processes (every one must call it) the steps any process
+    sees, so that all of them consider the same steps.
+    """
+    steps = [int(s) for s in self._manager.all_steps()]
+    return sorted({s for seen in parallel.allgather_json(steps)
+                   for s in seen})
 
   def save(self, step: int, state: PyTree, rng: jax.Array, *,
            data_state: Any = None) -> bool:
@@ -323,17 +333,25 @@ class CheckpointManager:
   def _newest_valid(self, restore_step: Callable[[int], Any]
                     ) -> tuple[int, Any]:
     """(step, restore_step(step)) for the newest step that restores."""
-    steps = sorted(self._manager.all_steps(), reverse=True)
+    steps = sorted(self.all_steps(), reverse=True)
     if not steps:
       raise FileNotFoundError(f"No checkpoint in {self.directory}.")
     skipped = []
     for step in steps:
       try:
-        restored = restore_step(step)
+        restored, why = restore_step(step), None
       except _Unusable as e:
+        restored, why = None, str(e)
+      # Every process must restore the same step: a step that any process
+      # cannot use is skipped by all.
+      verdicts = parallel.allgather_json(why)
+      broken = [(i, v) for i, v in enumerate(verdicts) if v is not None]
+      if broken:
+        why = (broken[0][1] if len(verdicts) == 1 else "; ".join(
+            f"process {i}: {v}" for i, v in broken))
         logging.warning("Checkpoint %s is unusable and is skipped: %s",
-                        self.step_path(step), e)
-        skipped.append((step, str(e)))
+                        self.step_path(step), why)
+        skipped.append((step, why))
         continue
       if skipped:
         logging.warning("Restored checkpoint step %d from %s instead of the "
@@ -360,16 +378,29 @@ class CheckpointManager:
     return path
 
   def _read(self, step: int, state_args: ocp.args.CheckpointArgs) -> dict:
-    """Both items of `step`, or `_Unusable` when they cannot be read."""
+    """Both items of `step`, or `_Unusable` when they cannot be read.
+
+    Read with the items' handlers, not the manager: a manager's restore ends
+    in a barrier of all processes, which a process that failed to read would
+    never reach; here every process returns, and `_newest_valid` agrees.
+    """
+    path = self.step_path(step)
+    handlers = {"state": (ocp.PyTreeCheckpointHandler() if isinstance(
+        state_args, ocp.args.PyTreeRestore) else
+                          ocp.StandardCheckpointHandler()),
+                "data": ocp.JsonCheckpointHandler()}
+    args = {"state": state_args, "data": ocp.args.JsonRestore()}
     try:
-      restored = self._manager.restore(
-          step, args=ocp.args.Composite(state=state_args,
-                                        data=ocp.args.JsonRestore()))
+      restored = {item: handler.restore(path / item, args=args[item])
+                  for item, handler in handlers.items()}
     except Exception as e:  # pylint: disable=broad-except
       # Orbax and TensorStore raise many types (ValueError, KeyError,
       # JSONDecodeError, plain Exception) for unreadable files.
       _quiet_abandoned_reads()
       raise _Unusable(f"cannot be read ({_one_line(e)})") from None
+    finally:
+      for handler in handlers.values():
+        handler.close()
     if not isinstance(restored["data"], dict):
       raise _Unusable(f"item 'data' holds {type(restored['data']).__name__}, "
                       "not a dict")
@@ -435,7 +466,7 @@ class CheckpointManager:
       aside.mkdir(parents=True, exist_ok=True)
       for step in steps:
         target = aside / f"{step}-{int(time.time())}"
-        os.rename(os.fspath(self.step_path(step)), os.fspath(target))
+        storage.move_tree(self.step_path(step), target)
         logging.warning("Moved broken checkpoint %s to %s.",
                         self.step_path(step), target)
     if jax.process_count() > 1:

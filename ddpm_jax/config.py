@@ -139,6 +139,10 @@ SCHEMA: dict[str, Any] = {
             "[0, C); the network embeds C + 1 classes, the last (id C) being "
             "the null class of classifier-free guidance. 0: unconditional "
             "(labels unused)."),
+        "tfds_data_dir": Field("", "Where tfds: sources are downloaded and "
+                               "prepared, local or gs://; empty: tfds's "
+                               "default (~/tensorflow_datasets or "
+                               "$TFDS_DATA_DIR)."),
     },
     # Network: a preset of `ddpm_jax.models.unet_config` plus field overrides.
     "model": {
@@ -219,6 +223,12 @@ SCHEMA: dict[str, Any] = {
                            "(label dropout, Ho & Salimans 2022), which "
                            "makes classifier-free guidance possible; 0 "
                            "trains no null class.", high=1.0),
+        "profile_start": _int(0, "A jax.profiler trace of the train steps "
+                              "profile_start, ..., profile_start + "
+                              "profile_steps - 1 (counted from 1, as the "
+                              "log) in <workdir>/profile, for TensorBoard's "
+                              "profile tab or Perfetto; 0 = no trace."),
+        "profile_steps": _int(5, "Steps in the profiler trace.", low=1),
     },
     # Sampling, for grids during training and --mode=sample.
     "sample": {
@@ -442,13 +452,25 @@ def _check_divides(path: str, size: int, num_devices: Optional[int],
                       f"number of processes ({process_count}).")
 
 
+def _check_path(field: str, path: str) -> None:
+  """A `ConfigError` naming `field` unless `path` (local or gs://) exists."""
+  from ddpm_jax import storage  # pylint: disable=g-import-not-at-top
+  try:
+    found = storage.exists(path)
+  except storage.StorageError as e:
+    raise ConfigError(f"config.{field}: {e}") from None
+  if not found:
+    where = "" if storage.is_remote(path) else (
+        f" (working directory {os.getcwd()})")
+    raise ConfigError(f"config.{field}: {path} does not exist{where}.")
+
+
 def _check_data_source(source: str) -> None:
   if not source:
     raise ConfigError("config.data.source must be a non-empty string.")
   scheme, _, rest = source.partition(":")
-  if scheme in ("npz", "folder") and rest and not os.path.exists(rest):
-    raise ConfigError(f"config.data.source {source!r}: {rest} does not exist "
-                      f"(working directory {os.getcwd()}).")
+  if scheme in ("npz", "folder") and rest:
+    _check_path(f"data.source {source!r}", rest)
 
 
 def _check_sampling(config) -> None:
@@ -510,6 +532,11 @@ def validate_config(config, *, mode: str = "train",
     raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}.")
   _check_fields(config, SCHEMA)
   _check_data_source(_get(config, "data.source"))
+  if _get(config, "data.tfds_data_dir") and not _get(
+      config, "data.source").startswith("tfds:"):
+    raise ConfigError("config.data.tfds_data_dir applies to tfds: sources "
+                      f"only; config.data.source is "
+                      f"{_get(config, 'data.source')!r}.")
 
   net = model_config(config)
   image_size = _get(config, "data.image_size")
@@ -540,6 +567,5 @@ def validate_config(config, *, mode: str = "train",
   for path in ("train.batch_size", "sample.batch_size", "eval.batch_size"):
     _check_divides(path, _get(config, path), num_devices, process_count)
   weights = _get(config, "eval.inception_weights")
-  if mode == "eval" and weights and not os.path.isfile(weights):
-    raise ConfigError(f"config.eval.inception_weights: {weights} is not a "
-                      "file.")
+  if mode == "eval" and weights:
+    _check_path("eval.inception_weights", weights)

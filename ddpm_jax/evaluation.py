@@ -1,7 +1,8 @@
 """`--mode=eval`: bits/dim of the eval split and, with Inception weights,
 FID, Inception Score and KID of generated samples.
 
-Results go to `<workdir>/eval/step_N.json` and the log.
+Results go to `<workdir>/eval/step_N.json` and the log (process 0; every
+process of a multi-host run computes the same numbers).
 
 Example:
   >>> results = evaluate(config, "/tmp/ddpm_digits")
@@ -99,7 +100,8 @@ def sample_quality(samples: np.ndarray, *, reference_images: Callable[[],
                                                                       np.ndarray],
                    inception_weights: str, preprocessing: str,
                    cache_dir: epath.PathLike, dataset: str, split: str,
-                   num_reference: int, batch_size: int) -> dict[str, float]:
+                   num_reference: int, batch_size: int,
+                   write_cache: bool = True) -> dict[str, float]:
   """FID, Inception Score and KID of generated samples against a dataset.
 
   Args:
@@ -109,9 +111,11 @@ def sample_quality(samples: np.ndarray, *, reference_images: Callable[[],
     inception_weights: path of the FID Inception weights.
     preprocessing: the Inception input convention, 'tensorflow' (the
       reference's) or 'pytorch_fid' (see `inception.preprocess_images`).
-    cache_dir: where the reference statistics are cached.
+    cache_dir: where the reference statistics are cached (local or gs://).
     dataset, split, num_reference: name the cached reference statistics.
     batch_size: Inception batch.
+    write_cache: False: compute missing statistics without caching them
+      (every process of a multi-host run but process 0).
 
   Returns:
     {'fid', 'inception_score', 'inception_score_std', 'kid', 'kid_std',
@@ -123,9 +127,9 @@ def sample_quality(samples: np.ndarray, *, reference_images: Callable[[],
   extract = inception.make_fid_inception_extractor(
       variables, preprocessing=preprocessing)
   reference = metrics.reference_statistics(
-      extract, lambda: _rgb(reference_images()), cache_dir=str(cache_dir),
+      extract, lambda: _rgb(reference_images()), cache_dir=cache_dir,
       dataset=dataset, split=split, num_images=num_reference,
-      batch_size=batch_size, preprocessing=preprocessing)
+      batch_size=batch_size, preprocessing=preprocessing, write=write_cache)
   features = metrics.extract_features(extract, _rgb(samples),
                                       batch_size=batch_size)
   stats = metrics.feature_statistics(features.pool)
@@ -183,24 +187,27 @@ def evaluate(config, workdir: epath.PathLike) -> dict[str, Any]:
     The results: bits/dim terms and 'num_images', plus FID, IS and KID
     when `config.eval.inception_weights` is set.
   """
-  trained = inference.load_trained(config, workdir)
   data, diff = config.data, config.diffusion
-  key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), trained.step)
-  bpd_key, sample_key = jax.random.split(key)
+  is_chief = jax.process_index() == 0
+  # The data first: a bad source fails before anything starts threads.
   batches = builders.build_dataset(
       config, batch_size=int(config.eval.batch_size) // jax.process_count(),
       process_index=jax.process_index(), process_count=jax.process_count(),
       training=False)
+  trained = inference.load_trained(config, workdir)
+  key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), trained.step)
+  bpd_key, sample_key = jax.random.split(key)
   results = bits_per_dim(
       trained, batches, num_images=int(config.eval.num_images), key=bpd_key,
       target=diff.target, var_type=diff.var_type, mean_form=diff.mean_form,
       clip_x0=bool(diff.clip_x0))
-  logging.info("Step %d, %d images of split %r: %.4f bits/dim%s (prior "
-               "%.3g, decoder %.4f, KL terms %.4f).", trained.step,
-               results["num_images"], data.eval_split, results["total_bpd"],
-               " given the labels" if trained.num_classes else "",
-               results["prior_bpd"], results["decoder_bpd"],
-               results["kl_bpd"])
+  if is_chief:
+    logging.info("Step %d, %d images of split %r: %.4f bits/dim%s (prior "
+                 "%.3g, decoder %.4f, KL terms %.4f).", trained.step,
+                 results["num_images"], data.eval_split, results["total_bpd"],
+                 " given the labels" if trained.num_classes else "",
+                 results["prior_bpd"], results["decoder_bpd"],
+                 results["kl_bpd"])
   if config.eval.inception_weights:
     num_samples = int(config.eval.num_samples)
     samples = generation.generate(
@@ -211,6 +218,7 @@ def evaluate(config, workdir: epath.PathLike) -> dict[str, Any]:
         mesh=trained.mesh,
         labels=builders.sample_labels(config, num_samples))
     num_reference = int(config.eval.num_reference)
+    # Every process computes the same statistics; process 0 writes them.
     results.update(sample_quality(
         samples,
         reference_images=lambda: _reference_images(config, num_reference),
@@ -218,17 +226,20 @@ def evaluate(config, workdir: epath.PathLike) -> dict[str, Any]:
         preprocessing=config.eval.inception_preprocessing,
         cache_dir=epath.Path(workdir) / "fid_stats", dataset=data.source,
         split=data.split, num_reference=num_reference,
-        batch_size=int(config.eval.batch_size)))
-    logging.info("FID %.3f, Inception Score %.3f +- %.3f, KID %.5f +- %.5f "
-                 "(%d samples).", results["fid"], results["inception_score"],
-                 results["inception_score_std"], results["kid"],
-                 results["kid_std"], results["num_samples"])
-  else:
+        batch_size=int(config.eval.batch_size), write_cache=is_chief))
+    if is_chief:
+      logging.info("FID %.3f, Inception Score %.3f +- %.3f, KID %.5f +- %.5f "
+                   "(%d samples).", results["fid"],
+                   results["inception_score"],
+                   results["inception_score_std"], results["kid"],
+                   results["kid_std"], results["num_samples"])
+  elif is_chief:
     logging.warning(
         "FID, Inception Score and KID skipped: no Inception weights. Set "
         "--config.eval.inception_weights=PATH to the .npz that `python -m "
         "ddpm_jax.convert_inception` writes (README: FID, KID and Inception "
         "Score).")
   path = write_results(dict(results, step=trained.step), workdir, trained.step)
-  logging.info("Wrote %s.", path)
+  if is_chief:
+    logging.info("Wrote %s.", path)
   return results

@@ -12,10 +12,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 # Channel counts a PNG/GIF frame can hold, and the Pillow mode of each.
 _MODES = {1: "L", 3: "RGB"}
@@ -92,6 +95,14 @@ def make_grid(images, *, nrow: int) -> np.ndarray:
       rows * h, cols * w, c)
 
 
+def _binary_file(path):
+  """A writable binary file for a path (local or gs://, via epath); a file
+  object is passed through, left open."""
+  if isinstance(path, (str, os.PathLike)):
+    return epath.Path(path).open("wb")
+  return contextlib.nullcontext(path)
+
+
 def _to_pil(grid: np.ndarray):
   from PIL import Image  # pylint: disable=g-import-not-at-top
   return Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
@@ -103,13 +114,15 @@ def save_image_grid(images, path, *, nrow: int) -> None:
   Args:
     images: [N, H, W, C], uint8 or floats in [-1, 1]; C is 1 (grayscale PNG)
       or 3 (RGB PNG).
-    path: file path or binary file object; written as PNG.
+    path: file path (local or gs://) or binary file object; written as PNG.
     nrow: images per grid row.
 
   Example:
     >>> save_image_grid(out.images, "samples.png", nrow=8)
   """
-  _to_pil(make_grid(images, nrow=nrow)).save(path, format="PNG")
+  image = _to_pil(make_grid(images, nrow=nrow))
+  with _binary_file(path) as f:
+    image.save(f, format="PNG")
 
 
 def save_gif(trajectory, path, *, nrow: int, duration: int = 100) -> None:
@@ -123,7 +136,7 @@ def save_gif(trajectory, path, *, nrow: int, duration: int = 100) -> None:
   Args:
     trajectory: [F, N, H, W, C], uint8 or floats in [-1, 1] (for example
       `SampleOutput.trajectory`); C is 1 or 3.
-    path: file path or binary file object; written as GIF.
+    path: file path (local or gs://) or binary file object; written as GIF.
     nrow: images per grid row in every frame.
     duration: display time of each frame in milliseconds, >= 1.
 
@@ -144,5 +157,6 @@ def save_gif(trajectory, path, *, nrow: int, duration: int = 100) -> None:
                      f"{duration!r}.")
   frames = [_to_pil(make_grid(frame, nrow=nrow)) for frame in
             _as_uint8(trajectory)]
-  frames[0].save(path, format="GIF", save_all=True, append_images=frames[1:],
-                 duration=int(duration), loop=0)
+  with _binary_file(path) as f:
+    frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:],
+                   duration=int(duration), loop=0)

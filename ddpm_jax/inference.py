@@ -109,7 +109,7 @@ def load_trained(config, workdir: str | epath.PathLike, *,
   no_checkpoint = FileNotFoundError(
       f"No checkpoint in {directory}: train first with --mode=train and this "
       "--workdir.")
-  if not directory.is_dir():
+  if parallel.any_process(not directory.is_dir()):  # Agreed by all hosts.
     raise no_checkpoint
   num_classes = int(config.data.num_classes)
   init_fn = functools.partial(train_step.init_params, model,

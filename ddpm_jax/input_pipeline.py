@@ -20,7 +20,7 @@ Only the `tfds:` source imports TensorFlow, and only when used.
 
 from __future__ import annotations
 
-import pathlib
+from etils import epath
 
 from ddpm_jax.data import arrays
 from ddpm_jax.data import common
@@ -40,7 +40,8 @@ def create_dataset(source: str, *, split: str | None = None, batch_size: int,
                    shuffle: bool = True, repeat: bool = True,
                    process_index: int = 0, process_count: int = 1,
                    num_classes: int | None = None,
-                   skip_bad_files: bool = False) -> DatasetIterator:
+                   skip_bad_files: bool = False,
+                   data_dir: str | None = None) -> DatasetIterator:
   """Creates this host's iterator of image batches.
 
   Batches are dicts with 'image' float32 [batch_size, H, W, C] in [-1, 1] and
@@ -76,6 +77,8 @@ def create_dataset(source: str, *, split: str | None = None, batch_size: int,
       Defaults to the number found in the data.
     skip_bad_files: For folders, skip undecodable files with a logged warning
       instead of failing.
+    data_dir: For tfds sources, where datasets are downloaded and prepared
+      (local or gs://); None for tfds's default.
 
   Returns:
     An iterator with `.spec` (a DatasetSpec), `get_state()` and `set_state()`.
@@ -105,17 +108,21 @@ def create_dataset(source: str, *, split: str | None = None, batch_size: int,
   if skip_bad_files and scheme != "folder":
     raise DataError(f"skip_bad_files applies to folder: sources only, not "
                     f"{source!r}")
+  if data_dir is not None and scheme != "tfds":
+    raise DataError(f"data_dir applies to tfds: sources only, not "
+                    f"{source!r}")
   if scheme == "tfds":
     if not name:
       raise DataError(f"source {source!r} names no TFDS dataset")
     from ddpm_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
-    return tfds_source.TfdsIterator(name, **image_options, **batch_options)
+    return tfds_source.TfdsIterator(name, **image_options, **batch_options,
+                                    data_dir=data_dir)
   if scheme in ("npz", "folder") and not rest:
     raise DataError(f"source {source!r} names no path")
   if scheme == "npz":
-    data = arrays.load_npz(pathlib.Path(rest), **image_options)
+    data = arrays.load_npz(epath.Path(rest), **image_options)
   elif scheme == "folder":
-    data = folder.load_folder(pathlib.Path(rest), **image_options,
+    data = folder.load_folder(epath.Path(rest), **image_options,
                               skip_bad_files=skip_bad_files)
   elif source == "digits":
     data = arrays.load_digits(**image_options)

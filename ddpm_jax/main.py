@@ -14,6 +14,7 @@ exits with status 2; a bad config, bad data or a workdir without a checkpoint
 
 from __future__ import annotations
 
+import json
 import logging as std_logging
 import sys
 
@@ -23,7 +24,7 @@ from ml_collections import config_flags
 
 from ddpm_jax import (checkpoint, config as config_lib, evaluation,
                       generation, hugepages, inference, input_pipeline,
-                      parallel, train, workdir as workdir_lib)
+                      parallel, storage, train, workdir as workdir_lib)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/cifar10.py or "
@@ -40,7 +41,24 @@ flags.mark_flags_as_required(["config", "workdir"])
 # Errors that are the user's to fix: reported in one line, without traceback.
 USER_ERRORS = (config_lib.ConfigError, input_pipeline.DataError,
                train.NonFiniteError, checkpoint.CheckpointError,
-               FileNotFoundError)
+               storage.StorageError, FileNotFoundError)
+
+
+def check_same_run(config, *, workdir: str, mode: str) -> None:
+  """Every host must run the same config, workdir and mode: they are hashed
+  on each and compared (a collective; nothing on one host).
+
+  Raises:
+    ConfigError: naming the hosts that differ from process 0.
+  """
+  run = json.dumps({"config": config.to_dict(), "workdir": workdir,
+                    "mode": mode}, sort_keys=True, default=repr)
+  differ = parallel.differing_processes(run)
+  if differ:
+    raise config_lib.ConfigError(
+        f"Hosts started with different configs: {', '.join(differ)} "
+        f"differ from process 0 (the config, its overrides, --workdir or "
+        f"--mode); start every host with the same command.")
 
 
 def _quiet_libraries(record) -> bool:
@@ -61,6 +79,7 @@ def main(argv) -> None:
                  "steps, see ddpm_jax/hugepages.py.", hugepages.MALLOC_TUNABLE)
   try:
     parallel.initialize_distributed()
+    check_same_run(config, workdir=workdir, mode=mode)
     config_lib.validate_config(config, mode=mode,
                                num_devices=jax.device_count(),
                                process_count=jax.process_count())

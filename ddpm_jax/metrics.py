@@ -35,6 +35,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
+from etils import epath
 
 # Input conventions of the FID Inception (`models.inception.preprocess_images`):
 # the TensorFlow reference's (the default) or pytorch-fid's.
@@ -357,17 +358,18 @@ def write_statistics(path: str | os.PathLike, stats: ReferenceStatistics, *,
   Example:
     >>> write_statistics("cifar10_train.npz", ref, preprocessing="tensorflow")
   """
-  path = os.fspath(path)
-  if not path.endswith(".npz"):
-    raise ValueError(f"A statistics file must end in .npz; got {path!r}.")
+  path = epath.Path(path)
+  if not path.name.endswith(".npz"):
+    raise ValueError(f"A statistics file must end in .npz; got {path}.")
   arrays = dict(mu=stats.mu, sigma=stats.sigma,
                 preprocessing=np.array(preprocessing))
   if stats.features is not None:
     arrays["features"] = stats.features
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = path[:-len(".npz")] + ".tmp.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / (path.name[:-len(".npz")] + ".tmp.npz")
+  with tmp.open("wb") as f:
+    np.savez(f, **arrays)
+  tmp.replace(path)
 
 
 def load_statistics(path: str | os.PathLike, *,
@@ -390,11 +392,11 @@ def load_statistics(path: str | os.PathLike, *,
   Example:
     >>> ref = load_statistics("cifar10_train.npz", preprocessing="tensorflow")
   """
-  path = os.fspath(path)
-  if not os.path.isfile(path):
+  path = epath.Path(path)
+  if not path.is_file():
     raise FileNotFoundError(f"Statistics file not found: {path}")
   try:
-    with np.load(path) as data:
+    with path.open("rb") as f, np.load(f) as data:
       arrays = {name: data[name] for name in data.files}
   except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
     raise ValueError(f"Cannot read {path} as .npz ({type(e).__name__}: {e}); "
@@ -436,22 +438,24 @@ def reference_cache_path(cache_dir: str | os.PathLike, *, dataset: str,
   """
   def clean(name):
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)
-  return os.path.join(os.fspath(cache_dir),
-                      f"fid_inception_{clean(preprocessing)}_"
-                      f"{clean(dataset)}_{clean(split)}_{num_images}.npz")
+  return os.fspath(epath.Path(cache_dir) / (
+      f"fid_inception_{clean(preprocessing)}_{clean(dataset)}_{clean(split)}_"
+      f"{num_images}.npz"))
 
 
 def reference_statistics(extract_fn: Callable,
                          load_images: Callable[[], np.ndarray], *,
                          cache_dir: str | os.PathLike, dataset: str,
                          split: str, num_images: int, batch_size: int,
-                         preprocessing: str) -> ReferenceStatistics:
+                         preprocessing: str,
+                         write: bool = True) -> ReferenceStatistics:
   """Inception statistics of a reference data set, cached on disk.
 
   If `reference_cache_path(cache_dir, ...)` exists it is loaded and neither
   `load_images` nor `extract_fn` is called; otherwise the features of
   `load_images()` are computed, and mu, sigma and the features are written
-  there (the directory is created; the file is written atomically).
+  there (the directory is created; the file is written atomically). The
+  cache may be local or gs:// (any `etils.epath` path).
 
   Args:
     extract_fn: as in `extract_features`.
@@ -464,6 +468,8 @@ def reference_statistics(extract_fn: Callable,
     batch_size: images per `extract_fn` call.
     preprocessing: the Inception preprocessing `extract_fn` uses (part of
       the cache key, and recorded in the file).
+    write: False to compute without writing the cache (all processes of a
+      multi-host run but the one that writes).
 
   Returns:
     `ReferenceStatistics(mu [D], sigma [D, D], features [N, D])`.
@@ -477,7 +483,7 @@ def reference_statistics(extract_fn: Callable,
   path = reference_cache_path(cache_dir, dataset=dataset, split=split,
                               num_images=num_images,
                               preprocessing=preprocessing)
-  if os.path.exists(path):
+  if epath.Path(path).exists():
     stats = load_statistics(path, preprocessing=preprocessing)
     if stats.features is None:
       raise ValueError(f"Reference statistics cache {path} lacks "
@@ -490,5 +496,6 @@ def reference_statistics(extract_fn: Callable,
   features = extract_features(extract_fn, images, batch_size=batch_size).pool
   mu, sigma = feature_statistics(features)
   stats = ReferenceStatistics(mu=mu, sigma=sigma, features=features)
-  write_statistics(path, stats, preprocessing=preprocessing)
+  if write:
+    write_statistics(path, stats, preprocessing=preprocessing)
   return stats

@@ -15,7 +15,10 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import socket
 from typing import Any, Callable, Optional
 
 import jax
@@ -89,6 +92,34 @@ def any_process(flag: bool) -> bool:
     return flag
   flags = multihost_utils.process_allgather(np.array([flag], np.int32))
   return bool(np.asarray(flags).any())
+
+
+def allgather_bytes(data: bytes) -> list[bytes]:
+  """Every process's `data`, in process order (collective; lengths may
+  differ between processes)."""
+  if jax.process_count() == 1:
+    return [bytes(data)]
+  lengths = np.asarray(multihost_utils.process_allgather(
+      np.array([len(data)], np.int32))).reshape(-1)
+  padded = np.zeros((max(int(lengths.max()), 1),), np.uint8)
+  padded[:len(data)] = np.frombuffer(data, np.uint8)
+  gathered = np.asarray(multihost_utils.process_allgather(padded))
+  return [bytes(row[:n]) for row, n in zip(gathered, lengths)]
+
+
+def allgather_json(value: Any) -> list[Any]:
+  """Every process's JSON-able `value`, in process order (collective)."""
+  return [json.loads(b.decode("utf-8")) for b in
+          allgather_bytes(json.dumps(value).encode("utf-8"))]
+
+
+def differing_processes(text: str) -> list[str]:
+  """Processes whose `text` differs from process 0's, as 'process I (HOST)';
+  [] when all agree (collective; e.g. the run's config and flags, hashed)."""
+  digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+  entries = allgather_json([digest, socket.gethostname()])
+  return [f"process {i} ({host})" for i, (other, host) in enumerate(entries)
+          if other != entries[0][0]]
 
 
 def _env_int(name: str) -> Optional[int]:

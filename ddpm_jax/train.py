@@ -6,8 +6,11 @@ and runs its periodic actions, each a small piece of its own:
 * `_MetricLog`: log line, TensorBoard scalars and progress bar;
 * `_NonFiniteGuard`: stops after too many skipped (non-finite) steps;
 * `_StopRequest`: SIGTERM (preemption) or the wall-clock budget;
+* `_Profile`: a `jax.profiler` trace of chosen steps;
 * checkpoints (`ddpm_jax.checkpoint`) and sample grids
   (`ddpm_jax.generation`).
+
+The workdir may be local or gs:// (`ddpm_jax.storage`).
 
 Multi-host: call `parallel.initialize_distributed()` first (the command line
 does). Each host reads batch_size / process_count examples of its own shard,
@@ -23,9 +26,13 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import io
 import math
+import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -37,7 +44,8 @@ import tqdm
 from absl import logging
 from etils import epath
 
-from ddpm_jax import builders, checkpoint, generation, parallel, train_step
+from ddpm_jax import (builders, checkpoint, generation, parallel, storage,
+                      train_step)
 from ddpm_jax.inference import Trained
 
 PyTree = Any
@@ -91,6 +99,100 @@ class _StopRequest:
     return self.sigterm or self.out_of_time
 
 
+class _EventFile:
+  """A tensorboardX event file at an epath path (gs://). Cloud Storage
+  objects cannot be appended to, so every flush rewrites the whole file;
+  the file holds a few scalars per log step."""
+
+  def __init__(self, path: str):
+    self._path = epath.Path(path)
+    self._buffer = io.BytesIO()
+
+  def write(self, data: bytes) -> None:
+    self._buffer.write(data)
+
+  def flush(self) -> None:
+    self._path.write_bytes(self._buffer.getvalue())
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _EventFiles:
+  """tensorboardX's writer factory for gs:// logdirs, through epath (in
+  place of its own google-cloud-storage writer)."""
+
+  def open(self, path: str) -> _EventFile:
+    return _EventFile(path)
+
+  def directory_check(self, path: str) -> None:
+    epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def _summary_writer(workdir: epath.Path):
+  """A tensorboardX SummaryWriter for `workdir`, or None without
+  tensorboardX."""
+  try:
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+    from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    logging.warning("tensorboardX is not installed: no TensorBoard scalars.")
+    return None
+  for prefix in storage.REMOTE_PREFIXES:
+    record_writer.register_writer_factory(prefix.split(":")[0],
+                                          _EventFiles())
+  return tensorboardX.SummaryWriter(os.fspath(workdir))
+
+
+class _Profile:
+  """A `jax.profiler` trace of train steps `first`, ..., `first + count - 1`
+  (numbered from 1, as in the log) on process 0.
+
+  The trace is written to a local temporary directory and copied to
+  `<workdir>/profile` (so a gs:// workdir works too): TensorBoard's profile
+  tab reads `plugins/profile/<run>/*.xplane.pb`, ui.perfetto.dev opens
+  `perfetto_trace.json.gz`. A run resumed after `first` traces nothing.
+  """
+
+  def __init__(self, *, first: int, count: int, workdir: epath.Path,
+               enabled: bool):
+    self._first, self._last = first, first + count - 1
+    self._target = workdir / "profile"
+    self._enabled = enabled and first > 0
+    self._local: Optional[str] = None
+
+  def before(self, step: int) -> None:
+    """Called before step `step` runs."""
+    if self._enabled and step == self._first:
+      self._local = tempfile.mkdtemp(prefix="ddpm_jax_profile_")
+      jax.profiler.start_trace(self._local, create_perfetto_trace=True)
+
+  def after(self, step: int, state) -> None:
+    """Called after step `step` was dispatched, with its output state."""
+    if self._local is not None and step >= self._last:
+      jax.block_until_ready(state)
+      self.close()
+
+  def close(self) -> None:
+    """Ends a running trace and copies it to the workdir."""
+    if self._local is None:
+      return
+    local, self._local = self._local, None
+    jax.profiler.stop_trace()
+    for root, _, files in os.walk(local):
+      for name in files:
+        source = os.path.join(root, name)
+        target = self._target / os.path.relpath(source, local)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(source, "rb") as f:
+          target.write_bytes(f.read())
+    shutil.rmtree(local)
+    logging.info("Wrote a profiler trace of steps %d-%d to %s (TensorBoard: "
+                 "--logdir %s, profile tab; Perfetto: "
+                 "perfetto_trace.json.gz).", self._first, self._last,
+                 self._target, self._target)
+
+
 class _MetricLog:
   """Every `log_every` steps: a log line with images/s and ETA, TensorBoard
   scalars (process 0), and a progress bar on a terminal."""
@@ -100,14 +202,7 @@ class _MetricLog:
     self._num_steps, self._global_batch = num_steps, global_batch
     self._log_every, self._is_chief = log_every, is_chief
     self._timer_step, self._timer_start = start_step, None
-    self._writer = None
-    if is_chief:
-      try:
-        import tensorboardX  # pylint: disable=g-import-not-at-top
-        self._writer = tensorboardX.SummaryWriter(str(workdir))
-      except ImportError:
-        logging.warning("tensorboardX is not installed: no TensorBoard "
-                        "scalars.")
+    self._writer = _summary_writer(workdir) if is_chief else None
     # A progress bar only for a person watching a terminal.
     self._progress = tqdm.tqdm(total=num_steps, initial=start_step,
                                unit="step", dynamic_ncols=True,
@@ -292,6 +387,10 @@ def train_and_evaluate(config, workdir: str | epath.PathLike, *,
                             last_saved)
     stop = stack.enter_context(_StopRequest(max_time=float(tcfg.max_time),
                                             start=start_time))
+    profile = _Profile(first=int(tcfg.profile_start),
+                       count=int(tcfg.profile_steps), workdir=workdir,
+                       enabled=is_chief)
+    stack.callback(profile.close)
     sample_every, ckpt_every = int(tcfg.sample_every), int(tcfg.checkpoint_every)
 
     def save(at_step, metrics):
@@ -314,8 +413,10 @@ def train_and_evaluate(config, workdir: str | epath.PathLike, *,
       if num_classes:
         arrays["label"] = parallel.global_batch(
             np.asarray(batch["label"], np.int32), mesh)
+      profile.before(step + 1)
       state, metrics = step_fn(state, arrays, rng)
       step += 1
+      profile.after(step, state)
       log.step_done(step, stop.seconds_left())
       guard.check(step - 1, prev_metrics)  # One step stays in flight.
       prev_metrics = metrics

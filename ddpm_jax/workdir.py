@@ -1,7 +1,8 @@
-"""Filesystem checks of a run's workdir, before anything is built.
+"""Checks of a run's workdir, local or gs://, before anything is built.
 
 Example:
   >>> check_workdir("/tmp/ddpm_digits", mode="train")
+  >>> check_workdir("gs://my-bucket/runs/digits", mode="train")
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 
+from ddpm_jax import storage
 from ddpm_jax.config import ConfigError
 
 
@@ -16,12 +18,25 @@ def check_workdir(workdir: str, *, mode: str,
                   min_free_bytes: int = 100 * 2**20) -> None:
   """Fails early on a workdir that cannot hold a run.
 
-  For training the directory is created if needed and must be writable with
-  at least `min_free_bytes` free; for sampling and evaluation it must exist.
+  For training a local directory is created if needed and must be writable
+  with at least `min_free_bytes` free; in a gs:// workdir a small object is
+  written and deleted (nothing is created locally). For sampling and
+  evaluation the workdir must exist.
 
   Raises:
-    ConfigError: naming the directory and the problem.
+    ConfigError: naming the directory and the problem (a missing bucket, no
+      credentials or no connection for gs://).
   """
+  if storage.is_remote(workdir):
+    try:
+      if mode == "train":
+        storage.check_writable(workdir)
+      elif not storage.exists(workdir, directory=True):
+        raise ConfigError(f"--workdir {workdir} does not exist: train first "
+                          "with --mode=train.")
+    except storage.StorageError as e:
+      raise ConfigError(f"--workdir {workdir}: {e}") from None
+    return
   if mode != "train":
     if not os.path.isdir(workdir):
       raise ConfigError(f"--workdir {workdir} does not exist: train first "
@@ -29,7 +44,7 @@ def check_workdir(workdir: str, *, mode: str,
     return
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".ddpm_jax_write_test")
+    probe = os.path.join(workdir, storage.PROBE_NAME)
     with open(probe, "wb") as f:
       f.write(b"0" * 4096)
       f.flush()
@@ -43,3 +58,4 @@ def check_workdir(workdir: str, *, mode: str,
     raise ConfigError(f"--workdir {workdir} has only {free / 2**20:.0f} MiB "
                       f"free; at least {min_free_bytes / 2**20:.0f} MiB are "
                       "needed for checkpoints.")
+

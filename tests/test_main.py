@@ -121,9 +121,8 @@ def test_guided_sampling_of_a_class_conditional_run(tmp_path_factory):
   """digits:cond,tiny trains with labels (label dropout), samples guided with
   DPM-Solver++, one grid row per class, and writes the labels."""
   workdir = tmp_path_factory.mktemp("cond")
-  cache = tmp_path_factory.mktemp("jax_cache_cond")
   config = "--config=configs/digits.py:cond,tiny"
-  out = _run([config, f"--workdir={workdir}"], cache_dir=cache)
+  out = _run([config, f"--workdir={workdir}"])
   assert out.returncode == 0, out.stderr[-3000:]
   # 10 classes, 8 grid images: one image per class, one class per row.
   assert Image.open(workdir / "samples" / "step_00000004.png").size == (
@@ -131,7 +130,7 @@ def test_guided_sampling_of_a_class_conditional_run(tmp_path_factory):
   out = _run([config, f"--workdir={workdir}", "--mode=sample",
               "--config.sample.num_images=25",
               "--config.sample.sampler=dpmpp_2m",
-              "--config.sample.guidance_scale=2"], cache_dir=cache)
+              "--config.sample.guidance_scale=2"])
   assert out.returncode == 0, out.stderr[-3000:]
   assert "with dpmpp_2m (5 network calls each, guidance scale 2)" in (
       out.stderr)
@@ -143,7 +142,7 @@ def test_guided_sampling_of_a_class_conditional_run(tmp_path_factory):
   assert Image.open(samples / "sample_step_00000004.png").size == (32, 160)
   out = _run([config, f"--workdir={workdir}", "--mode=sample",
               "--config.sample.num_images=4", "--config.sample.class_id=7",
-              "--config.sample.gif=False"], cache_dir=cache)
+              "--config.sample.gif=False"])
   assert out.returncode == 0, out.stderr[-3000:]
   with np.load(samples / "sample_step_00000004.npz") as f:
     np.testing.assert_array_equal(f["labels"], [7, 7, 7, 7])

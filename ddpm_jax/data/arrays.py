@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import pathlib
 import zipfile
 
 import numpy as np
+from etils import epath
 
 from ddpm_jax.data import common
 
@@ -68,7 +68,7 @@ def _check_labels(y: np.ndarray, where: str, num_images: int) -> np.ndarray:
   return y.astype(np.int32)
 
 
-def load_npz(path: pathlib.Path, *, split: str, image_size: int | None,
+def load_npz(path: epath.Path, *, split: str, image_size: int | None,
              channels: int | None, resize: bool,
              num_classes: int | None) -> common.ImageArrays:
   """Loads one split of a Keras-layout .npz file.
@@ -79,7 +79,7 @@ def load_npz(path: pathlib.Path, *, split: str, image_size: int | None,
   `y_*` arrays of the file plus one, so that splits agree.
 
   Args:
-    path: The .npz file.
+    path: The .npz file (local or gs://).
     split: Split name, selecting the `x_<split>` / `y_<split>` arrays.
     image_size: Configured side length, or None for the stored one.
     channels: Configured channel count, or None for the stored one.
@@ -94,25 +94,27 @@ def load_npz(path: pathlib.Path, *, split: str, image_size: int | None,
   """
   if not path.is_file():
     raise common.DataError(f"npz:{path}: file not found")
-  try:
-    npz = np.load(path, allow_pickle=False)
-  except (OSError, ValueError, zipfile.BadZipFile) as e:
-    raise common.DataError(f"npz:{path}: not a readable .npz file ({e})") from e
-  if not isinstance(npz, np.lib.npyio.NpzFile):
-    raise common.DataError(f"npz:{path}: holds a single array, not an .npz "
-                           f"archive of x_<split> / y_<split> arrays")
-  with npz:
-    x_key, y_key = f"x_{split}", f"y_{split}"
-    for key in (x_key, y_key):
-      if key not in npz.files:
-        raise common.DataError(
-            f"npz:{path}: missing key {key!r} (keys present: "
-            f"{', '.join(sorted(npz.files)) or 'none'})")
+  with path.open("rb") as f:
     try:
-      arrays = {key: npz[key] for key in npz.files
-                if key == x_key or key.startswith("y_")}
-    except ValueError as e:  # object arrays need pickle
-      raise common.DataError(f"npz:{path}: cannot read arrays ({e})") from e
+      npz = np.load(f, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+      raise common.DataError(f"npz:{path}: not a readable .npz file ({e})"
+                             ) from e
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+      raise common.DataError(f"npz:{path}: holds a single array, not an .npz "
+                             f"archive of x_<split> / y_<split> arrays")
+    with npz:
+      x_key, y_key = f"x_{split}", f"y_{split}"
+      for key in (x_key, y_key):
+        if key not in npz.files:
+          raise common.DataError(
+              f"npz:{path}: missing key {key!r} (keys present: "
+              f"{', '.join(sorted(npz.files)) or 'none'})")
+      try:
+        arrays = {key: npz[key] for key in npz.files
+                  if key == x_key or key.startswith("y_")}
+      except ValueError as e:  # object arrays need pickle
+        raise common.DataError(f"npz:{path}: cannot read arrays ({e})") from e
   x = arrays[x_key]
   where = f"{path.name}: {x_key}"
   if x.ndim == 3:

@@ -28,15 +28,15 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import io
-import os
-import pathlib
 import tarfile
 from typing import Callable
 
 from absl import logging
 import numpy as np
+from etils import epath
 from PIL import Image
 
+from ddpm_jax import storage
 from ddpm_jax.data import common
 
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -47,23 +47,24 @@ def _is_hidden(relpath: str) -> bool:
   return any(part.startswith(".") for part in relpath.split("/"))
 
 
-def _list_directory(root: pathlib.Path) -> dict[str, Callable[[], bytes]]:
+def _list_directory(root: epath.Path) -> dict[str, Callable[[], bytes]]:
   """Maps the relative posix path of every visible file to a reader."""
   files = {}
-  for dirpath, dirnames, filenames in os.walk(root):
+  for directory, dirnames, filenames in storage.walk(root):
     dirnames[:] = [d for d in dirnames if not d.startswith(".")]
     for name in filenames:
-      if not name.startswith("."):
-        path = pathlib.Path(dirpath, name)
-        files[path.relative_to(root).as_posix()] = path.read_bytes
+      path = directory / name
+      relpath = path.relative_to(root).as_posix()
+      if not _is_hidden(relpath):
+        files[relpath] = path.read_bytes
   return files
 
 
-def _list_tar(path: pathlib.Path) -> dict[str, Callable[[], bytes]]:
+def _list_tar(path: epath.Path) -> dict[str, Callable[[], bytes]]:
   """Reads every visible regular file of an archive in one streaming pass."""
   files = {}
   try:
-    with tarfile.open(path, mode="r|*") as archive:
+    with path.open("rb") as f, tarfile.open(fileobj=f, mode="r|*") as archive:
       for member in archive:
         name = member.name.removeprefix("./")
         if member.isfile() and not _is_hidden(name):
@@ -111,13 +112,13 @@ def _decode(name: str, read: Callable[[], bytes], *, image_size: int | None,
   return pixels.reshape(pixels.shape[0], pixels.shape[1], -1)
 
 
-def load_folder(path: pathlib.Path, *, split: str, image_size: int | None,
+def load_folder(path: epath.Path, *, split: str, image_size: int | None,
                 channels: int | None, resize: bool, num_classes: int | None,
                 skip_bad_files: bool) -> common.ImageArrays:
   """Loads one split of an image folder or archive (see the module rules).
 
   Args:
-    path: A directory, or a .tar / .tar.gz / .tgz file.
+    path: A directory, or a .tar / .tar.gz / .tgz file (local or gs://).
     split: Split name, e.g. 'train'.
     image_size: Configured side length, or None to require equal sizes.
     channels: 1 for greyscale, 3 or None for RGB.

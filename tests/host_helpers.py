@@ -1,0 +1,112 @@
+"""Runs of several processes on localhost (jax.distributed over gloo), for
+tests/test_hosts.py; also the worker of its checkpoint-agreement test:
+
+  python tests/host_helpers.py agree PROCESS_ID PORT WORKDIR BROKEN_STEP OUT
+      one of two processes: process 1 alone sees checkpoint BROKEN_STEP as
+      broken (as if its view of the storage differed); both load the
+      trained model, then resume training; OUT gets the steps they chose.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+  sys.path.insert(0, str(REPO))
+TINY = f"{REPO / 'configs' / 'digits.py'}:tiny"
+TIMEOUT = 900  # seconds for one run; generous, never a timing check.
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def env(cache_dir: Path, *, process: Optional[int] = None,
+        num_processes: int = 2, port: Optional[int] = None,
+        devices: int = 1) -> dict[str, str]:
+  """The environment of one process: of `num_processes` on localhost when
+  `process` is given, else a single process with `devices` CPU devices."""
+  out = dict(os.environ)
+  out.pop("XLA_FLAGS", None)
+  out.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
+             JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  if process is not None:
+    out.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+               JAX_NUM_PROCESSES=str(num_processes),
+               JAX_PROCESS_ID=str(process))
+  elif devices > 1:
+    out["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  return out
+
+
+def run_processes(commands: list[list[str]], envs: list[dict[str, str]],
+                  cwd: Path = REPO) -> list[subprocess.CompletedProcess]:
+  """Runs the commands together; returns each one's exit code and stderr.
+
+  Each stderr goes to a file, not a pipe: a process whose pipe nobody reads
+  yet would block on a full pipe while the others wait for it at a barrier.
+  """
+  with contextlib.ExitStack() as stack:
+    logs = [stack.enter_context(tempfile.TemporaryFile("w+")) for _ in commands]
+    procs = [subprocess.Popen(c, env=e, cwd=cwd, stdout=subprocess.DEVNULL,
+                              stderr=log, text=True)
+             for c, e, log in zip(commands, envs, logs)]
+    try:
+      for proc in procs:
+        proc.wait(timeout=TIMEOUT)
+    finally:
+      for proc in procs:
+        if proc.poll() is None:
+          proc.kill()
+          proc.wait()
+    results = []
+    for command, proc, log in zip(commands, procs, logs):
+      log.seek(0)
+      results.append(subprocess.CompletedProcess(command, proc.returncode, "",
+                                                 log.read()))
+  return results
+
+
+def cli(args: list[str]) -> list[str]:
+  return [sys.executable, "-m", "ddpm_jax.main", f"--config={TINY}", *args]
+
+
+def _agree(process_id: int, port: int, workdir: str, broken: int,
+           out: str) -> None:
+  from ddpm_jax import checkpoint, config as config_lib, inference, parallel, train  # pylint: disable=g-import-not-at-top
+  assert parallel.initialize_distributed(f"localhost:{port}", 2, process_id)
+  if process_id == 1:
+    check = checkpoint.CheckpointManager._check_complete  # pylint: disable=protected-access
+
+    def broken_here(self, step):
+      if step == broken:
+        raise checkpoint._Unusable("unreadable from this host")  # pylint: disable=protected-access
+      return check(self, step)
+
+    checkpoint.CheckpointManager._check_complete = broken_here  # pylint: disable=protected-access
+  config = config_lib.load_config(TINY)
+  loaded = inference.load_trained(config, workdir).step
+  state = train.train_and_evaluate(config, workdir)
+  with open(out, "w") as f:
+    json.dump({"loaded": loaded,
+               "final": int(parallel.host_value(state.step))}, f)
+
+
+if __name__ == "__main__":
+  if sys.argv[1] != "agree":
+    raise SystemExit(f"unknown mode {sys.argv[1]}")
+  _agree(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5]),
+         sys.argv[6])

@@ -1,0 +1,131 @@
+"""Issue 17: every mode of the command line on two hosts (two processes on
+localhost, jax.distributed over gloo) against one process with the same two
+devices: the same sample grids, samples and evaluation numbers; only
+process 0 writes and logs; all processes restore the same checkpoint; hosts
+started with different configs are named and stopped.
+"""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import host_helpers as hh  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tests import inception_helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+pytestmark = pytest.mark.slow
+
+
+def _two(args, cache, workdir, extra_args=((), ())):
+  port = hh.free_port()
+  return hh.run_processes(
+      [hh.cli([f"--workdir={workdir}", *args, *extra]) for extra in
+       extra_args],
+      [hh.env(cache, process=i, port=port) for i in range(2)])
+
+
+def _one(args, cache, workdir):
+  return hh.run_processes([hh.cli([f"--workdir={workdir}", *args])],
+                          [hh.env(cache, devices=2)])[0]
+
+
+def _ok(result):
+  assert result.returncode == 0, result.stderr[-4000:]
+  return result.stderr
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """The tiny digits recipe trained (4 steps, grids at the end) on two hosts
+  and on one, then sampled and evaluated the same ways."""
+  base = tmp_path_factory.mktemp("hosts")
+  cache = base / "cache"
+  two, one = base / "two", base / "one"
+  logs = {"train2": [_ok(r) for r in _two([], cache, two)],
+          "train1": _ok(_one([], cache, one))}
+  sample = ["--mode=sample", "--config.sample.num_images=12"]
+  logs["sample2"] = [_ok(r) for r in _two(sample, cache, two)]
+  logs["sample1"] = _ok(_one(sample, cache, one))
+  weights = base / "fid_inception.npz"
+  np.savez(weights, **inception_helpers.random_state_dict(
+      inception_helpers.torch_layout(inception_helpers.flax_shapes())))
+  evaluate = ["--mode=eval", f"--config.eval.inception_weights={weights}",
+              "--config.eval.num_samples=8", "--config.eval.num_reference=16"]
+  logs["eval2"] = [_ok(r) for r in _two(evaluate, cache, two)]
+  logs["eval1"] = _ok(_one(evaluate, cache, one))
+  return dict(base=base, cache=cache, two=two, one=one, logs=logs)
+
+
+def test_training_grids_match_one_process(runs):
+  for name in ("step_00000004.png", "step_00000004.gif"):
+    assert (runs["two"] / "samples" / name).read_bytes() == (
+        runs["one"] / "samples" / name).read_bytes(), name
+  first, second = runs["logs"]["train2"]
+  assert "step 4/4: loss" in first and "wrote" in first
+  assert "step 4/4" not in second and "wrote" not in second
+  assert "Training 4 steps from step 0" not in second
+
+
+def test_sample_mode_matches_one_process(runs):
+  name = "samples/sample_step_00000004"
+  with np.load(runs["two"] / f"{name}.npz") as f:
+    two = f["images"]
+  with np.load(runs["one"] / f"{name}.npz") as f:
+    one = f["images"]
+  assert two.shape == (12, 16, 16, 1)
+  np.testing.assert_array_equal(two, one)
+  for suffix in (".png", ".gif"):
+    assert (runs["two"] / f"{name}{suffix}").read_bytes() == (
+        runs["one"] / f"{name}{suffix}").read_bytes()
+  first, second = runs["logs"]["sample2"]
+  assert "Sampled 12 images" in first and "Sampled" not in second
+
+
+def test_eval_mode_matches_one_process(runs):
+  results = [json.loads((workdir / "eval" / "step_00000004.json").read_text())
+             for workdir in (runs["two"], runs["one"])]
+  assert results[0] == results[1]  # The same programs over the same mesh.
+  assert np.isfinite(results[0]["fid"]) and results[0]["num_images"] == 8
+  first, second = runs["logs"]["eval2"]
+  for line in ("bits/dim", "FID", "Wrote"):
+    assert line in first and line not in second, line
+
+
+def test_hosts_agree_on_a_checkpoint_one_of_them_cannot_read(runs, tmp_path):
+  workdir = tmp_path / "w"
+  shutil.copytree(runs["two"], workdir)
+  port = hh.free_port()
+  results = hh.run_processes(
+      [[sys.executable, str(Path(hh.__file__)), "agree", str(i), str(port),
+        str(workdir), "4", str(tmp_path / f"out{i}.json")] for i in range(2)],
+      [hh.env(runs["cache"], process=i, port=port) for i in range(2)])
+  logs = [_ok(r) for r in results]
+  chosen = [json.loads((tmp_path / f"out{i}.json").read_text())
+            for i in range(2)]
+  # Step 4 is fine for process 0, unreadable for process 1: both use 2.
+  assert chosen == [{"loaded": 2, "final": 4}] * 2
+  for log in logs:
+    assert (f"Checkpoint {workdir / 'checkpoints' / '4'} is unusable and is "
+            "skipped: process 1: unreadable from this host") in log
+  assert (f"Moved broken checkpoint {workdir / 'checkpoints' / '4'} to "
+          in logs[0])  # By process 0, after both agreed.
+  assert [p.name.split("-")[0] for p in
+          (workdir / "checkpoints" / "corrupt").iterdir()] == ["4"]
+
+
+def test_hosts_with_different_configs_are_named(runs, tmp_path):
+  results = _two([], runs["cache"], tmp_path / "w",
+                 extra_args=((), ("--config.train.num_steps=5",)))
+  for result in results:
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [l for l in result.stderr.splitlines()
+             if l.startswith("ddpm_jax:")]
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert ("ddpm_jax: error: Hosts started with different configs: process "
+            "1 (") in lines[0] and "differ from process 0" in lines[0]
+  assert not (tmp_path / "w").exists()  # Stopped before the workdir.
