@@ -4,7 +4,7 @@ An optional extra, never a CI dependency: it needs `torch` (CPU build is
 enough) and, for the CIFAR-10 net, `diffusers` (`pip install torch diffusers`).
 Run from the repository root:
 
-  flock /work/notes/cpu.lock python -m benchmarks.vs_torch \
+  python -m benchmarks.vs_torch \
       --train tutorial:128 --train ddpm_cifar10:16 --steps 6
   python -m benchmarks.vs_torch --forward tutorial:1,8,32,128 --forward ddpm_cifar10:1,4,16
 
