@@ -9,7 +9,7 @@ Run from the repository root:
 
 Each `--variant` is a comma-separated list of `FIELD=VALUE`: `kernels=auto|xla`
 (`ddpm_jax.models.kernels.implementation`, the code that computes the
-convolutions) and `UNetConfig` fields (e.g. `dtype=bfloat16`). As a script it
+convolutions and the GroupNorm gradient) and `UNetConfig` fields (e.g. `dtype=bfloat16`). As a script it
 restarts with huge pages for malloc's large blocks, as the CLI does
 (`ddpm_jax.hugepages.reexec_with_huge_page_malloc`). All steps are compiled first;
 then timed steps alternate A, B, A, B, ... so that load from other processes on
