@@ -9,16 +9,21 @@ Run from the repository root:
 
 Each `--variant` is a comma-separated list of `FIELD=VALUE`: `kernels=auto|xla`
 (`ddpm_jax.models.kernels.implementation`, the code that computes the
-convolutions) and `UNetConfig` fields (e.g. `dtype=bfloat16`). As a script it
+convolutions and the GroupNorm gradient) and `UNetConfig` fields (e.g. `dtype=bfloat16`). As a script it
 restarts with huge pages for malloc's large blocks, as the CLI does
 (`ddpm_jax.hugepages.reexec_with_huge_page_malloc`). All steps are compiled first;
 then timed steps alternate A, B, A, B, ... so that load from other processes on
-a shared machine hits all alike. Prints the median step time of each, the
-ratio to the first, compile times and the first loss.
+a shared machine hits all alike. Prints, for each variant, the median wall
+time and process CPU time per step (`time.process_time`: all threads,
+children excluded) and their ratios to the first variant (medians of the
+per-round ratios), compile times, the first loss, and the load average
+before and after. On a loaded machine the CPU-time ratio is the steadier
+evidence; pinned to one core (`taskset -c 0`) it is the work itself.
 """
 
 import argparse
 import ast
+import os
 import statistics
 import sys
 import time
@@ -53,7 +58,7 @@ def build(preset: str, batch: int, variant: dict, *, tiny: bool = False) -> dict
   state, metrics = compiled(state, batch_arr, rng)
   jax.block_until_ready(metrics)
   return dict(compiled=compiled, state=state, batch=batch_arr, rng=rng, compile_s=compile_s,
-              times=[], loss=float(metrics["loss"]))
+              times=[], cpu=[], loss=float(metrics["loss"]))
 
 
 def main(argv=None):
@@ -65,20 +70,30 @@ def main(argv=None):
   args = parser.parse_args(argv)
   preset, batch = args.preset
   variants = [build(preset, batch, v) for v in args.variant]
+  load = os.getloadavg()
   for _ in range(args.steps):
     for v in variants:
-      start = time.perf_counter()
+      wall, cpu = time.perf_counter(), time.process_time()
       v["state"], metrics = v["compiled"](v["state"], v["batch"], v["rng"])
       jax.block_until_ready(metrics)
-      v["times"].append(time.perf_counter() - start)
-  base = statistics.median(variants[0]["times"])
-  print(f"{preset}:{batch}, {args.steps} interleaved steps each after 1 warm-up")
+      v["times"].append(time.perf_counter() - wall)
+      v["cpu"].append(time.process_time() - cpu)
+  print(f"{preset}:{batch}, {args.steps} interleaved steps each after 1 warm-up, "
+        f"{len(os.sched_getaffinity(0))} cores, load average {_load(load)} -> {_load(os.getloadavg())}")
+  base = variants[0]
   for spec, v in zip(args.variant, variants):
     name = ",".join(f"{k}={val}" for k, val in spec.items())
     med = statistics.median(v["times"])
-    print(f"{name:<28} median {med:7.3f} s (min {min(v['times']):.3f}, max {max(v['times']):.3f})"
-          f"  {batch / med:7.1f} images/s  compile {v['compile_s']:6.1f} s  x{med / base:.3f}"
-          f"  first loss {v['loss']:.6f}", flush=True)
+    wall_ratio = statistics.median(a / b for a, b in zip(v["times"], base["times"]))
+    cpu_ratio = statistics.median(a / b for a, b in zip(v["cpu"], base["cpu"]))
+    print(f"{name:<28} wall {med:7.3f} s (min {min(v['times']):.3f}, max {max(v['times']):.3f}) "
+          f"x{wall_ratio:.3f}  CPU {statistics.median(v['cpu']):7.3f} s x{cpu_ratio:.3f}  "
+          f"{batch / med:7.1f} images/s  compile {v['compile_s']:6.1f} s  first loss {v['loss']:.6f}",
+          flush=True)
+
+
+def _load(load) -> str:
+  return "/".join(f"{x:.1f}" for x in load)
 
 
 if __name__ == "__main__":

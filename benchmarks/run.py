@@ -29,9 +29,9 @@ It runs on whatever backend JAX sees and writes
   that is available (digits always; MNIST npz and the CIFAR-10 JPEG tar from
   ../shared/data when present).
 
-`--kernels xla` runs every section with XLA's own convolutions instead of the
-CPU kernels of `ddpm_jax.models.kernels` (recorded in the JSON's settings and
-the table's header).
+`--kernels xla` runs every section with XLA's own convolutions and autodiff
+GroupNorm instead of the CPU kernels of `ddpm_jax.models.kernels` (recorded in
+the JSON's settings and the table's header).
 """
 
 from __future__ import annotations
@@ -398,7 +398,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--input-runs", type=int, default=5)
   parser.add_argument("--kernels", choices=kernels.IMPLEMENTATIONS, default="auto",
                       help="ddpm_jax.models.kernels.implementation for every section: 'auto' (the "
-                           "library's default) or 'xla' (XLA's own convolutions, the reference)")
+                           "library's default) or 'xla' (XLA's own convolutions and GroupNorm "
+                           "gradient, the reference)")
   parser.add_argument("--tiny", action="store_true",
                       help="CI smoke setting: tiny nets, batch 2-4, 2 steps, T=10, one preset per section")
   parser.add_argument("--default-malloc", action="store_true",

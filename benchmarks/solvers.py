@@ -19,9 +19,9 @@ target "DPM-Solver++ at 20 calls matches DDIM at 100") it reports:
   The closed-form network is cheap, so this is the samplers' own cost per
   call, not a network's.
 
-Run from the repository root under the CPU lock:
+Run from the repository root, on an otherwise idle machine for the timings:
 
-  flock /work/notes/cpu.lock python -m benchmarks.solvers --md out.md
+  python -m benchmarks.solvers --md out.md
 
 `ddpm` runs on the schedule respaced to the budget (`ddpm_jax.respace`);
 `ddim` uses its own uniform spacing; the other samplers run once per spacing

@@ -4,21 +4,34 @@ An optional extra, never a CI dependency: it needs `torch` (CPU build is
 enough) and, for the CIFAR-10 net, `diffusers` (`pip install torch diffusers`).
 Run from the repository root:
 
-  python -m benchmarks.vs_torch --train tutorial:128 --train ddpm_cifar10:16 --steps 5
+  python -m benchmarks.vs_torch \
+      --train tutorial:128 --train ddpm_cifar10:16 --steps 6
   python -m benchmarks.vs_torch --forward tutorial:1,8,32,128 --forward ddpm_cifar10:1,4,16
 
 * train: the library's train step (`benchmarks.run.build_train_step`: Adam
   with global-norm clipping, EMA, dropout as the preset) against a PyTorch
   eager step doing the same work: noisy images at random t, the network,
   MSE to the noise, backward, `clip_grad_norm_(1.0)`, Adam, an EMA update
-  of every parameter. Steps alternate JAX, PyTorch, JAX, ... after a warm-up
-  of each, so that load from other processes hits both alike; the ratio is
-  the median of the per-pair time ratios (PyTorch / JAX: above 1, JAX is
-  faster).
+  of every parameter.
 * forward: one network call at each batch size (what each step of a sampler
   costs: the samplers' scans measured within 5% of bare network calls, see
-  BENCHMARKS.md), alternated likewise; images/s of a 50-step DDIM chain =
-  batch / (50 x call time).
+  BENCHMARKS.md); images/s of a 50-step DDIM chain = batch / (50 x call
+  time).
+
+Calls alternate JAX, PyTorch, JAX, ... after a warm-up of each, so that load
+from other processes hits both alike. Each call is timed twice: wall clock
+and the process's CPU time (`time.process_time`: user + system time of all
+its threads, children excluded). Reported: the median of each, and the
+median of the per-pair ratios PyTorch / ddpm_jax (above 1, ddpm_jax is
+faster), with the load average before and after. On a shared machine the
+wall-clock ratio is the target but the CPU-time ratio is the steadier
+evidence: another process's work inflates the wall time of whichever call
+it overlaps, not the CPU time that call itself needs. With two threads the
+CPU time still grows with load (a thread waiting at a barrier for one the
+kernel descheduled spins: PyTorch's OpenMP, XLA's thread pool); pinned to
+one core (`taskset -c 0 python -m benchmarks.vs_torch ...`: both libraries
+then run one thread) it is the work itself. `--json` also writes every
+timing.
 
 The PyTorch networks: the tutorial's U-Net ("The Annotated Diffusion Model",
 ConvNeXt blocks) written out below, and diffusers' `UNet2DModel` with DDPM's
@@ -29,10 +42,14 @@ library's presets before timing.
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
+import pathlib
 import statistics
 import sys
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -228,7 +245,7 @@ def torch_train_step(preset: str, batch: int):
       params = list(net.parameters())
       torch._foreach_mul_(ema, 0.9999)  # pylint: disable=protected-access
       torch._foreach_add_(ema, params, alpha=1e-4)  # pylint: disable=protected-access
-    return float(loss)
+    return loss.item()
 
   return step
 
@@ -270,18 +287,54 @@ def torch_forward(preset: str, batch: int):
   return call
 
 
-def alternate(a, b, *, runs: int, warmup: int = 1) -> tuple[list[float], list[float]]:
+class Timing(NamedTuple):
+  """Wall-clock and process CPU seconds of one call."""
+  wall_s: float
+  cpu_s: float
+
+
+def timed(fn) -> Timing:
+  """Runs fn() once; its wall time and the process's CPU time (all threads, no children)."""
+  wall, cpu = time.perf_counter(), time.process_time()
+  fn()
+  return Timing(time.perf_counter() - wall, time.process_time() - cpu)
+
+
+def alternate(a, b, *, runs: int, warmup: int = 1) -> tuple[list[Timing], list[Timing]]:
   """Times a() and b() alternately, `runs` times each after `warmup` calls of each."""
   for _ in range(warmup):
     a()
     b()
   ta, tb = [], []
   for _ in range(runs):
-    for f, times in ((a, ta), (b, tb)):
-      start = time.perf_counter()
-      f()
-      times.append(time.perf_counter() - start)
+    ta.append(timed(a))
+    tb.append(timed(b))
   return ta, tb
+
+
+def summary(ta: list[Timing], tb: list[Timing], load_before, load_after) -> dict:
+  """Medians of wall and CPU time of each side and of the per-pair ratios b / a."""
+  out = {"load_average_before": load_before, "load_average_after": load_after}
+  for field in Timing._fields:
+    a, b = [getattr(x, field) for x in ta], [getattr(x, field) for x in tb]
+    out[field] = {"ddpm_jax": statistics.median(a), "torch": statistics.median(b),
+                  "torch_over_ddpm_jax": statistics.median(y / x for x, y in zip(a, b)),
+                  "runs_ddpm_jax": a, "runs_torch": b}
+  return out
+
+
+def _line(s: dict, scale: float, unit: str) -> str:
+  w, c = s["wall_s"], s["cpu_s"]
+  return (f"wall ddpm_jax {w['ddpm_jax'] * scale:.3f} {unit} PyTorch {w['torch'] * scale:.3f} {unit} "
+          f"PyTorch/ddpm_jax x{w['torch_over_ddpm_jax']:.2f} | CPU ddpm_jax "
+          f"{c['ddpm_jax'] * scale:.3f} {unit} PyTorch {c['torch'] * scale:.3f} {unit} PyTorch/ddpm_jax "
+          f"x{c['torch_over_ddpm_jax']:.2f} | load {_load(s['load_average_before'])} -> "
+          f"{_load(s['load_average_after'])} | wall runs {[round(v * scale, 2) for v in w['runs_ddpm_jax']]}"
+          f" / {[round(v * scale, 2) for v in w['runs_torch']]}")
+
+
+def _load(load) -> str:
+  return "/".join(f"{v:.1f}" for v in load)
 
 
 def _parse(text: str) -> tuple[str, list[int]]:
@@ -297,33 +350,46 @@ def main(argv=None) -> None:
                       help="PRESET:BATCH (repeatable): train steps, alternated")
   parser.add_argument("--forward", type=_parse, action="append", default=[],
                       help="PRESET:BATCH[,BATCH...] (repeatable): network calls, alternated")
-  parser.add_argument("--steps", type=int, default=5, help="timed train steps of each")
-  parser.add_argument("--calls", type=int, default=5, help="timed network calls of each")
+  parser.add_argument("--steps", type=int, default=6, help="timed train steps of each")
+  parser.add_argument("--calls", type=int, default=7, help="timed network calls of each")
+  parser.add_argument("--warmup", type=int, default=1, help="untimed calls of each first")
   parser.add_argument("--threads", type=int, default=None,
                       help="torch.set_num_threads (default: PyTorch's own, the core count)")
+  parser.add_argument("--json", default=None, help="also write every timing to this JSON file")
   args = parser.parse_args(argv)
   if args.threads:
     torch.set_num_threads(args.threads)
-  print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), jax {jax.__version__} "
-        f"({jax.default_backend()})", flush=True)
+  header = (f"torch {torch.__version__} ({torch.get_num_threads()} threads), jax {jax.__version__} "
+            f"({jax.default_backend()}), {len(os.sched_getaffinity(0))} of {os.cpu_count()} cores, "
+            f"GLIBC_TUNABLES="
+            f"{os.environ.get('GLIBC_TUNABLES', '')!r}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  print(header, flush=True)
+  rows = []
   for preset, batches in args.train:
     for batch in batches:
       jax_step, compile_s = jax_train_step(preset, batch)
-      ta, tb = alternate(jax_step, torch_train_step(preset, batch), runs=args.steps)
-      ratio = statistics.median(b / a for a, b in zip(ta, tb))
-      print(f"train {preset}:{batch}  ddpm_jax {statistics.median(ta):.3f} s/step "
-            f"(compile {compile_s:.1f} s)  PyTorch {statistics.median(tb):.3f} s/step  "
-            f"PyTorch/ddpm_jax x{ratio:.2f}  (runs {[round(v, 2) for v in ta]} / "
-            f"{[round(v, 2) for v in tb]})", flush=True)
+      load = os.getloadavg()
+      ta, tb = alternate(jax_step, torch_train_step(preset, batch), runs=args.steps,
+                         warmup=args.warmup)
+      s = summary(ta, tb, load, os.getloadavg())
+      rows.append(dict(kind="train", preset=preset, batch=batch, compile_s=compile_s, **s))
+      print(f"train {preset}:{batch} s/step (compile {compile_s:.1f} s): {_line(s, 1, 's')}",
+            flush=True)
   for preset, batches in args.forward:
     for batch in batches:
       jax_call, compile_s = jax_forward(preset, batch)
-      ta, tb = alternate(jax_call, torch_forward(preset, batch), runs=args.calls)
-      ja, tt = statistics.median(ta), statistics.median(tb)
-      print(f"forward {preset}:{batch}  ddpm_jax {ja * 1e3:.1f} ms (compile {compile_s:.1f} s, "
-            f"DDIM-{DDIM_STEPS} {batch / (DDIM_STEPS * ja):.2f} images/s)  PyTorch {tt * 1e3:.1f} ms "
-            f"(DDIM-{DDIM_STEPS} {batch / (DDIM_STEPS * tt):.2f} images/s)  "
-            f"PyTorch/ddpm_jax x{statistics.median(b / a for a, b in zip(ta, tb)):.2f}", flush=True)
+      load = os.getloadavg()
+      ta, tb = alternate(jax_call, torch_forward(preset, batch), runs=args.calls,
+                         warmup=args.warmup)
+      s = summary(ta, tb, load, os.getloadavg())
+      ddim = {k: batch / (DDIM_STEPS * s["wall_s"][k]) for k in ("ddpm_jax", "torch")}
+      rows.append(dict(kind="forward", preset=preset, batch=batch, compile_s=compile_s,
+                       ddim_images_per_s=ddim, **s))
+      print(f"forward {preset}:{batch} ms/call (compile {compile_s:.1f} s; DDIM-{DDIM_STEPS} "
+            f"images/s ddpm_jax {ddim['ddpm_jax']:.2f} PyTorch {ddim['torch']:.2f}): "
+            f"{_line(s, 1e3, 'ms')}", flush=True)
+  if args.json:
+    pathlib.Path(args.json).write_text(json.dumps(dict(header=header, rows=rows), indent=1))
 
 
 if __name__ == "__main__":

@@ -61,6 +61,31 @@ def check_same_run(config, *, workdir: str, mode: str) -> None:
         f"--mode); start every host with the same command.")
 
 
+def check_config_and_workdir(config, *, workdir: str, mode: str) -> None:
+  """Validates the config and the workdir on every host; when either fails
+  on any host, every host stops naming the hosts that failed and why.
+
+  Raises:
+    ConfigError, DataError, StorageError, ...: on one process, the failed
+      check's error; on several, a ConfigError listing each host's.
+  """
+  error = None
+  try:
+    config_lib.validate_config(config, mode=mode,
+                               num_devices=jax.device_count(),
+                               process_count=jax.process_count())
+    workdir_lib.check_workdir(workdir, mode=mode)
+  except USER_ERRORS as e:
+    if jax.process_count() == 1:
+      raise
+    error = str(e)
+  if jax.process_count() > 1:
+    failed = parallel.failed_processes(error)
+    if failed:
+      raise config_lib.ConfigError(
+          f"Start-up checks failed on {'; '.join(failed)}")
+
+
 def _quiet_libraries(record) -> bool:
   """Drops Orbax's and JAX's INFO chatter from the log; keeps warnings."""
   return record.levelno >= std_logging.WARNING or not any(
@@ -80,10 +105,7 @@ def main(argv) -> None:
   try:
     parallel.initialize_distributed()
     check_same_run(config, workdir=workdir, mode=mode)
-    config_lib.validate_config(config, mode=mode,
-                               num_devices=jax.device_count(),
-                               process_count=jax.process_count())
-    workdir_lib.check_workdir(workdir, mode=mode)
+    check_config_and_workdir(config, workdir=workdir, mode=mode)
     if mode == "train":
       train.train_and_evaluate(config, workdir)
     elif mode == "sample":

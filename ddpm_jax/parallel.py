@@ -122,6 +122,19 @@ def differing_processes(text: str) -> list[str]:
           if other != entries[0][0]]
 
 
+def failed_processes(error: Optional[str]) -> list[str]:
+  """Every process's error (None: its check passed) as 'process I (HOST):
+  ERROR' for each process that failed; [] when none did (collective).
+
+  A check that fails on some hosts only must stop all of them: a host that
+  exits alone leaves the others waiting for it at their next collective
+  until a timeout.
+  """
+  entries = allgather_json([error, socket.gethostname()])
+  return [f"process {i} ({host}): {message}"
+          for i, (message, host) in enumerate(entries) if message is not None]
+
+
 def _env_int(name: str) -> Optional[int]:
   value = os.environ.get(name)
   return int(value) if value not in (None, "") else None

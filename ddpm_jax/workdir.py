@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
 
 from ddpm_jax import storage
 from ddpm_jax.config import ConfigError
@@ -44,7 +45,9 @@ def check_workdir(workdir: str, *, mode: str,
     return
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, storage.PROBE_NAME)
+    # A name of its own: the hosts of a multi-host run may probe one
+    # shared directory at the same time.
+    probe = os.path.join(workdir, f"{storage.PROBE_NAME}-{uuid.uuid4().hex}")
     with open(probe, "wb") as f:
       f.write(b"0" * 4096)
       f.flush()

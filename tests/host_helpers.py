@@ -9,13 +9,17 @@ tests/test_hosts.py; also the worker of its checkpoint-agreement test:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional
+
+import train_helpers  # pylint: disable=g-import-not-at-top
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -35,38 +39,47 @@ def env(cache_dir: Path, *, process: Optional[int] = None,
         devices: int = 1) -> dict[str, str]:
   """The environment of one process: of `num_processes` on localhost when
   `process` is given, else a single process with `devices` CPU devices."""
-  out = dict(os.environ)
-  out.pop("XLA_FLAGS", None)
-  out.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-             JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  # This process's XLA flags (the tests' fast-compile level) travel along.
+  out = train_helpers.subprocess_env(
+      devices=devices if process is None and devices > 1 else None,
+      JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   if process is not None:
     out.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
                JAX_NUM_PROCESSES=str(num_processes),
                JAX_PROCESS_ID=str(process))
-  elif devices > 1:
-    out["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   return out
 
 
 def run_processes(commands: list[list[str]], envs: list[dict[str, str]],
-                  cwd: Path = REPO) -> list[subprocess.CompletedProcess]:
-  """Runs the commands together; returns each one's exit code and stderr."""
-  procs = [subprocess.Popen(c, env=e, cwd=cwd, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-           for c, e in zip(commands, envs)]
-  results = []
-  try:
-    for command, proc in zip(commands, procs):
-      _, err = proc.communicate(timeout=TIMEOUT)
-      results.append(subprocess.CompletedProcess(command, proc.returncode,
-                                                 "", err))
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+                  cwds: Optional[list[Path]] = None
+                  ) -> list[subprocess.CompletedProcess]:
+  """Runs the commands together (in `cwds`, default all in the repository);
+  returns each one's exit code and stderr.
+
+  Each stderr goes to a file, not a pipe: a process whose pipe nobody reads
+  yet would block on a full pipe while the others wait for it at a barrier.
+  """
+  with contextlib.ExitStack() as stack:
+    logs = [stack.enter_context(tempfile.TemporaryFile("w+")) for _ in commands]
+    procs = [subprocess.Popen(c, env=e, cwd=cwd, stdout=subprocess.DEVNULL,
+                              stderr=log, text=True)
+             for c, e, cwd, log in zip(commands, envs,
+                                       cwds or [REPO] * len(commands), logs)]
+    try:
+      for proc in procs:
+        proc.wait(timeout=TIMEOUT)
+    finally:
+      for proc in procs:
+        if proc.poll() is None:
+          proc.kill()
+          proc.wait()
+    results = []
+    for command, proc, log in zip(commands, procs, logs):
+      log.seek(0)
+      results.append(subprocess.CompletedProcess(command, proc.returncode, "",
+                                                 log.read()))
   return results
 
 

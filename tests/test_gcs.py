@@ -34,6 +34,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gcs_emulator  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tests import inception_helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from ddpm_jax import (builders, checkpoint, config as config_lib,  # pylint: disable=g-import-not-at-top,wrong-import-position
                       input_pipeline, parallel, train_step)
@@ -133,20 +134,22 @@ def killed_and_resumed(emulator, digits_npz, tmp_path_factory):
   run = f"gs://{BUCKET}/run"
   # Constant learning rate (the tiny recipe): num_steps changes nothing but
   # where the run ends, so a run that cannot end on its own is killed.
-  child = subprocess.Popen(
-      _command([f"--workdir={run}", "--config.train.num_steps=100000",
-                "--config.train.sample_every=0", *common]),
-      cwd=cwd, env=env, stdout=subprocess.DEVNULL,
-      stderr=subprocess.PIPE, text=True)
-  try:
-    deadline = time.monotonic() + TIMEOUT
-    while 2 not in _committed_steps(run):
-      assert child.poll() is None, child.stderr.read()[-4000:]
-      assert time.monotonic() < deadline, "no checkpoint at step 2"
-      time.sleep(0.2)
-  finally:
-    child.send_signal(signal.SIGKILL)
-    child.communicate(timeout=TIMEOUT)
+  # stderr to a file: a pipe nobody reads while polling could fill and block.
+  log = tmp_path_factory.mktemp("log") / "stderr"
+  with log.open("w") as stderr:
+    child = subprocess.Popen(
+        _command([f"--workdir={run}", "--config.train.num_steps=100000",
+                  "--config.train.sample_every=0", *common]),
+        cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+      deadline = time.monotonic() + TIMEOUT
+      while 2 not in _committed_steps(run):
+        assert child.poll() is None, log.read_text()[-4000:]
+        assert time.monotonic() < deadline, "no checkpoint at step 2"
+        time.sleep(0.2)
+    finally:
+      child.send_signal(signal.SIGKILL)
+      child.wait(timeout=TIMEOUT)
   assert child.returncode == -signal.SIGKILL
   newest = _committed_steps(run)[-1]
   end = newest + 2
@@ -199,10 +202,9 @@ def test_sample_and_eval_on_gcs(killed_and_resumed, tmp_path):
     assert Image.open(f).size == (4 * 66 + 2, 3 * 66 + 2)
 
   # Synthetic Inception weights of the right names and shapes, on gs://.
-  from tests.test_inception import (  # pylint: disable=import-outside-toplevel
-      _flax_shapes, _random_state_dict, _torch_layout)
   buffer = io.BytesIO()
-  np.savez(buffer, **_random_state_dict(_torch_layout(_flax_shapes())))
+  np.savez(buffer, **inception_helpers.random_state_dict(
+      inception_helpers.torch_layout(inception_helpers.flax_shapes())))
   weights = epath.Path(f"gs://{BUCKET}/weights/fid_inception.npz")
   weights.parent.mkdir(parents=True, exist_ok=True)
   weights.write_bytes(buffer.getvalue())
@@ -217,7 +219,7 @@ def test_sample_and_eval_on_gcs(killed_and_resumed, tmp_path):
   assert result["step"] == r["end"] and result["num_images"] == 8
   assert np.isfinite(result["total_bpd"]) and np.isfinite(result["fid"])
   cached = [p.name for p in (epath.Path(r["run"]) / "fid_stats").iterdir()]
-  assert cached == [f"fid_inception_npz_gs___{BUCKET}_data_digits.npz_"
+  assert cached == [f"fid_inception_tensorflow_npz_gs___{BUCKET}_data_digits.npz_"
                     "train_16.npz"]
   assert not os.listdir(r["cwd"])
 

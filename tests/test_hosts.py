@@ -15,6 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import host_helpers as hh  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tests import inception_helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 pytestmark = pytest.mark.slow
 
@@ -49,10 +50,9 @@ def runs(tmp_path_factory):
   sample = ["--mode=sample", "--config.sample.num_images=12"]
   logs["sample2"] = [_ok(r) for r in _two(sample, cache, two)]
   logs["sample1"] = _ok(_one(sample, cache, one))
-  from tests.test_inception import (  # pylint: disable=import-outside-toplevel
-      _flax_shapes, _random_state_dict, _torch_layout)
   weights = base / "fid_inception.npz"
-  np.savez(weights, **_random_state_dict(_torch_layout(_flax_shapes())))
+  np.savez(weights, **inception_helpers.random_state_dict(
+      inception_helpers.torch_layout(inception_helpers.flax_shapes())))
   evaluate = ["--mode=eval", f"--config.eval.inception_weights={weights}",
               "--config.eval.num_samples=8", "--config.eval.num_reference=16"]
   logs["eval2"] = [_ok(r) for r in _two(evaluate, cache, two)]
@@ -129,3 +129,32 @@ def test_hosts_with_different_configs_are_named(runs, tmp_path):
     assert ("ddpm_jax: error: Hosts started with different configs: process "
             "1 (") in lines[0] and "differ from process 0" in lines[0]
   assert not (tmp_path / "w").exists()  # Stopped before the workdir.
+
+
+def test_a_check_failing_on_one_host_stops_every_host(tmp_path):
+  """A relative npz: path that process 0 finds in its working directory and
+  process 1 does not (hosts with different local files): every host stops
+  at start-up, naming process 1 and why, instead of waiting for it."""
+  cwds = [tmp_path / "host0", tmp_path / "host1"]
+  for cwd in cwds:
+    cwd.mkdir()
+  digits = np.zeros((4, 16, 16), np.uint8)
+  np.savez(cwds[0] / "digits.npz", x_train=digits, y_train=np.zeros(4),
+           x_test=digits, y_test=np.zeros(4))
+  port = hh.free_port()
+  results = hh.run_processes(
+      [hh.cli([f"--workdir={tmp_path / 'w'}",
+               "--config.data.source=npz:digits.npz"])] * 2,
+      [hh.env(tmp_path / "cache", process=i, port=port) for i in range(2)],
+      cwds)
+  for result in results:
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [l for l in result.stderr.splitlines()
+             if l.startswith("ddpm_jax:")]
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith(
+        "ddpm_jax: error: Start-up checks failed on process 1 ("), lines[0]
+    assert "digits.npz does not exist" in lines[0], lines[0]
+    assert "process 0" not in lines[0], lines[0]
+  assert not (tmp_path / "w" / "checkpoints").exists()

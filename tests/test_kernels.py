@@ -1,11 +1,14 @@
-"""The per-backend convolutions of `models.kernels` equal XLA's, in value and gradient."""
+"""The per-backend code of `models.kernels` equals XLA's and flax's, in value and gradient."""
 
+import functools
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax.models import UNet, kernels, unet_config
+from ddpm_jax.models import UNet, kernels, layers, unet_config
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 ON_CPU = jax.default_backend() == "cpu"
@@ -124,9 +127,96 @@ def test_attention_matches_the_closed_form(heads, head_dim, dtype, tol):
                                  atol=tol * float(jnp.max(jnp.abs(ref))))
 
 
+# --- GroupNorm (+ activation) -----------------------------------------------------------------
+
+GELU = functools.partial(nn.gelu, approximate=False)
+
+
+def _flax_group_norm(params, x, *, num_groups, epsilon, activation, dtype):
+  """The reference: `activation(nn.GroupNorm(...)(x))`, differentiated by JAX."""
+  y = nn.GroupNorm(num_groups=num_groups, epsilon=epsilon, dtype=dtype).apply(params, x)
+  return y if activation is None else activation(y)
+
+
+@pytest.mark.parametrize("shape,num_groups,epsilon,activation", [
+    ((2, 6, 5, 8), 4, 1e-6, nn.swish),  # DDPM's ResnetBlock: norm -> swish
+    ((3, 4, 4, 6), 3, 1e-5, None),  # the attention's pre-norm
+    ((2, 5, 7, 12), 1, 1e-5, nn.silu),  # one group
+    ((2, 3, 3, 4), 4, 1e-3, GELU),  # one channel per group, exact GELU
+    ((4, 10, 6), 2, 1e-6, nn.swish),  # [B, T, C]
+])
+def test_group_norm_matches_flax_in_value_and_gradients(shape, num_groups, epsilon, activation):
+  # Offset and scaled input (the fast variance E[x^2] - E[x]^2 must hold up), random scale and bias.
+  x = 3.0 * _normal(0, shape) + 2.0
+  scale, bias, g = 1.0 + 0.5 * _normal(1, shape[-1:]), _normal(2, shape[-1:]), _normal(3, shape)
+  reference = functools.partial(_flax_group_norm, num_groups=num_groups, epsilon=epsilon,
+                                activation=activation, dtype=jnp.float32)
+  want, vjp = jax.vjp(lambda x, s, b: reference({"params": {"scale": s, "bias": b}}, x), x, scale, bias)
+  want_grads = vjp(g)
+
+  @jax.jit
+  def value_and_grads(x, scale, bias, g):
+    norm = functools.partial(kernels.group_norm, num_groups=num_groups, epsilon=epsilon,
+                             activation=activation)
+    out, vjp = jax.vjp(norm, x, scale, bias)
+    return (out, *vjp(g))
+
+  for name in ("auto", "xla"):
+    with kernels.implementation(name):
+      out, *grads = value_and_grads(x, scale, bias, g)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+    _assert_grads_close(grads, want_grads)
+
+
+@pytest.mark.parametrize("activation", [None, nn.swish])
+def test_group_norm_in_bfloat16_matches_flax(activation):
+  x = (3.0 * _normal(0, (2, 4, 4, 8)) + 2.0).astype(jnp.bfloat16)
+  scale, bias, g = 1.0 + 0.5 * _normal(1, (8,)), _normal(2, (8,)), _normal(3, (2, 4, 4, 8))
+  want, vjp = jax.vjp(
+      lambda x, s, b: _flax_group_norm({"params": {"scale": s, "bias": b}}, x, num_groups=2,
+                                       epsilon=1e-6, activation=activation, dtype=jnp.bfloat16),
+      x, scale, bias)
+  want_grads = vjp(g.astype(jnp.bfloat16))
+
+  @jax.jit
+  def value_and_grads(x, scale, bias, g):
+    norm = functools.partial(kernels.group_norm, num_groups=2, epsilon=1e-6, activation=activation,
+                             dtype=jnp.bfloat16)
+    out, vjp = jax.vjp(norm, x, scale, bias)
+    return (out, *vjp(g))
+
+  for name in ("auto", "xla"):
+    with kernels.implementation(name):
+      out, *grads = value_and_grads(x, scale, bias, g.astype(jnp.bfloat16))
+    assert out.dtype == jnp.bfloat16
+    assert [a.dtype for a in grads] == [jnp.bfloat16, jnp.float32, jnp.float32]
+    for got, ref in zip((out, *grads), (want, *want_grads)):
+      np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32),
+                                 rtol=2e-2, atol=2e-2 * float(jnp.max(jnp.abs(ref.astype(jnp.float32)))))
+
+
+def test_group_norm_layer_has_flax_parameters():
+  x = _normal(0, (2, 4, 4, 6))
+  ours = layers.GroupNorm(3, 1e-6, nn.swish).init(jax.random.key(0), x)
+  want = nn.GroupNorm(num_groups=3, epsilon=1e-6).init(jax.random.key(0), x)
+  assert jax.tree.structure(ours) == jax.tree.structure(want)
+  jax.tree.map(np.testing.assert_array_equal, ours, want)
+
+
+@pytest.mark.parametrize("num_groups,scale_shape,message", [
+    (4, (6,), "num_groups=4 must divide the 6 channels"),
+    (0, (6,), "num_groups=0 must divide"),
+    (3, (5,), "scale and bias must be"),
+])
+def test_group_norm_bad_arguments_raise_value_error(num_groups, scale_shape, message):
+  with pytest.raises(ValueError, match=message):
+    kernels.group_norm(jnp.zeros((1, 2, 2, 6)), jnp.ones(scale_shape), jnp.zeros(scale_shape),
+                       num_groups=num_groups, epsilon=1e-6)
+
+
 # The tutorial layout reaches every path: its 7x7 input conv and 3x3 convs (im2col
-# gradient), its ConvNeXt blocks' 7x7 depthwise convs (shifted sums) and its
-# stride-2 down and transposed up convs (XLA's).
+# gradient), its ConvNeXt blocks' 7x7 depthwise convs (shifted sums) and
+# GroupNorms (fused norm) and its stride-2 down and transposed up convs (XLA's).
 TINY_NET = unet_config("tutorial", base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
                        attention=("none", "none"), mid_attention="none")
 # XLA's lowest backend optimisation level halves the compile time; both variants get it.
@@ -143,12 +233,17 @@ def test_unet_routes_every_odd_kernel_conv_through_the_cpu_kernels_on_cpu():
   odd = sum(1 for p in jax.tree.leaves(params) if p.ndim == 4 and p.shape[0] % 2 == 1)
   assert odd == 1 + 6 * 3
 
+  # And the GroupNorm(1) of each ConvNeXt block, two per block, through the fused norm.
+  norms = sum(1 for path, _ in jax.tree_util.tree_leaves_with_path(params)
+              if path[-2].key.startswith("GroupNorm_") and path[-1].key == "scale")
+  assert norms == 6 * 2
+
   def count(name):
     with kernels.implementation(name):
       jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, x, t, train=False))(params)
     return str(jaxpr).count("custom_vjp_call")
 
-  assert count("auto") == (odd if ON_CPU else 0)
+  assert count("auto") == (odd + norms if ON_CPU else 0)
   assert count("xla") == 0
 
 

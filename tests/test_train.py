@@ -11,7 +11,6 @@ identical runs share compiled programs.
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import host_helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
 import train_helpers as helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from ddpm_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -402,35 +402,17 @@ def test_one_vs_eight_devices_and_pmap(tmp_path, images):
 # Two processes with jax.distributed (gloo CPU collectives).
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_agree_with_one(uninterrupted, tmp_path):
   _, reference = uninterrupted
-  port = _free_port()
+  port = host_helpers.free_port()
   workdir = tmp_path / "workdir"
-  procs = [
-      subprocess.Popen(
-          [sys.executable, HELPER, "distributed", str(i), str(port),
-           str(workdir), str(tmp_path / f"out{i}.npz")],
-          env=helpers.subprocess_env(JAX_PLATFORMS="cpu"),
-          stdout=subprocess.PIPE,
-          stderr=subprocess.STDOUT, text=True) for i in range(2)
-  ]
-  outputs = []
-  try:
-    for p in procs:
-      outputs.append(p.communicate(timeout=SUBPROCESS_TIMEOUT)[0])
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for p, o in zip(procs, outputs):
-    assert p.returncode == 0, o[-4000:]
+  results = host_helpers.run_processes(
+      [[sys.executable, HELPER, "distributed", str(i), str(port),
+        str(workdir), str(tmp_path / f"out{i}.npz")] for i in range(2)],
+      [helpers.subprocess_env(JAX_PLATFORMS="cpu")] * 2)
+  for result in results:
+    assert result.returncode == 0, result.stderr[-4000:]
   ref_params = helpers.flat(reference.params)
   ref_ema = helpers.flat(reference.ema_params)
   for i in range(2):

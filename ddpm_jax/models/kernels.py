@@ -1,9 +1,10 @@
-"""How the U-Net's convolutions and attention run on each backend: same math, faster code.
+"""How the U-Net's convolutions, norms and attention run on each backend: same math, faster code.
 
 The network (`layers`, `unet`) only states the math, e.g.
-`nn.Conv(..., conv_general_dilated=kernels.conv_general_dilated)` and
-`kernels.dot_product_attention(q, k, v)`. This module decides, when a
-function is traced, which code computes it:
+`nn.Conv(..., conv_general_dilated=kernels.conv_general_dilated)`,
+`kernels.group_norm(x, scale, bias, num_groups=32, epsilon=1e-6,
+activation=jax.nn.silu)` and `kernels.dot_product_attention(q, k, v)`. This
+module decides, when a function is traced, which code computes it:
 
 - On the CPU backend, a stride-1 'SAME' NHWC convolution with an odd kernel
   keeps XLA's forward convolution but gets a hand-written gradient: the input
@@ -15,6 +16,12 @@ function is traced, which code computes it:
   convolution is many times slower).
 - Every other convolution, and every one on GPU and TPU, is
   `lax.conv_general_dilated` itself.
+- On the CPU backend, GroupNorm, with the elementwise activation that
+  follows it if any, is one function with a hand-written gradient: the
+  forward pass saves only its input and the per-group statistics; the
+  backward pass recomputes the normalised values, reduces once over space
+  per (batch, channel) and computes the input gradient in one elementwise
+  pass. Elsewhere it is the same formula, differentiated by JAX.
 - On GPU, softmax attention in bfloat16 or float16 runs as cuDNN's fused
   (flash) attention when cuDNN takes the head width; everywhere else it is
   XLA's (`jax.nn.dot_product_attention(implementation='xla')`).
@@ -36,7 +43,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import ContextManager
 
 import jax
@@ -45,7 +53,7 @@ import jax.numpy as jnp
 Array = jax.Array
 
 #: Values of `implementation`: 'auto' (the fastest known code per backend)
-#: or 'xla' (XLA's own convolution and attention everywhere).
+#: or 'xla' (XLA's own convolution, autodiff GroupNorm and attention everywhere).
 IMPLEMENTATIONS = ("auto", "xla")
 
 _IMPLEMENTATION = jax.make_user_context(default_value="auto")
@@ -55,8 +63,9 @@ def implementation(name: str) -> ContextManager[None]:
   """A context in which JAX traces with implementation `name`.
 
   Args:
-    name: 'auto' (hand-written convolutions on the CPU backend, cuDNN
-      attention on GPU, XLA's elsewhere) or 'xla' (XLA's everywhere).
+    name: 'auto' (hand-written convolutions and GroupNorm gradient on the
+      CPU backend, cuDNN attention on GPU, XLA's elsewhere) or 'xla'
+      (XLA's everywhere).
 
   Returns:
     A context manager; leaving it restores the previous setting.
@@ -229,6 +238,126 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int],
       dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
       batch_group_count=batch_group_count, precision=precision,
       preferred_element_type=preferred_element_type)
+
+
+# --- GroupNorm (+ activation) -------------------------------------------------------------------
+
+
+def _group_stats(x: Array, num_groups: int, epsilon: float) -> tuple[Array, Array]:
+  """float32 mean and 1/sqrt(var + epsilon) of each group, broadcast per channel: [B, 1, ..., C].
+
+  As `nn.GroupNorm`: the mean and the mean of squares over all but the batch
+  axis within each group, var = E[x^2] - E[x]^2 clipped at 0.
+  """
+  group_size = x.shape[-1] // num_groups
+  xg = x.astype(jnp.float32).reshape(x.shape[:-1] + (num_groups, group_size))
+  axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
+  mean = jnp.mean(xg, axis=axes)
+  var = jnp.maximum(0.0, jnp.mean(jnp.square(xg), axis=axes) - jnp.square(mean))
+  per_channel = lambda a: jnp.expand_dims(jnp.repeat(a, group_size, axis=-1), axes[:-1])
+  return per_channel(mean), per_channel(jax.lax.rsqrt(var + epsilon))
+
+
+def _normalized(x, mean, rstd, scale, bias, dtype):
+  """((x - mean) * rstd * scale + bias) in `dtype`, statistics and parameters float32."""
+  scale, bias = scale.astype(jnp.float32), bias.astype(jnp.float32)
+  return ((x - mean) * (rstd * scale) + bias).astype(dtype)
+
+
+def _group_norm_plain(x, scale, bias, num_groups, epsilon, activation, dtype):
+  y = _normalized(x, *_group_stats(x, num_groups, epsilon), scale, bias, dtype)
+  return y if activation is None else activation(y)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _group_norm_fused(x, scale, bias, num_groups, epsilon, activation, dtype):
+  return _group_norm_plain(x, scale, bias, num_groups, epsilon, activation, dtype)
+
+
+def _group_norm_fused_fwd(x, scale, bias, num_groups, epsilon, activation, dtype):
+  mean, rstd = _group_stats(x, num_groups, epsilon)
+  y = _normalized(x, mean, rstd, scale, bias, dtype)
+  return (y if activation is None else activation(y)), (x, mean, rstd, scale, bias)
+
+
+def _group_norm_fused_bwd(num_groups, epsilon, activation, dtype, residuals, g):
+  """Gradients from x and the statistics: the normalised values are recomputed, not stored.
+
+  With xhat = (x - mean) * rstd and gy the gradient at the norm's output, per
+  (batch, channel) s1 = sum gy and s2 = sum gy * xhat over space give
+  dbias and dscale (summed over the batch) and, averaged with the scale over
+  each group's channels, m1 and m2 of
+  dx = rstd * (gy * scale - m1 - xhat * m2): one reduction pass over (x, g),
+  one elementwise pass for dx.
+  """
+  del epsilon
+  x, mean, rstd, scale, bias = residuals
+  if activation is None:
+    gy = g.astype(jnp.float32)
+  else:
+    gy = jax.vjp(activation, _normalized(x, mean, rstd, scale, bias, dtype))[1](g)[0]
+    gy = gy.astype(jnp.float32)
+  x32 = x.astype(jnp.float32)
+  space = tuple(range(1, x.ndim - 1))
+  s1 = jnp.sum(gy, axis=space, keepdims=True)
+  s2 = (jnp.sum(gy * x32, axis=space, keepdims=True) - mean * s1) * rstd
+  scale32 = scale.astype(jnp.float32)
+  group_size = x.shape[-1] // num_groups
+  count = group_size * (x.size // (x.shape[0] * x.shape[-1]))
+
+  def group_mean(a):  # [B, 1.., C] -> mean over each group's channels, repeated per channel
+    a = a.reshape(a.shape[:-1] + (num_groups, group_size))
+    return jnp.repeat(jnp.sum(a, axis=-1) / count, group_size, axis=-1)
+
+  m1, m2 = group_mean(s1 * scale32), group_mean(s2 * scale32)
+  dx = gy * (rstd * scale32) + (x32 * (-rstd * rstd * m2) + rstd * (rstd * m2 * mean - m1))
+  dscale = jnp.sum(s2, axis=(0,) + space).reshape(scale.shape)
+  dbias = jnp.sum(s1, axis=(0,) + space).reshape(bias.shape)
+  return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
+
+
+_group_norm_fused.defvjp(_group_norm_fused_fwd, _group_norm_fused_bwd)
+
+
+def group_norm(x: Array, scale: Array, bias: Array, *, num_groups: int, epsilon: float,
+               activation: Callable[[Array], Array] | None = None, dtype=None) -> Array:
+  """`activation(GroupNorm(x) * scale + bias)`, by the fastest known code for the backend.
+
+  The statistics are float32 (`nn.GroupNorm`'s: mean and the fast variance
+  E[x^2] - E[x]^2 over all but the batch axis within each group of
+  `channels / num_groups` channels); the normalised, scaled and shifted values
+  are cast to `dtype` before the activation, as `activation(nn.GroupNorm(...)(x))`
+  does. Under `implementation('auto')` on the CPU backend it has the
+  hand-written gradient described in the module docstring.
+
+  Args:
+    x: [B, ..., C] (batch first, channels last).
+    scale: [C].
+    bias: [C].
+    num_groups: Number of groups; must divide C.
+    epsilon: Added to the variance.
+    activation: An elementwise function applied after the norm, or None.
+    dtype: Dtype of the result; None gives x's.
+
+  Returns:
+    Array of x's shape.
+
+  Raises:
+    ValueError: If num_groups does not divide the channels, or scale or bias
+      is not [C].
+
+  Example:
+    >>> h = group_norm(x, scale, bias, num_groups=32, epsilon=1e-6, activation=jax.nn.silu)
+  """
+  channels = x.shape[-1]
+  if num_groups <= 0 or channels % num_groups:
+    raise ValueError(f"kernels.group_norm: num_groups={num_groups} must divide the {channels} channels")
+  if scale.shape != (channels,) or bias.shape != (channels,):
+    raise ValueError(f"kernels.group_norm: scale and bias must be [{channels}], "
+                     f"got {scale.shape} and {bias.shape}")
+  dtype = x.dtype if dtype is None else dtype
+  norm = _group_norm_fused if _cpu_kernels_active() else _group_norm_plain
+  return norm(x, scale, bias, num_groups, epsilon, activation, dtype)
 
 
 # --- attention ----------------------------------------------------------------------------------------

@@ -98,8 +98,42 @@ class TimeEmbedding(nn.Module):
     return dense()(self.activation(h))
 
 
-def _group_norm(num_groups: int, epsilon: float, dtype: Dtype, param_dtype: Dtype) -> nn.GroupNorm:
-  return nn.GroupNorm(num_groups=num_groups, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype)
+class GroupNorm(nn.Module):
+  """GroupNorm over the channels of [B, ..., C], then an optional activation.
+
+  The parameters are `nn.GroupNorm`'s ('scale' ones, 'bias' zeros, [C]) and
+  so are the auto-assigned names ('GroupNorm_0', ...); the output equals
+  `activation(nn.GroupNorm(num_groups, epsilon=epsilon)(x))`. Computed by
+  `kernels.group_norm`, which fuses the norm with the activation on CPU.
+
+  Attributes:
+    num_groups: Number of groups; must divide the channels.
+    epsilon: Added to the variance.
+    activation: Elementwise function applied after the norm, or None.
+
+  Example:
+    >>> h = GroupNorm(32, 1e-6, activation=nn.swish)(x)
+  """
+
+  num_groups: int
+  epsilon: float
+  activation: Callable[[Array], Array] | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """Maps [B, ..., C] to [B, ..., C] of `dtype`."""
+    channels = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones_init(), (channels,), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros_init(), (channels,), self.param_dtype)
+    return kernels.group_norm(x, scale, bias, num_groups=self.num_groups, epsilon=self.epsilon,
+                              activation=self.activation, dtype=self.dtype)
+
+
+def _group_norm(num_groups: int, epsilon: float, dtype: Dtype, param_dtype: Dtype,
+                activation: Callable[[Array], Array] | None = None) -> GroupNorm:
+  return GroupNorm(num_groups, epsilon, activation, dtype=dtype, param_dtype=param_dtype)
 
 
 class ResnetBlock(nn.Module):
@@ -126,10 +160,10 @@ class ResnetBlock(nn.Module):
     """Maps [B, H, W, C_in] (and temb [B, T] or None) to [B, H, W, features]."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     conv = functools.partial(Conv, self.features, (3, 3), **kw)
-    h = conv(kernel_init=KERNEL_INIT)(nn.swish(_group_norm(self.num_groups, 1e-6, **kw)(x)))
+    h = conv(kernel_init=KERNEL_INIT)(_group_norm(self.num_groups, 1e-6, **kw, activation=nn.swish)(x))
     if temb is not None:
       h = h + nn.Dense(self.features, kernel_init=KERNEL_INIT, **kw)(nn.swish(temb))[:, None, None, :]
-    h = nn.swish(_group_norm(self.num_groups, 1e-6, **kw)(h))
+    h = _group_norm(self.num_groups, 1e-6, **kw, activation=nn.swish)(h)
     h = conv(kernel_init=ZERO_INIT)(nn.Dropout(self.dropout, deterministic=not train)(h))
     if x.shape[-1] != self.features:
       x = nn.Dense(self.features, kernel_init=KERNEL_INIT, **kw)(x)
@@ -160,11 +194,11 @@ class PostNormResnetBlock(nn.Module):
     """Maps [B, H, W, C_in] (and temb [B, T] or None) to [B, H, W, features]."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     conv = functools.partial(Conv, self.features, (3, 3), kernel_init=KERNEL_INIT, **kw)
-    h = nn.silu(_group_norm(self.num_groups, 1e-5, **kw)(conv()(x)))
+    h = _group_norm(self.num_groups, 1e-5, **kw, activation=nn.silu)(conv()(x))
     if temb is not None:
       h = h + nn.Dense(self.features, kernel_init=KERNEL_INIT, **kw)(nn.silu(temb))[:, None, None, :]
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
-    h = nn.silu(_group_norm(self.num_groups, 1e-5, **kw)(conv()(h)))
+    h = _group_norm(self.num_groups, 1e-5, **kw, activation=nn.silu)(conv()(h))
     if x.shape[-1] != self.features:
       x = nn.Dense(self.features, kernel_init=KERNEL_INIT, **kw)(x)
     return x + h

@@ -138,7 +138,7 @@ class UNet(nn.Module):
         h = self._attention(cfg.attention[level])(h)
       if level != 0:
         h = layers.NearestUpsample(**self._dtypes)(h)
-    h = nn.swish(nn.GroupNorm(num_groups=cfg.num_groups, epsilon=1e-6, **self._dtypes)(h))
+    h = layers.GroupNorm(cfg.num_groups, 1e-6, nn.swish, **self._dtypes)(h)
     return layers.Conv(cfg.out_channels, (3, 3), kernel_init=layers.ZERO_INIT, **self._dtypes)(h)
 
   def _tutorial(self, x: Array, temb: Array, *, train: bool) -> Array:
