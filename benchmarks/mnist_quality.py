@@ -1,7 +1,7 @@
 """MNIST sample quality per CPU-minute: train, sample, score with a classifier.
 
-Run from the repository root, each heavy command under the machine's CPU lock
-when it is shared (`flock /work/notes/cpu.lock ...`):
+Run from the repository root, each heavy command alone on the machine (the
+figures are per wall-clock minute):
 
   python -m benchmarks.mnist_quality calibrate
   python -m benchmarks.mnist_quality speed --variant cpu --variant seed
