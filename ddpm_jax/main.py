@@ -66,8 +66,8 @@ def check_config_and_workdir(config, *, workdir: str, mode: str) -> None:
   on any host, every host stops naming the hosts that failed and why.
 
   Raises:
-    ConfigError, DataError, StorageError, ...: on one process, the failed
-      check's error; on several, a ConfigError listing each host's.
+    One of USER_ERRORS: on one process, the failed check's own error; on
+      several, a ConfigError with each failing host's message.
   """
   error = None
   try:
