@@ -117,17 +117,22 @@ def test_hosts_agree_on_a_checkpoint_one_of_them_cannot_read(runs, tmp_path):
           (workdir / "checkpoints" / "corrupt").iterdir()] == ["4"]
 
 
+def _error_line(result):
+  """The one `ddpm_jax:` line of a run that stopped with exit status 1."""
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  lines = [l for l in result.stderr.splitlines() if l.startswith("ddpm_jax:")]
+  assert len(lines) == 1, result.stderr[-3000:]
+  return line
+
+
 def test_hosts_with_different_configs_are_named(runs, tmp_path):
   results = _two([], runs["cache"], tmp_path / "w",
                  extra_args=((), ("--config.train.num_steps=5",)))
   for result in results:
-    assert result.returncode == 1, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    lines = [l for l in result.stderr.splitlines()
-             if l.startswith("ddpm_jax:")]
-    assert len(lines) == 1, result.stderr[-3000:]
+    line = _error_line(result)
     assert ("ddpm_jax: error: Hosts started with different configs: process "
-            "1 (") in lines[0] and "differ from process 0" in lines[0]
+            "1 (") in line and "differ from process 0" in line
   assert not (tmp_path / "w").exists()  # Stopped before the workdir.
 
 
@@ -148,13 +153,9 @@ def test_a_check_failing_on_one_host_stops_every_host(tmp_path):
       [hh.env(tmp_path / "cache", process=i, port=port) for i in range(2)],
       cwds)
   for result in results:
-    assert result.returncode == 1, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    lines = [l for l in result.stderr.splitlines()
-             if l.startswith("ddpm_jax:")]
-    assert len(lines) == 1, result.stderr[-3000:]
-    assert lines[0].startswith(
-        "ddpm_jax: error: Start-up checks failed on process 1 ("), lines[0]
-    assert "digits.npz does not exist" in lines[0], lines[0]
-    assert "process 0" not in lines[0], lines[0]
+    line = _error_line(result)
+    assert line.startswith(
+        "ddpm_jax: error: Start-up checks failed on process 1 ("), line
+    assert "digits.npz does not exist" in line, line
+    assert "process 0" not in line, line
   assert not (tmp_path / "w" / "checkpoints").exists()
