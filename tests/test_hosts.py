@@ -123,7 +123,7 @@ def _error_line(result):
   assert "Traceback" not in result.stderr, result.stderr[-3000:]
   lines = [l for l in result.stderr.splitlines() if l.startswith("ddpm_jax:")]
   assert len(lines) == 1, result.stderr[-3000:]
-  return line
+  return lines[0]
 
 
 def test_hosts_with_different_configs_are_named(runs, tmp_path):
