@@ -307,6 +307,23 @@ def test_depthwise_conv_module_is_a_grouped_conv():
                              rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("use_bias", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_qkv_projection_is_a_dense_layer_split_in_three(use_bias, dtype):
+  h = jax.random.normal(jax.random.key(0), (2, 12, 10))
+  dense = nn.Dense(3 * 4 * 8, use_bias=use_bias, kernel_init=layers.KERNEL_INIT, dtype=dtype)
+  params = dense.init(jax.random.key(1), h)
+  qkv_projection = layers.QKVProjection(4, 8, use_bias, dtype=dtype)
+  chex.assert_trees_all_equal_shapes_and_dtypes(qkv_projection.init(jax.random.key(1), h), params)
+  params = _perturbed(params, 2)  # a nonzero bias
+  expected = tuple(jnp.split(dense.apply(params, h).reshape(2, 12, 12, 8), 3, axis=2))
+  got = qkv_projection.apply(params, h)
+  chex.assert_trees_all_equal_shapes_and_dtypes(got, expected)
+  tol = 1e-6 if dtype == jnp.float32 else 1e-2
+  for g, e in zip(got, expected):
+    np.testing.assert_allclose(g.astype(jnp.float32), e.astype(jnp.float32), rtol=tol, atol=tol)
+
+
 def test_sinusoidal_embedding():
   emb = layers.sinusoidal_embedding(jnp.array([0, 3]), 8)
   chex.assert_shape(emb, (2, 8))
