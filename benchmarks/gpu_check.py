@@ -131,8 +131,9 @@ def profile_summary(trace_dir: str, *, top: int = 15) -> dict:
   """Device time by op kind from the newest `jax.profiler` trace under `trace_dir`.
 
   On GPU the events of the device planes' 'XLA Ops' lines (else of their
-  'Stream' lines: kernels); on CPU those of XLA's executor threads on the host plane. Op names
-  are grouped without their numeric suffix ('fusion.12' -> 'fusion').
+  'Stream' lines: kernels); on CPU those of XLA's threads on the host plane. Op names
+  are grouped without their numeric suffix ('fusion.12' -> 'fusion'). On CPU a thunk's
+  duration includes any wait for the shared pool, so fractions are rough.
   """
   paths = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))
   if not paths:
@@ -145,9 +146,10 @@ def profile_summary(trace_dir: str, *, top: int = 15) -> dict:
              or [l for p in devices for l in p.lines if l.name.startswith("Stream")])
     source = "device planes: " + ", ".join(sorted({p.name for p in devices}))
   else:
-    lines = [l for p in planes if p.name == "/host:CPU" for l in p.lines
-             if "XLA" in l.name and "Eigen" not in l.name]
-    source = "host plane: XLA executor threads"
+    # The executor's threads: the client's and the intra-op pool's (tf_XLAEigen/...), where
+    # XLA:CPU runs most thunks.
+    lines = [l for p in planes if p.name == "/host:CPU" for l in p.lines if "XLA" in l.name]
+    source = "host plane: XLA executor and intra-op pool threads"
   skip = ("ThreadpoolListener", "end: ", "ThunkExecutor")
   totals, counts = collections.Counter(), collections.Counter()
   for line in lines:
