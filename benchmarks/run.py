@@ -96,7 +96,8 @@ def environment() -> dict:
       jax=jax.__version__, jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
       flax=flax.__version__, python=platform.python_version(),
       cpu=cpu, cpu_count=os.cpu_count(), load_average=load,
-      xla_flags=os.environ.get("XLA_FLAGS", ""), glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""))
+      xla_flags=os.environ.get("XLA_FLAGS", ""), glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
+      ld_preload=os.environ.get("LD_PRELOAD", ""))
 
 
 def _stats(times: list[float]) -> dict:

@@ -33,6 +33,19 @@ one core (`taskset -c 0 python -m benchmarks.vs_torch ...`: both libraries
 then run one thread) it is the work itself. `--json` also writes every
 timing.
 
+The malloc matters as much as the code. This script restarts with glibc's
+huge-page malloc, as the CLI does for training, and PyTorch then shares it.
+With glibc, XLA's per-step temporaries (gigabytes) go back to the kernel
+after every step and are faulted in again at the next; alternated with
+PyTorch's steps, that got slow: the tutorial net's JAX step went from 3.9 s
+alone to 6.2 s, almost all of the difference system time (also with each
+library in a process of its own). With tcmalloc preloaded for both
+(`LD_PRELOAD=libtcmalloc_minimal.so.4 python -m benchmarks.vs_torch ...`,
+Debian/Ubuntu package `libtcmalloc-minimal4`) freed blocks stay in the
+process and the JAX step stayed at 3.6 s; PyTorch's was faster with it too.
+Compare the two libraries under one malloc and say which (the header line
+prints LD_PRELOAD and GLIBC_TUNABLES; BENCHMARKS.md has both).
+
 The PyTorch networks: the tutorial's U-Net ("The Annotated Diffusion Model",
 ConvNeXt blocks) written out below, and diffusers' `UNet2DModel` with DDPM's
 CIFAR-10 layer sizes; their parameter counts are checked against the
@@ -361,7 +374,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
   header = (f"torch {torch.__version__} ({torch.get_num_threads()} threads), jax {jax.__version__} "
             f"({jax.default_backend()}), {len(os.sched_getaffinity(0))} of {os.cpu_count()} cores, "
-            f"GLIBC_TUNABLES="
+            f"LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r}, GLIBC_TUNABLES="
             f"{os.environ.get('GLIBC_TUNABLES', '')!r}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
   print(header, flush=True)
   rows = []
