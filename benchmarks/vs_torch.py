@@ -38,8 +38,8 @@ huge-page malloc, as the CLI does for training, and PyTorch then shares it.
 With glibc, XLA's per-step temporaries (gigabytes) go back to the kernel
 after every step and are faulted in again at the next; alternated with
 PyTorch's steps, that got slow: the tutorial net's JAX step went from 3.9 s
-alone to 6.2 s, almost all of the difference system time (also with each
-library in a process of its own). With tcmalloc preloaded for both
+alone to 6.2 s (on the CIFAR net the extra time was almost all system
+time), and as much when each library ran in a process of its own. With tcmalloc preloaded for both
 (`LD_PRELOAD=libtcmalloc_minimal.so.4 python -m benchmarks.vs_torch ...`,
 Debian/Ubuntu package `libtcmalloc-minimal4`) freed blocks stay in the
 process and the JAX step stayed at 3.6 s; PyTorch's was faster with it too.
