@@ -66,7 +66,7 @@ from benchmarks import digit_quality
 from ddpm_jax import (builders, checkpoint, generation, images, inference,
                       parallel, solvers, train, train_step)
 from ddpm_jax import config as config_lib
-from ddpm_jax import hugepages
+from ddpm_jax import cpu_flags, hugepages
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 MNIST = _ROOT / ".." / "shared" / "data" / "mnist.npz"
@@ -384,4 +384,5 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
   hugepages.reexec_with_huge_page_malloc()
+  cpu_flags.add_to_environment()
   sys.exit(main())

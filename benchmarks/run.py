@@ -31,7 +31,10 @@ It runs on whatever backend JAX sees and writes
 
 `--kernels xla` runs every section with XLA's own convolutions and autodiff
 GroupNorm instead of the CPU kernels of `ddpm_jax.models.kernels` (recorded in
-the JSON's settings and the table's header).
+the JSON's settings and the table's header). Run as a script, it sets up the
+process as the CLI does: huge pages for malloc (`ddpm_jax.hugepages`; not with
+`--default-malloc`) and `ddpm_jax.cpu_flags`' XLA:CPU flags (XLA_FLAGS is in
+the JSON's environment).
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ddpm_jax import config as config_lib  # noqa: E402
-from ddpm_jax import builders, hugepages, input_pipeline, parallel, sampling, train_step  # noqa: E402
+from ddpm_jax import builders, cpu_flags, hugepages, input_pipeline, parallel, sampling, train_step  # noqa: E402
 from ddpm_jax.models import count_params, kernels  # noqa: E402
 
 #: Image shape (H, W, C) each preset is benchmarked at.
@@ -106,7 +109,8 @@ def _stats(times: list[float]) -> dict:
               iqr_s=float(q[1] - q[0]), n=len(times))
 
 
-def _flops(compiled) -> float | None:
+def compiled_flops(compiled) -> float | None:
+  """FLOPs of one call of a compiled function (`cost_analysis()`), or None where XLA gives none."""
   try:
     cost = compiled.cost_analysis()
   except Exception:  # pylint: disable=broad-except
@@ -199,7 +203,7 @@ def _train_row(preset, batch, compiled, state, metrics, model, compile_s, times)
              dtype=model.config.dtype, compile_s=compile_s, **_stats(times),
              loss=float(metrics["loss"]))
   row["images_per_s"] = batch / row["median_s"]
-  flops = _flops(compiled)
+  flops = compiled_flops(compiled)
   if flops is not None:
     row["flops_per_step"] = flops
     row["flops_per_image"] = flops / batch
@@ -443,4 +447,5 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
   if "--default-malloc" not in sys.argv[1:]:
     hugepages.reexec_with_huge_page_malloc()
+  cpu_flags.add_to_environment()
   main()

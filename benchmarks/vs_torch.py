@@ -7,16 +7,22 @@ Run from the repository root:
   python -m benchmarks.vs_torch \
       --train tutorial:128 --train ddpm_cifar10:16 --steps 6
   python -m benchmarks.vs_torch --forward tutorial:1,8,32,128 --forward ddpm_cifar10:1,4,16
+  python -m benchmarks.vs_torch --peak
 
 * train: the library's train step (`benchmarks.run.build_train_step`: Adam
   with global-norm clipping, EMA, dropout as the preset) against a PyTorch
   eager step doing the same work: noisy images at random t, the network,
   MSE to the noise, backward, `clip_grad_norm_(1.0)`, Adam, an EMA update
-  of every parameter.
+  of every parameter. Also GFLOP per step (XLA's cost analysis of the JAX
+  step; the two networks do the same work) and the rate each library
+  reaches.
 * forward: one network call at each batch size (what each step of a sampler
   costs: the samplers' scans measured within 5% of bare network calls, see
   BENCHMARKS.md); images/s of a 50-step DDIM chain = batch / (50 x call
   time).
+* peak: `PEAK_KERNELS`, a square matmul and two 3x3 convolutions at the
+  two nets' shapes, in float32 and in bfloat16 (JAX: float32 result), in
+  GFLOP/s: the ceiling each library's kernels set for a train step.
 
 Calls alternate JAX, PyTorch, JAX, ... after a warm-up of each, so that load
 from other processes hits both alike. Each call is timed twice: wall clock
@@ -33,8 +39,11 @@ one core (`taskset -c 0 python -m benchmarks.vs_torch ...`: both libraries
 then run one thread) it is the work itself. `--json` also writes every
 timing.
 
-The malloc matters as much as the code. This script restarts with glibc's
-huge-page malloc, as the CLI does for training, and PyTorch then shares it.
+As the CLI does, the script adds `ddpm_jax.cpu_flags`' XLA:CPU flags (XLA's
+own convolutions instead of YNNPACK's) before JAX starts; `--peak` times the
+kernels both libraries lean on. The malloc matters as much as the code. This
+script restarts with glibc's huge-page malloc, as the CLI does for training,
+and PyTorch then shares it.
 With glibc, XLA's per-step temporaries (gigabytes) go back to the kernel
 after every step and are faulted in again at the next; alternated with
 PyTorch's steps, that got slow: the tutorial net's JAX step went from 3.9 s
@@ -68,7 +77,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import run
-from ddpm_jax import hugepages
+from ddpm_jax import cpu_flags, hugepages
 from ddpm_jax.models import UNet, count_params, unet_config
 
 try:
@@ -264,6 +273,7 @@ def torch_train_step(preset: str, batch: int):
 
 
 def jax_train_step(preset: str, batch: int):
+  """(step function, compile seconds, FLOPs of one step from XLA's cost analysis)."""
   compiled, state, batch_arr, rng, compile_s, _ = run.build_train_step(preset, batch, tiny=False)
   holder = {"state": state}
 
@@ -271,7 +281,7 @@ def jax_train_step(preset: str, batch: int):
     holder["state"], metrics = compiled(holder["state"], batch_arr, rng)
     return float(metrics["loss"])
 
-  return step, compile_s
+  return step, compile_s, run.compiled_flops(compiled)
 
 
 def jax_forward(preset: str, batch: int):
@@ -296,6 +306,52 @@ def torch_forward(preset: str, batch: int):
   def call():
     with torch.no_grad():
       return net(x, t)
+
+  return call
+
+
+#: `--peak` kernels: name -> (JAX operand shapes, FLOPs). One square matmul, a
+#: 3x3 convolution of the CIFAR net's first level at batch 16 and one of the
+#: tutorial net's first level at batch 128 (NHWC / HWIO).
+PEAK_KERNELS = {
+    "matmul 2048^3": (((2048, 2048), (2048, 2048)), 2 * 2048**3),
+    "conv3x3 16x32x32x128->128": (((16, 32, 32, 128), (3, 3, 128, 128)),
+                                  2 * 16 * 32 * 32 * 128 * 128 * 9),
+    "conv3x3 128x28x28x56->28": (((128, 28, 28, 56), (3, 3, 56, 28)),
+                                 2 * 128 * 28 * 28 * 56 * 28 * 9),
+}
+
+
+def jax_kernel(name: str, dtype: str):
+  """One call of a `PEAK_KERNELS` entry in JAX: inputs in `dtype`, float32 result."""
+  shapes, _ = PEAK_KERNELS[name]
+  a, b = (jnp.ones(shape, dtype) for shape in shapes)
+  if name.startswith("matmul"):
+    fn = lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32)
+  else:
+    fn = lambda a, b: jax.lax.conv_general_dilated(
+        a, b, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        preferred_element_type=jnp.float32)
+  compiled = jax.jit(fn).lower(a, b).compile()
+  return lambda: jax.block_until_ready(compiled(a, b))
+
+
+def torch_kernel(name: str, dtype: str):
+  """The same kernel in PyTorch (NCHW / OIHW): inputs and result in `dtype`."""
+  (shape_a, shape_b), _ = PEAK_KERNELS[name]
+  dt = getattr(torch, dtype)
+  if name.startswith("matmul"):
+    a, b = torch.ones(shape_a, dtype=dt), torch.ones(shape_b, dtype=dt)
+    fn = lambda: torch.mm(a, b)
+  else:
+    n, h, w, c = shape_a
+    kh, kw, ci, co = shape_b
+    a, b = torch.ones(n, c, h, w, dtype=dt), torch.ones(co, ci, kh, kw, dtype=dt)
+    fn = lambda: torch.nn.functional.conv2d(a, b, padding=kh // 2)
+
+  def call():
+    with torch.no_grad():
+      return fn()
 
   return call
 
@@ -363,6 +419,9 @@ def main(argv=None) -> None:
                       help="PRESET:BATCH (repeatable): train steps, alternated")
   parser.add_argument("--forward", type=_parse, action="append", default=[],
                       help="PRESET:BATCH[,BATCH...] (repeatable): network calls, alternated")
+  parser.add_argument("--peak", action="store_true",
+                      help="time PEAK_KERNELS (a matmul, a 3x3 conv) in float32 and bfloat16, "
+                           "alternated: the rate the machine's kernels reach in each library")
   parser.add_argument("--steps", type=int, default=6, help="timed train steps of each")
   parser.add_argument("--calls", type=int, default=7, help="timed network calls of each")
   parser.add_argument("--warmup", type=int, default=1, help="untimed calls of each first")
@@ -380,13 +439,17 @@ def main(argv=None) -> None:
   rows = []
   for preset, batches in args.train:
     for batch in batches:
-      jax_step, compile_s = jax_train_step(preset, batch)
+      jax_step, compile_s, flops = jax_train_step(preset, batch)
       load = os.getloadavg()
       ta, tb = alternate(jax_step, torch_train_step(preset, batch), runs=args.steps,
                          warmup=args.warmup)
       s = summary(ta, tb, load, os.getloadavg())
-      rows.append(dict(kind="train", preset=preset, batch=batch, compile_s=compile_s, **s))
-      print(f"train {preset}:{batch} s/step (compile {compile_s:.1f} s): {_line(s, 1, 's')}",
+      rate = {k: flops / s["wall_s"][k] / 1e9 for k in ("ddpm_jax", "torch")} if flops else None
+      rows.append(dict(kind="train", preset=preset, batch=batch, compile_s=compile_s,
+                       gflop_per_step=flops and flops / 1e9, gflop_per_s=rate, **s))
+      rates = (f"; {flops / 1e9:.0f} GFLOP/step, GFLOP/s ddpm_jax {rate['ddpm_jax']:.0f} "
+               f"PyTorch {rate['torch']:.0f}") if flops else ""
+      print(f"train {preset}:{batch} s/step (compile {compile_s:.1f} s{rates}): {_line(s, 1, 's')}",
             flush=True)
   for preset, batches in args.forward:
     for batch in batches:
@@ -401,10 +464,22 @@ def main(argv=None) -> None:
       print(f"forward {preset}:{batch} ms/call (compile {compile_s:.1f} s; DDIM-{DDIM_STEPS} "
             f"images/s ddpm_jax {ddim['ddpm_jax']:.2f} PyTorch {ddim['torch']:.2f}): "
             f"{_line(s, 1e3, 'ms')}", flush=True)
+  for name, (_, flops) in PEAK_KERNELS.items() if args.peak else ():
+    for dtype in ("float32", "bfloat16"):
+      load = os.getloadavg()
+      ta, tb = alternate(jax_kernel(name, dtype), torch_kernel(name, dtype), runs=args.calls,
+                         warmup=args.warmup)
+      s = summary(ta, tb, load, os.getloadavg())
+      rate = {k: flops / s["wall_s"][k] / 1e9 for k in ("ddpm_jax", "torch")}
+      rows.append(dict(kind="peak", kernel=name, dtype=dtype, gflop=flops / 1e9, gflop_per_s=rate,
+                       **s))
+      print(f"peak {name} {dtype} ms/call ({flops / 1e9:.1f} GFLOP; GFLOP/s JAX "
+            f"{rate['ddpm_jax']:.0f} PyTorch {rate['torch']:.0f}): {_line(s, 1e3, 'ms')}", flush=True)
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(dict(header=header, rows=rows), indent=1))
 
 
 if __name__ == "__main__":
   hugepages.reexec_with_huge_page_malloc()
+  cpu_flags.add_to_environment()
   main()

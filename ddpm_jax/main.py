@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import json
 import logging as std_logging
+import os
 import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ddpm_jax import (checkpoint, config as config_lib, evaluation,
+from ddpm_jax import (checkpoint, config as config_lib, cpu_flags, evaluation,
                       generation, hugepages, inference, input_pipeline,
                       parallel, storage, train, workdir as workdir_lib)
 
@@ -96,12 +97,16 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   config, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
-  if mode == "train" and not hugepages.accelerator_installed():
+  on_cpu = not hugepages.accelerator_installed()
+  if mode == "train" and on_cpu:
     hugepages.reexec_with_huge_page_malloc()  # Returns only if it cannot.
   logging.get_absl_handler().python_handler.addFilter(_quiet_libraries)
   if hugepages.huge_page_malloc_active():
     logging.info("malloc uses huge pages (%s): about 1.2x faster CPU train "
                  "steps, see ddpm_jax/hugepages.py.", hugepages.MALLOC_TUNABLE)
+  if on_cpu and cpu_flags.add_to_environment():
+    logging.info("XLA_FLAGS=%s: XLA's own convolutions instead of YNNPACK's, "
+                 "see ddpm_jax/cpu_flags.py.", os.environ["XLA_FLAGS"])
   try:
     parallel.initialize_distributed()
     check_same_run(config, workdir=workdir, mode=mode)

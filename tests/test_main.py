@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpm_jax import hugepages
+from ddpm_jax import cpu_flags, hugepages
 from tests import inception_helpers
 from tests import train_helpers
 
@@ -50,6 +50,9 @@ def test_train_writes_checkpoints_samples_and_logs(trained):
   # CPU training restarts itself with huge-page malloc, and says so.
   assert ("malloc uses huge pages" in trained["first"].stderr) == (
       hugepages.huge_page_malloc_supported())
+  # On the CPU it turns YNNPACK's convolutions off (ddpm_jax.cpu_flags), and says so.
+  assert ("XLA's own convolutions instead of YNNPACK's" in trained["first"].stderr) == (
+      cpu_flags.applies())
   grid = Image.open(workdir / "samples" / "step_00000004.png")
   # 8 images in a 3x3 grid of 16x16 images scaled 4x, 2 px of padding.
   assert grid.size == (3 * (4 * 16 + 2) + 2,) * 2
@@ -74,6 +77,7 @@ def test_sample_mode(trained):
   assert out.returncode == 0, out.stderr[-3000:]
   assert "images/s" in out.stderr
   assert "malloc uses huge pages" not in out.stderr  # Only CPU training.
+  assert ("XLA's own convolutions instead of YNNPACK's" in out.stderr) == cpu_flags.applies()
   samples = trained["workdir"] / "samples"
   with np.load(samples / "sample_step_00000006.npz") as f:
     images = f["images"]
