@@ -34,8 +34,8 @@ FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",)
 MEASURED_JAXLIB = ((0, 10),)
 
 
-def _names(flags: str) -> set[str]:
-  return {flag.split("=", 1)[0] for flag in flags.split()}
+def _name(flag: str) -> str:
+  return flag.split("=", 1)[0]
 
 
 def applies(jaxlib_version: str = jaxlib.__version__) -> bool:
@@ -58,7 +58,8 @@ def add_to_environment() -> bool:
   if not applies():
     return False
   current = os.environ.get("XLA_FLAGS", "")
-  new = [flag for flag in FLAGS if flag.split("=", 1)[0] not in _names(current)]
+  named = {_name(flag) for flag in current.split()}
+  new = [flag for flag in FLAGS if _name(flag) not in named]
   if new:
     os.environ["XLA_FLAGS"] = " ".join(filter(None, [current, *new]))
   return bool(new)
