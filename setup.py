@@ -27,7 +27,7 @@ setuptools.setup(
         "ml_collections>=0.1.1",
         "numpy>=1.24",
         "pillow>=9.0",
-        # Reads diffusers' weights files (ddpm_jax.pretrained) without torch.
+        # Reads diffusers' weights files (ddpm_jax.models.pretrained) without torch.
         "safetensors>=0.4",
         "scikit-learn>=1.2",
         "tensorboardX>=2.6",

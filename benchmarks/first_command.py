@@ -33,8 +33,9 @@ from sklearn import datasets as sklearn_datasets
 from sklearn import neural_network
 
 from benchmarks import digit_quality, mnist_quality
-from ddpm_jax import builders, generation, inference, metrics
-from ddpm_jax import config as config_lib
+from ddpm_jax import metrics
+from ddpm_jax.engine import builders, generation, inference
+from ddpm_jax.engine import config as config_lib
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 #: sklearn's digits: the first 1,500 are the library's 'train' split.

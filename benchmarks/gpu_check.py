@@ -48,7 +48,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from benchmarks import run  # noqa: E402
-from ddpm_jax import builders, sampling  # noqa: E402
+from ddpm_jax import samplers  # noqa: E402
+from ddpm_jax.engine import builders
 from ddpm_jax.models import kernels  # noqa: E402
 
 PRESET = "ddpm_cifar10"
@@ -109,7 +110,7 @@ def _sample(batch: int, *, ddim_steps: int, tiny: bool) -> dict:
 
   def sample(params, x_T):
     model_fn = lambda x, t: model.apply({"params": params}, x, t, train=False)
-    return sampling.ddim_sample(model_fn, schedule, x_T=x_T, key=jax.random.key(1),
+    return samplers.ddim_sample(model_fn, schedule, x_T=x_T, key=jax.random.key(1),
                                 num_steps=ddim_steps).images
 
   start = time.perf_counter()

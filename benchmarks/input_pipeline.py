@@ -2,7 +2,7 @@
 
 Run from the project root:
 
-  PYTHONPATH=. python benchmarks/input_pipeline.py [--batch_size=128] [--runs=5]
+  PYTHONPATH=. python benchmarks/pipeline.py [--batch_size=128] [--runs=5]
 
 For each source it reports the one-off load time (decoding into memory for
 npz, folder and digits; opening the dataset for tfds) and the median
@@ -19,7 +19,7 @@ import time
 from absl import app
 from absl import flags
 
-from ddpm_jax import input_pipeline
+from ddpm_jax.data import pipeline
 
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Per-host batch size.")
 _RUNS = flags.DEFINE_integer("runs", 5, "Timed runs per source.")
@@ -61,7 +61,7 @@ def main(argv):
   for source, options, context in _SOURCES:
     with context():
       start = time.perf_counter()
-      iterator = input_pipeline.create_dataset(
+      iterator = pipeline.create_dataset(
           source, batch_size=batch_size, random_flip=True, seed=0,
           **{"image_size": None, "channels": None, **options})
       load = time.perf_counter() - start

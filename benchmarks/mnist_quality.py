@@ -63,10 +63,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import digit_quality
-from ddpm_jax import (builders, checkpoint, generation, images, inference,
-                      parallel, solvers, train, train_step)
-from ddpm_jax import config as config_lib
-from ddpm_jax import cpu_flags, hugepages
+from ddpm_jax import samplers
+from ddpm_jax.engine import (builders, checkpoint, generation, inference, train, train_step)
+from ddpm_jax.infra import images, parallel
+from ddpm_jax.engine import config as config_lib
+from ddpm_jax.infra import cpu_flags, hugepages
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 MNIST = _ROOT / ".." / "shared" / "data" / "mnist.npz"
@@ -240,9 +241,9 @@ def build_sample_fn(spec: str, config):
     >>> fn, calls = build_sample_fn("dpmpp_2m:20", config)  # 20 calls
   """
   name, _, steps = spec.partition(":")
-  if name not in solvers.SAMPLER_NAMES or not steps.isdigit():
+  if name not in samplers.SAMPLER_NAMES or not steps.isdigit():
     raise ValueError(f"Sampler {spec!r}: give NAME:STEPS with NAME one of "
-                     f"{solvers.SAMPLER_NAMES}, e.g. dpmpp_2m:20.")
+                     f"{samplers.SAMPLER_NAMES}, e.g. dpmpp_2m:20.")
   config = config.copy_and_resolve_references()
   config.sample.sampler = name
   if name == "ddpm":

@@ -25,15 +25,15 @@ It runs on whatever backend JAX sees and writes
   images/s, and each sampler's time over the time of one `lax.scan` of the
   same number of bare network calls on the same batch, the two timed in
   alternation (the overhead ratio: median of the per-pair ratios).
-* input: `input_pipeline.create_dataset` alone, images/s for each source
+* input: `pipeline.create_dataset` alone, images/s for each source
   that is available (digits always; MNIST npz and the CIFAR-10 JPEG tar from
   ../shared/data when present).
 
 `--kernels xla` runs every section with XLA's own convolutions and autodiff
 GroupNorm instead of the CPU kernels of `ddpm_jax.models.kernels` (recorded in
 the JSON's settings and the table's header). Run as a script, it sets up the
-process as the CLI does: huge pages for malloc (`ddpm_jax.hugepages`; not with
-`--default-malloc`) and `ddpm_jax.cpu_flags`' XLA:CPU flags (XLA_FLAGS is in
+process as the CLI does: huge pages for malloc (`ddpm_jax.infra.hugepages`; not with
+`--default-malloc`) and `ddpm_jax.infra.cpu_flags`' XLA:CPU flags (XLA_FLAGS is in
 the JSON's environment).
 """
 
@@ -60,8 +60,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ddpm_jax import config as config_lib  # noqa: E402
-from ddpm_jax import builders, cpu_flags, hugepages, input_pipeline, parallel, sampling, train_step  # noqa: E402
+from ddpm_jax.engine import config as config_lib  # noqa: E402
+from ddpm_jax import samplers  # noqa: E402
+from ddpm_jax.data import pipeline
+from ddpm_jax.engine import builders, train_step
+from ddpm_jax.infra import cpu_flags, hugepages, parallel
 from ddpm_jax.models import count_params, kernels  # noqa: E402
 
 #: Image shape (H, W, C) each preset is benchmarked at.
@@ -252,9 +255,9 @@ def bench_sample(preset: str, batch: int, *, ddpm_steps: int | None, ddim_steps:
   ddpm_schedule = schedule if ddpm_n == schedule.num_timesteps else builders.build_schedule(
       make_config(preset, batch, tiny=tiny, num_timesteps=ddpm_n))
   samplers = {
-      "ddpm": (ddpm_n, lambda p, x: sampling.ddpm_sample(model_fn(p), ddpm_schedule, x_T=x,
+      "ddpm": (ddpm_n, lambda p, x: samplers.ddpm_sample(model_fn(p), ddpm_schedule, x_T=x,
                                                          key=key).images),
-      "ddim": (ddim_steps, lambda p, x: sampling.ddim_sample(model_fn(p), schedule, x_T=x, key=key,
+      "ddim": (ddim_steps, lambda p, x: samplers.ddim_sample(model_fn(p), schedule, x_T=x, key=key,
                                                              num_steps=ddim_steps).images),
   }
   row = dict(preset=preset, batch=batch, num_timesteps=schedule.num_timesteps)
@@ -293,7 +296,7 @@ def bench_input(*, batch: int, steps: int, runs: int, tiny: bool) -> list[dict]:
   rows = []
   for source, options in _input_sources(tiny):
     start = time.perf_counter()
-    it = input_pipeline.create_dataset(source, batch_size=batch, random_flip=True, seed=0,
+    it = pipeline.create_dataset(source, batch_size=batch, random_flip=True, seed=0,
                                        **{"image_size": None, "channels": None, **options})
     load_s = time.perf_counter() - start
 
@@ -410,7 +413,7 @@ def main(argv=None) -> dict:
   parser.add_argument("--default-malloc", action="store_true",
                       help="run as a script: keep glibc's default malloc (otherwise it restarts "
                            "with huge pages for large blocks, as the CLI does: "
-                           "ddpm_jax.hugepages)")
+                           "ddpm_jax.infra.hugepages)")
   parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<backend>_<date>.json)")
   parser.add_argument("--md", default=None, help="also write the markdown table here")
   args = parser.parse_args(argv)

@@ -1,7 +1,7 @@
 """Sample quality against network calls, for every sampler, on a mixture.
 
 The data is a 2-D Gaussian mixture whose exact eps is known in closed form
-(`ddpm_jax.testing`), so every error is the sampler's own. For each sampler
+(`ddpm_jax.diffusion.testing`), so every error is the sampler's own. For each sampler
 and budget of network calls (default 5, 10, 20, 50, and DDIM at 100 for the
 target "DPM-Solver++ at 20 calls matches DDIM at 100") it reports:
 
@@ -23,7 +23,7 @@ Run from the repository root, on an otherwise idle machine for the timings:
 
   python -m benchmarks.solvers --md out.md
 
-`ddpm` runs on the schedule respaced to the budget (`ddpm_jax.respace`);
+`ddpm` runs on the schedule respaced to the budget (`ddpm_jax.diffusion.respace`);
 `ddim` uses its own uniform spacing; the other samplers run once per spacing
 of `--spacings`.
 """
@@ -46,8 +46,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ddpm_jax import (respace, sampling, schedules, solvers,  # noqa: E402
-                      testing)
+from ddpm_jax import samplers
+from ddpm_jax.diffusion import respace, schedules, testing
 
 MIX = testing.gaussian_mixture(weights=[0.3, 0.5, 0.2],
                                means=[[-0.6, -0.3], [0.5, 0.5], [0.2, -0.7]],
@@ -78,12 +78,12 @@ def make_sampler(name, schedule, num_steps, spacing):
     spaced = respace.respace(schedule, respace.spaced_timesteps(
         schedule.num_timesteps, num_steps), warn=False)
     spaced_fn = respace.map_timesteps(model_fn, spaced.timesteps)
-    return jax.jit(lambda x: sampling.ddpm_sample(
+    return jax.jit(lambda x: samplers.ddpm_sample(
         spaced_fn, spaced.schedule, x_T=x, key=key, clip_x0=False).images)
   options = dict(num_steps=num_steps)
   if name != "ddim":
     options["spacing"] = spacing
-  fn = solvers.get_sampler(name)
+  fn = samplers.get_sampler(name)
   return jax.jit(lambda x: fn(model_fn, schedule, x_T=x, key=key,
                               **options).images)
 
@@ -102,7 +102,7 @@ def measure(name, schedule, calls, spacing, x_T, data, reference, *,
     times.append(time.perf_counter() - start)
   row = dict(
       sampler=name, spacing=None if name in ("ddpm", "ddim") else spacing,
-      steps=num_steps, calls=solvers.num_model_calls(name, num_steps),
+      steps=num_steps, calls=samplers.num_model_calls(name, num_steps),
       fit_error=fit_error(images),
       sw2=float(testing.sliced_wasserstein(images, data,
                                            key=jax.random.key(4))),
@@ -136,8 +136,8 @@ def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--points", type=int, default=20_000)
   parser.add_argument("--calls", default="5,10,20,50")
-  parser.add_argument("--samplers", default=",".join(solvers.SAMPLER_NAMES))
-  parser.add_argument("--spacings", default=",".join(solvers.SPACINGS))
+  parser.add_argument("--samplers", default=",".join(samplers.SAMPLER_NAMES))
+  parser.add_argument("--spacings", default=",".join(samplers.SOLVER_SPACINGS))
   parser.add_argument("--schedule", default="linear",
                       choices=schedules.SCHEDULE_NAMES)
   parser.add_argument("--num-timesteps", type=int, default=1000)

@@ -39,7 +39,7 @@ one core (`taskset -c 0 python -m benchmarks.vs_torch ...`: both libraries
 then run one thread) it is the work itself. `--json` also writes every
 timing.
 
-As the CLI does, the script adds `ddpm_jax.cpu_flags`' XLA:CPU flags (XLA's
+As the CLI does, the script adds `ddpm_jax.infra.cpu_flags`' XLA:CPU flags (XLA's
 own convolutions instead of YNNPACK's) before JAX starts; `--peak` times the
 kernels both libraries lean on. The malloc matters as much as the code. This
 script restarts with glibc's huge-page malloc, as the CLI does for training,
@@ -77,7 +77,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import run
-from ddpm_jax import cpu_flags, hugepages
+from ddpm_jax.infra import cpu_flags, hugepages
 from ddpm_jax.models import UNet, count_params, unet_config
 
 try:

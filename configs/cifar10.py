@@ -24,7 +24,7 @@ Class-conditional, with label dropout 0.1 so that samples can be guided
 runs in seconds.
 """
 
-from ddpm_jax.config import apply_variant, base_config
+from ddpm_jax.engine.config import apply_variant, base_config
 
 
 def get_config(variant: str = ""):

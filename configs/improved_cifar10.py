@@ -25,7 +25,7 @@ Bits/dim of the test split (the bound uses the learned variances):
 `configs/improved_cifar10.py:tiny` runs in seconds.
 """
 
-from ddpm_jax.config import apply_variant, base_config
+from ddpm_jax.engine.config import apply_variant, base_config
 
 
 def get_config(variant: str = ""):

@@ -19,7 +19,7 @@ Class-conditional, with label dropout 0.1 so that samples can be guided
 `configs/mnist.py:tiny` (and `:cond,tiny`) runs in seconds.
 """
 
-from ddpm_jax.config import apply_variant, base_config
+from ddpm_jax.engine.config import apply_variant, base_config
 
 
 def get_config(variant: str = ""):

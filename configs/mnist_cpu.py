@@ -12,7 +12,7 @@ DPM-Solver++(2M) with 20 network calls. Measured in BENCHMARKS.md ("MNIST
 quality per CPU-minute"). `configs/mnist_cpu.py:tiny` runs in seconds.
 """
 
-from ddpm_jax.config import apply_variant, base_config
+from ddpm_jax.engine.config import apply_variant, base_config
 
 
 def get_config(variant: str = ""):

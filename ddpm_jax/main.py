@@ -23,9 +23,9 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ddpm_jax import (checkpoint, config as config_lib, cpu_flags, evaluation,
-                      generation, hugepages, inference, input_pipeline,
-                      parallel, storage, train, workdir as workdir_lib)
+from ddpm_jax.data import pipeline
+from ddpm_jax.engine import (checkpoint, config as config_lib, evaluation, generation, inference, train, workdir as workdir_lib)
+from ddpm_jax.infra import cpu_flags, hugepages, parallel, storage
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/cifar10.py or "
@@ -40,7 +40,7 @@ _MODE = flags.DEFINE_enum("mode", "train", list(config_lib.MODES),
 flags.mark_flags_as_required(["config", "workdir"])
 
 # Errors that are the user's to fix: reported in one line, without traceback.
-USER_ERRORS = (config_lib.ConfigError, input_pipeline.DataError,
+USER_ERRORS = (config_lib.ConfigError, pipeline.DataError,
                train.NonFiniteError, checkpoint.CheckpointError,
                storage.StorageError, FileNotFoundError)
 

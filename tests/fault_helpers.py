@@ -16,7 +16,7 @@ and then waits until CONTROL_DIR/go exists. The parent reads what is on disk
 waits until the library's SIGTERM handler has run (CONTROL_DIR/sigterm is
 written by it) and lets the child go on. The library is not instrumented:
 the child patches, in its own process only, the dataset it trains on, two
-methods of `ddpm_jax.checkpoint.CheckpointManager` (to see its instances and
+methods of `ddpm_jax.engine.checkpoint.CheckpointManager` (to see its instances and
 its restore) and `os.mkdir` / `os.rename` / `os.replace` (the calls through
 which Orbax creates and commits a checkpoint's tmp directory). HOLD is one of
 
@@ -409,8 +409,8 @@ def _train_main(workdir: str, num_steps: int, hold: Optional[str],
   from absl import logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.INFO)
   import jax  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import train  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.engine import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.engine import train  # pylint: disable=g-import-not-at-top
   config = helpers.make_config(num_steps=num_steps,
                                checkpoint_every=CHECKPOINT_EVERY,
                                keep_checkpoints=KEEP_CHECKPOINTS, log_every=1)

@@ -256,9 +256,9 @@ _BAD_CONFIG = [
 
 def bad_input_campaign(base: Path, rng: random.Random, count: int,
                        failures: list[str]) -> dict:
-  from ddpm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import input_pipeline as ip  # pylint: disable=g-import-not-at-top
-  from ddpm_jax.config import base_config  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.engine import config as config_lib  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.data import pipeline as ip  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.engine.config import base_config  # pylint: disable=g-import-not-at-top
   stats = collections.Counter()
   for i in range(count):
     what = rng.choice(["npz", "folder", "folder-skip", "config"])

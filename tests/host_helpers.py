@@ -89,7 +89,8 @@ def cli(args: list[str]) -> list[str]:
 
 def _agree(process_id: int, port: int, workdir: str, broken: int,
            out: str) -> None:
-  from ddpm_jax import checkpoint, config as config_lib, inference, parallel, train  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.engine import checkpoint, config as config_lib, inference, train  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.infra import parallel
   assert parallel.initialize_distributed(f"localhost:{port}", 2, process_id)
   if process_id == 1:
     check = checkpoint.CheckpointManager._check_complete  # pylint: disable=protected-access

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax.models import inception
+from ddpm_jax.metrics import inception
 
 # PyTorch name of each Flax leaf: (collection, leaf name) -> suffix.
 _TORCH_LEAF = {("params", "kernel"): "weight", ("params", "scale"): "weight",

@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import (builders, config as config_lib, guidance, respace,
-                      sampling, solvers, testing)
+from ddpm_jax import samplers
+from ddpm_jax.diffusion import guidance, respace, testing
+from ddpm_jax.engine import builders, config as config_lib
 
 T = 40
 MIX = testing.gaussian_mixture(weights=[0.5, 0.3, 0.2],
@@ -58,10 +59,10 @@ EXPECTED = {
 
 
 def test_every_sampler_is_covered():
-  assert set(EXPECTED) == set(solvers.SAMPLER_NAMES)
+  assert set(EXPECTED) == set(samplers.SAMPLER_NAMES)
 
 
-@pytest.mark.parametrize("name", solvers.SAMPLER_NAMES)
+@pytest.mark.parametrize("name", samplers.SAMPLER_NAMES)
 def test_build_sampler_binds_the_config_options(name, sched, x_T):
   sampler = builders.build_sampler(_config(sampler=name, **SAMPLE_FIELDS))
   options, num_steps, num_calls = EXPECTED[name]
@@ -70,7 +71,7 @@ def test_build_sampler_binds_the_config_options(name, sched, x_T):
   model_fn = testing.denoiser(MIX, sched, target="x0")
   built = jax.jit(lambda x, k: sampler.fn(model_fn, sched, x_T=x, key=k,
                                           trajectory_every=3))(x_T, KEY)
-  direct = jax.jit(lambda x, k: solvers.SAMPLER_FNS[name](
+  direct = jax.jit(lambda x, k: samplers.SAMPLER_FNS[name](
       model_fn, sched, x_T=x, key=k, trajectory_every=3, **options))(x_T, KEY)
   np.testing.assert_array_equal(built.images, direct.images)
   np.testing.assert_array_equal(built.trajectory, direct.trajectory)
@@ -84,7 +85,7 @@ def test_respaced_ddpm_from_the_config(sched, x_T):
   model_fn = testing.denoiser(MIX, sched, target="x0")
   out = jax.jit(lambda x: sampler.fn(model_fn, sched, x_T=x, key=KEY))(x_T)
   spaced = respace.respace(sched, respace.spaced_timesteps(T, 8))
-  expected = jax.jit(lambda x: sampling.ddpm_sample(
+  expected = jax.jit(lambda x: samplers.ddpm_sample(
       respace.map_timesteps(testing.denoiser(MIX, sched, target="x0"),
                             spaced.timesteps),
       spaced.schedule, x_T=x, key=KEY, target="x0", var_type="fixed_small",
@@ -103,7 +104,7 @@ def test_ddpm_steps_0_and_t_are_plain_ddpm(sched, x_T):
       sampler="ddpm", ddpm_steps=s)).fn: fn(model_fn, sched, x_T=x,
                                              key=KEY).images)(x_T)
           for s in (0, T)]
-  expected = jax.jit(lambda x: sampling.ddpm_sample(
+  expected = jax.jit(lambda x: samplers.ddpm_sample(
       model_fn, sched, x_T=x, key=KEY, target="x0", var_type="fixed_small",
       mean_form="eps", clip_x0=False).images)(x_T)
   for out in outs:
@@ -126,11 +127,11 @@ def test_guided_sampler_of_a_conditional_run(name, sched, x_T):
     guided = guidance.classifier_free_guidance(cond_fn, labels=y,
                                                num_classes=2, scale=1.5)
     if name == "ddpm":
-      return sampling.ddpm_sample(
+      return samplers.ddpm_sample(
           respace.map_timesteps(guided, spaced.timesteps), spaced.schedule,
           x_T=x, key=KEY, target="x0", var_type="fixed_small",
           mean_form="eps", clip_x0=False)
-    return solvers.dpmpp_2m_sample(guided, sched, x_T=x, num_steps=6,
+    return samplers.dpmpp_2m_sample(guided, sched, x_T=x, num_steps=6,
                                    spacing="logsnr", target="x0")
 
   expected = jax.jit(direct)(x_T, labels)

@@ -3,7 +3,7 @@
 import ml_collections
 import pytest
 
-from ddpm_jax import config as config_lib
+from ddpm_jax.engine import config as config_lib
 
 
 def _fields(schema, prefix=""):

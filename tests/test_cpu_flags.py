@@ -1,4 +1,4 @@
-"""ddpm_jax.cpu_flags: which XLA_FLAGS it adds, when, and that XLA then skips YNNPACK's convolutions."""
+"""ddpm_jax.infra.cpu_flags: which XLA_FLAGS it adds, when, and that XLA then skips YNNPACK's convolutions."""
 
 import os
 import pathlib
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from ddpm_jax import cpu_flags
+from ddpm_jax.infra import cpu_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
@@ -50,7 +50,7 @@ def test_add_to_environment_leaves_other_jaxlib_alone(monkeypatch):
 _PROBE = """
 import sys
 import jax, jax.numpy as jnp
-from ddpm_jax import cpu_flags
+from ddpm_jax.infra import cpu_flags
 if sys.argv[1] == "add":
   cpu_flags.add_to_environment()
 conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(

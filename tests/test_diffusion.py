@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import diffusion, schedules
+from ddpm_jax import diffusion
+from ddpm_jax.diffusion import schedules
 
 T = 100
 SHAPES = [(1, 8, 8, 1), (3, 5, 7, 3), (4, 4, 4, 2)]

@@ -12,7 +12,8 @@ import pytest
 
 from benchmarks import digit_quality as dq
 from benchmarks import first_command, mnist_quality
-from ddpm_jax import metrics, schedules
+from ddpm_jax import metrics
+from ddpm_jax.diffusion import schedules
 
 
 def _splits(n_train=120, n_test=2100, seed=0):

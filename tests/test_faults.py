@@ -34,8 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fault_helpers as fh  # pylint: disable=g-import-not-at-top,wrong-import-position
 import train_helpers as helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from ddpm_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ddpm_jax import inference, main, train, workdir as workdir_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ddpm_jax.engine import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ddpm_jax import main  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ddpm_jax.engine import inference, train, workdir as workdir_lib
 
 NUM_STEPS = 8
 

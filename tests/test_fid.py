@@ -1,4 +1,4 @@
-"""`python -m ddpm_jax.fid` and `ddpm_jax.convert_inception`: inputs, scores,
+"""`python -m ddpm_jax.tools.fid` and `ddpm_jax.tools.convert_inception`: inputs, scores,
 errors. In-process tests use a stand-in extractor; the command runs end to
 end with synthetic Inception weights."""
 
@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpm_jax import fid, metrics
-from ddpm_jax.models import inception
+from ddpm_jax import metrics
+from ddpm_jax.tools import fid
+from ddpm_jax.metrics import inception
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -211,7 +212,7 @@ def synthetic_weights(tmp_path_factory):
 def test_cli_end_to_end(tmp_path, synthetic_weights):
   np.savez(tmp_path / "samples.npz", images=_images(4))  # 8x8 as digits
   saved = tmp_path / "ref.npz"
-  out = _run("ddpm_jax.fid", [
+  out = _run("ddpm_jax.tools.fid", [
       f"--weights={synthetic_weights}", f"--samples={tmp_path}/samples.npz",
       "--reference=digits", "--num_reference=5", "--batch_size=4",
       f"--save_reference={saved}", "--kid_subsets=2"])
@@ -247,14 +248,14 @@ def test_cli_errors_are_one_line(tmp_path, synthetic_weights):
       (base + [f"--samples={tmp_path}/samples.npz",
                "--num_reference=1"], "Too few images"),
   ]:
-    _one_error_line(_run("ddpm_jax.fid", args), message)
+    _one_error_line(_run("ddpm_jax.tools.fid", args), message)
 
 
 def test_convert_cli_errors_are_one_line(tmp_path):
   (tmp_path / "x.npz").write_bytes(b"")
-  _one_error_line(_run("ddpm_jax.convert_inception", [
+  _one_error_line(_run("ddpm_jax.tools.convert_inception", [
       f"--source={tmp_path}/x.npz", f"--output={tmp_path}/out.npz"]),
                   "x.npz.*truncated or corrupt")
-  _one_error_line(_run("ddpm_jax.convert_inception", [
+  _one_error_line(_run("ddpm_jax.tools.convert_inception", [
       f"--source={tmp_path}/absent.whl", f"--output={tmp_path}/out.npz"]),
                   "not found: .*absent.whl")

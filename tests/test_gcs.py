@@ -36,8 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gcs_emulator  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tests import inception_helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from ddpm_jax import (builders, checkpoint, config as config_lib,  # pylint: disable=g-import-not-at-top,wrong-import-position
-                      input_pipeline, parallel, train_step)
+from ddpm_jax.data import pipeline
+from ddpm_jax.engine import (builders, checkpoint, config as config_lib, train_step)
+from ddpm_jax.infra import parallel
 
 pytestmark = [
     pytest.mark.slow,
@@ -282,7 +283,7 @@ def test_folder_and_tar_sources_on_gcs(emulator):
   (root / "data.tar.gz").write_bytes(archive.getvalue())
   batches = []
   for source in (f"folder:{root / 'tree'}", f"folder:{root / 'data.tar.gz'}"):
-    ds = input_pipeline.create_dataset(
+    ds = pipeline.create_dataset(
         source, batch_size=6, image_size=8, channels=1, random_flip=False,
         seed=0, shuffle=False, repeat=False)
     assert ds.spec.num_examples == 6 and ds.spec.num_classes == 2

@@ -1,4 +1,4 @@
-"""Tests of ddpm_jax.generation.generate, the sharded batch driver."""
+"""Tests of ddpm_jax.engine.generation.generate, the sharded batch driver."""
 
 import functools
 import os
@@ -11,10 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import generation, images, parallel, sampling, schedules
+from ddpm_jax import samplers
+from ddpm_jax.diffusion import schedules
+from ddpm_jax.engine import generation
+from ddpm_jax.infra import images, parallel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DDIM = functools.partial(sampling.ddim_sample, num_steps=10, eta=1.0)
+DDIM = functools.partial(samplers.ddim_sample, num_steps=10, eta=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -120,13 +123,16 @@ def test_generate_shards_batch_over_devices():
   script = textwrap.dedent("""
       import functools
       import jax, numpy as np
-      from ddpm_jax import generation, parallel, sampling, schedules
+      from ddpm_jax import samplers
+      from ddpm_jax.diffusion import schedules
+      from ddpm_jax.engine import generation
+      from ddpm_jax.infra import parallel
       assert len(jax.devices()) == 2
       sched = schedules.make_schedule("cosine", 20)
       make = lambda p: (lambda x, t: p * x)
       kw = dict(num_images=6, batch_size=4, image_shape=(4, 4, 1),
                 key=jax.random.key(0), sample_fn=functools.partial(
-                    sampling.ddim_sample, num_steps=5, eta=1.0))
+                    samplers.ddim_sample, num_steps=5, eta=1.0))
       two = generation.generate(make, 0.5, sched,
                                 mesh=parallel.create_mesh(), **kw)
       one = generation.generate(

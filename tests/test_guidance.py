@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from scipy import integrate
 
-from ddpm_jax import guidance, schedules, solvers, testing
+from ddpm_jax import samplers
+from ddpm_jax.diffusion import guidance, schedules, testing
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +73,9 @@ def test_guided_ode_matches_the_closed_form(sched, w):
       _gaussian_cond_fn(sched), labels=jnp.zeros((2,), jnp.int32),
       num_classes=1, scale=w)
   x_T = jnp.array([[0.0], [1.0]])
-  out = solvers.dpmpp_3m_sample(model_fn, sched, x_T=x_T,
+  out = samplers.dpmpp_3m_sample(model_fn, sched, x_T=x_T,
                                 num_steps=200).images[:, 0]
-  levels = np.asarray(solvers.solver_timesteps(sched, 200))
+  levels = np.asarray(samplers.solver_timesteps(sched, 200))
   abar = np.asarray(sched.alphas_cumprod, np.float64)[levels[[0, -1]]]
   sigma_0, sigma_e = np.sqrt((1 - abar) / abar)
   slope, intercept = _guided_ode_affine_map(w, sigma_0, sigma_e)
@@ -101,7 +102,7 @@ def mix_samples(sched):
   labels = jnp.ones((NUM_POINTS,), jnp.int32)
 
   def run(model_fn):
-    return jax.jit(lambda x: solvers.dpmpp_2m_sample(
+    return jax.jit(lambda x: samplers.dpmpp_2m_sample(
         model_fn, sched, x_T=x, num_steps=20).images)(x_T)
 
   out = {w: run(guidance.classifier_free_guidance(

@@ -1,4 +1,4 @@
-"""Tests of ddpm_jax.images: uint8 conversion, PNG grids, GIFs."""
+"""Tests of ddpm_jax.infra.images: uint8 conversion, PNG grids, GIFs."""
 
 import io
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpm_jax import images
+from ddpm_jax.infra import images
 
 
 def test_to_uint8_exact_points_and_clipping():

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax.models import inception
+from ddpm_jax.metrics import inception
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 REAL_WEIGHTS = os.environ.get("DDPM_JAX_INCEPTION_WEIGHTS")

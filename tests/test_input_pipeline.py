@@ -1,4 +1,4 @@
-"""Tests for ddpm_jax.input_pipeline."""
+"""Tests for ddpm_jax.data.pipeline."""
 
 import io
 import logging
@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from ddpm_jax import input_pipeline as ip
+from ddpm_jax.data import pipeline as ip
 
 SHARED_DATA = pathlib.Path(__file__).parents[1] / ".." / "shared" / "data"
 MNIST = SHARED_DATA / "mnist.npz"
@@ -490,7 +490,7 @@ def test_bad_state(state, message):
 def test_memory_sources_work_without_tensorflow():
   code = ("import sys; sys.modules['tensorflow'] = None; "
           "sys.modules['tensorflow_datasets'] = None; "
-          "from ddpm_jax import input_pipeline as ip; "
+          "from ddpm_jax.data import pipeline as ip; "
           "b = next(ip.create_dataset('digits', batch_size=2, image_size=None,"
           " channels=None, random_flip=True, seed=0)); "
           "print(b['image'].shape)")

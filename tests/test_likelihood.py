@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from ddpm_jax import diffusion, likelihood, schedules
+from ddpm_jax import diffusion
+from ddpm_jax.diffusion import likelihood, schedules
 
 T = 20
 

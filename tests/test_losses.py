@@ -7,7 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from ddpm_jax import diffusion, likelihood, losses, schedules
+from ddpm_jax import diffusion
+from ddpm_jax.diffusion import likelihood, losses, schedules
 
 T = 50
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpm_jax import cpu_flags, hugepages
+from ddpm_jax.infra import cpu_flags, hugepages
 from tests import inception_helpers
 from tests import train_helpers
 
@@ -50,7 +50,7 @@ def test_train_writes_checkpoints_samples_and_logs(trained):
   # CPU training restarts itself with huge-page malloc, and says so.
   assert ("malloc uses huge pages" in trained["first"].stderr) == (
       hugepages.huge_page_malloc_supported())
-  # On the CPU it turns YNNPACK's convolutions off (ddpm_jax.cpu_flags), and says so.
+  # On the CPU it turns YNNPACK's convolutions off (ddpm_jax.infra.cpu_flags), and says so.
   assert ("XLA's own convolutions instead of YNNPACK's" in trained["first"].stderr) == (
       cpu_flags.applies())
   grid = Image.open(workdir / "samples" / "step_00000004.png")

@@ -9,7 +9,9 @@ import optax
 import pytest
 from flax import nnx
 
-from ddpm_jax import input_pipeline, losses, sampling, schedules
+from ddpm_jax import samplers
+from ddpm_jax.data import pipeline
+from ddpm_jax.diffusion import losses, schedules
 from ddpm_jax.models import UNet, unet_config
 
 
@@ -20,7 +22,7 @@ def test_unet_in_nnx_trains_and_samples():
                        mid_attention="full", num_groups=4)
   linen = UNet(config=config)
   model = nnx.bridge.ToNNX(linen, rngs=nnx.Rngs(0))
-  x0 = jnp.asarray(next(input_pipeline.create_dataset(
+  x0 = jnp.asarray(next(pipeline.create_dataset(
       "digits", batch_size=16, image_size=8, channels=1, random_flip=False,
       seed=0))["image"])
   nnx.bridge.lazy_init(model, x0, jnp.zeros((16,), jnp.int32), train=False)
@@ -60,7 +62,7 @@ def test_unet_in_nnx_trains_and_samples():
   def sample(params, key):
     model_fn = lambda x_t, s: linen.apply({"params": params}, x_t, s,
                                           train=False)
-    return sampling.ddim_sample(model_fn, sched, num_steps=10,
+    return samplers.ddim_sample(model_fn, sched, num_steps=10,
                                 shape=(4, 8, 8, 1), key=key).images
 
   images = sample(trained, jax.random.key(0))

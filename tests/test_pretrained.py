@@ -1,4 +1,4 @@
-"""Tests of ddpm_jax.pretrained: diffusers folders (golden outputs from
+"""Tests of ddpm_jax.models.pretrained: diffusers folders (golden outputs from
 diffusers itself, committed by tests/fixtures/make_diffusers_fixtures.py), the
 real google/ddpm-* configs, and bad input."""
 
@@ -16,9 +16,10 @@ import pytest
 from safetensors import flax as safetensors_flax
 from safetensors import numpy as safetensors_numpy
 
-from ddpm_jax import pretrained, schedules
+from ddpm_jax.diffusion import schedules
+from ddpm_jax.models import pretrained
 from ddpm_jax.models import PRESETS, UNet, UNetConfig, count_params
-from ddpm_jax.pretrained import DiffusionSettings, PretrainedError
+from ddpm_jax.models.pretrained import DiffusionSettings, PretrainedError
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 TINY = os.path.join(FIXTURES, "diffusers_tiny")

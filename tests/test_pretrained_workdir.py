@@ -1,4 +1,4 @@
-"""Tests of ddpm_jax.pretrained_workdir: a diffusers model imported into a
+"""Tests of ddpm_jax.tools.pretrained_workdir: a diffusers model imported into a
 workdir restores, samples and fine-tunes as an ordinary run."""
 
 import json
@@ -15,8 +15,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ddpm_jax import config as config_lib, inference, pretrained, pretrained_workdir, train
-from ddpm_jax.config import base_config
+from ddpm_jax.engine import config as config_lib, inference, train
+from ddpm_jax.models import pretrained
+from ddpm_jax.tools import pretrained_workdir
+from ddpm_jax.engine.config import base_config
 from ddpm_jax.models import unet_config
 
 TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures",
@@ -116,7 +118,7 @@ def _cli(*args):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   return subprocess.run(
-      [sys.executable, "-m", "ddpm_jax.pretrained_workdir", *args], cwd=root,
+      [sys.executable, "-m", "ddpm_jax.tools.pretrained_workdir", *args], cwd=root,
       env=env, capture_output=True, text=True, timeout=600, check=False)
 
 

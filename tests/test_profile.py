@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_helpers as helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from ddpm_jax import config as config_lib, train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ddpm_jax.engine import config as config_lib, train  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 pytestmark = pytest.mark.slow  # Two short training runs in this process.
 

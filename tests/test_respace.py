@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import diffusion, respace, sampling, schedules
+from ddpm_jax import diffusion, samplers
+from ddpm_jax.diffusion import respace, schedules
 
 
 def _improved_diffusion_steps(num_timesteps, count):
@@ -99,7 +100,7 @@ def test_respaced_ddpm_calls_the_original_steps(sched, case):
   model_fn = respace.map_timesteps(_single_image_model(sched, calls, extra),
                                    spaced.timesteps)
   x_T = jax.random.normal(jax.random.key(0), SHAPE)
-  out = sampling.ddpm_sample(model_fn, spaced.schedule, x_T=x_T,
+  out = samplers.ddpm_sample(model_fn, spaced.schedule, x_T=x_T,
                              key=jax.random.key(1), **case)
   assert calls == list(spaced.timesteps[::-1])
   # float32 rounding of the x_0 prediction at high noise (x_0 = 157 x_t -
@@ -146,7 +147,7 @@ def test_respaced_ddpm_samples_gaussian_data(sched, num_steps):
 
   model_fn = respace.map_timesteps(gaussian_eps, spaced.timesteps)
   x_T = jax.random.normal(jax.random.key(0), (NUM_PIXELS, 1, 1, 1))
-  sample = jax.jit(lambda x: sampling.ddpm_sample(
+  sample = jax.jit(lambda x: samplers.ddpm_sample(
       model_fn, spaced.schedule, x_T=x, key=jax.random.key(1),
       var_type="learned_range", mean_form="eps", clip_x0=False).images)
   samples = np.asarray(sample(x_T), np.float64).ravel()

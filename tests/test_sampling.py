@@ -1,4 +1,4 @@
-"""Tests of ddpm_jax.sampling with closed-form (optimal) denoisers.
+"""Tests of ddpm_jax.samplers with closed-form (optimal) denoisers.
 
 Compiling a program that draws threefry random numbers costs about a second
 on CPU, so most tests pass x_T drawn once outside, and compiled samplers are
@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import diffusion, sampling, schedules
+from ddpm_jax import diffusion, samplers
+from ddpm_jax.diffusion import schedules
 
 SHAPE = (4, 8, 8, 1)
 # A single training image c in (-1, 1), so clipping never changes it.
@@ -97,7 +98,7 @@ def test_ddpm_recovers_single_image(sched, x_T, case):
                                                          x.shape)),
   }[extra]
   model_fn = single_image_model(sched, case.get("target", "eps"), extra_fn)
-  out = jax.jit(lambda x_T, key: sampling.ddpm_sample(
+  out = jax.jit(lambda x_T, key: samplers.ddpm_sample(
       model_fn, sched, x_T=x_T, key=key, **case))(x_T, jax.random.key(0))
   chex.assert_shape(out.images, SHAPE)
   chex.assert_trees_all_close(out.images, jnp.broadcast_to(C_IMAGE, SHAPE),
@@ -122,7 +123,7 @@ def test_ddim_recovers_single_image(sched, x_T, case):
   learned = case.pop("learned_variance", False)
   model_fn = single_image_model(sched, case.get("target", "eps"),
                                 (lambda t, x: 0.0) if learned else None)
-  out = jax.jit(lambda x_T, key: sampling.ddim_sample(
+  out = jax.jit(lambda x_T, key: samplers.ddim_sample(
       model_fn, sched, x_T=x_T, key=key, **case))(x_T, jax.random.key(0))
   chex.assert_shape(out.images, SHAPE)
   chex.assert_trees_all_close(out.images, jnp.broadcast_to(C_IMAGE, SHAPE),
@@ -149,11 +150,11 @@ def jitted_samplers(sched):
   """Compiled once per module: name -> (fn(x_T, key), list of model_fn
   traces). The schedule is a traced argument."""
   configs = {
-      "ddpm": (sampling.ddpm_sample, {}),
-      "ddpm_traj": (sampling.ddpm_sample, dict(trajectory_every=33)),
-      "ddim_eta1": (sampling.ddim_sample, dict(num_steps=20, eta=1.0)),
-      "ddim_eta0": (sampling.ddim_sample, dict(num_steps=20)),
-      "ddim_traj": (sampling.ddim_sample, dict(num_steps=30, eta=0.5,
+      "ddpm": (samplers.ddpm_sample, {}),
+      "ddpm_traj": (samplers.ddpm_sample, dict(trajectory_every=33)),
+      "ddim_eta1": (samplers.ddim_sample, dict(num_steps=20, eta=1.0)),
+      "ddim_eta0": (samplers.ddim_sample, dict(num_steps=20)),
+      "ddim_traj": (samplers.ddim_sample, dict(num_steps=30, eta=0.5,
                                                 trajectory_every=4)),
   }
   fns = {}
@@ -198,7 +199,7 @@ def test_ddim_eta0_is_a_function_of_x_T(sched, jitted_samplers, x_T):
   fn, *_ = jitted_samplers["ddim_eta0"]
   a = fn(x_T, jax.random.key(1)).images
   b = fn(x_T, jax.random.key(2)).images
-  c = sampling.ddim_sample(gaussian_model(sched), sched, x_T=x_T,
+  c = samplers.ddim_sample(gaussian_model(sched), sched, x_T=x_T,
                            num_steps=20).images  # No key at all.
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=1e-6)
@@ -222,9 +223,9 @@ def test_model_traced_once_per_compile(jitted_samplers, x_T):
 def test_model_traced_once_per_eager_call(sched, sampler, kwargs):
   model_fn, calls = _counting(gaussian_model(sched))
   if sampler == "ddim":
-    sampling.ddim_sample(model_fn, sched, x_T=jnp.ones(SHAPE), **kwargs)
+    samplers.ddim_sample(model_fn, sched, x_T=jnp.ones(SHAPE), **kwargs)
   else:
-    sampling.ddim_invert(model_fn, sched, jnp.zeros(SHAPE), **kwargs)
+    samplers.ddim_invert(model_fn, sched, jnp.zeros(SHAPE), **kwargs)
   assert len(calls) == 1
 
 
@@ -234,7 +235,7 @@ def test_jitted_sampler_traces_once_across_inputs(sched, x_T):
   @jax.jit
   @chex.assert_max_traces(n=1)
   def sample(schedule, x_T):
-    return sampling.ddim_sample(model_fn, schedule, x_T=x_T,
+    return samplers.ddim_sample(model_fn, schedule, x_T=x_T,
                                 num_steps=10).images
 
   for shift in range(3):  # The schedule and x_T are traced arguments.
@@ -251,12 +252,12 @@ def test_ddim_trajectory_frames_are_the_chain_states(sched, x_T, num_steps,
                                                      every):
   """With the single-image denoiser DDIM (eta = 0) keeps eps constant, so the
   state at paper step t is sqrt(abar) c + sqrt(1 - abar) eps_T exactly."""
-  out = sampling.ddim_sample(single_image_model(sched), sched, x_T=x_T,
+  out = samplers.ddim_sample(single_image_model(sched), sched, x_T=x_T,
                              num_steps=num_steps, trajectory_every=every)
   num_frames = math.ceil(num_steps / every)
   chex.assert_shape(out.trajectory, (num_frames,) + SHAPE)
   chex.assert_shape(out.trajectory_steps, (num_frames,))
-  seq = sampling.ddim_timesteps(100, num_steps)
+  seq = samplers.ddim_timesteps(100, num_steps)
   state_steps = np.concatenate([[0], seq[:-1] + 1])[::-1]  # After each step.
   last = np.minimum((np.arange(num_frames) + 1) * every, num_steps) - 1
   np.testing.assert_array_equal(np.asarray(out.trajectory_steps),
@@ -292,7 +293,7 @@ def test_ddpm_trajectory(jitted_samplers, x_T):
 def test_stochastic_ddim_trajectory(jitted_samplers, x_T):
   out = jitted_samplers["ddim_traj"][0](x_T, jax.random.key(1))
   chex.assert_shape(out.trajectory, (8,) + SHAPE)  # ceil(30 / 4)
-  seq = sampling.ddim_timesteps(100, 30)
+  seq = samplers.ddim_timesteps(100, 30)
   np.testing.assert_array_equal(np.asarray(out.trajectory_steps),
                                 [seq[-1 - 4 * (j + 1)] + 1 for j in range(7)]
                                 + [0])
@@ -333,7 +334,7 @@ def chain_moments(schedule, sampler, num_steps=None, eta=0.0):
       A, B = (1 - c * k) / math.sqrt(alpha), -c * k0 / math.sqrt(alpha)
       m, v = A * m + B, A * A * v + var_t
     return m, v
-  seq = sampling.ddim_timesteps(len(betas), num_steps)
+  seq = samplers.ddim_timesteps(len(betas), num_steps)
   for i in range(num_steps - 1, -1, -1):  # DDIM eq. 12.
     a = abar[seq[i]]
     a_prev = abar[seq[i - 1]] if i > 0 else 1.0
@@ -369,11 +370,11 @@ def gauss_x_T():
 def _gaussian_samples(schedule, x_T, sampler, num_steps, eta):
   model_fn = gaussian_model(schedule)
   if sampler == "ddpm":
-    fn = lambda x_T, key: sampling.ddpm_sample(
+    fn = lambda x_T, key: samplers.ddpm_sample(
         model_fn, schedule, x_T=x_T, key=key, var_type="fixed_small",
         mean_form="eps", clip_x0=False).images
   else:
-    fn = lambda x_T, key: sampling.ddim_sample(
+    fn = lambda x_T, key: samplers.ddim_sample(
         model_fn, schedule, x_T=x_T, key=key, num_steps=num_steps,
         eta=eta).images
   return jax.jit(fn)(x_T, jax.random.key(1))
@@ -419,11 +420,11 @@ def test_ddim_inversion_reconstructs(sched1000):
   x0 = MU + SD * jax.random.normal(jax.random.key(1), SHAPE)
   errors = {}
   for num_steps in (100, 1000):
-    x_T = sampling.ddim_invert(model_fn, sched1000, x0, num_steps=num_steps)
+    x_T = samplers.ddim_invert(model_fn, sched1000, x0, num_steps=num_steps)
     chex.assert_shape(x_T, SHAPE)
     # The latent is noise-like: unit scale, not the image.
     assert 0.8 < float(jnp.std(x_T)) < 1.25
-    recon = sampling.ddim_sample(model_fn, sched1000, x_T=x_T,
+    recon = samplers.ddim_sample(model_fn, sched1000, x_T=x_T,
                                  num_steps=num_steps).images
     errors[num_steps] = float(jnp.abs(recon - x0).max())
   assert errors[1000] < 1e-2
@@ -435,9 +436,9 @@ def test_ddim_inversion_exact_for_single_image(sched):
   """The single-image denoiser keeps eps constant along the ODE, so
   inversion and sampling are exact inverses for any step count."""
   x0 = jnp.broadcast_to(C_IMAGE, SHAPE)
-  x_T = sampling.ddim_invert(single_image_model(sched), sched, x0,
+  x_T = samplers.ddim_invert(single_image_model(sched), sched, x0,
                              num_steps=10, spacing="quadratic")
-  recon = sampling.ddim_sample(single_image_model(sched), sched, x_T=x_T,
+  recon = samplers.ddim_sample(single_image_model(sched), sched, x_T=x_T,
                                num_steps=10, spacing="quadratic").images
   chex.assert_trees_all_close(recon, x0, atol=1e-5)
 
@@ -447,29 +448,29 @@ def test_ddim_inversion_exact_for_single_image(sched):
 
 
 def test_ddim_timesteps_uniform_as_authors():
-  np.testing.assert_array_equal(sampling.ddim_timesteps(1000, 50),
+  np.testing.assert_array_equal(samplers.ddim_timesteps(1000, 50),
                                 np.arange(0, 1000, 20))
-  np.testing.assert_array_equal(sampling.ddim_timesteps(10, 3), [0, 3, 6])
-  np.testing.assert_array_equal(sampling.ddim_timesteps(7, 7), np.arange(7))
+  np.testing.assert_array_equal(samplers.ddim_timesteps(10, 3), [0, 3, 6])
+  np.testing.assert_array_equal(samplers.ddim_timesteps(7, 7), np.arange(7))
 
 
 def test_ddim_timesteps_quadratic_as_authors_when_distinct():
   authors = (np.linspace(0, np.sqrt(800), 20)**2).astype(int)
   assert len(set(authors)) == 20
-  np.testing.assert_array_equal(sampling.ddim_timesteps(
+  np.testing.assert_array_equal(samplers.ddim_timesteps(
       1000, 20, spacing="quadratic"), authors)
   # The authors' formula repeats steps for T = 1000, S = 50: 0, 0, 1, 3, ...
-  seq = sampling.ddim_timesteps(1000, 50, spacing="quadratic")
+  seq = samplers.ddim_timesteps(1000, 50, spacing="quadratic")
   authors = (np.linspace(0, np.sqrt(800), 50)**2).astype(int)
   np.testing.assert_array_equal(seq[:4], [0, 1, 2, 3])
   np.testing.assert_array_equal(seq[4:], authors[4:])
 
 
-@pytest.mark.parametrize("spacing", sampling.SPACINGS)
+@pytest.mark.parametrize("spacing", samplers.DDIM_SPACINGS)
 @pytest.mark.parametrize("num_timesteps", [1, 7, 100, 1000])
 def test_ddim_timesteps_distinct_increasing_in_range(spacing, num_timesteps):
   for num_steps in range(1, num_timesteps + 1):
-    seq = sampling.ddim_timesteps(num_timesteps, num_steps, spacing=spacing)
+    seq = samplers.ddim_timesteps(num_timesteps, num_steps, spacing=spacing)
     assert seq.shape == (num_steps,)
     assert seq[0] == 0 and seq[-1] < num_timesteps
     assert np.all(np.diff(seq) > 0)
@@ -482,13 +483,13 @@ def test_ddim_timesteps_distinct_increasing_in_range(spacing, num_timesteps):
 def _ddim(sched, **kw):
   args = dict(shape=SHAPE, key=jax.random.key(0), num_steps=10)
   args.update(kw)
-  return sampling.ddim_sample(gaussian_model(sched), sched, **args)
+  return samplers.ddim_sample(gaussian_model(sched), sched, **args)
 
 
 def _ddpm(sched, **kw):
   args = dict(shape=SHAPE, key=jax.random.key(0))
   args.update(kw)
-  return sampling.ddpm_sample(gaussian_model(sched), sched, **args)
+  return samplers.ddpm_sample(gaussian_model(sched), sched, **args)
 
 
 BAD_ARGS = [
@@ -521,14 +522,14 @@ def test_bad_arguments(sched, fn, kwargs, message):
 
 def test_bad_arguments_for_inversion(sched):
   with pytest.raises(ValueError, match=r"num_steps must be an integer in"):
-    sampling.ddim_invert(gaussian_model(sched), sched, jnp.zeros(SHAPE),
+    samplers.ddim_invert(gaussian_model(sched), sched, jnp.zeros(SHAPE),
                          num_steps=0)
   with pytest.raises(ValueError, match="Unknown spacing"):
-    sampling.ddim_invert(gaussian_model(sched), sched, jnp.zeros(SHAPE),
+    samplers.ddim_invert(gaussian_model(sched), sched, jnp.zeros(SHAPE),
                          num_steps=5, spacing="cubic")
 
 
 def test_bad_model_output_shape(sched):
   with pytest.raises(ValueError, match="model output shape"):
-    sampling.ddim_sample(lambda x, t: x[..., :0], sched, shape=SHAPE,
+    samplers.ddim_sample(lambda x, t: x[..., :0], sched, shape=SHAPE,
                          key=jax.random.key(0), num_steps=2)

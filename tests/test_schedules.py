@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ddpm_jax import schedules
+from ddpm_jax.diffusion import schedules
 
 
 def _reference_betas(name, T, t, beta_start=1e-4, beta_end=0.02, s=0.008):

@@ -1,6 +1,6 @@
-"""Tests of ddpm_jax.solvers with exact (closed-form) denoisers.
+"""Tests of ddpm_jax.samplers with exact (closed-form) denoisers.
 
-The data are Gaussian mixtures (`ddpm_jax.testing`), whose optimal eps, x0
+The data are Gaussian mixtures (`ddpm_jax.diffusion.testing`), whose optimal eps, x0
 and v are known in closed form, so every error measured here is the
 sampler's own. Figures measured on a 2-core CPU (float32) are quoted in the
 comments; the assertions leave room around them.
@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import (diffusion, respace, sampling, schedules, solvers,
-                      testing)
+from ddpm_jax import diffusion, samplers
+from ddpm_jax.diffusion import respace, schedules, testing
 
 ODE_SOLVERS = ("euler", "heun", "dpmpp_2m", "dpmpp_3m")
 NEW_SAMPLERS = ODE_SOLVERS + ("dpmpp_2m_sde",)
@@ -44,7 +44,7 @@ def small_sched():
 
 
 def _run(name, model_fn, schedule, x_T, key=None, **options):
-  fn = solvers.get_sampler(name)
+  fn = samplers.get_sampler(name)
   return jax.jit(lambda x, k: fn(model_fn, schedule, x_T=x, key=k,
                                  **options).images)(
                                      x_T, jax.random.key(0) if key is None
@@ -64,7 +64,7 @@ def test_uniform_levels_are_diffusers_linspace(num_timesteps, num_steps):
   expected = np.linspace(0, num_timesteps - 1,
                          num_steps + 1).round()[::-1][:-1]
   np.testing.assert_array_equal(
-      solvers.solver_timesteps(sched, num_steps, spacing="uniform"), expected)
+      samplers.solver_timesteps(sched, num_steps, spacing="uniform"), expected)
 
 
 def _nearest_in_log_sigma(schedule, targets_log_sigma):
@@ -98,14 +98,14 @@ def test_logsnr_and_karras_levels_match_the_references(sched, num_steps):
   for spacing, targets in [("logsnr", lu), ("karras", karras)]:
     expected = _move_repeats(_nearest_in_log_sigma(sched, targets), 1000)
     np.testing.assert_array_equal(
-        solvers.solver_timesteps(sched, num_steps, spacing=spacing), expected)
+        samplers.solver_timesteps(sched, num_steps, spacing=spacing), expected)
 
 
-@pytest.mark.parametrize("spacing", solvers.SPACINGS)
+@pytest.mark.parametrize("spacing", samplers.SOLVER_SPACINGS)
 @pytest.mark.parametrize("name", ["linear", "cosine"])
 def test_levels_distinct_for_any_count(spacing, name):
   sched = schedules.make_schedule(name, 60, warn=False)
-  timesteps = jax.jit(solvers.solver_timesteps, static_argnums=1,
+  timesteps = jax.jit(samplers.solver_timesteps, static_argnums=1,
                       static_argnames="spacing")
   for num_steps in (1, 2, 3, 17, 45, 59, 60):
     t = np.asarray(timesteps(sched, num_steps, spacing=spacing))
@@ -125,7 +125,7 @@ def test_cosine_levels_are_clipped_at_sigma_exp_5_1():
   abar = np.cumprod(1.0 - np.asarray(sched.betas, np.float64))
   sigma = np.sqrt((1 - abar) / abar)
   for spacing in ("karras", "logsnr"):
-    t = np.asarray(solvers.solver_timesteps(sched, 20, spacing=spacing))
+    t = np.asarray(samplers.solver_timesteps(sched, 20, spacing=spacing))
     assert t[0] == np.argmin(np.abs(np.log(sigma) - 5.1))
     assert 0.5 * math.exp(5.1) < sigma[t[0]] < 2 * math.exp(5.1)
     assert np.sum(t >= 990) <= 4  # 2 for 'karras', 3 for 'logsnr'.
@@ -261,7 +261,7 @@ def test_updates_match_reference_code(sched, name, num_steps, spacing):
   key = jax.random.key(2)
   out = _run(name, testing.denoiser(MIX, sched), sched, x_T, key=key,
              num_steps=num_steps, spacing=spacing)
-  levels = np.asarray(solvers.solver_timesteps(sched, num_steps,
+  levels = np.asarray(samplers.solver_timesteps(sched, num_steps,
                                                spacing=spacing))
   if name == "dpmpp_3m":
     expected = _diffusers_3m(sched, levels, x_T)
@@ -322,7 +322,7 @@ def test_error_falls_with_the_order_of_the_solver(sched, name, low, high):
   for num_steps in (20, 40, 80, 160):
     out = _run(name, model_fn, sched, x_T, num_steps=num_steps,
                spacing="logsnr")
-    levels = solvers.solver_timesteps(sched, num_steps, spacing="logsnr")
+    levels = samplers.solver_timesteps(sched, num_steps, spacing="logsnr")
     exact = _exact_gaussian_output(sched, levels, x_T)
     errors.append(float(np.sqrt(np.mean((np.asarray(out) - exact)**2))))
   ratios = np.array(errors[:-1]) / np.array(errors[1:])
@@ -359,7 +359,7 @@ def _ddpm_images(schedule, x_T, num_steps):
         schedule.num_timesteps, num_steps))
     model_fn, schedule = (respace.map_timesteps(model_fn, spaced.timesteps),
                           spaced.schedule)
-  return jax.jit(lambda x: sampling.ddpm_sample(
+  return jax.jit(lambda x: samplers.ddpm_sample(
       model_fn, schedule, x_T=x, key=jax.random.key(5),
       clip_x0=False).images)(x_T)
 
@@ -404,7 +404,7 @@ def test_dpmpp_at_20_calls_is_closer_to_the_data_than_ddim_at_20(sched,
   assert _fit_error(reference) < 0.08
   dpmpp = _run("dpmpp_2m", model_fn, sched, mix_x_T, num_steps=20)
   ddim = _run("ddim", model_fn, sched, mix_x_T, num_steps=20)
-  assert solvers.num_model_calls("dpmpp_2m", 20) == 20
+  assert samplers.num_model_calls("dpmpp_2m", 20) == 20
   assert _fit_error(dpmpp) < 0.5 * _fit_error(ddim)
   rms = lambda x: float(jnp.sqrt(jnp.mean(jnp.square(x - reference))))
   assert rms(dpmpp) < 0.5 * rms(ddim)
@@ -425,14 +425,14 @@ def test_network_calls_and_their_steps(small_sched, name, num_steps):
     jax.debug.callback(lambda t: calls.append(int(t[0])), t)
     return testing.denoiser(MIX, small_sched)(x, t)
 
-  fn = solvers.get_sampler(name)
+  fn = samplers.get_sampler(name)
   fn(model_fn, small_sched, x_T=jnp.zeros((2, 2)), key=jax.random.key(0),
      num_steps=num_steps)
-  levels = list(np.asarray(solvers.solver_timesteps(small_sched, num_steps)))
+  levels = list(np.asarray(samplers.solver_timesteps(small_sched, num_steps)))
   if name == "heun":
     levels = [levels[0]] + [t for t in levels[1:] for _ in range(2)]
   assert calls == levels
-  assert len(calls) == solvers.num_model_calls(name, num_steps)
+  assert len(calls) == samplers.num_model_calls(name, num_steps)
 
 
 @pytest.mark.parametrize("name", ["heun", "dpmpp_2m"])
@@ -482,13 +482,13 @@ def test_single_image_recovered_and_trajectory_frames(small_sched, name,
   model_fn = _single_image_model(small_sched, case.get("target", "eps"),
                                  learned)
   x_T = jax.random.normal(jax.random.key(2), IMAGE_SHAPE)
-  out = solvers.get_sampler(name)(model_fn, small_sched, x_T=x_T,
+  out = samplers.get_sampler(name)(model_fn, small_sched, x_T=x_T,
                                   key=jax.random.key(0), **case)
   chex.assert_trees_all_close(out.images, jnp.broadcast_to(C_IMAGE,
                                                            IMAGE_SHAPE),
                               atol=1e-5)
   num_steps, every = case["num_steps"], case["trajectory_every"]
-  levels = np.asarray(solvers.solver_timesteps(
+  levels = np.asarray(samplers.solver_timesteps(
       small_sched, num_steps, spacing=case.get("spacing", "logsnr")))
   state_steps = np.append(levels[1:] + 1, 0)  # Paper step after each step.
   num_frames = math.ceil(num_steps / every)
@@ -513,7 +513,7 @@ def test_one_trace_determinism_and_keys(small_sched, name):
   the same inputs give bitwise the same samples; the key matters only to the
   SDE solver when x_T is given."""
   model_fn = testing.denoiser(MIX, small_sched)
-  fn = solvers.get_sampler(name)
+  fn = samplers.get_sampler(name)
   chex.clear_trace_counter()
 
   @jax.jit
@@ -539,9 +539,9 @@ def test_shape_draws_x_T_from_the_key(small_sched):
   """`shape=..., key=k` starts from normal(split(k)[0], shape)."""
   model_fn = testing.denoiser(MIX, small_sched)
   key = jax.random.key(4)
-  drawn = solvers.dpmpp_2m_sample(model_fn, small_sched, shape=(8, 2),
+  drawn = samplers.dpmpp_2m_sample(model_fn, small_sched, shape=(8, 2),
                                   key=key, num_steps=5).images
-  given = solvers.dpmpp_2m_sample(
+  given = samplers.dpmpp_2m_sample(
       model_fn, small_sched, num_steps=5,
       x_T=jax.random.normal(jax.random.split(key)[0], (8, 2))).images
   np.testing.assert_array_equal(drawn, given)
@@ -552,25 +552,25 @@ def test_shape_draws_x_T_from_the_key(small_sched):
 
 
 def test_registry_options_are_the_signatures():
-  for name in solvers.SAMPLER_NAMES:
-    params = inspect.signature(solvers.get_sampler(name)).parameters
+  for name in samplers.SAMPLER_NAMES:
+    params = inspect.signature(samplers.get_sampler(name)).parameters
     keyword_only = {p for p, v in params.items()
                     if v.kind == inspect.Parameter.KEYWORD_ONLY}
     assert keyword_only - {"shape", "key", "x_T", "trajectory_every"} == set(
-        solvers.SAMPLER_OPTIONS[name]), name
-  assert set(solvers.SAMPLER_NAMES) >= set(sampling.SAMPLERS)
+        samplers.SAMPLER_OPTIONS[name]), name
+  assert set(samplers.SAMPLER_NAMES) >= {"ddpm", "ddim"}
 
 
 def test_num_model_calls():
-  assert [solvers.num_model_calls(n, 10) for n in solvers.SAMPLER_NAMES] == [
+  assert [samplers.num_model_calls(n, 10) for n in samplers.SAMPLER_NAMES] == [
       10, 10, 10, 19, 10, 10, 10]
-  assert solvers.num_model_calls("heun", 1) == 1
+  assert samplers.num_model_calls("heun", 1) == 1
 
 
 def _solver(small_sched, name="dpmpp_2m", **kw):
   args = dict(shape=(4, 2), key=jax.random.key(0), num_steps=5)
   args.update(kw)
-  return solvers.get_sampler(name)(testing.denoiser(MIX, small_sched),
+  return samplers.get_sampler(name)(testing.denoiser(MIX, small_sched),
                                    small_sched, **args)
 
 
@@ -601,8 +601,8 @@ def test_bad_arguments(small_sched, kwargs, message):
 def test_unknown_sampler_and_bad_call_counts():
   with pytest.raises(ValueError, match="Unknown sampler 'dpm'; expected one "
                      "of ddpm, ddim, euler, heun, dpmpp_2m"):
-    solvers.get_sampler("dpm")
+    samplers.get_sampler("dpm")
   with pytest.raises(ValueError, match="Unknown sampler 'dpm'"):
-    solvers.num_model_calls("dpm", 10)
+    samplers.num_model_calls("dpm", 10)
   with pytest.raises(ValueError, match="num_steps must be an integer >= 1"):
-    solvers.num_model_calls("heun", 0)
+    samplers.num_model_calls("heun", 0)

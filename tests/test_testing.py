@@ -1,4 +1,4 @@
-"""The Gaussian-mixture reference problems of ddpm_jax.testing."""
+"""The Gaussian-mixture reference problems of ddpm_jax.diffusion.testing."""
 
 import math
 
@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import diffusion, schedules, testing
+from ddpm_jax import diffusion
+from ddpm_jax.diffusion import schedules, testing
 
 MIX = testing.gaussian_mixture(weights=[1.0, 2.0, 1.0],
                                means=[[-0.5, 0.2], [0.4, 0.4], [0.1, -0.6]],

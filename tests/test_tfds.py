@@ -5,7 +5,7 @@ so a dependency tfds needs but does not declare fails here."""
 import numpy as np
 import pytest
 
-from ddpm_jax import builders, config as config_lib
+from ddpm_jax.engine import builders, config as config_lib
 from tests import tfds_builder
 
 

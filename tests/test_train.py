@@ -26,9 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import host_helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
 import train_helpers as helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from ddpm_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ddpm_jax import images as image_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ddpm_jax import builders, config as config_lib, inference, losses, optim, parallel, train, train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ddpm_jax.engine import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ddpm_jax.infra import images as image_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ddpm_jax.diffusion import losses  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ddpm_jax.engine import (builders, config as config_lib, inference, optim, train, train_step)
+from ddpm_jax.infra import parallel
 
 HELPER = str(Path(helpers.__file__).resolve())
 SUBPROCESS_TIMEOUT = 300

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpm_jax import (builders, config as config_lib, evaluation, generation,
-                      inference, train, train_step)
+from ddpm_jax.engine import (builders, config as config_lib, evaluation, generation, inference, train, train_step)
 
 NUM_CLASSES = 3
 IMAGE_SHAPE = (8, 8, 1)

@@ -82,7 +82,7 @@ def tiny_model(dtype: str = "float32", dropout: float = 0.0):
 
 def make_config(**train_overrides):
   """A small config: the project's schema with test-sized values."""
-  from ddpm_jax.config import base_config  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.engine.config import base_config  # pylint: disable=g-import-not-at-top
   c = base_config()
   c.seed = 42
   c.data.update(dict(source="digits", image_size=IMAGE_SIZE, channels=1,
@@ -152,7 +152,8 @@ def flat(tree) -> dict[str, np.ndarray]:
 def run_mesh(config, images, num_steps, devices=None):
   """num_steps of the jitted step over a mesh; returns (losses, params)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import builders, parallel, train_step  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.engine import builders, train_step  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.infra import parallel
   mesh = parallel.create_mesh(devices)
   model = tiny_model()
   tx = builders.build_optimizer(config)
@@ -176,7 +177,7 @@ def run_pmap(config, images, num_steps):
   """The same training with jax.pmap over all local devices."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import builders, train_step  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.engine import builders, train_step  # pylint: disable=g-import-not-at-top
   n = jax.local_device_count()
   model = tiny_model()
   tx = builders.build_optimizer(config)
@@ -211,7 +212,8 @@ def _main(argv):
              **{"pmap" + k: v for k, v in pmap_params.items()})
   elif mode == "distributed":
     process_id, port, workdir, out = (int(argv[2]), argv[3], argv[4], argv[5])
-    from ddpm_jax import parallel, train  # pylint: disable=g-import-not-at-top
+    from ddpm_jax.engine import train  # pylint: disable=g-import-not-at-top
+    from ddpm_jax.infra import parallel
     assert parallel.initialize_distributed(f"localhost:{port}", 2,
                                            process_id)
     import jax  # pylint: disable=g-import-not-at-top

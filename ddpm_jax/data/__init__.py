@@ -1,1 +1,3 @@
-"""Input sources behind `ddpm_jax.input_pipeline.create_dataset`."""
+"""Input pipelines: `create_dataset` (`pipeline`) over every source (`arrays`,
+`folder`, `tfds_source`, the scikit-learn digits), batched from memory
+(`memory`) or tf.data."""

@@ -36,7 +36,7 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
-from ddpm_jax import storage
+from ddpm_jax.infra import storage
 from ddpm_jax.data import common
 
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")

@@ -56,7 +56,7 @@ class MemoryIterator:
   def __init__(self, data: common.ImageArrays, *, batch_size: int,
                random_flip: bool, seed: int, shuffle: bool, repeat: bool,
                process_index: int, process_count: int, where: str):
-    """Builds the iterator; see `input_pipeline.create_dataset` for options.
+    """Builds the iterator; see `pipeline.create_dataset` for options.
 
     Raises:
       DataError: if the split has no examples, or (with `repeat`) fewer than

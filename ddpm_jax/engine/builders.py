@@ -1,7 +1,7 @@
 """The config, turned into objects: model, schedule, optimizer, train step,
 dataset and sampler.
 
-These are the only functions that read a run config (`ddpm_jax.config`);
+These are the only functions that read a run config (`ddpm_jax.engine.config`);
 everything they build is plain library objects with keyword options, so
 research code can skip them and call the library directly.
 
@@ -22,11 +22,13 @@ import flax.linen as nn
 import numpy as np
 import optax
 
-from ddpm_jax import guidance, losses, optim, respace, sampling, solvers
-from ddpm_jax import train_step
-from ddpm_jax.config import model_config
+from ddpm_jax import samplers
+from ddpm_jax.diffusion import guidance, losses, respace
+from ddpm_jax.engine import optim
+from ddpm_jax.engine import train_step
+from ddpm_jax.engine.config import model_config
 from ddpm_jax.data.common import DatasetIterator
-from ddpm_jax.schedules import Schedule, make_schedule
+from ddpm_jax.diffusion.schedules import Schedule, make_schedule
 
 
 def image_shape(config) -> tuple[int, int, int]:
@@ -110,11 +112,11 @@ def build_dataset(config, *, batch_size: int, process_index: int = 0,
     An iterator of {'image', 'label'(, 'mask')} batches with
     `get_state()` / `set_state()`.
   """
-  from ddpm_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   data = config.data
   if split is None:
     split = data.split if training else data.eval_split
-  return input_pipeline.create_dataset(
+  return pipeline.create_dataset(
       data.source, split=split, batch_size=batch_size,
       image_size=int(data.image_size), channels=int(data.channels),
       resize=bool(data.resize), random_flip=bool(data.random_flip) and training,
@@ -126,11 +128,11 @@ def build_dataset(config, *, batch_size: int, process_index: int = 0,
 
 
 class Sampler(NamedTuple):
-  """A sampler of `ddpm_jax.solvers.SAMPLER_FNS` with the run's options,
+  """A sampler of `ddpm_jax.samplers.SAMPLER_FNS` with the run's options,
   respacing and guidance bound.
 
   `fn(model_fn, schedule, *, key, shape=None, x_T=None,
-  trajectory_every=None, labels=None) -> sampling.SampleOutput`, where
+  trajectory_every=None, labels=None) -> samplers.SampleOutput`, where
   `schedule` is the run's T-step schedule (`build_schedule(config)`). For an
   unconditional run `model_fn` is the denoiser `(x_t, t)` and `labels` is
   None. For a class-conditional run `model_fn` is the conditional denoiser
@@ -138,19 +140,19 @@ class Sampler(NamedTuple):
   `labels` int [B] the class of each sample (`sample_labels`); the sampler
   runs on `guidance.classifier_free_guidance` of it with the run's scale.
   """
-  name: str  # a name of solvers.SAMPLER_NAMES.
-  fn: Callable[..., sampling.SampleOutput]
+  name: str  # a name of samplers.SAMPLER_NAMES.
+  fn: Callable[..., samplers.SampleOutput]
   num_steps: int  # steps of the reverse chain (trajectory frames count them).
   num_calls: int  # network calls per sample (each on 2B inputs if guided).
 
 
-def _guided_respaced(solver: Callable[..., sampling.SampleOutput],
+def _guided_respaced(solver: Callable[..., samplers.SampleOutput],
                      model_fn: Callable, schedule: Schedule, *,
                      num_classes: int, guidance_scale: float,
                      respaced: Optional[respace.Respaced],
                      num_timesteps: int,
                      labels: Optional[np.ndarray] = None,
-                     **kwargs) -> sampling.SampleOutput:
+                     **kwargs) -> samplers.SampleOutput:
   """`solver` on the guided (conditional runs) and respaced (respaced
   ddpm) denoiser; `schedule` is the run's, respaced here when asked."""
   if num_classes:
@@ -200,13 +202,13 @@ def build_sampler(config) -> Sampler:
     else:
       options["spacing"] = sample.solver_spacing
   fn = functools.partial(
-      _guided_respaced, functools.partial(solvers.get_sampler(name),
+      _guided_respaced, functools.partial(samplers.get_sampler(name),
                                           **options),
       num_classes=int(config.data.num_classes),
       guidance_scale=float(sample.guidance_scale), respaced=respaced,
       num_timesteps=num_timesteps)
   return Sampler(name=name, fn=fn, num_steps=num_steps,
-                 num_calls=solvers.num_model_calls(name, num_steps))
+                 num_calls=samplers.num_model_calls(name, num_steps))
 
 
 def sample_labels(config, num_images: int) -> Optional[np.ndarray]:

@@ -2,7 +2,7 @@
 
 Every function is pure and works on a batch: images are NHWC (any trailing
 shape works), `t` is an integer array [B] of steps in [0, T), where index t is
-the paper's step t + 1 (see `ddpm_jax.schedules.Schedule`).
+the paper's step t + 1 (see `ddpm_jax.diffusion.schedules.Schedule`).
 
 Example:
   >>> sched = make_schedule("linear", 1000)
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax._checks import check_choice
-from ddpm_jax.schedules import Schedule
+from ddpm_jax.diffusion.schedules import Schedule
 
 TARGETS = ("eps", "x0", "v")
 VAR_TYPES = ("fixed_large", "fixed_small", "learned", "learned_range")

@@ -21,9 +21,10 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from ddpm_jax import diffusion, likelihood
+from ddpm_jax.diffusion import gaussian
+from ddpm_jax.diffusion import likelihood
 from ddpm_jax._checks import check_choice
-from ddpm_jax.schedules import Schedule
+from ddpm_jax.diffusion.schedules import Schedule
 
 LOSS_TYPES = ("l2", "l1", "huber")
 WEIGHTINGS = ("uniform", "min_snr")
@@ -60,7 +61,7 @@ def regression_loss(prediction: jnp.ndarray, target: jnp.ndarray, *,
   return jnp.mean(per_elem, axis=tuple(range(1, err.ndim)))
 
 
-def denoising_loss(model_fn: diffusion.ModelFn, schedule: Schedule, x0: jnp.ndarray,
+def denoising_loss(model_fn: gaussian.ModelFn, schedule: Schedule, x0: jnp.ndarray,
                    t: jnp.ndarray, noise: jnp.ndarray, *,
                    loss_type: str = "l2", target: str = "eps",
                    t_weights: Optional[jnp.ndarray] = None) -> jnp.ndarray:
@@ -81,7 +82,7 @@ def denoising_loss(model_fn: diffusion.ModelFn, schedule: Schedule, x0: jnp.ndar
   Returns:
     float32 [B].
   """
-  x_t = diffusion.q_sample(schedule, x0, t, noise)
+  x_t = gaussian.q_sample(schedule, x0, t, noise)
   prediction = model_fn(x_t, t)
   channels = x0.shape[-1]
   if prediction.shape[-1] == 2 * channels:
@@ -93,7 +94,7 @@ def denoising_loss(model_fn: diffusion.ModelFn, schedule: Schedule, x0: jnp.ndar
 def _simple_loss(schedule, prediction, x0, t, noise, *, loss_type, target,
                  t_weights):
   """The (weighted) regression of `prediction` on the target, [B]."""
-  goal = diffusion.training_target(schedule, x0, t, noise, target=target)
+  goal = gaussian.training_target(schedule, x0, t, noise, target=target)
   loss = regression_loss(prediction, goal, loss_type=loss_type)
   if t_weights is not None:
     if t_weights.shape != (schedule.num_timesteps,):
@@ -110,7 +111,7 @@ class HybridLoss(NamedTuple):
   vlb: jnp.ndarray  # [B] L_{t-1} (L_0 at t = 0) in bits/dim, mean stopped.
 
 
-def hybrid_loss(model_fn: diffusion.ModelFn, schedule: Schedule,
+def hybrid_loss(model_fn: gaussian.ModelFn, schedule: Schedule,
                 x0: jnp.ndarray, t: jnp.ndarray, noise: jnp.ndarray, *,
                 var_type: str = "learned_range", loss_type: str = "l2",
                 target: str = "eps", t_weights: Optional[jnp.ndarray] = None,
@@ -155,9 +156,9 @@ def hybrid_loss(model_fn: diffusion.ModelFn, schedule: Schedule,
   if isinstance(vlb_weight, bool) or not isinstance(
       vlb_weight, numbers.Real) or vlb_weight < 0:
     raise ValueError(f"vlb_weight must be a number >= 0, got {vlb_weight!r}.")
-  x_t = diffusion.q_sample(schedule, x0, t, noise)
+  x_t = gaussian.q_sample(schedule, x0, t, noise)
   output = model_fn(x_t, t)
-  prediction, var_output = diffusion.split_model_output(output, x_t,
+  prediction, var_output = gaussian.split_model_output(output, x_t,
                                                         var_type=var_type)
   simple = _simple_loss(schedule, prediction, x0, t, noise,
                         loss_type=loss_type, target=target,
@@ -171,7 +172,7 @@ def hybrid_loss(model_fn: diffusion.ModelFn, schedule: Schedule,
                     simple=simple, vlb=vlb)
 
 
-def training_losses(model_fn: diffusion.ModelFn, schedule: Schedule, x0: jnp.ndarray,
+def training_losses(model_fn: gaussian.ModelFn, schedule: Schedule, x0: jnp.ndarray,
                     key: jax.Array, *, loss_type: str = "l2",
                     target: str = "eps",
                     t_weights: Optional[jnp.ndarray] = None,
@@ -197,7 +198,7 @@ def training_losses(model_fn: diffusion.ModelFn, schedule: Schedule, x0: jnp.nda
   t_key, noise_key = jax.random.split(key)
   t = jax.random.randint(t_key, (x0.shape[0],), 0, schedule.num_timesteps)
   noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
-  check_choice("var_type", var_type, diffusion.VAR_TYPES)
+  check_choice("var_type", var_type, gaussian.VAR_TYPES)
   if var_type in LEARNED_VAR_TYPES:
     return hybrid_loss(model_fn, schedule, x0, t, noise, var_type=var_type,
                        loss_type=loss_type, target=target,
@@ -231,7 +232,7 @@ def loss_weights(schedule: Schedule, *, weighting: str, target: str = "eps",
     >>> loss = denoising_loss(model_fn, sched, x0, t, noise, t_weights=w)
   """
   check_choice("weighting", weighting, WEIGHTINGS)
-  check_choice("target", target, diffusion.TARGETS)
+  check_choice("target", target, gaussian.TARGETS)
   if weighting == "uniform":
     return None
   if not gamma > 0:

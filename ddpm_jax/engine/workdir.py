@@ -11,8 +11,8 @@ import os
 import shutil
 import uuid
 
-from ddpm_jax import storage
-from ddpm_jax.config import ConfigError
+from ddpm_jax.infra import storage
+from ddpm_jax.engine.config import ConfigError
 
 
 def check_workdir(workdir: str, *, mode: str,

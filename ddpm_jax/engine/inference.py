@@ -26,9 +26,13 @@ import jax.numpy as jnp
 from etils import epath
 from jax.sharding import Mesh
 
-from ddpm_jax import builders, checkpoint, diffusion, guidance, parallel
-from ddpm_jax import train_step
-from ddpm_jax.schedules import Schedule
+from ddpm_jax.diffusion import gaussian
+from ddpm_jax.diffusion import guidance
+from ddpm_jax.engine import builders, checkpoint
+from ddpm_jax.infra import parallel
+from ddpm_jax.engine import train_step
+from ddpm_jax.diffusion.schedules import Schedule
+from ddpm_jax.infra import storage
 
 PyTree = Any
 
@@ -68,7 +72,7 @@ class Trained(NamedTuple):
   num_classes: int = 0
 
   @property
-  def model_fn(self) -> diffusion.ModelFn | guidance.CondModelFn:
+  def model_fn(self) -> gaussian.ModelFn | guidance.CondModelFn:
     """The denoiser with the EMA parameters: `(x_t, t) -> output`, or
     `(x_t, t, y) -> output` for a class-conditional run."""
     return self.bind(self.params)
@@ -110,7 +114,7 @@ def load_trained(config, workdir: str | epath.PathLike, *,
   """
   mesh = parallel.create_mesh() if mesh is None else mesh
   model = builders.build_model(config) if model is None else model
-  directory = epath.Path(workdir) / "checkpoints"
+  directory = storage.as_path(workdir) / "checkpoints"
   no_checkpoint = FileNotFoundError(
       f"No checkpoint in {directory}: train first with --mode=train and this "
       "--workdir.")

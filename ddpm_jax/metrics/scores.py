@@ -1,7 +1,7 @@
 """Sample-quality metrics: FID, Inception Score and KID, with feature caching.
 
 All statistics are computed in float64 numpy on features from the FID
-Inception (`ddpm_jax.models.inception`), following the conventions of
+Inception (`ddpm_jax.metrics.inception`), following the conventions of
 TF's original FID / pytorch-fid (FID on the 2048-d pool features), of the
 original Inception Score code (1008 logits, 10 splits) and of Binkowski et
 al.'s KID (unbiased MMD^2 with the kernel (x.y / d + 1)^3, averaged over
@@ -11,7 +11,7 @@ Statistics files (`write_statistics`, `load_statistics`) are `.npz` files
 with `mu` [D] and `sigma` [D, D], as TF's FID, pytorch-fid, clean-fid and
 NVIDIA's EDM write them, plus optionally `features` [N, D] (needed for KID)
 and `preprocessing` (the Inception input convention they were computed
-with; see `ddpm_jax.models.inception`).
+with; see `ddpm_jax.metrics.inception`).
 
 Example:
   >>> extract = make_fid_inception_extractor(variables)
@@ -36,8 +36,9 @@ from typing import NamedTuple
 
 import numpy as np
 from etils import epath
+from ddpm_jax.infra import storage
 
-# Input conventions of the FID Inception (`models.inception.preprocess_images`):
+# Input conventions of the FID Inception (`inception.preprocess_images`):
 # the TensorFlow reference's (the default) or pytorch-fid's.
 INCEPTION_PREPROCESSING = ("tensorflow", "pytorch_fid")
 
@@ -358,7 +359,7 @@ def write_statistics(path: str | os.PathLike, stats: ReferenceStatistics, *,
   Example:
     >>> write_statistics("cifar10_train.npz", ref, preprocessing="tensorflow")
   """
-  path = epath.Path(path)
+  path = storage.as_path(path)
   if not path.name.endswith(".npz"):
     raise ValueError(f"A statistics file must end in .npz; got {path}.")
   arrays = dict(mu=stats.mu, sigma=stats.sigma,
@@ -392,7 +393,7 @@ def load_statistics(path: str | os.PathLike, *,
   Example:
     >>> ref = load_statistics("cifar10_train.npz", preprocessing="tensorflow")
   """
-  path = epath.Path(path)
+  path = storage.as_path(path)
   if not path.is_file():
     raise FileNotFoundError(f"Statistics file not found: {path}")
   try:
@@ -438,7 +439,7 @@ def reference_cache_path(cache_dir: str | os.PathLike, *, dataset: str,
   """
   def clean(name):
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)
-  return os.fspath(epath.Path(cache_dir) / (
+  return os.fspath(storage.as_path(cache_dir) / (
       f"fid_inception_{clean(preprocessing)}_{clean(dataset)}_{clean(split)}_"
       f"{num_images}.npz"))
 
@@ -483,7 +484,7 @@ def reference_statistics(extract_fn: Callable,
   path = reference_cache_path(cache_dir, dataset=dataset, split=split,
                               num_images=num_images,
                               preprocessing=preprocessing)
-  if epath.Path(path).exists():
+  if storage.as_path(path).exists():
     stats = load_statistics(path, preprocessing=preprocessing)
     if stats.features is None:
       raise ValueError(f"Reference statistics cache {path} lacks "

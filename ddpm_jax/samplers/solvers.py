@@ -3,7 +3,7 @@
 Euler and Heun (Karras et al. 2022, Algorithm 1 with the probability-flow
 ODE in sigma = sqrt((1 - abar) / abar)) and DPM-Solver++ (Lu et al. 2022):
 2M, 2M-SDE and 3M. Each sampler is one `lax.scan` over any
-`model_fn(x_t, t)` with the conventions of `ddpm_jax.sampling` (shape or
+`model_fn(x_t, t)` with the conventions of `ddpm_jax.samplers` (shape or
 x_T, key, trajectory_every, `SampleOutput`) and reads eps, x0 or v
 predictions; a learned-variance output (2C channels) is read on its first C.
 
@@ -88,12 +88,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import diffusion, sampling
+from ddpm_jax.diffusion import gaussian
 from ddpm_jax._checks import check_choice
-from ddpm_jax.sampling import (SampleOutput, _batch_t, _check_int,
-                               _check_start, _check_trajectory_every,
-                               _ddim_predictions, _initial_state, _run_chain)
-from ddpm_jax.schedules import Schedule
+from ddpm_jax.samplers import chain
+from ddpm_jax.diffusion.schedules import Schedule
 
 SPACINGS = ("uniform", "logsnr", "karras")
 KARRAS_RHO = 7.0
@@ -148,7 +146,7 @@ def solver_timesteps(schedule: Schedule, num_steps: int, *,
     Array([999, 799, 599, 400, 200], dtype=int32)
   """
   num_timesteps = schedule.num_timesteps
-  _check_int("num_steps", num_steps, low=1, high=num_timesteps)
+  chain.check_int("num_steps", num_steps, low=1, high=num_timesteps)
   check_choice("spacing", spacing, SPACINGS)
   abar = schedule.alphas_cumprod
   log_sigma = 0.5 * (jnp.log1p(-abar) - jnp.log(abar))  # Increasing in t.
@@ -284,26 +282,26 @@ def _dpmpp_3m_coefs(lv: _Levels) -> _Coefs:
 
 
 def _check_solver_args(schedule, num_steps, spacing, target, trajectory_every):
-  _check_int("num_steps", num_steps, low=1, high=schedule.num_timesteps)
+  chain.check_int("num_steps", num_steps, low=1, high=schedule.num_timesteps)
   check_choice("spacing", spacing, SPACINGS)
-  check_choice("target", target, diffusion.TARGETS)
-  _check_trajectory_every(trajectory_every)
+  check_choice("target", target, gaussian.TARGETS)
+  chain.check_trajectory_every(trajectory_every)
 
 
 def _multistep_sample(coef_fn: Callable[[_Levels], _Coefs], *, stochastic,
                       model_fn, schedule, num_steps, shape, key, x_T, spacing,
-                      target, clip_x0, trajectory_every) -> SampleOutput:
+                      target, clip_x0, trajectory_every) -> chain.SampleOutput:
   """Runs x_{i+1} = c_x x + c_0 D + c_1 (D - D1) + c_2 (D1 - D2) + c_z z."""
   _check_solver_args(schedule, num_steps, spacing, target, trajectory_every)
-  shape = _check_start(shape, key, x_T, needs_key=stochastic)
-  x_T, chain_key = _initial_state(shape, key, x_T)
+  shape = chain.check_start(shape, key, x_T, needs_key=stochastic)
+  x_T, chain_key = chain.initial_state(shape, key, x_T)
   lv = _levels(schedule, num_steps, spacing)
   coefs = coef_fn(lv)
 
   def step(carry, inp):
     x, d1, d2 = carry
     i, t, c = inp
-    pred_x0, _ = _ddim_predictions(model_fn, schedule, x, _batch_t(t, x),
+    pred_x0, _ = chain.x0_eps_predictions(model_fn, schedule, x, chain.batch_t(t, x),
                                    target=target, clip_x0=clip_x0)
     x_next = (c.c_x * x + c.c_0 * pred_x0 + c.c_1 * (pred_x0 - d1) +
               c.c_2 * (d1 - d2))
@@ -314,7 +312,7 @@ def _multistep_sample(coef_fn: Callable[[_Levels], _Coefs], *, stochastic,
     return x_next.astype(x.dtype), pred_x0.astype(x.dtype), d1
 
   zeros = jnp.zeros_like(x_T)
-  return _run_chain(step, (x_T, zeros, zeros),
+  return chain.run_chain(step, (x_T, zeros, zeros),
                     (jnp.arange(num_steps, dtype=jnp.int32), lv.t, coefs),
                     lv.state_steps, trajectory_every=trajectory_every,
                     image=lambda carry: carry[0])
@@ -358,7 +356,17 @@ def _heun_iterations(schedule: Schedule, num_steps: int, spacing: str):
 # ----------------------------------------------------------------------------
 # Public samplers.
 
-_COMMON_ARGS_DOC = """
+def euler_sample(model_fn: gaussian.ModelFn, schedule: Schedule, *,
+                 num_steps: int, shape: Optional[tuple[int, ...]] = None,
+                 key: Optional[jax.Array] = None,
+                 x_T: Optional[jnp.ndarray] = None, spacing: str = "logsnr",
+                 target: str = "eps", clip_x0: bool = False,
+                 trajectory_every: Optional[int] = None) -> chain.SampleOutput:
+  """Euler's method on the probability-flow ODE (Karras et al. 2022); S network calls.
+
+  The same update as DDIM with eta = 0 (and DPM-Solver++(1)), on the levels
+  of `solver_timesteps`.
+
   Args:
     model_fn: denoiser (x_t [B, ...], t int32 [B]) -> [B, ...], or [B, ..., 2C]
       for learned variances (read on the first C channels). Any wrapper
@@ -368,7 +376,7 @@ _COMMON_ARGS_DOC = """
       `solver_timesteps`).
     shape: static (B, ...) of x_T ~ N(0, I) drawn from `key`; give this or
       `x_T`.
-    key: PRNG key; may be None when `x_T` is given{key_note}.
+    key: PRNG key; may be None when `x_T` is given.
     x_T: optional starting noise [B, ...] instead of `shape`.
     spacing: 'logsnr' (default), 'uniform' or 'karras' (see the module
       docstring).
@@ -383,58 +391,68 @@ _COMMON_ARGS_DOC = """
   Raises:
     ValueError: for S outside [1, T], unknown names, a bad
       `trajectory_every`, or a missing key or shape.
-"""
 
-
-def _doc(summary: str, *, key_note: str = "", example: str) -> Callable:
-  def decorate(fn):
-    fn.__doc__ = (summary + "\n" + _COMMON_ARGS_DOC.format(key_note=key_note)
-                  + "\n  Example:\n" + example)
-    return fn
-  return decorate
-
-
-@_doc("Euler's method on the probability-flow ODE (Karras et al. 2022); "
-      "S network calls.\n\n  The same update as DDIM with eta = 0 (and "
-      "DPM-Solver++(1)), on the levels\n  of `solver_timesteps`.",
-      example="    >>> out = euler_sample(model_fn, sched, shape=(4, 32, 32, 3),"
-      "\n    ...                    key=jax.random.key(0), num_steps=50)\n")
-def euler_sample(model_fn: diffusion.ModelFn, schedule: Schedule, *,
-                 num_steps: int, shape: Optional[tuple[int, ...]] = None,
-                 key: Optional[jax.Array] = None,
-                 x_T: Optional[jnp.ndarray] = None, spacing: str = "logsnr",
-                 target: str = "eps", clip_x0: bool = False,
-                 trajectory_every: Optional[int] = None) -> SampleOutput:
+  Example:
+    >>> out = euler_sample(model_fn, sched, shape=(4, 32, 32, 3),
+    ...                    key=jax.random.key(0), num_steps=50)
+  """
   return _multistep_sample(
       _euler_coefs, stochastic=False, model_fn=model_fn, schedule=schedule,
       num_steps=num_steps, shape=shape, key=key, x_T=x_T, spacing=spacing,
       target=target, clip_x0=clip_x0, trajectory_every=trajectory_every)
 
 
-@_doc("Heun's second-order method (Karras et al. 2022, Algorithm 1); "
-      "2S - 1 network calls.\n\n  Each step takes Euler's step to the next "
-      "level, calls the network there\n  and restarts from x_i with the mean "
-      "of the two slopes; the last step (to\n  the clean level) is Euler's. "
-      "One scan iteration per network call.",
-      example="    >>> out = heun_sample(model_fn, sched, shape=(4, 32, 32, 3),"
-      "\n    ...                   key=jax.random.key(0), num_steps=10)  # 19 "
-      "calls\n")
-def heun_sample(model_fn: diffusion.ModelFn, schedule: Schedule, *,
+def heun_sample(model_fn: gaussian.ModelFn, schedule: Schedule, *,
                 num_steps: int, shape: Optional[tuple[int, ...]] = None,
                 key: Optional[jax.Array] = None,
                 x_T: Optional[jnp.ndarray] = None, spacing: str = "logsnr",
                 target: str = "eps", clip_x0: bool = False,
-                trajectory_every: Optional[int] = None) -> SampleOutput:
+                trajectory_every: Optional[int] = None) -> chain.SampleOutput:
+  """Heun's second-order method (Karras et al. 2022, Algorithm 1); 2S - 1 network calls.
+
+  Each step takes Euler's step to the next level, calls the network there
+  and restarts from x_i with the mean of the two slopes; the last step (to
+  the clean level) is Euler's. One scan iteration per network call.
+
+  Args:
+    model_fn: denoiser (x_t [B, ...], t int32 [B]) -> [B, ...], or [B, ..., 2C]
+      for learned variances (read on the first C channels). Any wrapper
+      (guidance) fits.
+    schedule: the diffusion schedule (concrete or a traced jit argument).
+    num_steps: static S in [1, T], the number of levels (see
+      `solver_timesteps`).
+    shape: static (B, ...) of x_T ~ N(0, I) drawn from `key`; give this or
+      `x_T`.
+    key: PRNG key; may be None when `x_T` is given.
+    x_T: optional starting noise [B, ...] instead of `shape`.
+    spacing: 'logsnr' (default), 'uniform' or 'karras' (see the module
+      docstring).
+    target: what `model_fn` predicts: 'eps', 'x0' or 'v'.
+    clip_x0: clip the predicted x_0 to [-1, 1] (and recompute eps from it).
+    trajectory_every: static k >= 1 to also return the state after every k
+      solver steps (and after the last); None returns no trajectory.
+
+  Returns:
+    A `SampleOutput`; the trajectory has ceil(S / k) frames.
+
+  Raises:
+    ValueError: for S outside [1, T], unknown names, a bad
+      `trajectory_every`, or a missing key or shape.
+
+  Example:
+    >>> out = heun_sample(model_fn, sched, shape=(4, 32, 32, 3),
+    ...                   key=jax.random.key(0), num_steps=10)  # 19 calls
+  """
   _check_solver_args(schedule, num_steps, spacing, target, trajectory_every)
-  shape = _check_start(shape, key, x_T, needs_key=False)
-  x_T, _ = _initial_state(shape, key, x_T)
+  shape = chain.check_start(shape, key, x_T, needs_key=False)
+  x_T, _ = chain.initial_state(shape, key, x_T)
   iters, step_ids, state_steps = _heun_iterations(schedule, num_steps,
                                                   spacing)
 
   def step(carry, it):
     x, x_eval, slope = carry
-    pred_x0, eps = _ddim_predictions(model_fn, schedule, x_eval,
-                                     _batch_t(it.t, x), target=target,
+    pred_x0, eps = chain.x0_eps_predictions(model_fn, schedule, x_eval,
+                                     chain.batch_t(it.t, x), target=target,
                                      clip_x0=clip_x0)
     corrected = it.a_x * x + it.a_e * (slope + eps)
     x_new = jnp.where(it.kind == _CORRECT, corrected,
@@ -445,23 +463,49 @@ def heun_sample(model_fn: diffusion.ModelFn, schedule: Schedule, *,
     return (x_new.astype(x.dtype), x_eval.astype(x.dtype),
             slope.astype(x.dtype))
 
-  return _run_chain(step, (x_T, x_T, jnp.zeros_like(x_T)), iters,
+  return chain.run_chain(step, (x_T, x_T, jnp.zeros_like(x_T)), iters,
                     state_steps, trajectory_every=trajectory_every,
                     image=lambda carry: carry[0], step_ids=step_ids)
 
 
-@_doc("DPM-Solver++(2M) (Lu et al. 2022), multistep, second order; S "
-      "network calls.",
-      example="    >>> out = dpmpp_2m_sample(model_fn, sched, shape=(4, 32, 32, "
-      "3),\n    ...                       key=jax.random.key(0), "
-      "num_steps=20)\n")
-def dpmpp_2m_sample(model_fn: diffusion.ModelFn, schedule: Schedule, *,
+def dpmpp_2m_sample(model_fn: gaussian.ModelFn, schedule: Schedule, *,
                     num_steps: int, shape: Optional[tuple[int, ...]] = None,
                     key: Optional[jax.Array] = None,
                     x_T: Optional[jnp.ndarray] = None,
                     spacing: str = "logsnr", target: str = "eps",
                     clip_x0: bool = False,
-                    trajectory_every: Optional[int] = None) -> SampleOutput:
+                    trajectory_every: Optional[int] = None) -> chain.SampleOutput:
+  """DPM-Solver++(2M) (Lu et al. 2022), multistep, second order; S network calls.
+
+  Args:
+    model_fn: denoiser (x_t [B, ...], t int32 [B]) -> [B, ...], or [B, ..., 2C]
+      for learned variances (read on the first C channels). Any wrapper
+      (guidance) fits.
+    schedule: the diffusion schedule (concrete or a traced jit argument).
+    num_steps: static S in [1, T], the number of levels (see
+      `solver_timesteps`).
+    shape: static (B, ...) of x_T ~ N(0, I) drawn from `key`; give this or
+      `x_T`.
+    key: PRNG key; may be None when `x_T` is given.
+    x_T: optional starting noise [B, ...] instead of `shape`.
+    spacing: 'logsnr' (default), 'uniform' or 'karras' (see the module
+      docstring).
+    target: what `model_fn` predicts: 'eps', 'x0' or 'v'.
+    clip_x0: clip the predicted x_0 to [-1, 1] (and recompute eps from it).
+    trajectory_every: static k >= 1 to also return the state after every k
+      solver steps (and after the last); None returns no trajectory.
+
+  Returns:
+    A `SampleOutput`; the trajectory has ceil(S / k) frames.
+
+  Raises:
+    ValueError: for S outside [1, T], unknown names, a bad
+      `trajectory_every`, or a missing key or shape.
+
+  Example:
+    >>> out = dpmpp_2m_sample(model_fn, sched, shape=(4, 32, 32, 3),
+    ...                       key=jax.random.key(0), num_steps=20)
+  """
   return _multistep_sample(
       _dpmpp_2m_coefs, stochastic=False, model_fn=model_fn,
       schedule=schedule, num_steps=num_steps, shape=shape, key=key, x_T=x_T,
@@ -469,14 +513,7 @@ def dpmpp_2m_sample(model_fn: diffusion.ModelFn, schedule: Schedule, *,
       trajectory_every=trajectory_every)
 
 
-@_doc("DPM-Solver++(2M) SDE (Lu et al. 2022; midpoint form, eta = 1); S "
-      "network calls.\n\n  Step i draws its noise from "
-      "`fold_in(split(key)[1], i)`; no noise at the last\n  step.",
-      key_note="; required (noise at every step)",
-      example="    >>> out = dpmpp_2m_sde_sample(model_fn, sched, shape=(4, 32, "
-      "32, 3),\n    ...                           key=jax.random.key(0), "
-      "num_steps=50)\n")
-def dpmpp_2m_sde_sample(model_fn: diffusion.ModelFn, schedule: Schedule, *,
+def dpmpp_2m_sde_sample(model_fn: gaussian.ModelFn, schedule: Schedule, *,
                         num_steps: int,
                         shape: Optional[tuple[int, ...]] = None,
                         key: Optional[jax.Array] = None,
@@ -484,7 +521,41 @@ def dpmpp_2m_sde_sample(model_fn: diffusion.ModelFn, schedule: Schedule, *,
                         spacing: str = "logsnr", target: str = "eps",
                         clip_x0: bool = False,
                         trajectory_every: Optional[int] = None
-                        ) -> SampleOutput:
+                        ) -> chain.SampleOutput:
+  """DPM-Solver++(2M) SDE (Lu et al. 2022; midpoint form, eta = 1); S network calls.
+
+  Step i draws its noise from `fold_in(split(key)[1], i)`; no noise at the last
+  step.
+
+  Args:
+    model_fn: denoiser (x_t [B, ...], t int32 [B]) -> [B, ...], or [B, ..., 2C]
+      for learned variances (read on the first C channels). Any wrapper
+      (guidance) fits.
+    schedule: the diffusion schedule (concrete or a traced jit argument).
+    num_steps: static S in [1, T], the number of levels (see
+      `solver_timesteps`).
+    shape: static (B, ...) of x_T ~ N(0, I) drawn from `key`; give this or
+      `x_T`.
+    key: PRNG key; may be None when `x_T` is given; required (noise at every step).
+    x_T: optional starting noise [B, ...] instead of `shape`.
+    spacing: 'logsnr' (default), 'uniform' or 'karras' (see the module
+      docstring).
+    target: what `model_fn` predicts: 'eps', 'x0' or 'v'.
+    clip_x0: clip the predicted x_0 to [-1, 1] (and recompute eps from it).
+    trajectory_every: static k >= 1 to also return the state after every k
+      solver steps (and after the last); None returns no trajectory.
+
+  Returns:
+    A `SampleOutput`; the trajectory has ceil(S / k) frames.
+
+  Raises:
+    ValueError: for S outside [1, T], unknown names, a bad
+      `trajectory_every`, or a missing key or shape.
+
+  Example:
+    >>> out = dpmpp_2m_sde_sample(model_fn, sched, shape=(4, 32, 32, 3),
+    ...                           key=jax.random.key(0), num_steps=50)
+  """
   return _multistep_sample(
       _dpmpp_2m_sde_coefs, stochastic=True, model_fn=model_fn,
       schedule=schedule, num_steps=num_steps, shape=shape, key=key, x_T=x_T,
@@ -492,92 +563,46 @@ def dpmpp_2m_sde_sample(model_fn: diffusion.ModelFn, schedule: Schedule, *,
       trajectory_every=trajectory_every)
 
 
-@_doc("DPM-Solver++(3M) (Lu et al. 2022), multistep, third order; S "
-      "network calls.",
-      example="    >>> out = dpmpp_3m_sample(model_fn, sched, shape=(4, 32, 32, "
-      "3),\n    ...                       key=jax.random.key(0), "
-      "num_steps=20)\n")
-def dpmpp_3m_sample(model_fn: diffusion.ModelFn, schedule: Schedule, *,
+def dpmpp_3m_sample(model_fn: gaussian.ModelFn, schedule: Schedule, *,
                     num_steps: int, shape: Optional[tuple[int, ...]] = None,
                     key: Optional[jax.Array] = None,
                     x_T: Optional[jnp.ndarray] = None,
                     spacing: str = "logsnr", target: str = "eps",
                     clip_x0: bool = False,
-                    trajectory_every: Optional[int] = None) -> SampleOutput:
+                    trajectory_every: Optional[int] = None) -> chain.SampleOutput:
+  """DPM-Solver++(3M) (Lu et al. 2022), multistep, third order; S network calls.
+
+  Args:
+    model_fn: denoiser (x_t [B, ...], t int32 [B]) -> [B, ...], or [B, ..., 2C]
+      for learned variances (read on the first C channels). Any wrapper
+      (guidance) fits.
+    schedule: the diffusion schedule (concrete or a traced jit argument).
+    num_steps: static S in [1, T], the number of levels (see
+      `solver_timesteps`).
+    shape: static (B, ...) of x_T ~ N(0, I) drawn from `key`; give this or
+      `x_T`.
+    key: PRNG key; may be None when `x_T` is given.
+    x_T: optional starting noise [B, ...] instead of `shape`.
+    spacing: 'logsnr' (default), 'uniform' or 'karras' (see the module
+      docstring).
+    target: what `model_fn` predicts: 'eps', 'x0' or 'v'.
+    clip_x0: clip the predicted x_0 to [-1, 1] (and recompute eps from it).
+    trajectory_every: static k >= 1 to also return the state after every k
+      solver steps (and after the last); None returns no trajectory.
+
+  Returns:
+    A `SampleOutput`; the trajectory has ceil(S / k) frames.
+
+  Raises:
+    ValueError: for S outside [1, T], unknown names, a bad
+      `trajectory_every`, or a missing key or shape.
+
+  Example:
+    >>> out = dpmpp_3m_sample(model_fn, sched, shape=(4, 32, 32, 3),
+    ...                       key=jax.random.key(0), num_steps=20)
+  """
   return _multistep_sample(
       _dpmpp_3m_coefs, stochastic=False, model_fn=model_fn,
       schedule=schedule, num_steps=num_steps, shape=shape, key=key, x_T=x_T,
       spacing=spacing, target=target, clip_x0=clip_x0,
       trajectory_every=trajectory_every)
-
-
-# ----------------------------------------------------------------------------
-# Registry.
-
-# Every sampler by name. Each is called as
-#   fn(model_fn, schedule, *, shape=... or x_T=..., key=...,
-#      trajectory_every=None, **options)
-# with the options of SAMPLER_OPTIONS[name]. 'ddpm' runs every step of the
-# schedule it is given: for fewer steps pass a respaced schedule and model
-# (`ddpm_jax.respace`).
-SAMPLER_FNS: dict[str, Callable[..., SampleOutput]] = {
-    "ddpm": sampling.ddpm_sample,
-    "ddim": sampling.ddim_sample,
-    "euler": euler_sample,
-    "heun": heun_sample,
-    "dpmpp_2m": dpmpp_2m_sample,
-    "dpmpp_2m_sde": dpmpp_2m_sde_sample,
-    "dpmpp_3m": dpmpp_3m_sample,
-}
-SAMPLER_NAMES = tuple(SAMPLER_FNS)
-
-_SOLVER_OPTIONS = ("num_steps", "spacing", "target", "clip_x0")
-# The keyword options of each sampler besides shape, key, x_T and
-# trajectory_every:
-#   ddpm: target, var_type ('fixed_large', 'fixed_small', 'learned',
-#     'learned_range'), mean_form ('x0', 'eps'), clip_x0.
-#   ddim: num_steps, eta in [0, 1], spacing ('uniform', 'quadratic'), target,
-#     clip_x0.
-#   euler, heun, dpmpp_*: num_steps, spacing ('uniform', 'logsnr',
-#     'karras'), target, clip_x0.
-SAMPLER_OPTIONS: dict[str, tuple[str, ...]] = {
-    "ddpm": ("target", "var_type", "mean_form", "clip_x0"),
-    "ddim": ("num_steps", "eta", "spacing", "target", "clip_x0"),
-    **{name: _SOLVER_OPTIONS for name in SAMPLER_NAMES[2:]},
-}
-# Samplers that draw noise at every step and so need `key` even with x_T
-# (ddim too when eta > 0).
-STOCHASTIC_SAMPLERS = ("ddpm", "dpmpp_2m_sde")
-
-
-def get_sampler(name: str) -> Callable[..., SampleOutput]:
-  """The sampler function called `name` (see `SAMPLER_FNS`).
-
-  Raises:
-    ValueError: for an unknown name, listing the known ones.
-
-  Example:
-    >>> fn = get_sampler("dpmpp_2m")
-    >>> out = fn(model_fn, sched, shape=(4, 32, 32, 3), key=key, num_steps=20)
-  """
-  check_choice("sampler", name, SAMPLER_NAMES)
-  return SAMPLER_FNS[name]
-
-
-def num_model_calls(name: str, num_steps: int) -> int:
-  """Network calls of sampler `name` with `num_steps` steps.
-
-  Heun makes two per step except the last (2S - 1); every other sampler one
-  per step. For 'ddpm', `num_steps` is the number of steps of the (respaced)
-  schedule it runs over.
-
-  Raises:
-    ValueError: for an unknown name or num_steps < 1.
-
-  Example:
-    >>> num_model_calls("heun", 10), num_model_calls("dpmpp_2m", 10)
-    (19, 10)
-  """
-  check_choice("sampler", name, SAMPLER_NAMES)
-  _check_int("num_steps", num_steps, low=1)
-  return 2 * num_steps - 1 if name == "heun" else num_steps

@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import diffusion
-from ddpm_jax.schedules import Schedule
+from ddpm_jax.diffusion import gaussian
+from ddpm_jax.diffusion.schedules import Schedule
 
 
 class Respaced(NamedTuple):
@@ -123,7 +123,7 @@ def respace(schedule: Schedule, timesteps, *, warn: bool = True) -> Respaced:
                   timesteps=steps.astype(np.int64))
 
 
-def map_timesteps(model_fn: diffusion.ModelFn, timesteps) -> diffusion.ModelFn:
+def map_timesteps(model_fn: gaussian.ModelFn, timesteps) -> gaussian.ModelFn:
   """Wraps `model_fn` to be called at the original step `timesteps[t]`.
 
   Args:

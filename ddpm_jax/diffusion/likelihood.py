@@ -22,8 +22,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ddpm_jax import diffusion
-from ddpm_jax.schedules import Schedule
+from ddpm_jax.diffusion import gaussian
+from ddpm_jax.diffusion.schedules import Schedule
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2) -> jnp.ndarray:
@@ -77,7 +77,7 @@ def _mean_bits(nats: jnp.ndarray) -> jnp.ndarray:
 def prior_bpd(schedule: Schedule, x0: jnp.ndarray) -> jnp.ndarray:
   """The prior term KL(q(x_T | x_0) || N(0, I)) in bits/dim, float32 [B]."""
   t = jnp.full((x0.shape[0],), schedule.num_timesteps - 1, jnp.int32)
-  mean, _, log_variance = diffusion.q_mean_variance(schedule, x0, t)
+  mean, _, log_variance = gaussian.q_mean_variance(schedule, x0, t)
   return _mean_bits(normal_kl(mean, log_variance, 0.0, 0.0))
 
 
@@ -99,9 +99,9 @@ def vb_terms_bpd(schedule: Schedule, model_output: jnp.ndarray,
   Returns:
     float32 [B], bits per dimension.
   """
-  true_mean, _, true_log_variance = diffusion.q_posterior_mean_variance(
+  true_mean, _, true_log_variance = gaussian.q_posterior_mean_variance(
       schedule, x0, x_t, t)
-  out = diffusion.p_mean_variance(schedule, model_output, x_t, t,
+  out = gaussian.p_mean_variance(schedule, model_output, x_t, t,
                                   target=target, var_type=var_type,
                                   mean_form=mean_form, clip_x0=clip_x0)
   kl = _mean_bits(normal_kl(true_mean, true_log_variance, out.mean,
@@ -120,7 +120,7 @@ class VariationalBound(NamedTuple):
   terms_bpd: jnp.ndarray  # [B, T] term of each step (index 0 is L_0)
 
 
-def variational_bound(model_fn: diffusion.ModelFn, schedule: Schedule, x0: jnp.ndarray,
+def variational_bound(model_fn: gaussian.ModelFn, schedule: Schedule, x0: jnp.ndarray,
                       key: jax.Array, *, target: str = "eps",
                       var_type: str = "fixed_large", mean_form: str = "x0",
                       clip_x0: bool = True) -> VariationalBound:
@@ -146,7 +146,7 @@ def variational_bound(model_fn: diffusion.ModelFn, schedule: Schedule, x0: jnp.n
     t = jnp.full((batch,), t_scalar, jnp.int32)
     noise = jax.random.normal(jax.random.fold_in(key, t_scalar), x0.shape,
                               x0.dtype)
-    x_t = diffusion.q_sample(schedule, x0, t, noise)
+    x_t = gaussian.q_sample(schedule, x0, t, noise)
     term = vb_terms_bpd(schedule, model_fn(x_t, t), x0, x_t, t,
                         target=target, var_type=var_type, mean_form=mean_form,
                         clip_x0=clip_x0)

@@ -1,8 +1,8 @@
 """Samples from a model, many at a time: the sharded batch driver
 `generate`, sample grids during training and `--mode=sample`'s files.
 
-The samplers themselves are the pure functions of `ddpm_jax.sampling` and
-`ddpm_jax.solvers`; `builders.build_sampler` binds one to the run's options
+The samplers themselves are the pure functions of `ddpm_jax.samplers` and
+`ddpm_jax.samplers`; `builders.build_sampler` binds one to the run's options
 (respacing and classifier-free guidance included). Here a sampler runs over
 the 'data' mesh and its images are written as PNG grids, GIFs and .npz.
 Class-conditional runs sample the classes of `builders.sample_labels`; their
@@ -33,16 +33,19 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
-from ddpm_jax import builders, images, parallel, sampling
-from ddpm_jax.inference import Trained
-from ddpm_jax.schedules import Schedule
+from ddpm_jax import samplers
+from ddpm_jax.engine import builders
+from ddpm_jax.infra import images, parallel
+from ddpm_jax.engine.inference import Trained
+from ddpm_jax.diffusion.schedules import Schedule
+from ddpm_jax.infra import storage
 
 PyTree = Any
 
 
 def generate(make_model_fn_: Callable[[PyTree], Callable[..., jax.Array]],
              params: PyTree, schedule: Schedule, *,
-             sample_fn: Callable[..., sampling.SampleOutput], num_images: int,
+             sample_fn: Callable[..., samplers.SampleOutput], num_images: int,
              batch_size: int, image_shape: tuple[int, ...], key: jax.Array,
              mesh: Mesh, labels: Optional[np.ndarray] = None) -> np.ndarray:
   """Samples `num_images` uint8 images in batches sharded over `mesh`.
@@ -64,7 +67,7 @@ def generate(make_model_fn_: Callable[[PyTree], Callable[..., jax.Array]],
     schedule: the diffusion schedule.
     sample_fn: a sampler with its options bound
       (`builders.build_sampler(config).fn`, or e.g.
-      `functools.partial(sampling.ddim_sample, num_steps=50)`).
+      `functools.partial(samplers.ddim_sample, num_steps=50)`).
     num_images: N >= 1.
     batch_size: images per batch, a multiple of the mesh's 'data' size.
     image_shape: (H, W, C).
@@ -132,7 +135,7 @@ def sample_with_trajectory(trained: Trained, sampler: builders.Sampler, *,
                            num_images: int, num_frames: int,
                            key: jax.Array,
                            labels: Optional[np.ndarray] = None
-                           ) -> sampling.SampleOutput:
+                           ) -> samplers.SampleOutput:
   """One batch of samples and about `num_frames` frames of their chain,
   replicated on every device of the run's mesh (all processes call it);
   `labels` int [num_images] for a class-conditional run."""
@@ -172,13 +175,13 @@ def class_rows(labels: np.ndarray, num_classes: int, *,
   return np.concatenate(indices), per_row
 
 
-def write_samples(out: sampling.SampleOutput, directory: epath.PathLike,
+def write_samples(out: samplers.SampleOutput, directory: epath.PathLike,
                   name: str, *, gif: bool,
                   nrow: Optional[int] = None) -> list[epath.Path]:
   """Writes `name.png` (a grid of the final images, `nrow` per row, default
   about square) and optionally `name.gif` (the denoising chain) to
   `directory`. Returns the paths."""
-  directory = epath.Path(directory)
+  directory = storage.as_path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   final = np.asarray(out.images)
   nrow = images.grid_nrow(len(final)) if nrow is None else nrow
@@ -194,7 +197,7 @@ def save_data_grid(batch_images, workdir: epath.PathLike) -> epath.Path:
   """Writes `<workdir>/samples/data.png`: up to 64 real images of a data
   batch [N, H, W, C] (floats in [-1, 1] or uint8) drawn as the sample grids
   are (`images.data_grid`), to compare them with. Returns the path."""
-  directory = epath.Path(workdir) / "samples"
+  directory = storage.as_path(workdir) / "samples"
   directory.mkdir(parents=True, exist_ok=True)
   path = directory / "data.png"
   images.save_png(images.data_grid(batch_images), path)
@@ -228,7 +231,7 @@ def save_training_samples(trained: Trained, config, *, key: jax.Array,
                        trajectory=None if out.trajectory is None
                        else out.trajectory[:, order])
   if jax.process_index() == 0:
-    paths = write_samples(out, epath.Path(workdir) / "samples",
+    paths = write_samples(out, storage.as_path(workdir) / "samples",
                           f"step_{trained.step:08d}", gif=gif, nrow=nrow)
     logging.info("Step %d: wrote %s.", trained.step,
                  ", ".join(map(str, paths)))
@@ -269,7 +272,7 @@ def sample_to_files(trained: Trained, config, *,
         num_frames=int(config.sample.gif_frames), key=grid_key,
         labels=builders.sample_labels(config, num_chains))
   if jax.process_index() == 0:
-    directory = epath.Path(workdir) / "samples"
+    directory = storage.as_path(workdir) / "samples"
     directory.mkdir(parents=True, exist_ok=True)
     stem = f"sample_step_{trained.step:08d}"
     npz_path = directory / f"{stem}.npz"

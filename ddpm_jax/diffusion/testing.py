@@ -34,9 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import diffusion
+from ddpm_jax.diffusion import gaussian
 from ddpm_jax._checks import check_choice
-from ddpm_jax.schedules import Schedule
+from ddpm_jax.diffusion.schedules import Schedule
 
 
 class GaussianMixture(NamedTuple):
@@ -155,19 +155,19 @@ def _as_target(x0, eps, alpha, sigma, target):
 
 
 def _scales(schedule: Schedule, x, t):
-  return (diffusion.extract(schedule.sqrt_alphas_cumprod, t, x.shape),
-          diffusion.extract(schedule.sqrt_one_minus_alphas_cumprod, t,
+  return (gaussian.extract(schedule.sqrt_alphas_cumprod, t, x.shape),
+          gaussian.extract(schedule.sqrt_one_minus_alphas_cumprod, t,
                             x.shape))
 
 
 def denoiser(mix: GaussianMixture, schedule: Schedule, *,
-             target: str = "eps") -> diffusion.ModelFn:
+             target: str = "eps") -> gaussian.ModelFn:
   """The exact unconditional denoiser `(x_t [B, D], t [B]) -> target`.
 
   Example:
     >>> model_fn = denoiser(mix, sched, target="v")
   """
-  check_choice("target", target, diffusion.TARGETS)
+  check_choice("target", target, gaussian.TARGETS)
 
   def model_fn(x_t, t):
     alpha, sigma = _scales(schedule, x_t, t)
@@ -190,7 +190,7 @@ def conditional_denoiser(mix: GaussianMixture, schedule: Schedule, *,
     >>> cond_fn = conditional_denoiser(mix, sched)
     >>> eps = cond_fn(x_t, t, jnp.array([0, 1, mix.num_classes]))
   """
-  check_choice("target", target, diffusion.TARGETS)
+  check_choice("target", target, gaussian.TARGETS)
   num_classes = mix.num_classes
 
   def model_fn(x_t, t, y):

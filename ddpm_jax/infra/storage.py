@@ -7,11 +7,14 @@ TensorBoard events, samples, eval JSON, the FID statistics cache, `npz:` and
 `gs://bucket/dir` works wherever a local path does, and only process 0 of a
 multi-host run writes what is not a checkpoint.
 
-gs:// goes through gcsfs. Importing ddpm_jax sets `EPATH_USE_TF=false`
-(unless it is set), so epath uses gcsfs whether or not TensorFlow is
-installed: one client for every gs:// path of the program, Orbax's
-included, and one that honours the standard emulator setting (TF's GCS
-client has a fixed endpoint; tfds still reads its record files through it).
+Every path is made by `as_path`, which on its first call sets
+`EPATH_USE_TF=false` (unless it is set) and turns off fsspec's cache of
+gs:// listings: epath then uses gcsfs whether or not TensorFlow is installed,
+one client for every gs:// path of the program, Orbax's included, and one
+that honours the standard emulator setting (TF's GCS client has a fixed
+endpoint; tfds still reads its record files through it). Other processes (the
+other hosts, a trainer beside a sampler) write to the same bucket, so no
+listing is cached.
 
 Storage emulators (the tests use one): `STORAGE_EMULATOR_HOST=http://HOST:PORT`
 for gcsfs and `TENSORSTORE_GCS_HTTP_URL=http://HOST:PORT` for TensorStore.
@@ -25,16 +28,37 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging as std_logging
 import os
 import uuid
 from typing import Iterator
 
 from etils import epath
+import fsspec
 
 REMOTE_PREFIXES = ("gs://",)
 PROBE_NAME = ".ddpm_jax_write_test"
 _CLIENT_LOGGERS = ("gcsfs", "fsspec", "google.auth", "aiohttp")
+
+
+@functools.cache
+def _use_gcsfs() -> None:
+  # Before etils picks a gs:// backend, which it does once per process.
+  os.environ.setdefault("EPATH_USE_TF", "false")
+  fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache",
+                                                      False)
+
+
+def as_path(location: epath.PathLike) -> epath.Path:
+  """`epath.Path(location)`, with gs:// through gcsfs (see the module doc).
+
+  Example:
+    >>> as_path("gs://my-bucket/runs") / "checkpoints"
+    PosixGPath('gs://my-bucket/runs/checkpoints')
+  """
+  _use_gcsfs()
+  return epath.Path(location)
 
 
 class StorageError(OSError):
@@ -86,7 +110,7 @@ def check_writable(directory: epath.PathLike) -> None:
   Raises:
     StorageError: one line naming the directory and the cause.
   """
-  probe = epath.Path(directory) / f"{PROBE_NAME}-{uuid.uuid4().hex}"
+  probe = as_path(directory) / f"{PROBE_NAME}-{uuid.uuid4().hex}"
   with _quiet_clients():
     try:
       probe.write_bytes(b"0" * 4096)
@@ -103,12 +127,12 @@ def exists(path: epath.PathLike, *, directory: bool = False) -> bool:
   Local paths are checked as usual; for gs:// paths a missing bucket or no
   connection is a `StorageError` rather than False.
   """
-  path = epath.Path(path)
+  path = as_path(path)
   if not is_remote(path):
     return path.is_dir() if directory else path.exists()
   with _quiet_clients():
     try:
-      bucket = epath.Path("gs://" + os.fspath(path)[len("gs://"):].split(
+      bucket = as_path("gs://" + os.fspath(path)[len("gs://"):].split(
           "/")[0])
       if not bucket.exists():
         raise FileNotFoundError(f"bucket {bucket} does not exist")
@@ -124,17 +148,17 @@ def walk(top: epath.PathLike
   Directories are full paths (epath's gs:// walk drops the scheme from
   them); prune `dirnames` in place to skip folders.
   """
-  top = epath.Path(top)
+  top = as_path(top)
   for root, dirnames, filenames in top.walk():
     if is_remote(top) and not is_remote(root):
-      root = epath.Path("gs://" + os.fspath(root).lstrip("/"))
+      root = as_path("gs://" + os.fspath(root).lstrip("/"))
     yield root, dirnames, filenames
 
 
 def move_tree(source: epath.PathLike, target: epath.PathLike) -> None:
   """Moves a directory: a rename on local disks; on gs://, which has no
   directories to rename, a copy of every object, then the source deleted."""
-  source, target = epath.Path(source), epath.Path(target)
+  source, target = as_path(source), as_path(target)
   if not is_remote(source):
     source.rename(target)
     return

@@ -40,9 +40,12 @@ from flax import struct
 from jax import lax
 from jax.sharding import Mesh
 
-from ddpm_jax import diffusion, guidance, losses, optim, parallel
+from ddpm_jax.diffusion import gaussian
+from ddpm_jax.diffusion import guidance, losses
+from ddpm_jax.engine import optim
+from ddpm_jax.infra import parallel
 from ddpm_jax._checks import check_choice
-from ddpm_jax.schedules import Schedule
+from ddpm_jax.diffusion.schedules import Schedule
 
 PyTree = Any
 
@@ -232,7 +235,7 @@ def train_step(state: TrainState, batch: dict[str, jnp.ndarray],
     'ema_decay', and int32 'skipped' (1 when this step was skipped) and
     'nonfinite_count'.
   """
-  check_choice("var_type", var_type, diffusion.VAR_TYPES)
+  check_choice("var_type", var_type, gaussian.VAR_TYPES)
   x0 = batch["image"]
   step_key = jax.random.fold_in(rng, state.step)
   noise_key, dropout_key = jax.random.split(step_key)

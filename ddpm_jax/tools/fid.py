@@ -1,15 +1,15 @@
 r"""FID, KID and Inception Score of image sets, without a trained model.
 
-  python -m ddpm_jax.fid --weights=fid_inception.npz \
+  python -m ddpm_jax.tools.fid --weights=fid_inception.npz \
     --samples=workdir/samples/sample_step_00100000.npz \
     --reference=folder:../shared/data/cifar10_jpg.tar.gz \
     --save_reference=cifar10_train.npz
-  python -m ddpm_jax.fid --weights=fid_inception.npz --samples=pngs/ \
+  python -m ddpm_jax.tools.fid --weights=fid_inception.npz --samples=pngs/ \
     --reference=cifar10_train.npz
 
 `--samples` and `--reference` each take one of:
 
-* a data set source of `ddpm_jax.input_pipeline.create_dataset`
+* a data set source of `ddpm_jax.data.pipeline.create_dataset`
   (`npz:PATH`, `folder:PATH`, `tfds:NAME`, `digits`), read in order with
   the split of `--samples_split` / `--reference_split`;
 * a directory, `.tar` or `.tar.gz` of image files (`folder:` with split
@@ -20,7 +20,7 @@ r"""FID, KID and Inception Score of image sets, without a trained model.
   `--save_reference` writes and TF's FID, pytorch-fid and EDM publish. FID
   needs only these; KID needs `features` on both sides.
 
-The weights are the `.npz` of `python -m ddpm_jax.convert_inception`. The
+The weights are the `.npz` of `python -m ddpm_jax.tools.convert_inception`. The
 default "tensorflow" preprocessing is the reference's (TF's FID code,
 NVIDIA's, clean-fid's legacy_tensorflow), so FIDs are comparable with
 published ones computed that way from the same number of images (usually
@@ -44,8 +44,9 @@ from typing import NamedTuple
 import numpy as np
 from absl import app, flags, logging
 
-from ddpm_jax import input_pipeline, metrics
-from ddpm_jax.models import inception
+from ddpm_jax import metrics
+from ddpm_jax.data import pipeline
+from ddpm_jax.metrics import inception
 
 FLAGS = flags.FLAGS
 
@@ -141,7 +142,7 @@ def dataset_outputs(extract, source: str, *, split: str, num_images: int,
   """Inception outputs of the first `num_images` (0: all) of a data set.
 
   The source is read in order, one batch at a time, through
-  `input_pipeline.create_dataset`; its [-1, 1] pixels map back to uint8
+  `pipeline.create_dataset`; its [-1, 1] pixels map back to uint8
   exactly.
 
   Example:
@@ -149,7 +150,7 @@ def dataset_outputs(extract, source: str, *, split: str, num_images: int,
     ...                 num_images=10000, batch_size=50).pool.shape
     (10000, 2048)
   """
-  data = input_pipeline.create_dataset(
+  data = pipeline.create_dataset(
       source, split=split, batch_size=batch_size, image_size=None,
       channels=None, random_flip=False, seed=0, shuffle=False, repeat=False)
   count = _limit(data.spec.num_examples, num_images, f"{source}:{split}")
@@ -262,7 +263,7 @@ def _define_flags() -> None:
   """The command line's flags (defined only when this module runs as the
   program, so importing it next to another command line is safe)."""
   flags.DEFINE_string(
-      "weights", None, "FID Inception .npz from ddpm_jax.convert_inception.")
+      "weights", None, "FID Inception .npz from ddpm_jax.tools.convert_inception.")
   flags.DEFINE_string(
       "samples", None, "Generated images: a folder, .tar(.gz), images .npz, "
       "statistics .npz or data set source.")
@@ -283,7 +284,7 @@ def _define_flags() -> None:
       lower_bound=0)
   flags.DEFINE_enum(
       "preprocessing", inception.DEFAULT_PREPROCESSING, inception.PREPROCESSING,
-      "Inception input convention (see ddpm_jax.models.inception).")
+      "Inception input convention (see ddpm_jax.metrics.inception).")
   flags.DEFINE_integer("batch_size", 50, "Images per Inception call.",
                        lower_bound=1)
   flags.DEFINE_string(

@@ -54,7 +54,7 @@ from etils import epath
 from jax import lax
 from jax.experimental import multihost_utils
 
-from ddpm_jax import parallel, storage
+from ddpm_jax.infra import parallel, storage
 
 PyTree = Any
 ITEMS = ("state", "data")
@@ -203,7 +203,7 @@ class CheckpointManager:
         trainer writes to the same directory): nothing is created, removed or
         moved aside.
     """
-    self.directory = epath.Path(directory)
+    self.directory = storage.as_path(directory)
     self._writable = writable
     if writable:
       for tmp in sorted(self.directory.glob(f"*{TMP_MARKER}*")):
