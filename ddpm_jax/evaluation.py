@@ -1,0 +1,4 @@
+"""Moved to `ddpm_jax.engine.evaluation` (kept for one release)."""
+from ddpm_jax import _moved
+
+_moved.alias(__name__, "ddpm_jax.engine.evaluation")
