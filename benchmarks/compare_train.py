@@ -42,7 +42,8 @@ def parse_variant(text: str) -> dict:
   for item in text.split(","):
     name, sep, value = item.partition("=")
     if not sep or not name:
-      raise argparse.ArgumentTypeError(f"expected FIELD=VALUE[,FIELD=VALUE...], got {text!r}")
+      raise argparse.ArgumentTypeError(
+          f"expected FIELD=VALUE[,FIELD=VALUE...], got {text!r}")
     try:
       fields[name] = ast.literal_eval(value)
     except (ValueError, SyntaxError):
@@ -50,7 +51,8 @@ def parse_variant(text: str) -> dict:
   return fields
 
 
-def build(preset: str, batch: int, variant: dict, *, tiny: bool = False) -> dict:
+def build(preset: str, batch: int, variant: dict, *,
+          tiny: bool = False) -> dict:
   """Compiles the train step of one variant and runs one warm-up step."""
   overrides = dict(variant)
   with kernels.implementation(overrides.pop("kernels", "auto")):
@@ -58,15 +60,17 @@ def build(preset: str, batch: int, variant: dict, *, tiny: bool = False) -> dict
         preset, batch, tiny=tiny, **overrides)
   state, metrics = compiled(state, batch_arr, rng)
   jax.block_until_ready(metrics)
-  return dict(compiled=compiled, state=state, batch=batch_arr, rng=rng, compile_s=compile_s,
-              times=[], cpu=[], loss=float(metrics["loss"]))
+  return dict(compiled=compiled, state=state, batch=batch_arr, rng=rng,
+              compile_s=compile_s, times=[], cpu=[],
+              loss=float(metrics["loss"]))
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--preset", type=run._parse_preset, required=True)  # pylint: disable=protected-access
-  parser.add_argument("--variant", type=parse_variant, action="append", required=True,
-                      help="FIELD=VALUE[,FIELD=VALUE...] of one variant (give two or more)")
+  parser.add_argument(
+      "--variant", type=parse_variant, action="append", required=True,
+      help="FIELD=VALUE[,FIELD=VALUE...] of one variant (give two or more)")
   parser.add_argument("--steps", type=int, default=5)
   args = parser.parse_args(argv)
   preset, batch = args.preset
@@ -79,18 +83,22 @@ def main(argv=None):
       jax.block_until_ready(metrics)
       v["times"].append(time.perf_counter() - wall)
       v["cpu"].append(time.process_time() - cpu)
-  print(f"{preset}:{batch}, {args.steps} interleaved steps each after 1 warm-up, "
-        f"{len(os.sched_getaffinity(0))} cores, load average {_load(load)} -> {_load(os.getloadavg())}")
+  print(
+      f"{preset}:{batch}, {args.steps} interleaved steps each after 1 warm-up, "
+      f"{len(os.sched_getaffinity(0))} cores, load average {_load(load)} -> {_load(os.getloadavg())}"
+  )
   base = variants[0]
   for spec, v in zip(args.variant, variants):
     name = ",".join(f"{k}={val}" for k, val in spec.items())
     med = statistics.median(v["times"])
-    wall_ratio = statistics.median(a / b for a, b in zip(v["times"], base["times"]))
+    wall_ratio = statistics.median(
+        a / b for a, b in zip(v["times"], base["times"]))
     cpu_ratio = statistics.median(a / b for a, b in zip(v["cpu"], base["cpu"]))
-    print(f"{name:<28} wall {med:7.3f} s (min {min(v['times']):.3f}, max {max(v['times']):.3f}) "
-          f"x{wall_ratio:.3f}  CPU {statistics.median(v['cpu']):7.3f} s x{cpu_ratio:.3f}  "
-          f"{batch / med:7.1f} images/s  compile {v['compile_s']:6.1f} s  first loss {v['loss']:.6f}",
-          flush=True)
+    print(
+        f"{name:<28} wall {med:7.3f} s (min {min(v['times']):.3f}, max {max(v['times']):.3f}) "
+        f"x{wall_ratio:.3f}  CPU {statistics.median(v['cpu']):7.3f} s x{cpu_ratio:.3f}  "
+        f"{batch / med:7.1f} images/s  compile {v['compile_s']:6.1f} s  first loss {v['loss']:.6f}",
+        flush=True)
 
 
 def _load(load) -> str:

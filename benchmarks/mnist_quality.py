@@ -64,16 +64,25 @@ import numpy as np
 
 from benchmarks import digit_quality
 from ddpm_jax import samplers
-from ddpm_jax.engine import (builders, checkpoint, generation, inference, train, train_step)
-from ddpm_jax.infra import images, parallel
+from ddpm_jax.engine import (
+    builders,
+    checkpoint,
+    generation,
+    inference,
+    train,
+    train_step,
+)
 from ddpm_jax.engine import config as config_lib
-from ddpm_jax.infra import cpu_flags, hugepages
+from ddpm_jax.infra import cpu_flags, hugepages, images, parallel
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 MNIST = _ROOT / ".." / "shared" / "data" / "mnist.npz"
 #: Recipes that are a config file as it is.
-RECIPE_FILES = {"cpu": "mnist_cpu.py", "mnist": "mnist.py",
-                "digits": "digits.py"}
+RECIPE_FILES = {
+    "cpu": "mnist_cpu.py",
+    "mnist": "mnist.py",
+    "digits": "digits.py"
+}
 RECIPES = ("seed", *RECIPE_FILES)
 TRAIN_RECORD = "benchmark_train.json"
 
@@ -136,7 +145,7 @@ def load_text() -> str:
 
 def cmd_calibrate(args) -> None:
   scorer = digit_quality.DigitScorer.create(args.mnist,
-                                           cache_dir=args.cache_dir)
+                                            cache_dir=args.cache_dir)
   print(f"Classifier test accuracy {scorer.test_accuracy:.4f}; reference: "
         f"{len(scorer.reference)} held-out test digits.")
   print(digit_quality.MARKDOWN_HEADER + " predicted classes |")
@@ -144,9 +153,10 @@ def cmd_calibrate(args) -> None:
   for name, imgs in digit_quality.calibration_sets(
       scorer.data, num_images=args.num_images).items():
     scores = scorer.score(imgs)
-    print(digit_quality.markdown_row(
-        f"{name} ({len(imgs)})", scores,
-        " ".join(str(c) for c in scores.class_counts)), flush=True)
+    print(
+        digit_quality.markdown_row(
+            f"{name} ({len(imgs)})", scores,
+            " ".join(str(c) for c in scores.class_counts)), flush=True)
 
 
 def _compiled_train_step(config):
@@ -157,11 +167,14 @@ def _compiled_train_step(config):
   shape = builders.image_shape(config)
   state = train_step.create_train_state(model, tx, jax.random.PRNGKey(0),
                                         image_shape=shape, mesh=mesh)
-  step = train_step.jit_train_step(
-      builders.build_train_step(config, model, tx), mesh, state)
+  step = train_step.jit_train_step(builders.build_train_step(config, model, tx),
+                                   mesh, state)
   batch = int(config.train.batch_size)
-  data = {"image": jax.random.uniform(jax.random.PRNGKey(1), (batch,) + shape,
-                                      jnp.float32, -1, 1)}
+  data = {
+      "image":
+          jax.random.uniform(jax.random.PRNGKey(1), (batch,) + shape,
+                             jnp.float32, -1, 1)
+  }
   rng = jax.random.PRNGKey(2)
   start = time.perf_counter()
   compiled = step.lower(state, data, rng).compile()
@@ -176,14 +189,14 @@ def cmd_speed(args) -> None:
   for text in args.variant or [" ".join([args.recipe, *args.set])]:
     recipe, *overrides = text.split()
     config = recipe_config(recipe, mnist_path=args.mnist, overrides=overrides)
-    compiled, state, data, rng, compile_s, params = _compiled_train_step(
-        config)
+    compiled, state, data, rng, compile_s, params = _compiled_train_step(config)
     for _ in range(args.warmup):
       state, metrics = compiled(state, data, rng)
     jax.block_until_ready(metrics)
-    variants.append(dict(name=text, compiled=compiled, state=state, data=data,
-                         rng=rng, compile_s=compile_s, params=params,
-                         batch=int(config.train.batch_size), wall=[], cpu=[]))
+    variants.append(
+        dict(name=text, compiled=compiled, state=state, data=data, rng=rng,
+             compile_s=compile_s, params=params,
+             batch=int(config.train.batch_size), wall=[], cpu=[]))
   load_before = load_text()
   for _ in range(args.timed_steps):
     for v in variants:
@@ -196,17 +209,17 @@ def cmd_speed(args) -> None:
         f"warm-up; load average {load_before} -> {load_text()}")
   for v in variants:
     wall, cpu = statistics.median(v["wall"]), statistics.median(v["cpu"])
-    print(f"{v['name']}: {v['params']:,} parameters, batch {v['batch']}: "
-          f"median {wall:.3f} s/step (min {min(v['wall']):.3f}, max "
-          f"{max(v['wall']):.3f}) = {1 / wall:.3f} steps/s, "
-          f"{v['batch'] / wall:.1f} images/s, {1800 / wall:.0f} steps in 30 "
-          f"min; CPU time {cpu:.3f} s/step; compile {v['compile_s']:.1f} s",
-          flush=True)
+    print(
+        f"{v['name']}: {v['params']:,} parameters, batch {v['batch']}: "
+        f"median {wall:.3f} s/step (min {min(v['wall']):.3f}, max "
+        f"{max(v['wall']):.3f}) = {1 / wall:.3f} steps/s, "
+        f"{v['batch'] / wall:.1f} images/s, {1800 / wall:.0f} steps in 30 "
+        f"min; CPU time {cpu:.3f} s/step; compile {v['compile_s']:.1f} s",
+        flush=True)
 
 
 def cmd_train(args) -> None:
-  config = recipe_config(args.recipe, mnist_path=args.mnist,
-                         overrides=args.set)
+  config = recipe_config(args.recipe, mnist_path=args.mnist, overrides=args.set)
   if args.steps:
     config.train.num_steps = args.steps
   if args.max_time:
@@ -219,17 +232,18 @@ def cmd_train(args) -> None:
   workdir.mkdir(parents=True, exist_ok=True)
   record = dict(recipe=args.recipe, overrides=list(args.set),
                 num_steps=int(config.train.num_steps),
-                max_time=float(config.train.max_time),
-                start_time=time.time(), load_start=load_text())
+                max_time=float(config.train.max_time), start_time=time.time(),
+                load_start=load_text())
   (workdir / TRAIN_RECORD).write_text(json.dumps(record))
   state = train.train_and_evaluate(config, workdir)
   record.update(steps_done=int(parallel.host_value(state.step)),
                 seconds=time.time() - record["start_time"],
                 load_end=load_text())
   (workdir / TRAIN_RECORD).write_text(json.dumps(record))
-  print(f"Trained {record['steps_done']} steps in {record['seconds']:.0f} s "
-        f"(start-up and compilation included); load average "
-        f"{record['load_start']} -> {record['load_end']}.", flush=True)
+  print(
+      f"Trained {record['steps_done']} steps in {record['seconds']:.0f} s "
+      f"(start-up and compilation included); load average "
+      f"{record['load_start']} -> {record['load_end']}.", flush=True)
 
 
 def build_sample_fn(spec: str, config):
@@ -267,11 +281,11 @@ def sample_images(trained: inference.Trained, sample_fn, *, image_shape,
   """uint8 samples [N, H, W, C] and the seconds they took
   (`generation.generate`, its compilation included)."""
   start = time.perf_counter()
-  out = generation.generate(
-      inference.make_model_fn(trained.model), trained.params,
-      trained.schedule, sample_fn=sample_fn, num_images=num_images,
-      batch_size=batch_size, image_shape=image_shape,
-      key=jax.random.PRNGKey(seed), mesh=trained.mesh)
+  out = generation.generate(inference.make_model_fn(trained.model),
+                            trained.params, trained.schedule,
+                            sample_fn=sample_fn, num_images=num_images,
+                            batch_size=batch_size, image_shape=image_shape,
+                            key=jax.random.PRNGKey(seed), mesh=trained.mesh)
   return out, time.perf_counter() - start
 
 
@@ -287,11 +301,10 @@ def checkpoint_minutes(workdir: pathlib.Path, step: int) -> float | None:
 
 
 def cmd_evaluate(args) -> None:
-  config = recipe_config(args.recipe, mnist_path=args.mnist,
-                         overrides=args.set)
+  config = recipe_config(args.recipe, mnist_path=args.mnist, overrides=args.set)
   workdir = pathlib.Path(args.workdir)
   scorer = digit_quality.DigitScorer.create(args.mnist,
-                                           cache_dir=args.cache_dir)
+                                            cache_dir=args.cache_dir)
   model = builders.build_model(config)
   mesh = parallel.create_mesh()
   with checkpoint.CheckpointManager(workdir / "checkpoints",
@@ -308,30 +321,35 @@ def cmd_evaluate(args) -> None:
     for spec in specs:
       sample_fn, calls = build_sample_fn(spec, config)
       load = os.getloadavg()[0]
-      imgs, seconds = sample_images(
-          trained, sample_fn, image_shape=builders.image_shape(config),
-          num_images=args.num_images, batch_size=args.sample_batch)
+      imgs, seconds = sample_images(trained, sample_fn,
+                                    image_shape=builders.image_shape(config),
+                                    num_images=args.num_images,
+                                    batch_size=args.sample_batch)
       scores = scorer.score(imgs)
-      print(digit_quality.markdown_row(
-          f"{label} ({len(imgs)})", scores, str(step),
-          "?" if minutes is None else f"{minutes:.1f}", spec, str(calls),
-          f"{seconds:.0f} s", " ".join(str(c) for c in scores.class_counts)),
-            flush=True)
+      print(
+          digit_quality.markdown_row(
+              f"{label} ({len(imgs)})", scores,
+              str(step), "?" if minutes is None else f"{minutes:.1f}", spec,
+              str(calls), f"{seconds:.0f} s",
+              " ".join(str(c) for c in scores.class_counts)), flush=True)
       name = f"{label}_step_{step:06d}_{spec.replace(':', '')}"
       if args.grid_dir:
         os.makedirs(args.grid_dir, exist_ok=True)
-        images.save_image_grid(imgs[:64], os.path.join(args.grid_dir,
-                                                       f"{name}.png"), nrow=8)
+        images.save_image_grid(imgs[:64],
+                               os.path.join(args.grid_dir, f"{name}.png"),
+                               nrow=8)
         if args.save_samples:
           np.savez_compressed(os.path.join(args.grid_dir, f"{name}.npz"),
                               images=imgs)
       if args.out:
         with open(args.out, "a") as f:
-          f.write(json.dumps(dict(
-              label=label, recipe=args.recipe, overrides=list(args.set),
-              step=step, minutes=minutes, sampler=spec, network_calls=calls,
-              sample_batch=args.sample_batch, sample_seconds=seconds,
-              load_average=load, **scores._asdict())) + "\n")
+          f.write(
+              json.dumps(
+                  dict(label=label, recipe=args.recipe, overrides=list(
+                      args.set), step=step, minutes=minutes, sampler=spec,
+                       network_calls=calls, sample_batch=args.sample_batch,
+                       sample_seconds=seconds, load_average=load,
+                       **scores._asdict())) + "\n")
 
 
 def _steps(text: str) -> list[int]:
@@ -340,47 +358,55 @@ def _steps(text: str) -> list[int]:
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("command", choices=("calibrate", "speed", "train",
-                                          "evaluate"))
+  parser.add_argument("command",
+                      choices=("calibrate", "speed", "train", "evaluate"))
   parser.add_argument("--recipe", default="cpu",
                       help=f"one of {', '.join(RECIPES)}, or NAME:tiny")
   parser.add_argument("--set", action="append", default=[],
                       help="GROUP.FIELD=VALUE config override (repeatable)")
-  parser.add_argument("--variant", action="append",
-                      help="speed: 'RECIPE [GROUP.FIELD=VALUE ...]' "
-                      "(repeatable; the steps alternate between them)")
+  parser.add_argument(
+      "--variant", action="append",
+      help="speed: 'RECIPE [GROUP.FIELD=VALUE ...]' "
+      "(repeatable; the steps alternate between them)")
   parser.add_argument("--mnist", type=pathlib.Path, default=MNIST,
                       help="Keras-layout MNIST .npz")
   parser.add_argument("--cache-dir", type=pathlib.Path,
                       default=digit_quality.CACHE_DIR,
                       help="where the trained classifier is cached")
   parser.add_argument("--workdir", help="train/evaluate: the run's workdir")
-  parser.add_argument("--steps", help="train: steps to train (default the "
-                      "config's); evaluate: comma-separated checkpoint steps "
-                      "(default all)")
-  parser.add_argument("--max-time", type=float, default=0.0,
-                      help="train: wall-clock budget in seconds "
-                      "(train.max_time)")
+  parser.add_argument(
+      "--steps", help="train: steps to train (default the "
+      "config's); evaluate: comma-separated checkpoint steps "
+      "(default all)")
+  parser.add_argument(
+      "--max-time", type=float, default=0.0,
+      help="train: wall-clock budget in seconds "
+      "(train.max_time)")
   parser.add_argument("--checkpoint-every", type=int, default=250)
   parser.add_argument("--log-every", type=int, default=100)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--timed-steps", type=int, default=10)
   parser.add_argument("--num-images", type=int, default=2000)
   parser.add_argument("--sample-batch", type=int, default=500)
-  parser.add_argument("--sampler", action="append",
-                      help="evaluate: NAME:STEPS (repeatable), e.g. "
-                      "dpmpp_2m:20, ddim:50, or ddpm:0 (all T); default the "
-                      "config's")
+  parser.add_argument(
+      "--sampler", action="append",
+      help="evaluate: NAME:STEPS (repeatable), e.g. "
+      "dpmpp_2m:20, ddim:50, or ddpm:0 (all T); default the "
+      "config's")
   parser.add_argument("--grid-dir")
   parser.add_argument("--save-samples", action="store_true")
   parser.add_argument("--label")
   parser.add_argument("--out", help="evaluate: append JSON lines here")
   args = parser.parse_args(argv)
   if args.steps is not None:
-    args.steps = (int(args.steps) if args.command == "train"
-                  else _steps(args.steps))
-  {"calibrate": cmd_calibrate, "speed": cmd_speed, "train": cmd_train,
-   "evaluate": cmd_evaluate}[args.command](args)
+    args.steps = (int(args.steps)
+                  if args.command == "train" else _steps(args.steps))
+  {
+      "calibrate": cmd_calibrate,
+      "speed": cmd_speed,
+      "train": cmd_train,
+      "evaluate": cmd_evaluate
+  }[args.command](args)
 
 
 if __name__ == "__main__":

@@ -60,25 +60,37 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ddpm_jax.engine import config as config_lib  # noqa: E402
-from ddpm_jax import samplers  # noqa: E402
 from ddpm_jax.data import pipeline
 from ddpm_jax.engine import builders, train_step
+from ddpm_jax.engine import config as config_lib  # noqa: E402
 from ddpm_jax.infra import cpu_flags, hugepages, parallel
 from ddpm_jax.models import count_params, kernels  # noqa: E402
 
 #: Image shape (H, W, C) each preset is benchmarked at.
-IMAGE_SHAPES = {"tutorial": (28, 28, 1), "ddpm_cifar10": (32, 32, 3),
-                "ddpm_256": (256, 256, 3)}
+IMAGE_SHAPES = {
+    "tutorial": (28, 28, 1),
+    "ddpm_cifar10": (32, 32, 3),
+    "ddpm_256": (256, 256, 3)
+}
 #: Dense peak FLOP/s by device kind (substring match), for the GPU fraction.
 PEAK_FLOPS = {
-    "H200": {"bfloat16": 790e12, "float32": 67e12},  # bf16: measured matmul peak
-    "H100": {"bfloat16": 989e12, "float32": 67e12},
-    "A100": {"bfloat16": 312e12, "float32": 19.5e12},
+    "H200": {
+        "bfloat16": 790e12,
+        "float32": 67e12
+    },  # bf16: measured matmul peak
+    "H100": {
+        "bfloat16": 989e12,
+        "float32": 67e12
+    },
+    "A100": {
+        "bfloat16": 312e12,
+        "float32": 19.5e12
+    },
 }
 #: Tiny network for the CI smoke run.
-TINY_MODEL = dict(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, num_groups=4,
-                  attention=("none", "none"), mid_attention="none")
+TINY_MODEL = dict(base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
+                  num_groups=4, attention=("none", "none"),
+                  mid_attention="none")
 _SHARED_DATA = _ROOT / ".." / "shared" / "data"
 
 
@@ -90,8 +102,10 @@ def environment() -> dict:
     load = None
   cpu = platform.processor()
   try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    cpu = next((l.split(":", 1)[1].strip() for l in out.splitlines()
+    out = subprocess.run(["lscpu"], capture_output=True, text=True,
+                         check=False).stdout
+    cpu = next((l.split(":", 1)[1].strip()
+                for l in out.splitlines()
                 if l.startswith("Model name")), cpu)
   except OSError:
     pass
@@ -99,17 +113,18 @@ def environment() -> dict:
       date=datetime.datetime.now().isoformat(timespec="seconds"),
       backend=jax.default_backend(), device_kind=devices[0].device_kind,
       device_count=len(devices), process_count=jax.process_count(),
-      jax=jax.__version__, jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
-      flax=flax.__version__, python=platform.python_version(),
-      cpu=cpu, cpu_count=os.cpu_count(), load_average=load,
-      xla_flags=os.environ.get("XLA_FLAGS", ""), glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
+      jax=jax.__version__,
+      jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
+      flax=flax.__version__, python=platform.python_version(), cpu=cpu,
+      cpu_count=os.cpu_count(), load_average=load, xla_flags=os.environ.get(
+          "XLA_FLAGS", ""), glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
       ld_preload=os.environ.get("LD_PRELOAD", ""))
 
 
 def _stats(times: list[float]) -> dict:
   q = np.percentile(times, [25, 75]) if len(times) > 1 else (times[0], times[0])
-  return dict(median_s=statistics.median(times), min_s=min(times), max_s=max(times),
-              iqr_s=float(q[1] - q[0]), n=len(times))
+  return dict(median_s=statistics.median(times), min_s=min(times),
+              max_s=max(times), iqr_s=float(q[1] - q[0]), n=len(times))
 
 
 def compiled_flops(compiled) -> float | None:
@@ -136,12 +151,13 @@ def _memory(compiled) -> dict:
                output_bytes=int(m.output_size_in_bytes),
                temp_bytes=int(m.temp_size_in_bytes),
                alias_bytes=int(m.alias_size_in_bytes))
-    out["peak_bytes"] = (out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"]
-                         - out["alias_bytes"])
+    out["peak_bytes"] = (out["argument_bytes"] + out["output_bytes"] +
+                         out["temp_bytes"] - out["alias_bytes"])
   stats = jax.devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" in stats:
     out["device_peak_bytes_in_use"] = int(stats["peak_bytes_in_use"])
-  out["process_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  out["process_peak_rss_bytes"] = resource.getrusage(
+      resource.RUSAGE_SELF).ru_maxrss * 1024
   return out
 
 
@@ -155,12 +171,13 @@ def _peak_fraction(flops_per_s: float, dtype: str) -> float | None:
   return None
 
 
-def make_config(preset: str, batch: int, *, tiny: bool, num_timesteps: int | None = None,
-                **model_overrides):
+def make_config(preset: str, batch: int, *, tiny: bool,
+                num_timesteps: int | None = None, **model_overrides):
   """The training config of one benchmark row (base_config plus overrides)."""
   config = config_lib.base_config()
   h, _, c = IMAGE_SHAPES[preset]
-  config.model = dict(preset=preset, **(TINY_MODEL if tiny else {}), **model_overrides)
+  config.model = dict(preset=preset, **(TINY_MODEL if tiny else {}),
+                      **model_overrides)
   config.data.image_size, config.data.channels = h, c
   config.train.batch_size = batch
   config.optimizer.warmup_steps = 10
@@ -169,8 +186,10 @@ def make_config(preset: str, batch: int, *, tiny: bool, num_timesteps: int | Non
   return config
 
 
-def bench_train(preset: str, batch: int, *, steps: int, warmup: int, tiny: bool) -> dict:
-  compiled, state, batch_arr, rng, compile_s, model = build_train_step(preset, batch, tiny=tiny)
+def bench_train(preset: str, batch: int, *, steps: int, warmup: int,
+                tiny: bool) -> dict:
+  compiled, state, batch_arr, rng, compile_s, model = build_train_step(
+      preset, batch, tiny=tiny)
   for _ in range(warmup):
     state, metrics = compiled(state, batch_arr, rng)
   jax.block_until_ready(metrics)
@@ -180,7 +199,8 @@ def bench_train(preset: str, batch: int, *, steps: int, warmup: int, tiny: bool)
     state, metrics = compiled(state, batch_arr, rng)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
-  return _train_row(preset, batch, compiled, state, metrics, model, compile_s, times)
+  return _train_row(preset, batch, compiled, state, metrics, model, compile_s,
+                    times)
 
 
 def build_train_step(preset: str, batch: int, *, tiny: bool, **model_overrides):
@@ -191,9 +211,12 @@ def build_train_step(preset: str, batch: int, *, tiny: bool, **model_overrides):
   mesh = parallel.create_mesh()
   rng = jax.random.key(0)
   shape = IMAGE_SHAPES[preset]
-  state = train_step.create_train_state(model, tx, rng, image_shape=shape, mesh=mesh)
-  step_fn = train_step.jit_train_step(builders.build_train_step(config, model, tx), mesh, state)
-  images = jax.random.uniform(jax.random.key(1), (batch,) + shape, jnp.float32, -1, 1)
+  state = train_step.create_train_state(model, tx, rng, image_shape=shape,
+                                        mesh=mesh)
+  step_fn = train_step.jit_train_step(
+      builders.build_train_step(config, model, tx), mesh, state)
+  images = jax.random.uniform(jax.random.key(1), (batch,) + shape, jnp.float32,
+                              -1, 1)
   batch_arr = {"image": images, "label": jnp.zeros((batch,), jnp.int32)}
   start = time.perf_counter()
   compiled = step_fn.lower(state, batch_arr, rng).compile()
@@ -201,7 +224,8 @@ def build_train_step(preset: str, batch: int, *, tiny: bool, **model_overrides):
   return compiled, state, batch_arr, rng, compile_s, model
 
 
-def _train_row(preset, batch, compiled, state, metrics, model, compile_s, times) -> dict:
+def _train_row(preset, batch, compiled, state, metrics, model, compile_s,
+               times) -> dict:
   row = dict(preset=preset, batch=batch, params=count_params(state.params),
              dtype=model.config.dtype, compile_s=compile_s, **_stats(times),
              loss=float(metrics["loss"]))
@@ -211,7 +235,8 @@ def _train_row(preset, batch, compiled, state, metrics, model, compile_s, times)
     row["flops_per_step"] = flops
     row["flops_per_image"] = flops / batch
     row["achieved_flops_per_s"] = flops / row["median_s"]
-    row["peak_fraction"] = _peak_fraction(row["achieved_flops_per_s"], model.config.dtype)
+    row["peak_fraction"] = _peak_fraction(row["achieved_flops_per_s"],
+                                          model.config.dtype)
   row["memory"] = _memory(compiled)
   return row
 
@@ -230,15 +255,18 @@ def _time_once(compiled, args) -> float:
   return time.perf_counter() - start
 
 
-def bench_sample(preset: str, batch: int, *, ddpm_steps: int | None, ddim_steps: int,
-                 num_timesteps: int, runs: int, tiny: bool) -> dict:
+def bench_sample(preset: str, batch: int, *, ddpm_steps: int | None,
+                 ddim_steps: int, num_timesteps: int, runs: int,
+                 tiny: bool) -> dict:
   config = make_config(preset, batch, tiny=tiny, num_timesteps=num_timesteps)
   model = builders.build_model(config)
   schedule = builders.build_schedule(config)
   shape = (batch,) + IMAGE_SHAPES[preset]
-  params = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros(shape), jnp.zeros((batch,), jnp.int32),
-                                      train=False))()["params"]
-  params = jax.tree.map(lambda p: p + 0.01 * jax.random.normal(jax.random.key(3), p.shape, p.dtype), params)
+  params = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros(
+      shape), jnp.zeros((batch,), jnp.int32), train=False))()["params"]
+  params = jax.tree.map(
+      lambda p: p + 0.01 * jax.random.normal(jax.random.key(3), p.shape, p.dtype
+                                            ), params)
   key = jax.random.key(1)
   x_T = jax.random.normal(jax.random.key(2), shape)
 
@@ -246,8 +274,10 @@ def bench_sample(preset: str, batch: int, *, ddpm_steps: int | None, ddim_steps:
     return lambda x, t: model.apply({"params": p}, x, t, train=False)
 
   def bare(p, x, n):
+
     def body(x, t):
       return model_fn(p)(x, jnp.full((x.shape[0],), t, jnp.int32)), None
+
     return jax.lax.scan(body, x, jnp.arange(n - 1, -1, -1, dtype=jnp.int32))[0]
 
   ddpm_n = ddpm_steps or schedule.num_timesteps
@@ -255,15 +285,16 @@ def bench_sample(preset: str, batch: int, *, ddpm_steps: int | None, ddim_steps:
   ddpm_schedule = schedule if ddpm_n == schedule.num_timesteps else builders.build_schedule(
       make_config(preset, batch, tiny=tiny, num_timesteps=ddpm_n))
   samplers = {
-      "ddpm": (ddpm_n, lambda p, x: samplers.ddpm_sample(model_fn(p), ddpm_schedule, x_T=x,
-                                                         key=key).images),
-      "ddim": (ddim_steps, lambda p, x: samplers.ddim_sample(model_fn(p), schedule, x_T=x, key=key,
-                                                             num_steps=ddim_steps).images),
+      "ddpm": (ddpm_n, lambda p, x: samplers.ddpm_sample(
+          model_fn(p), ddpm_schedule, x_T=x, key=key).images),
+      "ddim": (ddim_steps, lambda p, x: samplers.ddim_sample(
+          model_fn(p), schedule, x_T=x, key=key, num_steps=ddim_steps).images),
   }
   row = dict(preset=preset, batch=batch, num_timesteps=schedule.num_timesteps)
   for name, (n, fn) in samplers.items():
     sampler, sampler_compile = _compile(fn, (params, x_T))
-    bare_scan, bare_compile = _compile(lambda p, x, n=n: bare(p, x, n), (params, x_T))
+    bare_scan, bare_compile = _compile(lambda p, x, n=n: bare(p, x, n),
+                                       (params, x_T))
     # Sampler and bare scan alternate, so that load from other processes hits both alike;
     # the overhead is the median of the per-pair ratios.
     sampler_times, bare_times = [], []
@@ -271,11 +302,12 @@ def bench_sample(preset: str, batch: int, *, ddpm_steps: int | None, ddim_steps:
       sampler_times.append(_time_once(sampler, (params, x_T)))
       bare_times.append(_time_once(bare_scan, (params, x_T)))
     s = statistics.median(sampler_times)
-    row[name] = dict(steps=n, compile_s=sampler_compile, **_stats(sampler_times),
-                     images_per_s=batch / s, per_step_s=s / n,
-                     bare_compile_s=bare_compile, bare_median_s=statistics.median(bare_times),
-                     overhead_ratio=statistics.median(
-                         [a / b for a, b in zip(sampler_times, bare_times)]))
+    row[name] = dict(
+        steps=n, compile_s=sampler_compile, **_stats(sampler_times),
+        images_per_s=batch / s, per_step_s=s / n, bare_compile_s=bare_compile,
+        bare_median_s=statistics.median(bare_times),
+        overhead_ratio=statistics.median(
+            [a / b for a, b in zip(sampler_times, bare_times)]))
   return row
 
 
@@ -296,21 +328,27 @@ def bench_input(*, batch: int, steps: int, runs: int, tiny: bool) -> list[dict]:
   rows = []
   for source, options in _input_sources(tiny):
     start = time.perf_counter()
-    it = pipeline.create_dataset(source, batch_size=batch, random_flip=True, seed=0,
-                                       **{"image_size": None, "channels": None, **options})
+    it = pipeline.create_dataset(
+        source, batch_size=batch, random_flip=True, seed=0, **{
+            "image_size": None,
+            "channels": None,
+            **options
+        })
     load_s = time.perf_counter() - start
 
     def rate():
       start = time.perf_counter()
       for _ in range(steps):
-        next(it)
+        next(it)  # noqa: B023 (rate runs in this iteration)
       return steps * batch / (time.perf_counter() - start)
 
     rate()  # warm-up
     rates = [rate() for _ in range(runs)]
-    rows.append(dict(source=source.replace(str(_SHARED_DATA), "shared/data"), options=options,
-                     batch=batch, load_s=load_s, images_per_s=statistics.median(rates),
-                     min_images_per_s=min(rates), max_images_per_s=max(rates)))
+    rows.append(
+        dict(source=source.replace(str(_SHARED_DATA),
+                                   "shared/data"), options=options, batch=batch,
+             load_s=load_s, images_per_s=statistics.median(rates),
+             min_images_per_s=min(rates), max_images_per_s=max(rates)))
   return rows
 
 
@@ -320,39 +358,55 @@ def _fmt_bytes(n):
 
 def markdown(result: dict) -> str:
   env = result["environment"]
-  lines = [f"Backend {env['backend']} ({env['device_kind']} x{env['device_count']}), "
-           f"JAX {env['jax']}, Flax {env['flax']}, {env['cpu']} ({env['cpu_count']} cores), "
-           f"load average {env['load_average']}, {env['date']}, "
-           f"kernels {result['settings']['kernels']}", ""]
+  lines = [
+      f"Backend {env['backend']} ({env['device_kind']} x{env['device_count']}), "
+      f"JAX {env['jax']}, Flax {env['flax']}, {env['cpu']} ({env['cpu_count']} cores), "
+      f"load average {env['load_average']}, {env['date']}, "
+      f"kernels {result['settings']['kernels']}", ""
+  ]
   if result.get("train"):
-    lines += ["| train | batch | params | step median (min-max) | images/s | compile | "
-              "XLA peak mem | peak RSS | GFLOP/image | peak frac |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "| train | batch | params | step median (min-max) | images/s | compile | "
+        "XLA peak mem | peak RSS | GFLOP/image | peak frac |",
+        "|---|---|---|---|---|---|---|---|---|---|"
+    ]
     for r in result["train"]:
       m = r["memory"]
-      frac = "-" if r.get("peak_fraction") is None else f"{r['peak_fraction']:.1%}"
-      gf = "-" if r.get("flops_per_image") is None else f"{r['flops_per_image'] / 1e9:.2f}"
-      lines.append(f"| {r['preset']} | {r['batch']} | {r['params']:,} | {r['median_s']:.3f} s "
-                   f"({r['min_s']:.3f}-{r['max_s']:.3f}, n={r['n']}) | {r['images_per_s']:.1f} | "
-                   f"{r['compile_s']:.1f} s | {_fmt_bytes(m.get('peak_bytes'))} | "
-                   f"{_fmt_bytes(m.get('process_peak_rss_bytes'))} | {gf} | {frac} |")
+      frac = "-" if r.get(
+          "peak_fraction") is None else f"{r['peak_fraction']:.1%}"
+      gf = "-" if r.get(
+          "flops_per_image") is None else f"{r['flops_per_image'] / 1e9:.2f}"
+      lines.append(
+          f"| {r['preset']} | {r['batch']} | {r['params']:,} | {r['median_s']:.3f} s "
+          f"({r['min_s']:.3f}-{r['max_s']:.3f}, n={r['n']}) | {r['images_per_s']:.1f} | "
+          f"{r['compile_s']:.1f} s | {_fmt_bytes(m.get('peak_bytes'))} | "
+          f"{_fmt_bytes(m.get('process_peak_rss_bytes'))} | {gf} | {frac} |")
     lines.append("")
   if result.get("sample"):
-    lines += ["| sample | batch | sampler | steps | time median | images/s | per step | "
-              "bare scan | overhead | compile |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "| sample | batch | sampler | steps | time median | images/s | per step | "
+        "bare scan | overhead | compile |",
+        "|---|---|---|---|---|---|---|---|---|---|"
+    ]
     for r in result["sample"]:
       for name in ("ddpm", "ddim"):
         s = r[name]
-        lines.append(f"| {r['preset']} | {r['batch']} | {name} | {s['steps']} | {s['median_s']:.3f} s | "
-                     f"{s['images_per_s']:.2f} | {s['per_step_s'] * 1e3:.1f} ms | "
-                     f"{s['bare_median_s']:.3f} s | {s['overhead_ratio']:.3f}x | {s['compile_s']:.1f} s |")
+        lines.append(
+            f"| {r['preset']} | {r['batch']} | {name} | {s['steps']} | {s['median_s']:.3f} s | "
+            f"{s['images_per_s']:.2f} | {s['per_step_s'] * 1e3:.1f} ms | "
+            f"{s['bare_median_s']:.3f} s | {s['overhead_ratio']:.3f}x | {s['compile_s']:.1f} s |"
+        )
     lines.append("")
   if result.get("input"):
-    lines += ["| input source | options | batch | load | images/s (min-max) |", "|---|---|---|---|---|"]
+    lines += [
+        "| input source | options | batch | load | images/s (min-max) |",
+        "|---|---|---|---|---|"
+    ]
     for r in result["input"]:
-      lines.append(f"| {r['source']} | {r['options'] or ''} | {r['batch']} | {r['load_s']:.1f} s | "
-                   f"{r['images_per_s']:,.0f} ({r['min_images_per_s']:,.0f}-"
-                   f"{r['max_images_per_s']:,.0f}) |")
+      lines.append(
+          f"| {r['source']} | {r['options'] or ''} | {r['batch']} | {r['load_s']:.1f} s | "
+          f"{r['images_per_s']:,.0f} ({r['min_images_per_s']:,.0f}-"
+          f"{r['max_images_per_s']:,.0f}) |")
     lines.append("")
   return "\n".join(lines)
 
@@ -360,64 +414,83 @@ def markdown(result: dict) -> str:
 def _parse_preset(text: str) -> tuple[str, int]:
   name, _, batch = text.partition(":")
   if name not in IMAGE_SHAPES or not batch.isdigit():
-    raise argparse.ArgumentTypeError(f"expected PRESET:BATCH with PRESET in {sorted(IMAGE_SHAPES)}")
+    raise argparse.ArgumentTypeError(
+        f"expected PRESET:BATCH with PRESET in {sorted(IMAGE_SHAPES)}")
   return name, int(batch)
 
 
-def _run_sections(result: dict, args, sections: set[str], train_rows, sample_rows) -> None:
+def _run_sections(result: dict, args, sections: set[str], train_rows,
+                  sample_rows) -> None:
   """Fills `result` with the rows of each requested section."""
   if "train" in sections:
     result["train"] = []
     for preset, batch in train_rows:
-      result["train"].append(bench_train(preset, batch, steps=args.steps, warmup=args.warmup,
-                                         tiny=args.tiny))
-      print(f"train {preset}:{batch} {result['train'][-1]['median_s']:.3f} s/step", file=sys.stderr,
-            flush=True)
+      result["train"].append(
+          bench_train(preset, batch, steps=args.steps, warmup=args.warmup,
+                      tiny=args.tiny))
+      print(
+          f"train {preset}:{batch} {result['train'][-1]['median_s']:.3f} s/step",
+          file=sys.stderr, flush=True)
   if "sample" in sections:
     result["sample"] = []
     for preset, batch in sample_rows:
-      result["sample"].append(bench_sample(preset, batch, ddpm_steps=args.ddpm_steps,
-                                           ddim_steps=args.ddim_steps,
-                                           num_timesteps=args.num_timesteps,
-                                           runs=args.sample_runs, tiny=args.tiny))
+      result["sample"].append(
+          bench_sample(preset, batch, ddpm_steps=args.ddpm_steps,
+                       ddim_steps=args.ddim_steps,
+                       num_timesteps=args.num_timesteps, runs=args.sample_runs,
+                       tiny=args.tiny))
       print(f"sample {preset}:{batch} done", file=sys.stderr, flush=True)
   if "input" in sections:
-    result["input"] = bench_input(batch=args.input_batch, steps=args.input_steps,
-                                  runs=args.input_runs, tiny=args.tiny)
+    result["input"] = bench_input(batch=args.input_batch,
+                                  steps=args.input_steps, runs=args.input_runs,
+                                  tiny=args.tiny)
 
 
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--preset", action="append", type=_parse_preset,
-                      help="PRESET:BATCH for the train section (repeatable); default "
-                           "tutorial:128 and ddpm_cifar10:16")
-  parser.add_argument("--sample-preset", action="append", type=_parse_preset,
-                      help="PRESET:BATCH for the sample section; default tutorial:16 and ddpm_cifar10:4")
+  parser.add_argument(
+      "--preset", action="append", type=_parse_preset,
+      help="PRESET:BATCH for the train section (repeatable); default "
+      "tutorial:128 and ddpm_cifar10:16")
+  parser.add_argument(
+      "--sample-preset", action="append", type=_parse_preset, help=
+      "PRESET:BATCH for the sample section; default tutorial:16 and ddpm_cifar10:4"
+  )
   parser.add_argument("--sections", default="train,sample,input")
-  parser.add_argument("--steps", type=int, default=10, help="timed train steps after warm-up")
+  parser.add_argument("--steps", type=int, default=10,
+                      help="timed train steps after warm-up")
   parser.add_argument("--warmup", type=int, default=2)
-  parser.add_argument("--num-timesteps", type=int, default=1000, help="T of the sampling schedule")
-  parser.add_argument("--ddpm-steps", type=int, default=None,
-                      help="DDPM chain length (default T); a shorter chain uses a schedule of that length")
+  parser.add_argument("--num-timesteps", type=int, default=1000,
+                      help="T of the sampling schedule")
+  parser.add_argument(
+      "--ddpm-steps", type=int, default=None, help=
+      "DDPM chain length (default T); a shorter chain uses a schedule of that length"
+  )
   parser.add_argument("--ddim-steps", type=int, default=50)
   parser.add_argument("--sample-runs", type=int, default=3)
   parser.add_argument("--input-batch", type=int, default=128)
   parser.add_argument("--input-steps", type=int, default=50)
   parser.add_argument("--input-runs", type=int, default=5)
-  parser.add_argument("--kernels", choices=kernels.IMPLEMENTATIONS, default="auto",
-                      help="ddpm_jax.models.kernels.implementation for every section: 'auto' (the "
-                           "library's default) or 'xla' (XLA's own convolutions and GroupNorm "
-                           "gradient, the reference)")
-  parser.add_argument("--tiny", action="store_true",
-                      help="CI smoke setting: tiny nets, batch 2-4, 2 steps, T=10, one preset per section")
-  parser.add_argument("--default-malloc", action="store_true",
-                      help="run as a script: keep glibc's default malloc (otherwise it restarts "
-                           "with huge pages for large blocks, as the CLI does: "
-                           "ddpm_jax.infra.hugepages)")
-  parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<backend>_<date>.json)")
-  parser.add_argument("--md", default=None, help="also write the markdown table here")
+  parser.add_argument(
+      "--kernels", choices=kernels.IMPLEMENTATIONS, default="auto", help=
+      "ddpm_jax.models.kernels.implementation for every section: 'auto' (the "
+      "library's default) or 'xla' (XLA's own convolutions and GroupNorm "
+      "gradient, the reference)")
+  parser.add_argument(
+      "--tiny", action="store_true", help=
+      "CI smoke setting: tiny nets, batch 2-4, 2 steps, T=10, one preset per section"
+  )
+  parser.add_argument(
+      "--default-malloc", action="store_true",
+      help="run as a script: keep glibc's default malloc (otherwise it restarts "
+      "with huge pages for large blocks, as the CLI does: "
+      "ddpm_jax.infra.hugepages)")
+  parser.add_argument(
+      "--out", default=None,
+      help="JSON path (default benchmarks/results/<backend>_<date>.json)")
+  parser.add_argument("--md", default=None,
+                      help="also write the markdown table here")
   args = parser.parse_args(argv)
-
   sections = set(args.sections.split(","))
   train_rows = args.preset or [("tutorial", 128), ("ddpm_cifar10", 16)]
   sample_rows = args.sample_preset or [("tutorial", 16), ("ddpm_cifar10", 4)]
@@ -428,8 +501,11 @@ def main(argv=None) -> dict:
     args.steps, args.warmup, args.num_timesteps, args.ddim_steps = 2, 1, 10, 5
     args.sample_runs, args.input_steps, args.input_runs, args.input_batch = 1, 3, 1, 16
 
-  result = dict(environment=environment(), settings=vars(args) | {"preset": train_rows,
-                                                                 "sample_preset": sample_rows})
+  result = dict(
+      environment=environment(), settings=vars(args) | {
+          "preset": train_rows,
+          "sample_preset": sample_rows
+      })
   with kernels.implementation(args.kernels):
     _run_sections(result, args, sections, train_rows, sample_rows)
   result["environment"]["load_average_end"] = os.getloadavg()

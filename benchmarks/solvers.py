@@ -44,13 +44,13 @@ if __package__ in (None, "") and str(_ROOT) not in sys.path:
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from ddpm_jax import samplers
 from ddpm_jax.diffusion import respace, schedules, testing
 
-MIX = testing.gaussian_mixture(weights=[0.3, 0.5, 0.2],
-                               means=[[-0.6, -0.3], [0.5, 0.5], [0.2, -0.7]],
+MIX = testing.gaussian_mixture(weights=[0.3, 0.5, 0.2], means=[[-0.6, -0.3],
+                                                               [0.5, 0.5],
+                                                               [0.2, -0.7]],
                                stds=[0.12, 0.18, 0.15])
 DETERMINISTIC = ("ddim", "euler", "heun", "dpmpp_2m", "dpmpp_3m")
 
@@ -60,8 +60,7 @@ def fit_error(x) -> float:
   fit = testing.fit_components(MIX, x)
   return max(
       float(jnp.max(jnp.abs(fit.weights / MIX.weights - 1.0))),
-      float(jnp.max(jnp.linalg.norm(fit.means - MIX.means, axis=1) /
-                    MIX.stds)),
+      float(jnp.max(jnp.linalg.norm(fit.means - MIX.means, axis=1) / MIX.stds)),
       float(jnp.max(jnp.abs(fit.stds / MIX.stds - 1.0))))
 
 
@@ -75,8 +74,9 @@ def make_sampler(name, schedule, num_steps, spacing):
   model_fn = testing.denoiser(MIX, schedule)
   key = jax.random.key(5)
   if name == "ddpm":
-    spaced = respace.respace(schedule, respace.spaced_timesteps(
-        schedule.num_timesteps, num_steps), warn=False)
+    spaced = respace.respace(
+        schedule, respace.spaced_timesteps(schedule.num_timesteps, num_steps),
+        warn=False)
     spaced_fn = respace.map_timesteps(model_fn, spaced.timesteps)
     return jax.jit(lambda x: samplers.ddpm_sample(
         spaced_fn, spaced.schedule, x_T=x, key=key, clip_x0=False).images)
@@ -84,8 +84,8 @@ def make_sampler(name, schedule, num_steps, spacing):
   if name != "ddim":
     options["spacing"] = spacing
   fn = samplers.get_sampler(name)
-  return jax.jit(lambda x: fn(model_fn, schedule, x_T=x, key=key,
-                              **options).images)
+  return jax.jit(
+      lambda x: fn(model_fn, schedule, x_T=x, key=key, **options).images)
 
 
 def measure(name, schedule, calls, spacing, x_T, data, reference, *,
@@ -122,8 +122,8 @@ def markdown(result: dict) -> str:
       f"{floor['sw2']:.4f}; the converged ODE solution: fit error "
       f"{floor['ode_fit_error']:.3f}, SW2 {floor['ode_sw2']:.4f}.", "",
       "| sampler | spacing | steps | calls | fit error | SW2 | RMS to ODE | "
-      "us/sample |",
-      "|---|---|---|---|---|---|---|---|"]
+      "us/sample |", "|---|---|---|---|---|---|---|---|"
+  ]
   for r in result["rows"]:
     rms = f"{r['rms_to_ode']:.2e}" if "rms_to_ode" in r else "-"
     lines.append(f"| {r['sampler']} | {r['spacing'] or '-'} | {r['steps']} | "
@@ -156,21 +156,19 @@ def main(argv=None) -> dict:
   result = dict(
       schedule=args.schedule, num_timesteps=args.num_timesteps,
       points=args.points, backend=jax.default_backend(),
-      load_average=os.getloadavg(),
-      floor=dict(fit_error=fit_error(data),
-                 sw2=float(testing.sliced_wasserstein(
-                     data_2, data, key=jax.random.key(4))),
-                 ode_fit_error=fit_error(reference),
-                 ode_sw2=float(testing.sliced_wasserstein(
-                     reference, data, key=jax.random.key(4)))),
-      rows=[])
+      load_average=os.getloadavg(), floor=dict(
+          fit_error=fit_error(data), sw2=float(
+              testing.sliced_wasserstein(data_2, data, key=jax.random.key(4))),
+          ode_fit_error=fit_error(reference), ode_sw2=float(
+              testing.sliced_wasserstein(reference, data,
+                                         key=jax.random.key(4)))), rows=[])
   calls = [int(c) for c in args.calls.split(",")]
   for name in args.samplers.split(","):
     budgets = calls
     if name == "ddim" and 100 not in calls and args.num_timesteps >= 100:
       budgets = calls + [100]  # The target: DPM-Solver++ at 20 vs DDIM 100.
-    spacings = ([None] if name in ("ddpm", "ddim") else
-                args.spacings.split(","))
+    spacings = ([None] if name in ("ddpm",
+                                   "ddim") else args.spacings.split(","))
     for spacing in spacings:
       for budget in budgets:
         row = measure(name, schedule, budget, spacing, x_T, data, reference,

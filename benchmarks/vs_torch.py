@@ -84,11 +84,12 @@ try:
   import torch
   from torch import nn
 except ImportError:  # pragma: no cover - the whole script needs it
-  sys.exit("benchmarks/vs_torch.py needs PyTorch: pip install torch (and diffusers for ddpm_cifar10)")
+  sys.exit(
+      "benchmarks/vs_torch.py needs PyTorch: pip install torch (and diffusers for ddpm_cifar10)"
+  )
 
 PARAMS = {"tutorial": 2_996_315, "ddpm_cifar10": 35_746_307}
 DDIM_STEPS = 50
-
 
 # --- the tutorial's U-Net in PyTorch ("The Annotated Diffusion Model") -------------------------
 
@@ -101,7 +102,8 @@ class _Embedding(nn.Module):
 
   def forward(self, t):
     half = self.dim // 2
-    freqs = torch.exp(torch.arange(half, device=t.device) * -(math.log(10000) / (half - 1)))
+    freqs = torch.exp(
+        torch.arange(half, device=t.device) * -(math.log(10000) / (half - 1)))
     args = t[:, None].float() * freqs[None, :]
     return torch.cat([args.sin(), args.cos()], dim=-1)
 
@@ -110,12 +112,15 @@ class _ConvNextBlock(nn.Module):
 
   def __init__(self, dim, dim_out, *, time_emb_dim=None, mult=2):
     super().__init__()
-    self.mlp = nn.Sequential(nn.GELU(), nn.Linear(time_emb_dim, dim)) if time_emb_dim else None
+    self.mlp = nn.Sequential(nn.GELU(), nn.Linear(
+        time_emb_dim, dim)) if time_emb_dim else None
     self.ds_conv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
-    self.net = nn.Sequential(
-        nn.GroupNorm(1, dim), nn.Conv2d(dim, dim_out * mult, 3, padding=1), nn.GELU(),
-        nn.GroupNorm(1, dim_out * mult), nn.Conv2d(dim_out * mult, dim_out, 3, padding=1))
-    self.res_conv = nn.Conv2d(dim, dim_out, 1) if dim != dim_out else nn.Identity()
+    self.net = nn.Sequential(nn.GroupNorm(1, dim),
+                             nn.Conv2d(dim, dim_out * mult, 3, padding=1),
+                             nn.GELU(), nn.GroupNorm(1, dim_out * mult),
+                             nn.Conv2d(dim_out * mult, dim_out, 3, padding=1))
+    self.res_conv = nn.Conv2d(dim, dim_out,
+                              1) if dim != dim_out else nn.Identity()
 
   def forward(self, x, temb=None):
     h = self.ds_conv(x)
@@ -134,7 +139,8 @@ class _Attention(nn.Module):
 
   def forward(self, x):
     b, _, h, w = x.shape
-    q, k, v = (t.reshape(b, self.heads, -1, h * w) for t in self.to_qkv(x).chunk(3, dim=1))
+    q, k, v = (t.reshape(b, self.heads, -1, h * w)
+               for t in self.to_qkv(x).chunk(3, dim=1))
     attn = torch.einsum("bhdi,bhdj->bhij", q * self.scale, k).softmax(dim=-1)
     out = torch.einsum("bhij,bhdj->bhid", attn, v)
     return self.to_out(out.permute(0, 1, 3, 2).reshape(b, -1, h, w))
@@ -146,11 +152,13 @@ class _LinearAttention(nn.Module):
     super().__init__()
     self.scale, self.heads = dim_head**-0.5, heads
     self.to_qkv = nn.Conv2d(dim, dim_head * heads * 3, 1, bias=False)
-    self.to_out = nn.Sequential(nn.Conv2d(dim_head * heads, dim, 1), nn.GroupNorm(1, dim))
+    self.to_out = nn.Sequential(nn.Conv2d(dim_head * heads, dim, 1),
+                                nn.GroupNorm(1, dim))
 
   def forward(self, x):
     b, _, h, w = x.shape
-    q, k, v = (t.reshape(b, self.heads, -1, h * w) for t in self.to_qkv(x).chunk(3, dim=1))
+    q, k, v = (t.reshape(b, self.heads, -1, h * w)
+               for t in self.to_qkv(x).chunk(3, dim=1))
     q = q.softmax(dim=-2) * self.scale
     k = k.softmax(dim=-1)
     context = torch.einsum("bhdn,bhen->bhde", k, v)
@@ -178,24 +186,29 @@ class TutorialUNet(nn.Module):
     dims = [init_dim, *(dim * m for m in dim_mults)]
     in_out = list(zip(dims[:-1], dims[1:]))
     time_dim = dim * 4
-    self.time_mlp = nn.Sequential(_Embedding(dim), nn.Linear(dim, time_dim), nn.GELU(),
-                                  nn.Linear(time_dim, time_dim))
-    self.downs = nn.ModuleList([nn.ModuleList([
-        _ConvNextBlock(d_in, d_out, time_emb_dim=time_dim),
-        _ConvNextBlock(d_out, d_out, time_emb_dim=time_dim),
-        _PreNormResidual(d_out, _LinearAttention(d_out)),
-        nn.Conv2d(d_out, d_out, 4, 2, 1) if i < len(in_out) - 1 else nn.Identity()])
-        for i, (d_in, d_out) in enumerate(in_out)])
+    self.time_mlp = nn.Sequential(_Embedding(dim), nn.Linear(dim, time_dim),
+                                  nn.GELU(), nn.Linear(time_dim, time_dim))
+    self.downs = nn.ModuleList([
+        nn.ModuleList([
+            _ConvNextBlock(d_in, d_out, time_emb_dim=time_dim),
+            _ConvNextBlock(d_out, d_out, time_emb_dim=time_dim),
+            _PreNormResidual(d_out, _LinearAttention(d_out)),
+            nn.Conv2d(d_out, d_out, 4, 2, 1) if i < len(in_out) -
+            1 else nn.Identity()
+        ]) for i, (d_in, d_out) in enumerate(in_out)
+    ])
     mid = dims[-1]
     self.mid_block1 = _ConvNextBlock(mid, mid, time_emb_dim=time_dim)
     self.mid_attn = _PreNormResidual(mid, _Attention(mid))
     self.mid_block2 = _ConvNextBlock(mid, mid, time_emb_dim=time_dim)
-    self.ups = nn.ModuleList([nn.ModuleList([
-        _ConvNextBlock(d_out * 2, d_in, time_emb_dim=time_dim),
-        _ConvNextBlock(d_in, d_in, time_emb_dim=time_dim),
-        _PreNormResidual(d_in, _LinearAttention(d_in)),
-        nn.ConvTranspose2d(d_in, d_in, 4, 2, 1)])
-        for d_in, d_out in reversed(in_out[1:])])
+    self.ups = nn.ModuleList([
+        nn.ModuleList([
+            _ConvNextBlock(d_out * 2, d_in, time_emb_dim=time_dim),
+            _ConvNextBlock(d_in, d_in, time_emb_dim=time_dim),
+            _PreNormResidual(d_in, _LinearAttention(d_in)),
+            nn.ConvTranspose2d(d_in, d_in, 4, 2, 1)
+        ]) for d_in, d_out in reversed(in_out[1:])
+    ])
     self.final_block = _ConvNextBlock(dim, dim)
     self.final_conv = nn.Conv2d(dim, channels, 1)
 
@@ -209,7 +222,8 @@ class TutorialUNet(nn.Module):
       x = down(x)
     x = self.mid_block2(self.mid_attn(self.mid_block1(x, temb)), temb)
     for block1, block2, attn, up in self.ups:
-      x = up(attn(block2(block1(torch.cat([x, skips.pop()], dim=1), temb), temb)))
+      x = up(
+          attn(block2(block1(torch.cat([x, skips.pop()], dim=1), temb), temb)))
     return self.final_conv(self.final_block(x))
 
 
@@ -220,8 +234,9 @@ def torch_net(preset: str) -> nn.Module:
   from diffusers import UNet2DModel  # pylint: disable=import-outside-toplevel
   net = UNet2DModel(
       sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
-      block_out_channels=(128, 256, 256, 256), norm_num_groups=32, norm_eps=1e-6,
-      down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+      block_out_channels=(128, 256, 256, 256), norm_num_groups=32,
+      norm_eps=1e-6, down_block_types=("DownBlock2D", "AttnDownBlock2D",
+                                       "DownBlock2D", "DownBlock2D"),
       up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
       downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, dropout=0.1)
   return _Call(net)
@@ -246,7 +261,9 @@ def torch_train_step(preset: str, batch: int):
   net = torch_net(preset).train()
   n = sum(p.numel() for p in net.parameters())
   if n != PARAMS[preset]:
-    raise SystemExit(f"vs_torch: the PyTorch {preset} net has {n:,} parameters, expected {PARAMS[preset]:,}")
+    raise SystemExit(
+        f"vs_torch: the PyTorch {preset} net has {n:,} parameters, expected {PARAMS[preset]:,}"
+    )
   opt = torch.optim.Adam(net.parameters(), lr=2e-4)
   ema = [p.detach().clone() for p in net.parameters()]
   h, w, c = run.IMAGE_SHAPES[preset]
@@ -258,7 +275,7 @@ def torch_train_step(preset: str, batch: int):
     noise = torch.randn_like(x0)
     a = alphas_bar[t][:, None, None, None]
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-    loss = torch.mean((net(x_t, t) - noise) ** 2)
+    loss = torch.mean((net(x_t, t) - noise)**2)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -274,7 +291,8 @@ def torch_train_step(preset: str, batch: int):
 
 def jax_train_step(preset: str, batch: int):
   """(step function, compile seconds, FLOPs of one step from XLA's cost analysis)."""
-  compiled, state, batch_arr, rng, compile_s, _ = run.build_train_step(preset, batch, tiny=False)
+  compiled, state, batch_arr, rng, compile_s, _ = run.build_train_step(
+      preset, batch, tiny=False)
   holder = {"state": state}
 
   def step():
@@ -288,12 +306,16 @@ def jax_forward(preset: str, batch: int):
   model = UNet(config=unet_config(preset))
   shape = (batch,) + run.IMAGE_SHAPES[preset]
   x, t = jnp.zeros(shape), jnp.full((batch,), 500, jnp.int32)
-  params = jax.jit(lambda: model.init(jax.random.key(0), x, t, train=False))()["params"]
+  params = jax.jit(
+      lambda: model.init(jax.random.key(0), x, t, train=False))()["params"]
   if count_params(params) != PARAMS[preset]:
-    raise SystemExit(f"vs_torch: the JAX {preset} net has {count_params(params):,} parameters")
+    raise SystemExit(
+        f"vs_torch: the JAX {preset} net has {count_params(params):,} parameters"
+    )
   start = time.perf_counter()
-  compiled = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t, train=False)).lower(
-      params, x, t).compile()
+  compiled = jax.jit(
+      lambda p, x, t: model.apply({"params": p}, x, t, train=False)).lower(
+          params, x, t).compile()
   compile_s = time.perf_counter() - start
   return (lambda: jax.block_until_ready(compiled(params, x, t))), compile_s
 
@@ -317,8 +339,8 @@ PEAK_KERNELS = {
     "matmul 2048^3": (((2048, 2048), (2048, 2048)), 2 * 2048**3),
     "conv3x3 16x32x32x128->128": (((16, 32, 32, 128), (3, 3, 128, 128)),
                                   2 * 16 * 32 * 32 * 128 * 128 * 9),
-    "conv3x3 128x28x28x56->28": (((128, 28, 28, 56), (3, 3, 56, 28)),
-                                 2 * 128 * 28 * 28 * 56 * 28 * 9),
+    "conv3x3 128x28x28x56->28": (
+        ((128, 28, 28, 56), (3, 3, 56, 28)), 2 * 128 * 28 * 28 * 56 * 28 * 9),
 }
 
 
@@ -346,7 +368,8 @@ def torch_kernel(name: str, dtype: str):
   else:
     n, h, w, c = shape_a
     kh, kw, ci, co = shape_b
-    a, b = torch.ones(n, c, h, w, dtype=dt), torch.ones(co, ci, kh, kw, dtype=dt)
+    a, b = torch.ones(n, c, h, w, dtype=dt), torch.ones(co, ci, kh, kw,
+                                                        dtype=dt)
     fn = lambda: torch.nn.functional.conv2d(a, b, padding=kh // 2)
 
   def call():
@@ -369,7 +392,8 @@ def timed(fn) -> Timing:
   return Timing(time.perf_counter() - wall, time.process_time() - cpu)
 
 
-def alternate(a, b, *, runs: int, warmup: int = 1) -> tuple[list[Timing], list[Timing]]:
+def alternate(a, b, *, runs: int,
+              warmup: int = 1) -> tuple[list[Timing], list[Timing]]:
   """Times a() and b() alternately, `runs` times each after `warmup` calls of each."""
   for _ in range(warmup):
     a()
@@ -381,25 +405,31 @@ def alternate(a, b, *, runs: int, warmup: int = 1) -> tuple[list[Timing], list[T
   return ta, tb
 
 
-def summary(ta: list[Timing], tb: list[Timing], load_before, load_after) -> dict:
+def summary(ta: list[Timing], tb: list[Timing], load_before,
+            load_after) -> dict:
   """Medians of wall and CPU time of each side and of the per-pair ratios b / a."""
   out = {"load_average_before": load_before, "load_average_after": load_after}
   for field in Timing._fields:
     a, b = [getattr(x, field) for x in ta], [getattr(x, field) for x in tb]
-    out[field] = {"ddpm_jax": statistics.median(a), "torch": statistics.median(b),
-                  "torch_over_ddpm_jax": statistics.median(y / x for x, y in zip(a, b)),
-                  "runs_ddpm_jax": a, "runs_torch": b}
+    out[field] = {
+        "ddpm_jax": statistics.median(a),
+        "torch": statistics.median(b),
+        "torch_over_ddpm_jax": statistics.median(y / x for x, y in zip(a, b)),
+        "runs_ddpm_jax": a,
+        "runs_torch": b
+    }
   return out
 
 
 def _line(s: dict, scale: float, unit: str) -> str:
   w, c = s["wall_s"], s["cpu_s"]
-  return (f"wall ddpm_jax {w['ddpm_jax'] * scale:.3f} {unit} PyTorch {w['torch'] * scale:.3f} {unit} "
-          f"PyTorch/ddpm_jax x{w['torch_over_ddpm_jax']:.2f} | CPU ddpm_jax "
-          f"{c['ddpm_jax'] * scale:.3f} {unit} PyTorch {c['torch'] * scale:.3f} {unit} PyTorch/ddpm_jax "
-          f"x{c['torch_over_ddpm_jax']:.2f} | load {_load(s['load_average_before'])} -> "
-          f"{_load(s['load_average_after'])} | wall runs {[round(v * scale, 2) for v in w['runs_ddpm_jax']]}"
-          f" / {[round(v * scale, 2) for v in w['runs_torch']]}")
+  return (
+      f"wall ddpm_jax {w['ddpm_jax'] * scale:.3f} {unit} PyTorch {w['torch'] * scale:.3f} {unit} "
+      f"PyTorch/ddpm_jax x{w['torch_over_ddpm_jax']:.2f} | CPU ddpm_jax "
+      f"{c['ddpm_jax'] * scale:.3f} {unit} PyTorch {c['torch'] * scale:.3f} {unit} PyTorch/ddpm_jax "
+      f"x{c['torch_over_ddpm_jax']:.2f} | load {_load(s['load_average_before'])} -> "
+      f"{_load(s['load_average_after'])} | wall runs {[round(v * scale, 2) for v in w['runs_ddpm_jax']]}"
+      f" / {[round(v * scale, 2) for v in w['runs_torch']]}")
 
 
 def _load(load) -> str:
@@ -409,7 +439,8 @@ def _load(load) -> str:
 def _parse(text: str) -> tuple[str, list[int]]:
   name, _, batches = text.partition(":")
   if name not in PARAMS or not batches:
-    raise argparse.ArgumentTypeError(f"expected PRESET:BATCH[,BATCH...] with PRESET in {sorted(PARAMS)}")
+    raise argparse.ArgumentTypeError(
+        f"expected PRESET:BATCH[,BATCH...] with PRESET in {sorted(PARAMS)}")
   return name, [int(b) for b in batches.split(",")]
 
 
@@ -417,66 +448,88 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--train", type=_parse, action="append", default=[],
                       help="PRESET:BATCH (repeatable): train steps, alternated")
-  parser.add_argument("--forward", type=_parse, action="append", default=[],
-                      help="PRESET:BATCH[,BATCH...] (repeatable): network calls, alternated")
-  parser.add_argument("--peak", action="store_true",
-                      help="time PEAK_KERNELS (a matmul, a 3x3 conv) in float32 and bfloat16, "
-                           "alternated: the rate the machine's kernels reach in each library")
-  parser.add_argument("--steps", type=int, default=6, help="timed train steps of each")
-  parser.add_argument("--calls", type=int, default=7, help="timed network calls of each")
-  parser.add_argument("--warmup", type=int, default=1, help="untimed calls of each first")
-  parser.add_argument("--threads", type=int, default=None,
-                      help="torch.set_num_threads (default: PyTorch's own, the core count)")
-  parser.add_argument("--json", default=None, help="also write every timing to this JSON file")
+  parser.add_argument(
+      "--forward", type=_parse, action="append", default=[],
+      help="PRESET:BATCH[,BATCH...] (repeatable): network calls, alternated")
+  parser.add_argument(
+      "--peak", action="store_true",
+      help="time PEAK_KERNELS (a matmul, a 3x3 conv) in float32 and bfloat16, "
+      "alternated: the rate the machine's kernels reach in each library")
+  parser.add_argument("--steps", type=int, default=6,
+                      help="timed train steps of each")
+  parser.add_argument("--calls", type=int, default=7,
+                      help="timed network calls of each")
+  parser.add_argument("--warmup", type=int, default=1,
+                      help="untimed calls of each first")
+  parser.add_argument(
+      "--threads", type=int, default=None,
+      help="torch.set_num_threads (default: PyTorch's own, the core count)")
+  parser.add_argument("--json", default=None,
+                      help="also write every timing to this JSON file")
   args = parser.parse_args(argv)
   if args.threads:
     torch.set_num_threads(args.threads)
-  header = (f"torch {torch.__version__} ({torch.get_num_threads()} threads), jax {jax.__version__} "
-            f"({jax.default_backend()}), {len(os.sched_getaffinity(0))} of {os.cpu_count()} cores, "
-            f"LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r}, GLIBC_TUNABLES="
-            f"{os.environ.get('GLIBC_TUNABLES', '')!r}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  header = (
+      f"torch {torch.__version__} ({torch.get_num_threads()} threads), jax {jax.__version__} "
+      f"({jax.default_backend()}), {len(os.sched_getaffinity(0))} of {os.cpu_count()} cores, "
+      f"LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r}, GLIBC_TUNABLES="
+      f"{os.environ.get('GLIBC_TUNABLES', '')!r}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+  )
   print(header, flush=True)
   rows = []
   for preset, batches in args.train:
     for batch in batches:
       jax_step, compile_s, flops = jax_train_step(preset, batch)
       load = os.getloadavg()
-      ta, tb = alternate(jax_step, torch_train_step(preset, batch), runs=args.steps,
-                         warmup=args.warmup)
+      ta, tb = alternate(jax_step, torch_train_step(preset, batch),
+                         runs=args.steps, warmup=args.warmup)
       s = summary(ta, tb, load, os.getloadavg())
-      rate = {k: flops / s["wall_s"][k] / 1e9 for k in ("ddpm_jax", "torch")} if flops else None
-      rows.append(dict(kind="train", preset=preset, batch=batch, compile_s=compile_s,
-                       gflop_per_step=flops and flops / 1e9, gflop_per_s=rate, **s))
-      rates = (f"; {flops / 1e9:.0f} GFLOP/step, GFLOP/s ddpm_jax {rate['ddpm_jax']:.0f} "
-               f"PyTorch {rate['torch']:.0f}") if flops else ""
-      print(f"train {preset}:{batch} s/step (compile {compile_s:.1f} s{rates}): {_line(s, 1, 's')}",
-            flush=True)
+      rate = {
+          k: flops / s["wall_s"][k] / 1e9 for k in ("ddpm_jax", "torch")
+      } if flops else None
+      rows.append(
+          dict(kind="train", preset=preset, batch=batch, compile_s=compile_s,
+               gflop_per_step=flops and flops / 1e9, gflop_per_s=rate, **s))
+      rates = (
+          f"; {flops / 1e9:.0f} GFLOP/step, GFLOP/s ddpm_jax {rate['ddpm_jax']:.0f} "
+          f"PyTorch {rate['torch']:.0f}") if flops else ""
+      print(
+          f"train {preset}:{batch} s/step (compile {compile_s:.1f} s{rates}): {_line(s, 1, 's')}",
+          flush=True)
   for preset, batches in args.forward:
     for batch in batches:
       jax_call, compile_s = jax_forward(preset, batch)
       load = os.getloadavg()
-      ta, tb = alternate(jax_call, torch_forward(preset, batch), runs=args.calls,
-                         warmup=args.warmup)
+      ta, tb = alternate(jax_call, torch_forward(preset, batch),
+                         runs=args.calls, warmup=args.warmup)
       s = summary(ta, tb, load, os.getloadavg())
-      ddim = {k: batch / (DDIM_STEPS * s["wall_s"][k]) for k in ("ddpm_jax", "torch")}
-      rows.append(dict(kind="forward", preset=preset, batch=batch, compile_s=compile_s,
-                       ddim_images_per_s=ddim, **s))
-      print(f"forward {preset}:{batch} ms/call (compile {compile_s:.1f} s; DDIM-{DDIM_STEPS} "
-            f"images/s ddpm_jax {ddim['ddpm_jax']:.2f} PyTorch {ddim['torch']:.2f}): "
-            f"{_line(s, 1e3, 'ms')}", flush=True)
+      ddim = {
+          k: batch / (DDIM_STEPS * s["wall_s"][k]) for k in ("ddpm_jax", "torch")
+      }
+      rows.append(
+          dict(kind="forward", preset=preset, batch=batch, compile_s=compile_s,
+               ddim_images_per_s=ddim, **s))
+      print(
+          f"forward {preset}:{batch} ms/call (compile {compile_s:.1f} s; DDIM-{DDIM_STEPS} "
+          f"images/s ddpm_jax {ddim['ddpm_jax']:.2f} PyTorch {ddim['torch']:.2f}): "
+          f"{_line(s, 1e3, 'ms')}", flush=True)
   for name, (_, flops) in PEAK_KERNELS.items() if args.peak else ():
     for dtype in ("float32", "bfloat16"):
       load = os.getloadavg()
-      ta, tb = alternate(jax_kernel(name, dtype), torch_kernel(name, dtype), runs=args.calls,
-                         warmup=args.warmup)
+      ta, tb = alternate(jax_kernel(name, dtype), torch_kernel(name, dtype),
+                         runs=args.calls, warmup=args.warmup)
       s = summary(ta, tb, load, os.getloadavg())
       rate = {k: flops / s["wall_s"][k] / 1e9 for k in ("ddpm_jax", "torch")}
-      rows.append(dict(kind="peak", kernel=name, dtype=dtype, gflop=flops / 1e9, gflop_per_s=rate,
-                       **s))
-      print(f"peak {name} {dtype} ms/call ({flops / 1e9:.1f} GFLOP; GFLOP/s JAX "
-            f"{rate['ddpm_jax']:.0f} PyTorch {rate['torch']:.0f}): {_line(s, 1e3, 'ms')}", flush=True)
+      rows.append(
+          dict(kind="peak", kernel=name, dtype=dtype, gflop=flops / 1e9,
+               gflop_per_s=rate, **s))
+      print(
+          f"peak {name} {dtype} ms/call ({flops / 1e9:.1f} GFLOP; GFLOP/s JAX "
+          f"{rate['ddpm_jax']:.0f} PyTorch {rate['torch']:.0f}): {_line(s, 1e3, 'ms')}",
+          flush=True)
   if args.json:
-    pathlib.Path(args.json).write_text(json.dumps(dict(header=header, rows=rows), indent=1))
+    pathlib.Path(args.json).write_text(
+        json.dumps(dict(header=header, rows=rows), indent=1))
 
 
 if __name__ == "__main__":

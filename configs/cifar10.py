@@ -37,6 +37,7 @@ def get_config(variant: str = ""):
   config.data.random_flip = True
   config.model.preset = "ddpm_cifar10"
   config.sample.gif = False
-  return apply_variant(config, variant, num_classes=10, tiny_model=dict(
-      base_channels=32, channel_mults=(1, 2), attention=("none", "full"),
-      num_res_blocks=1))
+  return apply_variant(
+      config, variant, num_classes=10,
+      tiny_model=dict(base_channels=32, channel_mults=(1, 2),
+                      attention=("none", "full"), num_res_blocks=1))

@@ -47,5 +47,7 @@ def get_config(variant: str = ""):
   config.train.ema_decay = 0.999
   config.train.checkpoint_every = 500
   config.train.sample_every = 1000
-  return apply_variant(config, variant, num_classes=10, tiny_model=dict(
-      base_channels=12, channel_mults=(1, 2), attention=("linear", "linear")))
+  return apply_variant(
+      config, variant, num_classes=10,
+      tiny_model=dict(base_channels=12, channel_mults=(1, 2),
+                      attention=("linear", "linear")))

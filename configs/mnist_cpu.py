@@ -46,6 +46,7 @@ def get_config(variant: str = ""):
   config.sample.sampler = "dpmpp_2m"
   config.sample.num_steps = 20
   config.sample.batch_size = 500
-  return apply_variant(config, variant, tiny_model=dict(
-      base_channels=8, channel_mults=(1, 2), attention=("none", "linear"),
-      num_groups=4))
+  return apply_variant(
+      config, variant,
+      tiny_model=dict(base_channels=8, channel_mults=(1, 2),
+                      attention=("none", "linear"), num_groups=4))

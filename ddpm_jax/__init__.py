@@ -102,15 +102,29 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # What editors and type checkers see.
-  from ddpm_jax import (data, diffusion, engine, infra, metrics, models,
-                        samplers, tools)
+  from ddpm_jax import (
+      data,
+      diffusion,
+      engine,
+      infra,
+      metrics,
+      models,
+      samplers,
+      tools,
+  )
   from ddpm_jax.data.pipeline import create_dataset
-  from ddpm_jax.diffusion.gaussian import (p_mean_variance, predict_x0_eps,
-                                           q_sample)
+  from ddpm_jax.diffusion.gaussian import (
+      p_mean_variance,
+      predict_x0_eps,
+      q_sample,
+  )
   from ddpm_jax.diffusion.guidance import classifier_free_guidance, drop_labels
   from ddpm_jax.diffusion.likelihood import variational_bound
-  from ddpm_jax.diffusion.losses import (denoising_loss, loss_weights,
-                                         training_losses)
+  from ddpm_jax.diffusion.losses import (
+      denoising_loss,
+      loss_weights,
+      training_losses,
+  )
   from ddpm_jax.diffusion.schedules import Schedule, make_schedule
   from ddpm_jax.engine.config import load_config, validate_config
   from ddpm_jax.engine.generation import generate
@@ -124,6 +138,10 @@ if TYPE_CHECKING:  # What editors and type checkers see.
   from ddpm_jax.samplers.ddim import ddim_invert, ddim_sample
   from ddpm_jax.samplers.ddpm import ddpm_sample
   from ddpm_jax.samplers.registry import get_sampler, num_model_calls
-  from ddpm_jax.samplers.solvers import (dpmpp_2m_sample, dpmpp_2m_sde_sample,
-                                         dpmpp_3m_sample, euler_sample,
-                                         heun_sample)
+  from ddpm_jax.samplers.solvers import (
+      dpmpp_2m_sample,
+      dpmpp_2m_sde_sample,
+      dpmpp_3m_sample,
+      euler_sample,
+      heun_sample,
+  )

@@ -24,7 +24,9 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ddpm_jax.data import pipeline
-from ddpm_jax.engine import (checkpoint, config as config_lib, evaluation, generation, inference, train, workdir as workdir_lib)
+from ddpm_jax.engine import checkpoint, evaluation, generation, inference, train
+from ddpm_jax.engine import config as config_lib
+from ddpm_jax.engine import workdir as workdir_lib
 from ddpm_jax.infra import cpu_flags, hugepages, parallel, storage
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -34,15 +36,16 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints, TensorBoard logs, samples "
     "and evaluation results.")
-_MODE = flags.DEFINE_enum("mode", "train", list(config_lib.MODES),
-                          "train (resumes from the workdir's latest "
-                          "checkpoint), sample or eval.")
+_MODE = flags.DEFINE_enum(
+    "mode", "train", list(config_lib.MODES),
+    "train (resumes from the workdir's latest "
+    "checkpoint), sample or eval.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 # Errors that are the user's to fix: reported in one line, without traceback.
-USER_ERRORS = (config_lib.ConfigError, pipeline.DataError,
-               train.NonFiniteError, checkpoint.CheckpointError,
-               storage.StorageError, FileNotFoundError)
+USER_ERRORS = (config_lib.ConfigError, pipeline.DataError, train.NonFiniteError,
+               checkpoint.CheckpointError, storage.StorageError,
+               FileNotFoundError)
 
 
 def check_same_run(config, *, workdir: str, mode: str) -> None:
@@ -52,8 +55,12 @@ def check_same_run(config, *, workdir: str, mode: str) -> None:
   Raises:
     ConfigError: naming the hosts that differ from process 0.
   """
-  run = json.dumps({"config": config.to_dict(), "workdir": workdir,
-                    "mode": mode}, sort_keys=True, default=repr)
+  run = json.dumps(
+      {
+          "config": config.to_dict(),
+          "workdir": workdir,
+          "mode": mode
+      }, sort_keys=True, default=repr)
   differ = parallel.differing_processes(run)
   if differ:
     raise config_lib.ConfigError(
@@ -102,11 +109,13 @@ def main(argv) -> None:
     hugepages.reexec_with_huge_page_malloc()  # Returns only if it cannot.
   logging.get_absl_handler().python_handler.addFilter(_quiet_libraries)
   if hugepages.huge_page_malloc_active():
-    logging.info("malloc uses huge pages (%s): about 1.2x faster CPU train "
-                 "steps, see ddpm_jax/hugepages.py.", hugepages.MALLOC_TUNABLE)
+    logging.info(
+        "malloc uses huge pages (%s): about 1.2x faster CPU train "
+        "steps, see ddpm_jax/hugepages.py.", hugepages.MALLOC_TUNABLE)
   if on_cpu and cpu_flags.add_to_environment():
-    logging.info("XLA_FLAGS=%s: XLA's own convolutions instead of YNNPACK's, "
-                 "see ddpm_jax/cpu_flags.py.", os.environ["XLA_FLAGS"])
+    logging.info(
+        "XLA_FLAGS=%s: XLA's own convolutions instead of YNNPACK's, "
+        "see ddpm_jax/cpu_flags.py.", os.environ["XLA_FLAGS"])
   try:
     parallel.initialize_distributed()
     check_same_run(config, workdir=workdir, mode=mode)
@@ -138,8 +147,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
   except Exception as e:  # pylint: disable=broad-except
     # Config files are user code and may raise anything; the last line of
     # the message says what went wrong.
-    print(f"ddpm_jax: bad command line: {_last_line(e)}\nPass --helpfull for "
-          "the flags.", file=sys.stderr)
+    print(
+        f"ddpm_jax: bad command line: {_last_line(e)}\nPass --helpfull for "
+        "the flags.", file=sys.stderr)
     sys.exit(2)
   return argv
 

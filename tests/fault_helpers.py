@@ -86,8 +86,8 @@ def checkpoint_dir(workdir: Path) -> Path:
 
 def tmp_dirs(workdir: Path) -> list[str]:
   try:
-    return sorted(n for n in os.listdir(checkpoint_dir(workdir))
-                  if TMP_MARKER in n)
+    return sorted(
+        n for n in os.listdir(checkpoint_dir(workdir)) if TMP_MARKER in n)
   except FileNotFoundError:
     return []
 
@@ -97,8 +97,10 @@ def complete_steps(workdir: Path) -> list[int]:
   d = checkpoint_dir(workdir)
   if not d.is_dir():
     return []
-  return sorted(int(n) for n in os.listdir(d)
-                if n.isdigit() and (d / n / "commit_success.txt").exists())
+  return sorted(
+      int(n)
+      for n in os.listdir(d)
+      if n.isdigit() and (d / n / "commit_success.txt").exists())
 
 
 def resumed_from(log: str) -> Optional[int]:
@@ -126,7 +128,7 @@ class Child:
                                  stdout=self._log, stderr=subprocess.STDOUT,
                                  cwd=helpers.REPO)
 
-  def __enter__(self) -> "Child":
+  def __enter__(self) -> Child:
     return self
 
   def __exit__(self, *exc) -> None:
@@ -197,8 +199,7 @@ def interrupt(workdir: Path, num_steps: int, name: str, hold: str, *,
               cache_dir: Optional[str] = None) -> Interruption:
   """Starts a child holding at `hold`; SIGKILLs it there (or, with
   `sigterm`, sends SIGTERM and lets it finish by itself)."""
-  with Child(workdir, num_steps, name, hold=hold,
-             cache_dir=cache_dir) as child:
+  with Child(workdir, num_steps, name, hold=hold, cache_dir=cache_dir) as child:
     at = child.wait_for_hold()
     complete, tmp = complete_steps(workdir), tmp_dirs(workdir)
     if at is not None:
@@ -222,16 +223,20 @@ def read_checkpoint(workdir: Path, step: int) -> dict[str, np.ndarray]:
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   with ocp.StandardCheckpointer() as ckptr:
     tree = ckptr.restore(checkpoint_dir(workdir) / str(step) / "state")
-  return {jax.tree_util.keystr(k): np.asarray(v)
-          for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+  return {
+      jax.tree_util.keystr(k): np.asarray(v)
+      for k, v in jax.tree_util.tree_leaves_with_path(tree)
+  }
 
 
 def assert_same_arrays(a: dict[str, np.ndarray], b: dict[str, np.ndarray]):
   assert sorted(a) == sorted(b), (sorted(a), sorted(b))
   for key in a:
     assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
-    bits = [np.ascontiguousarray(x).reshape(-1).view(np.uint8)
-            for x in (a[key], b[key])]
+    bits = [
+        np.ascontiguousarray(x).reshape(-1).view(np.uint8)
+        for x in (a[key], b[key])
+    ]
     assert np.array_equal(*bits), f"{key} differs"
 
 
@@ -347,9 +352,11 @@ class _Hold:
 
     def recording_signal(signum, handler):
       if signum == signal.SIGTERM and callable(handler):
+
         def announcing_handler(sig, frame):
           handler(sig, frame)
           (control / "sigterm").touch()
+
         return real_signal(signum, announcing_handler)
       return real_signal(signum, handler)
 
@@ -367,15 +374,18 @@ class _Hold:
       self.wait(tmp_dir=os.path.basename(os.fspath(path)))
 
   def _holding_rename(self, name):
+
     def rename(src, dst, *args, **kwargs):
       src_path = os.fspath(src)
       if self.where == "commit" and self._step_tmp(src_path):
         self.wait(tmp_dir=os.path.basename(src_path))
-      elif (self.where == "items" and self._step_tmp(os.path.dirname(src_path))
-            and TMP_MARKER in os.path.basename(src_path)):
+      elif (self.where == "items" and
+            self._step_tmp(os.path.dirname(src_path)) and
+            TMP_MARKER in os.path.basename(src_path)):
         self.wait(tmp_dir=os.path.basename(os.path.dirname(src_path)),
                   item=os.path.basename(src_path))
       return _OS[name](src, dst, *args, **kwargs)
+
     return rename
 
   def dataset_factory(self, images):
@@ -409,6 +419,7 @@ def _train_main(workdir: str, num_steps: int, hold: Optional[str],
   from absl import logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.INFO)
   import jax  # pylint: disable=g-import-not-at-top
+
   from ddpm_jax.engine import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   from ddpm_jax.engine import train  # pylint: disable=g-import-not-at-top
   config = helpers.make_config(num_steps=num_steps,

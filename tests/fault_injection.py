@@ -61,8 +61,10 @@ def choose_hold(rng: random.Random, moment: str, newest: int,
                       (["start-up:restored"] if has_checkpoint else [])), False
   if moment in ("mid-step", "sigterm"):
     return f"mid-step:{rng.randint(newest + 1, NUM_STEPS)}", moment == "sigterm"
-  saves = [k for k in range(newest + 1, NUM_STEPS + 1)
-           if k % fh.CHECKPOINT_EVERY == 0 or k == NUM_STEPS]
+  saves = [
+      k for k in range(newest + 1, NUM_STEPS + 1)
+      if k % fh.CHECKPOINT_EVERY == 0 or k == NUM_STEPS
+  ]
   where = rng.choice(["begin", "items", "commit"])
   return f"mid-save:{rng.choice(saves)}:{where}", False
 
@@ -85,8 +87,8 @@ def kill_campaign(base: Path, cache: str, rng: random.Random, kills: int,
       hold, sigterm = choose_hold(rng, rng.choice(MOMENTS),
                                   complete[-1] if complete else 0,
                                   bool(complete))
-      r = fh.interrupt(workdir, NUM_STEPS, f"run{w}-{i}", hold,
-                       sigterm=sigterm, cache_dir=cache)
+      r = fh.interrupt(workdir, NUM_STEPS, f"run{w}-{i}", hold, sigterm=sigterm,
+                       cache_dir=cache)
       done += 1
       moment = ("sigterm" if sigterm else hold.split(":")[0])
       stats[f"kill:{moment}"] += 1
@@ -97,8 +99,8 @@ def kill_campaign(base: Path, cache: str, rng: random.Random, kills: int,
         continue
       log = r.log
       if "RuntimeError: Event loop is closed" in log:
-        log = "\n".join(l for l in log.splitlines()
-                        if not any(n in l for n in NOISE))
+        log = "\n".join(
+            l for l in log.splitlines() if not any(n in l for n in NOISE))
         stats["noise:event-loop-closed"] += 1
       if "Traceback" in log:
         at = log.index("Traceback")
@@ -108,12 +110,13 @@ def kill_campaign(base: Path, cache: str, rng: random.Random, kills: int,
         failures.append(f"{where}: exit code {r.exit_code}")
       if hold.startswith("mid-save"):
         step = int(hold.split(":")[1])
-        if not any(t.startswith(f"{step}{fh.TMP_MARKER}")
-                   for t in fh.tmp_dirs(workdir)):
+        if not any(
+            t.startswith(f"{step}{fh.TMP_MARKER}")
+            for t in fh.tmp_dirs(workdir)):
           failures.append(f"{where}: no tmp directory of step {step} after "
                           "the kill")
-      got = (r.at.get("restored_step") if hold == "start-up:restored"
-             else r.resumed_from if hold.startswith("mid-") else "-")
+      got = (r.at.get("restored_step") if hold == "start-up:restored" else
+             r.resumed_from if hold.startswith("mid-") else "-")
       if got != "-" and expected_from is not None and got != expected_from:
         failures.append(f"{where}: resumed from {got}, expected "
                         f"{expected_from}")
@@ -168,9 +171,10 @@ def _bad_npz(path: Path, rng: random.Random) -> tuple[str, str]:
       0, 256, (n, s, s), dtype=np.uint8)
   y = np.arange(n) % 3
   kind = rng.choice([
-      "missing-x", "missing-y", "float-out-of-range", "int-out-of-range",
-      "nan", "complex", "ndim", "channels-2", "empty", "negative-label",
-      "float-label", "label-count", "truncated", "garbage", "single-array"])
+      "missing-x", "missing-y", "float-out-of-range", "int-out-of-range", "nan",
+      "complex", "ndim", "channels-2", "empty", "negative-label", "float-label",
+      "label-count", "truncated", "garbage", "single-array"
+  ])
   arrays = dict(x_train=x, y_train=y)
   if kind == "missing-x":
     arrays.pop("x_train")
@@ -216,8 +220,8 @@ def _bad_folder(root: Path, rng: random.Random) -> tuple[str, str, str]:
   for c in ("cat", "dog"):
     (root / "train" / c).mkdir(parents=True)
     for i in range(3):
-      Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(
-          root / "train" / c / f"{i}.png")
+      Image.fromarray(np.full((8, 8, 3), 40 * i,
+                              np.uint8)).save(root / "train" / c / f"{i}.png")
   kind = rng.choice(["text", "truncated-png", "wrong-size", "loose-file"])
   if kind == "text":
     bad = root / "train" / "cat" / "notes.txt"
@@ -256,8 +260,8 @@ _BAD_CONFIG = [
 
 def bad_input_campaign(base: Path, rng: random.Random, count: int,
                        failures: list[str]) -> dict:
-  from ddpm_jax.engine import config as config_lib  # pylint: disable=g-import-not-at-top
   from ddpm_jax.data import pipeline as ip  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.engine import config as config_lib  # pylint: disable=g-import-not-at-top
   from ddpm_jax.engine.config import base_config  # pylint: disable=g-import-not-at-top
   stats = collections.Counter()
   for i in range(count):
@@ -271,8 +275,8 @@ def bad_input_campaign(base: Path, rng: random.Random, count: int,
       config[group][name] = value
       label = f"config:{field}={value}"
       try:
-        config_lib.validate_config(config, mode="train",
-                                          num_devices=2, process_count=1)
+        config_lib.validate_config(config, mode="train", num_devices=2,
+                                   process_count=1)
         failures.append(f"{label}: accepted")
       except config_lib.ConfigError as e:
         if f"config.{group}." not in str(e) and "config." not in str(e):
@@ -294,9 +298,10 @@ def bad_input_campaign(base: Path, rng: random.Random, count: int,
       label += " (skip_bad_files)" if skip else ""
     stats[label] += 1
     try:
-      batch = next(ip.create_dataset(
-          source, batch_size=2, image_size=None, channels=None,
-          random_flip=False, seed=0, skip_bad_files=skip))
+      batch = next(
+          ip.create_dataset(source, batch_size=2, image_size=None,
+                            channels=None, random_flip=False, seed=0,
+                            skip_bad_files=skip))
       if not skip:
         failures.append(f"{label}: accepted")
       elif not np.all(np.isfinite(batch["image"])):
@@ -331,21 +336,24 @@ def main(argv=None) -> int:
                                      failures)
 
   def part(prefix):
-    items = sorted((k[len(prefix):], v) for k, v in kill_stats.items()
+    items = sorted((k[len(prefix):], v)
+                   for k, v in kill_stats.items()
                    if k.startswith(prefix))
     return ", ".join(f"{k} {v}" for k, v in items)
 
   kills = sum(v for k, v in kill_stats.items() if k.startswith("kill:"))
-  corrupted = sum(v for k, v in kill_stats.items()
-                  if k.startswith("corruption:") and k not in
-                  ("corruption:detected", "corruption:harmless"))
+  corrupted = sum(
+      v for k, v in kill_stats.items()
+      if k.startswith("corruption:") and k not in ("corruption:detected",
+                                                   "corruption:harmless"))
   print(f"fault injection, seed {args.seed}, {time.time() - start:.0f} s:")
   print(f"  kills/preemptions tried: {kills} ({part('kill:')})")
-  print(f"  checkpoint corruptions tried: {corrupted} "
-        f"({', '.join(f'{k[11:]} {v}' for k, v in sorted(kill_stats.items()) if k.startswith('corruption:') and k[11:] not in ('detected', 'harmless'))}); "
-        f"detected and skipped {kill_stats['corruption:detected']}, "
-        f"unread by the restore (arrays verified) "
-        f"{kill_stats['corruption:harmless']}")
+  print(
+      f"  checkpoint corruptions tried: {corrupted} "
+      f"({', '.join(f'{k[11:]} {v}' for k, v in sorted(kill_stats.items()) if k.startswith('corruption:') and k[11:] not in ('detected', 'harmless'))}); "
+      f"detected and skipped {kill_stats['corruption:detected']}, "
+      f"unread by the restore (arrays verified) "
+      f"{kill_stats['corruption:harmless']}")
   print(f"  bad inputs tried: {sum(input_stats.values())} "
         f"({len(input_stats)} kinds)")
   print(f"  workdirs ending bit for bit equal to the uninterrupted run: "

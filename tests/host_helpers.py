@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -52,9 +51,9 @@ def env(cache_dir: Path, *, process: Optional[int] = None,
   return out
 
 
-def run_processes(commands: list[list[str]], envs: list[dict[str, str]],
-                  cwds: Optional[list[Path]] = None
-                  ) -> list[subprocess.CompletedProcess]:
+def run_processes(
+    commands: list[list[str]], envs: list[dict[str, str]],
+    cwds: Optional[list[Path]] = None) -> list[subprocess.CompletedProcess]:
   """Runs the commands together (in `cwds`, default all in the repository);
   returns each one's exit code and stderr.
 
@@ -63,10 +62,12 @@ def run_processes(commands: list[list[str]], envs: list[dict[str, str]],
   """
   with contextlib.ExitStack() as stack:
     logs = [stack.enter_context(tempfile.TemporaryFile("w+")) for _ in commands]
-    procs = [subprocess.Popen(c, env=e, cwd=cwd, stdout=subprocess.DEVNULL,
-                              stderr=log, text=True)
-             for c, e, cwd, log in zip(commands, envs,
-                                       cwds or [REPO] * len(commands), logs)]
+    procs = [
+        subprocess.Popen(c, env=e, cwd=cwd, stdout=subprocess.DEVNULL,
+                         stderr=log, text=True)
+        for c, e, cwd, log in zip(commands, envs, cwds or [REPO] *
+                                  len(commands), logs)
+    ]
     try:
       for proc in procs:
         proc.wait(timeout=TIMEOUT)
@@ -78,8 +79,8 @@ def run_processes(commands: list[list[str]], envs: list[dict[str, str]],
     results = []
     for command, proc, log in zip(commands, procs, logs):
       log.seek(0)
-      results.append(subprocess.CompletedProcess(command, proc.returncode, "",
-                                                 log.read()))
+      results.append(
+          subprocess.CompletedProcess(command, proc.returncode, "", log.read()))
   return results
 
 
@@ -89,7 +90,8 @@ def cli(args: list[str]) -> list[str]:
 
 def _agree(process_id: int, port: int, workdir: str, broken: int,
            out: str) -> None:
-  from ddpm_jax.engine import checkpoint, config as config_lib, inference, train  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.engine import checkpoint, inference, train  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.engine import config as config_lib
   from ddpm_jax.infra import parallel
   assert parallel.initialize_distributed(f"localhost:{port}", 2, process_id)
   if process_id == 1:
@@ -105,8 +107,10 @@ def _agree(process_id: int, port: int, workdir: str, broken: int,
   loaded = inference.load_trained(config, workdir).step
   state = train.train_and_evaluate(config, workdir)
   with open(out, "w") as f:
-    json.dump({"loaded": loaded,
-               "final": int(parallel.host_value(state.step))}, f)
+    json.dump({
+        "loaded": loaded,
+        "final": int(parallel.host_value(state.step))
+    }, f)
 
 
 if __name__ == "__main__":

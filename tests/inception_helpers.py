@@ -9,10 +9,13 @@ import numpy as np
 from ddpm_jax.metrics import inception
 
 # PyTorch name of each Flax leaf: (collection, leaf name) -> suffix.
-_TORCH_LEAF = {("params", "kernel"): "weight", ("params", "scale"): "weight",
-               ("params", "bias"): "bias",
-               ("batch_stats", "mean"): "running_mean",
-               ("batch_stats", "var"): "running_var"}
+_TORCH_LEAF = {
+    ("params", "kernel"): "weight",
+    ("params", "scale"): "weight",
+    ("params", "bias"): "bias",
+    ("batch_stats", "mean"): "running_mean",
+    ("batch_stats", "var"): "running_var"
+}
 
 
 def flax_shapes():
@@ -30,8 +33,8 @@ def torch_layout(shapes):
       name = ".".join(path[:-1] + (_TORCH_LEAF[collection, path[-1]],))
       shape = leaf.shape
       if path[-1] == "kernel":
-        shape = ((shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4
-                 else shape[::-1])
+        shape = ((shape[3], shape[2], shape[0],
+                  shape[1]) if len(shape) == 4 else shape[::-1])
       layout[name] = (collection, path, shape)
   return layout
 

@@ -17,10 +17,14 @@ def test_tiny_run_writes_json_with_every_section(tmp_path):
   md = tmp_path / "bench.md"
   env = dict(os.environ)
   # The smoke run is compile-bound; XLA's lowest backend optimization level halves it.
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
-  proc = subprocess.run(
-      [sys.executable, "benchmarks/run.py", "--tiny", "--out", str(out), "--md", str(md)],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                      " --xla_backend_optimization_level=0").strip()
+  proc = subprocess.run([
+      sys.executable, "benchmarks/run.py", "--tiny", "--out",
+      str(out), "--md",
+      str(md)
+  ], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+                        check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(out.read_text())
 
@@ -30,15 +34,18 @@ def test_tiny_run_writes_json_with_every_section(tmp_path):
 
   (row,) = result["train"]
   assert row["params"] > 0
-  for field in ("median_s", "min_s", "max_s", "images_per_s", "compile_s", "flops_per_image"):
+  for field in ("median_s", "min_s", "max_s", "images_per_s", "compile_s",
+                "flops_per_image"):
     assert row[field] > 0, field
   assert row["n"] == 2
-  assert row["memory"]["peak_bytes"] > 0 and row["memory"]["process_peak_rss_bytes"] > 0
+  assert row["memory"]["peak_bytes"] > 0 and row["memory"][
+      "process_peak_rss_bytes"] > 0
 
   (sample,) = result["sample"]
   for name, steps in (("ddpm", 10), ("ddim", 5)):
     assert sample[name]["steps"] == steps
-    for field in ("median_s", "images_per_s", "bare_median_s", "overhead_ratio", "compile_s"):
+    for field in ("median_s", "images_per_s", "bare_median_s", "overhead_ratio",
+                  "compile_s"):
       assert sample[name][field] > 0, (name, field)
 
   assert result["input"] and all(r["images_per_s"] > 0 for r in result["input"])

@@ -10,11 +10,13 @@ import pytest
 
 from ddpm_jax import samplers
 from ddpm_jax.diffusion import guidance, respace, testing
-from ddpm_jax.engine import builders, config as config_lib
+from ddpm_jax.engine import builders
+from ddpm_jax.engine import config as config_lib
 
 T = 40
-MIX = testing.gaussian_mixture(weights=[0.5, 0.3, 0.2],
-                               means=[[-0.5, 0.2], [0.4, -0.3], [0.3, 0.6]],
+MIX = testing.gaussian_mixture(weights=[0.5, 0.3, 0.2], means=[[-0.5, 0.2],
+                                                               [0.4, -0.3],
+                                                               [0.3, 0.6]],
                                stds=[0.1, 0.15, 0.2], labels=[0, 1, 1])
 
 
@@ -39,12 +41,10 @@ def x_T():
 
 KEY = jax.random.key(11)
 
-
 # The options each sampler must get from `_config(**SAMPLE_FIELDS)`.
 SAMPLE_FIELDS = dict(num_steps=7, ddpm_steps=0, eta=0.5,
                      ddim_spacing="quadratic", solver_spacing="karras")
-SOLVER_OPTIONS = dict(num_steps=7, spacing="karras", target="x0",
-                      clip_x0=False)
+SOLVER_OPTIONS = dict(num_steps=7, spacing="karras", target="x0", clip_x0=False)
 EXPECTED = {
     "ddpm": (dict(target="x0", var_type="fixed_small", mean_form="eps",
                   clip_x0=False), T, T),
@@ -66,8 +66,8 @@ def test_every_sampler_is_covered():
 def test_build_sampler_binds_the_config_options(name, sched, x_T):
   sampler = builders.build_sampler(_config(sampler=name, **SAMPLE_FIELDS))
   options, num_steps, num_calls = EXPECTED[name]
-  assert (sampler.name, sampler.num_steps, sampler.num_calls) == (
-      name, num_steps, num_calls)
+  assert (sampler.name, sampler.num_steps,
+          sampler.num_calls) == (name, num_steps, num_calls)
   model_fn = testing.denoiser(MIX, sched, target="x0")
   built = jax.jit(lambda x, k: sampler.fn(model_fn, sched, x_T=x, key=k,
                                           trajectory_every=3))(x_T, KEY)
@@ -75,8 +75,7 @@ def test_build_sampler_binds_the_config_options(name, sched, x_T):
       model_fn, sched, x_T=x, key=k, trajectory_every=3, **options))(x_T, KEY)
   np.testing.assert_array_equal(built.images, direct.images)
   np.testing.assert_array_equal(built.trajectory, direct.trajectory)
-  np.testing.assert_array_equal(built.trajectory_steps,
-                                direct.trajectory_steps)
+  np.testing.assert_array_equal(built.trajectory_steps, direct.trajectory_steps)
 
 
 def test_respaced_ddpm_from_the_config(sched, x_T):
@@ -86,13 +85,12 @@ def test_respaced_ddpm_from_the_config(sched, x_T):
   out = jax.jit(lambda x: sampler.fn(model_fn, sched, x_T=x, key=KEY))(x_T)
   spaced = respace.respace(sched, respace.spaced_timesteps(T, 8))
   expected = jax.jit(lambda x: samplers.ddpm_sample(
-      respace.map_timesteps(testing.denoiser(MIX, sched, target="x0"),
-                            spaced.timesteps),
-      spaced.schedule, x_T=x, key=KEY, target="x0", var_type="fixed_small",
-      mean_form="eps", clip_x0=False))(x_T)
+      respace.map_timesteps(testing.denoiser(MIX, sched, target="x0"), spaced.
+                            timesteps), spaced.schedule, x_T=x, key=KEY, target=
+      "x0", var_type="fixed_small", mean_form="eps", clip_x0=False))(x_T)
   np.testing.assert_array_equal(out.images, expected.images)
-  np.testing.assert_array_equal(spaced.timesteps, [0, 6, 11, 17, 22, 28, 33,
-                                                   39])
+  np.testing.assert_array_equal(spaced.timesteps,
+                                [0, 6, 11, 17, 22, 28, 33, 39])
   with pytest.raises(ValueError, match="built for the run's schedule of 40 "
                      "steps, got 8"):
     sampler.fn(model_fn, spaced.schedule, x_T=x_T, key=KEY)
@@ -100,10 +98,14 @@ def test_respaced_ddpm_from_the_config(sched, x_T):
 
 def test_ddpm_steps_0_and_t_are_plain_ddpm(sched, x_T):
   model_fn = testing.denoiser(MIX, sched, target="x0")
-  outs = [jax.jit(lambda x, fn=builders.build_sampler(_config(
-      sampler="ddpm", ddpm_steps=s)).fn: fn(model_fn, sched, x_T=x,
-                                             key=KEY).images)(x_T)
-          for s in (0, T)]
+  fns = [
+      builders.build_sampler(_config(sampler="ddpm", ddpm_steps=s)).fn
+      for s in (0, T)
+  ]
+  outs = [
+      jax.jit(lambda x, fn=fn: fn(model_fn, sched, x_T=x, key=KEY).images)(x_T)
+      for fn in fns
+  ]
   expected = jax.jit(lambda x: samplers.ddpm_sample(
       model_fn, sched, x_T=x, key=KEY, target="x0", var_type="fixed_small",
       mean_form="eps", clip_x0=False).images)(x_T)
@@ -113,26 +115,26 @@ def test_ddpm_steps_0_and_t_are_plain_ddpm(sched, x_T):
 
 @pytest.mark.parametrize("name", ["ddpm", "dpmpp_2m"])
 def test_guided_sampler_of_a_conditional_run(name, sched, x_T):
-  config = _config(sampler=name, num_steps=6, ddpm_steps=10,
-                   guidance_scale=1.5)
+  config = _config(sampler=name, num_steps=6, ddpm_steps=10, guidance_scale=1.5)
   config.data.num_classes = 2
   sampler = builders.build_sampler(config)
   cond_fn = testing.conditional_denoiser(MIX, sched, target="x0")
   labels = jnp.asarray(builders.sample_labels(config, 16))
-  out = jax.jit(lambda x, y: sampler.fn(cond_fn, sched, x_T=x, key=KEY,
-                                        labels=y))(x_T, labels)
+  out = jax.jit(
+      lambda x, y: sampler.fn(cond_fn, sched, x_T=x, key=KEY, labels=y))(x_T,
+                                                                         labels)
   spaced = respace.respace(sched, respace.spaced_timesteps(T, 10))
 
   def direct(x, y):
-    guided = guidance.classifier_free_guidance(cond_fn, labels=y,
-                                               num_classes=2, scale=1.5)
+    guided = guidance.classifier_free_guidance(cond_fn, labels=y, num_classes=2,
+                                               scale=1.5)
     if name == "ddpm":
       return samplers.ddpm_sample(
           respace.map_timesteps(guided, spaced.timesteps), spaced.schedule,
-          x_T=x, key=KEY, target="x0", var_type="fixed_small",
-          mean_form="eps", clip_x0=False)
+          x_T=x, key=KEY, target="x0", var_type="fixed_small", mean_form="eps",
+          clip_x0=False)
     return samplers.dpmpp_2m_sample(guided, sched, x_T=x, num_steps=6,
-                                   spacing="logsnr", target="x0")
+                                    spacing="logsnr", target="x0")
 
   expected = jax.jit(direct)(x_T, labels)
   np.testing.assert_array_equal(out.images, expected.images)
@@ -142,10 +144,11 @@ def test_guided_sampler_of_a_conditional_run(name, sched, x_T):
 
 def test_labels_for_an_unconditional_run_are_an_error(sched, x_T):
   sampler = builders.build_sampler(_config(sampler="euler"))
-  with pytest.raises(ValueError, match="labels were given to the sampler of "
-                     "an unconditional run"):
-    sampler.fn(testing.denoiser(MIX, sched), sched, x_T=x_T,
-               labels=jnp.zeros((16,), jnp.int32))
+  with pytest.raises(
+      ValueError, match="labels were given to the sampler of "
+      "an unconditional run"):
+    sampler.fn(testing.denoiser(MIX, sched), sched, x_T=x_T, labels=jnp.zeros(
+        (16,), jnp.int32))
 
 
 def test_sample_labels():

@@ -130,15 +130,17 @@ def test_bad_sampling_and_class_settings(fields, message):
     config_lib.validate_config(_sampling_config(**fields), mode="sample")
 
 
-@pytest.mark.parametrize("fields", [
-    # Steps of the sampler not in use are not checked against T.
-    dict(sample__sampler="ddpm", sample__num_steps=5000),
-    dict(sample__sampler="dpmpp_2m", sample__ddpm_steps=5000),
-    dict(sample__sampler="ddpm", sample__ddpm_steps=1000),
-    dict(data__num_classes=10, sample__class_id=9,
-         sample__guidance_scale=-1.0),
-    dict(data__num_classes=1, train__p_uncond=0.0),
-])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        # Steps of the sampler not in use are not checked against T.
+        dict(sample__sampler="ddpm", sample__num_steps=5000),
+        dict(sample__sampler="dpmpp_2m", sample__ddpm_steps=5000),
+        dict(sample__sampler="ddpm", sample__ddpm_steps=1000),
+        dict(data__num_classes=10, sample__class_id=9,
+             sample__guidance_scale=-1.0),
+        dict(data__num_classes=1, train__p_uncond=0.0),
+    ])
 def test_good_sampling_and_class_settings(fields):
   config_lib.validate_config(_sampling_config(**fields), mode="sample")
 
@@ -151,6 +153,7 @@ def test_conditional_network_embeds_the_null_class():
 
 
 def test_variants_combine_in_any_order():
+
   def get(variant):
     config = config_lib.base_config()
     return config_lib.apply_variant(config, variant, num_classes=10,
@@ -167,8 +170,7 @@ def test_variants_combine_in_any_order():
   with pytest.raises(ValueError, match="Unknown config variant 'small'"):
     get("small")
   with pytest.raises(ValueError, match="no class-conditional variant"):
-    config_lib.apply_variant(config_lib.base_config(), "cond",
-                             tiny_model={})
+    config_lib.apply_variant(config_lib.base_config(), "cond", tiny_model={})
 
 
 @pytest.mark.parametrize("spec", [
@@ -177,7 +179,8 @@ def test_variants_combine_in_any_order():
     "configs/digits.py:cond,tiny", "configs/mnist.py:cond",
     "configs/fashion_mnist.py:cond", "configs/cifar10.py:cond",
     "configs/improved_cifar10.py", "configs/improved_cifar10.py:tiny",
-    "configs/mnist_cpu.py", "configs/mnist_cpu.py:tiny"])
+    "configs/mnist_cpu.py", "configs/mnist_cpu.py:tiny"
+])
 def test_load_config_reads_the_repository_configs(spec):
   config = config_lib.load_config(spec)
   assert set(config.keys()) == set(config_lib.SCHEMA)

@@ -13,20 +13,27 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 
 
-@pytest.mark.parametrize("version, expected", [
-    ("0.10.2", True), ("0.10.0", True), ("0.11.0", False), ("0.9.2", False), ("0.4.30", False)])
+@pytest.mark.parametrize("version, expected", [("0.10.2", True),
+                                               ("0.10.0", True),
+                                               ("0.11.0", False),
+                                               ("0.9.2", False),
+                                               ("0.4.30", False)])
 def test_applies_only_to_measured_jaxlib(version, expected):
   assert cpu_flags.applies(version) == expected
 
 
-@pytest.mark.parametrize("before, after, changed", [
-    (None, FLAG, True),
-    ("--xla_cpu_prefer_vector_width=512", f"--xla_cpu_prefer_vector_width=512 {FLAG}", True),
-    # The user's own setting of the flag is kept, whatever its value.
-    ("--xla_cpu_experimental_ynn_fusion_type=+individual_convolution",
-     "--xla_cpu_experimental_ynn_fusion_type=+individual_convolution", False),
-    (FLAG, FLAG, False),
-])
+@pytest.mark.parametrize(
+    "before, after, changed",
+    [
+        (None, FLAG, True),
+        ("--xla_cpu_prefer_vector_width=512",
+         f"--xla_cpu_prefer_vector_width=512 {FLAG}", True),
+        # The user's own setting of the flag is kept, whatever its value.
+        ("--xla_cpu_experimental_ynn_fusion_type=+individual_convolution",
+         "--xla_cpu_experimental_ynn_fusion_type=+individual_convolution", False
+        ),
+        (FLAG, FLAG, False),
+    ])
 def test_add_to_environment(monkeypatch, before, after, changed):
   if not cpu_flags.applies():
     pytest.skip("the flags are measured for another jaxlib version")
@@ -63,10 +70,12 @@ print("dot", "ynn" if "ynn_fusion" in dot_hlo else "xla")
 """
 
 
-@pytest.mark.parametrize("mode, expected", [
-    ("none", ["conv ynn", "dot ynn"]),  # jaxlib's default
-    ("add", ["conv xla", "dot ynn"]),
-])
+@pytest.mark.parametrize(
+    "mode, expected",
+    [
+        ("none", ["conv ynn", "dot ynn"]),  # jaxlib's default
+        ("add", ["conv xla", "dot ynn"]),
+    ])
 def test_flag_moves_convolutions_to_xla(mode, expected):
   if not cpu_flags.applies():
     pytest.skip("the flags are measured for another jaxlib version")

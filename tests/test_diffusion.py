@@ -42,9 +42,10 @@ def test_q_sample_shapes_and_jit(sched, shape, jit):
   x_t = fn(sched, x0, t, noise)
   chex.assert_shape(x_t, shape)
   chex.assert_type(x_t, jnp.float32)
-  expected = (np.asarray(sched.sqrt_alphas_cumprod)[t][:, None, None, None] *
-              x0 + np.asarray(sched.sqrt_one_minus_alphas_cumprod)[t][
-                  :, None, None, None] * noise)
+  expected = (
+      np.asarray(sched.sqrt_alphas_cumprod)[t][:, None, None, None] * x0 +
+      np.asarray(sched.sqrt_one_minus_alphas_cumprod)[t][:, None, None, None] *
+      noise)
   np.testing.assert_allclose(x_t, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -89,8 +90,8 @@ def test_posterior_is_the_gaussian_product(sched):
 def test_posterior_at_first_step_returns_x0(sched):
   x0, _, _ = _inputs((2, 4, 4, 1))
   x_t = jax.random.normal(jax.random.key(5), x0.shape)
-  mean, var, _ = diffusion.q_posterior_mean_variance(
-      sched, x0, x_t, jnp.zeros((2,), jnp.int32))
+  mean, var, _ = diffusion.q_posterior_mean_variance(sched, x0, x_t,
+                                                     jnp.zeros((2,), jnp.int32))
   np.testing.assert_allclose(mean, x0, atol=1e-6)
   np.testing.assert_array_equal(var, 0.0)
 
@@ -111,7 +112,8 @@ def test_velocity_identity(sched):
   x0, noise, t = _inputs((4, 2, 2, 1))
   v = diffusion.velocity(sched, x0, t, noise)
   abar = np.asarray(sched.alphas_cumprod)[t][:, None, None, None]
-  np.testing.assert_allclose(v, np.sqrt(abar) * noise - np.sqrt(1 - abar) * x0,
+  np.testing.assert_allclose(v,
+                             np.sqrt(abar) * noise - np.sqrt(1 - abar) * x0,
                              rtol=1e-5, atol=1e-6)
 
 
@@ -134,8 +136,8 @@ def test_p_mean_variance_exact_model(sched, var_type):
     np.testing.assert_allclose(out.log_variance, post_log_var, rtol=1e-6)
   else:
     betas = np.asarray(sched.betas)[t]
-    betas = np.where(np.asarray(t) == 0, float(sched.posterior_variance[1]),
-                     betas)
+    betas = np.where(
+        np.asarray(t) == 0, float(sched.posterior_variance[1]), betas)
     np.testing.assert_allclose(out.variance[:, 0, 0, 0], betas, rtol=1e-6)
 
 
@@ -163,12 +165,11 @@ def test_learned_range_interpolates(sched):
   lo = diffusion.p_mean_variance(
       sched, jnp.concatenate([x_t, -jnp.ones_like(x_t)], -1), x_t, t,
       var_type="learned_range")
-  hi = diffusion.p_mean_variance(
-      sched, jnp.concatenate([x_t, jnp.ones_like(x_t)], -1), x_t, t,
-      var_type="learned_range")
+  hi = diffusion.p_mean_variance(sched,
+                                 jnp.concatenate([x_t, jnp.ones_like(x_t)], -1),
+                                 x_t, t, var_type="learned_range")
   np.testing.assert_allclose(lo.log_variance[:, 0, 0, 0],
-                             sched.posterior_log_variance_clipped[t],
-                             rtol=1e-6)
+                             sched.posterior_log_variance_clipped[t], rtol=1e-6)
   np.testing.assert_allclose(hi.log_variance[:, 0, 0, 0],
                              np.log(sched.betas[t]), rtol=1e-6)
   learned = diffusion.p_mean_variance(
@@ -191,8 +192,7 @@ def test_bad_inputs(sched):
     diffusion.training_target(sched, x0, jnp.array([0, 1]), noise,
                               target="score")
   with pytest.raises(ValueError, match="Unknown var_type"):
-    diffusion.p_mean_variance(sched, x0, x0, jnp.array([0, 1]),
-                              var_type="big")
+    diffusion.p_mean_variance(sched, x0, x0, jnp.array([0, 1]), var_type="big")
   with pytest.raises(ValueError, match=r"2 x 1 channels"):
     diffusion.p_mean_variance(sched, x0, x0, jnp.array([0, 1]),
                               var_type="learned")

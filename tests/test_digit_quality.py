@@ -42,8 +42,7 @@ def test_scores_of_counts_confidence_and_identical_features():
   assert scores.class_entropy == pytest.approx(math.log(4))
   assert scores.confidence == pytest.approx(1.0)
   assert abs(scores.fid) < 1e-6 and scores.num_images == 100
-  shifted = dq.scores_of(metrics.Features(pool=pool + 3.0, logits=logits),
-                         pool)
+  shifted = dq.scores_of(metrics.Features(pool=pool + 3.0, logits=logits), pool)
   assert shifted.fid == pytest.approx(8 * 9.0, rel=1e-6)  # ||mu shift||^2
 
 
@@ -52,7 +51,7 @@ def test_gaussian_blur_of_a_point_is_the_normalized_kernel():
   image[0, 7, 7] = 255
   blurred = dq.gaussian_blur(image, sigma=1.0)[0, ..., 0].astype(float)
   offsets = np.arange(-3, 4)
-  kernel = np.exp(-0.5 * offsets ** 2)
+  kernel = np.exp(-0.5 * offsets**2)
   kernel /= kernel.sum()
   np.testing.assert_allclose(blurred[4:11, 4:11],
                              255 * np.outer(kernel, kernel), atol=0.5)
@@ -62,11 +61,12 @@ def test_gaussian_blur_of_a_point_is_the_normalized_kernel():
 def test_calibration_sets_draw_from_held_out_digits():
   data = _splits()
   sets = dq.calibration_sets(data, num_images=50)
-  assert list(sets) == ["real test digits", "real training digits",
-                        "blurred digits (sigma 1)", "blurred digits (sigma 2)",
-                        "digits 0-4 only", "uniform noise"]
-  assert all(x.shape == (50, 28, 28, 1) and x.dtype == np.uint8
-             for x in sets.values())
+  assert list(sets) == [
+      "real test digits", "real training digits", "blurred digits (sigma 1)",
+      "blurred digits (sigma 2)", "digits 0-4 only", "uniform noise"
+  ]
+  assert all(
+      x.shape == (50, 28, 28, 1) and x.dtype == np.uint8 for x in sets.values())
   held_out = dq.test_order(len(data.x_test))[:dq.HELD_OUT]
   np.testing.assert_array_equal(sets["real test digits"],
                                 data.x_test[held_out[:50]])
@@ -84,8 +84,9 @@ def test_classifier_is_trained_once_then_loaded(tmp_path):
            x_test=data.x_test[..., 0], y_test=data.y_test)
   logged = []
   recipe = dict(epochs=1, batch_size=64)
-  params, accuracy = dq.load_or_train_classifier(
-      path, cache_dir=tmp_path / "cache", log=logged.append, **recipe)
+  params, accuracy = dq.load_or_train_classifier(path,
+                                                 cache_dir=tmp_path / "cache",
+                                                 log=logged.append, **recipe)
   assert len(logged) == 1 and 0.0 <= accuracy <= 1.0
   again, accuracy_again = dq.load_or_train_classifier(
       path, cache_dir=tmp_path / "cache", log=logged.append, **recipe)
@@ -105,12 +106,12 @@ def test_seed_recipe_is_the_tutorials(tmp_path):
   config = mnist_quality.recipe_config("seed", mnist_path=path)
   assert config.data.source == f"npz:{path}"
   diff = config.diffusion
-  assert (diff.schedule, diff.num_timesteps, diff.loss_type) == (
-      "linear", 200, "huber")
+  assert (diff.schedule, diff.num_timesteps, diff.loss_type) == ("linear", 200,
+                                                                 "huber")
   assert config.train.ema_decay == 0.0 and config.optimizer.lr == 1e-3
   # Short of noise, as the issue found.
-  sched = schedules.make_schedule("linear", 200, beta_start=1e-4,
-                                  beta_end=0.02, warn=False)
+  sched = schedules.make_schedule("linear", 200, beta_start=1e-4, beta_end=0.02,
+                                  warn=False)
   assert float(sched.alphas_cumprod[-1]) == pytest.approx(0.1322, abs=1e-4)
 
 
@@ -140,8 +141,9 @@ def test_overrides_and_sampler_specs(tmp_path):
 def test_to_8x8_averages_blocks():
   x = np.arange(16 * 16, dtype=np.uint8).reshape(1, 16, 16, 1)
   expected = x[0, ..., 0].reshape(8, 2, 8, 2).mean(axis=(1, 3))
-  np.testing.assert_array_equal(first_command.to_8x8(x)[0],
-                                np.round(expected).astype(np.uint8))
+  np.testing.assert_array_equal(
+      first_command.to_8x8(x)[0],
+      np.round(expected).astype(np.uint8))
   with pytest.raises(ValueError, match="multiple of 8"):
     first_command.to_8x8(np.zeros((1, 12, 12), np.uint8))
 
@@ -152,22 +154,27 @@ def test_tiny_benchmark_run(tmp_path, capsys):
   path = tmp_path / "mnist.npz"
   np.savez(path, x_train=data.x_train[..., 0], y_train=data.y_train,
            x_test=data.x_test[..., 0], y_test=data.y_test)
-  common = ["--recipe", "cpu:tiny", "--mnist", str(path), "--workdir",
-            str(tmp_path / "run")]
+  common = [
+      "--recipe", "cpu:tiny", "--mnist",
+      str(path), "--workdir",
+      str(tmp_path / "run")
+  ]
   mnist_quality.main(["train", *common, "--checkpoint-every", "2"])
-  record = json.loads((tmp_path / "run" / mnist_quality.TRAIN_RECORD)
-                      .read_text())
+  record = json.loads(
+      (tmp_path / "run" / mnist_quality.TRAIN_RECORD).read_text())
   assert record["steps_done"] == 4 and record["seconds"] > 0
   out = tmp_path / "rows.jsonl"
-  mnist_quality.main(["evaluate", *common, "--cache-dir",
-                      str(tmp_path / "cache"), "--num-images", "16",
-                      "--sample-batch", "8", "--sampler", "dpmpp_2m:2",
-                      "--sampler", "ddim:3", "--grid-dir",
-                      str(tmp_path / "grids"), "--out", str(out)])
+  mnist_quality.main([
+      "evaluate", *common, "--cache-dir",
+      str(tmp_path / "cache"), "--num-images", "16", "--sample-batch", "8",
+      "--sampler", "dpmpp_2m:2", "--sampler", "ddim:3", "--grid-dir",
+      str(tmp_path / "grids"), "--out",
+      str(out)
+  ])
   rows = [json.loads(line) for line in out.read_text().splitlines()]
-  assert [(r["step"], r["sampler"], r["network_calls"]) for r in rows] == [
-      (2, "dpmpp_2m:2", 2), (2, "ddim:3", 3), (4, "dpmpp_2m:2", 2),
-      (4, "ddim:3", 3)]
+  assert [(r["step"], r["sampler"], r["network_calls"]) for r in rows
+         ] == [(2, "dpmpp_2m:2", 2), (2, "ddim:3", 3), (4, "dpmpp_2m:2", 2),
+               (4, "ddim:3", 3)]
   assert all(sum(r["class_counts"]) == 16 and r["minutes"] > 0 for r in rows)
   assert (tmp_path / "grids" / "cpu_tiny_step_000004_ddim3.png").is_file()
   assert "| dpmpp_2m:2 | 2 |" in capsys.readouterr().out

@@ -34,9 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fault_helpers as fh  # pylint: disable=g-import-not-at-top,wrong-import-position
 import train_helpers as helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from ddpm_jax.engine import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax import main  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ddpm_jax.engine import inference, train, workdir as workdir_lib
+from ddpm_jax.engine import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ddpm_jax.engine import inference, train
+from ddpm_jax.engine import workdir as workdir_lib
 
 NUM_STEPS = 8
 
@@ -47,8 +48,8 @@ def reference(tmp_path_factory):
   compilation cache, conftest.py, for the other children)."""
   base = tmp_path_factory.mktemp("faults")
   fh.run_to_end(base / "reference", NUM_STEPS, "reference")
-  return dict(base=base,
-              arrays=fh.read_checkpoint(base / "reference", NUM_STEPS))
+  return dict(base=base, arrays=fh.read_checkpoint(base / "reference",
+                                                   NUM_STEPS))
 
 
 # ---------------------------------------------------------------------------
@@ -104,8 +105,8 @@ def test_killed_and_preempted_runs_resume_bit_for_bit(reference):
     if not sigterm:  # nothing changed on disk between the hold and the kill
       assert complete == r.complete_at_hold and tmp == r.tmp_at_hold, where
     assert (complete[-1] if complete else None) == newest_after, where
-    assert [t.split(".")[0] for t in tmp] == ([tmp_step] if tmp_step else []), (
-        tmp, where)
+    assert [t.split(".")[0] for t in tmp
+           ] == ([tmp_step] if tmp_step else []), (tmp, where)
     newest, left = newest_after, left + tmp
 
   log = fh.run_to_end(workdir, NUM_STEPS, "final")
@@ -120,9 +121,13 @@ def test_killed_and_preempted_runs_resume_bit_for_bit(reference):
 
 
 def _state(scale):
-  return {"w": jnp.arange(4096, dtype=jnp.float32) * scale,
-          "b": {"c": jnp.full((8, 8), scale, jnp.bfloat16),
-                "n": jnp.asarray(scale, jnp.int32)}}
+  return {
+      "w": jnp.arange(4096, dtype=jnp.float32) * scale,
+      "b": {
+          "c": jnp.full((8, 8), scale, jnp.bfloat16),
+          "n": jnp.asarray(scale, jnp.int32)
+      }
+  }
 
 
 def _write(directory, steps=(2, 4, 6)):
@@ -168,8 +173,9 @@ def test_broken_newest_checkpoint_is_skipped_and_moved_aside(
     assert f"Removing {changed}" in caplog.text
     assert not fh.tmp_dirs(workdir)
   else:
-    assert re.search(rf"Checkpoint {directory / '6'} is unusable and is "
-                     rf"skipped: ({reason})", caplog.text), caplog.text
+    assert re.search(
+        rf"Checkpoint {directory / '6'} is unusable and is "
+        rf"skipped: ({reason})", caplog.text), caplog.text
     moved = os.listdir(directory / "corrupt")
     assert len(moved) == 1 and moved[0].startswith("6-")
 
@@ -206,8 +212,7 @@ def test_training_and_sampling_skip_a_corrupt_checkpoint(tmp_path, caplog):
   config = helpers.make_config(num_steps=4, keep_checkpoints=3)
   kwargs = dict(model=helpers.tiny_model(),
                 dataset_factory=helpers.dataset_factory(images))
-  reference = train.train_and_evaluate(config, str(tmp_path / "ref"),
-                                       **kwargs)
+  reference = train.train_and_evaluate(config, str(tmp_path / "ref"), **kwargs)
   workdir = tmp_path / "w"
   train.train_and_evaluate(config, str(workdir), **kwargs)
   fh.corrupt(workdir, 4, "truncate-array-file", random.Random(3))
@@ -238,11 +243,11 @@ def test_training_and_sampling_skip_a_corrupt_checkpoint(tmp_path, caplog):
 
 
 def test_full_disk_is_reported_before_training(tmp_path):
-  with pytest.raises(workdir_lib.ConfigError,
-                     match=rf"--workdir {tmp_path} has only \d+ MiB free; at "
-                     r"least \d+ MiB are needed"):
-    workdir_lib.check_workdir(str(tmp_path), mode="train",
-                                    min_free_bytes=2**62)
+  with pytest.raises(
+      workdir_lib.ConfigError,
+      match=rf"--workdir {tmp_path} has only \d+ MiB free; at "
+      r"least \d+ MiB are needed"):
+    workdir_lib.check_workdir(str(tmp_path), mode="train", min_free_bytes=2**62)
 
 
 def test_unwritable_workdir_is_reported_before_training(tmp_path):
@@ -265,23 +270,24 @@ def test_unwritable_workdir_is_reported_before_training(tmp_path):
 
 def _cli(args, workdir):
   env = fh.child_env()
-  return subprocess.run(
-      [sys.executable, "-m", "ddpm_jax.main", "--config=configs/digits.py:tiny",
-       f"--workdir={workdir}", *args], cwd=helpers.REPO, env=env,
-      capture_output=True, text=True, timeout=fh.TIMEOUT, check=False)
+  return subprocess.run([
+      sys.executable, "-m", "ddpm_jax.main", "--config=configs/digits.py:tiny",
+      f"--workdir={workdir}", *args
+  ], cwd=helpers.REPO, env=env, capture_output=True, text=True,
+                        timeout=fh.TIMEOUT, check=False)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
-    (["--config.sample.eta=1.5"],
-     r"config.sample.eta must be a number in \[0.0, 1.0\], got 1.5"),
+    (["--config.sample.eta=1.5"
+     ], r"config.sample.eta must be a number in \[0.0, 1.0\], got 1.5"),
     (["--config.sample.eta=-0.1"], r"config.sample.eta must be a number in"),
-    (["--config.diffusion.num_timesteps=0"],
-     r"config.diffusion.num_timesteps must be an integer >= 1, got 0"),
-    (["--config.train.ema_decay=-0.5"],
-     r"config.train.ema_decay must be a number in \[0.0, 1.0\)"),
-    (["--config.train.max_nonfinite_steps=-1"],
-     r"config.train.max_nonfinite_steps must be an integer >= 0"),
+    (["--config.diffusion.num_timesteps=0"
+     ], r"config.diffusion.num_timesteps must be an integer >= 1, got 0"),
+    (["--config.train.ema_decay=-0.5"
+     ], r"config.train.ema_decay must be a number in \[0.0, 1.0\)"),
+    (["--config.train.max_nonfinite_steps=-1"
+     ], r"config.train.max_nonfinite_steps must be an integer >= 0"),
 ])
 def test_cli_rejects_out_of_range_config(tmp_path, args, message):
   out = _cli(args, tmp_path / "w")

@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from ddpm_jax import metrics
-from ddpm_jax.tools import fid
 from ddpm_jax.metrics import inception
+from ddpm_jax.tools import fid
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -86,8 +86,7 @@ def test_image_set_from_npz_folder_and_source_agree(tmp_path):
   from_source = _set(f"folder:{folder}", num_images=5)
   expected = _stand_in(images)
   np.testing.assert_allclose(from_npz.stats.features, expected[0], rtol=1e-6)
-  np.testing.assert_allclose(from_folder.stats.features, expected[0],
-                             rtol=1e-6)
+  np.testing.assert_allclose(from_folder.stats.features, expected[0], rtol=1e-6)
   np.testing.assert_allclose(from_source.stats.features, expected[0][:5],
                              rtol=1e-6)
   np.testing.assert_allclose(from_npz.logits, expected[1], rtol=1e-6)
@@ -126,8 +125,10 @@ def test_image_set_errors(spec, error, message):
 
 def test_image_set_needs_two_images(tmp_path):
   np.savez(tmp_path / "one.npz", images=_images(1))
+
   def no_network(images):
     raise AssertionError("the check comes before any Inception work")
+
   with pytest.raises(ValueError, match="Too few images: .*one.npz gives 1"):
     fid.image_set(str(tmp_path / "one.npz"), no_network, split="train",
                   num_images=0, batch_size=2, preprocessing="tensorflow")
@@ -146,8 +147,7 @@ def test_scores_use_what_each_side_has(tmp_path):
   result = fid.scores(samples, reference, kid_subsets=3, kid_subset_size=50,
                       inception_score_splits=4)
   a, b = samples.stats, reference.stats
-  assert result["fid"] == metrics.frechet_distance(a.mu, a.sigma, b.mu,
-                                                   b.sigma)
+  assert result["fid"] == metrics.frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
   kid = metrics.kernel_inception_distance(a.features, b.features, subsets=3,
                                           subset_size=10)
   assert (result["kid"], result["kid_std"]) == tuple(kid)
@@ -215,7 +215,8 @@ def test_cli_end_to_end(tmp_path, synthetic_weights):
   out = _run("ddpm_jax.tools.fid", [
       f"--weights={synthetic_weights}", f"--samples={tmp_path}/samples.npz",
       "--reference=digits", "--num_reference=5", "--batch_size=4",
-      f"--save_reference={saved}", "--kid_subsets=2"])
+      f"--save_reference={saved}", "--kid_subsets=2"
+  ])
   assert out.returncode == 0, out.stderr[-3000:]
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result["num_samples"] == 4 and result["num_reference"] == 5
@@ -235,27 +236,33 @@ def test_cli_errors_are_one_line(tmp_path, synthetic_weights):
   np.savez(tmp_path / "samples.npz", images=_images(4))
   np.savez(tmp_path / "floats.npz", images=np.zeros((4, 8, 8, 3)))
   (tmp_path / "weights.npz").write_bytes(b"PK\x03\x04 truncated")
-  base = [f"--weights={synthetic_weights}", "--reference=digits",
-          "--batch_size=2"]
+  base = [
+      f"--weights={synthetic_weights}", "--reference=digits", "--batch_size=2"
+  ]
   for args, message in [
-      ([f"--weights={tmp_path}/weights.npz", "--reference=digits",
-        f"--samples={tmp_path}/samples.npz"], "weights.npz.*truncated"),
-      ([f"--weights={tmp_path}/samples.npz", "--reference=digits",
-        f"--samples={tmp_path}/samples.npz"],
-       "not an FID Inception state dict"),
+      ([
+          f"--weights={tmp_path}/weights.npz", "--reference=digits",
+          f"--samples={tmp_path}/samples.npz"
+      ], "weights.npz.*truncated"),
+      ([
+          f"--weights={tmp_path}/samples.npz", "--reference=digits",
+          f"--samples={tmp_path}/samples.npz"
+      ], "not an FID Inception state dict"),
       (base + [f"--samples={tmp_path}/floats.npz", "--num_reference=2"],
        "dtype float64; expected uint8"),
-      (base + [f"--samples={tmp_path}/samples.npz",
-               "--num_reference=1"], "Too few images"),
+      (base + [f"--samples={tmp_path}/samples.npz", "--num_reference=1"],
+       "Too few images"),
   ]:
     _one_error_line(_run("ddpm_jax.tools.fid", args), message)
 
 
 def test_convert_cli_errors_are_one_line(tmp_path):
   (tmp_path / "x.npz").write_bytes(b"")
-  _one_error_line(_run("ddpm_jax.tools.convert_inception", [
-      f"--source={tmp_path}/x.npz", f"--output={tmp_path}/out.npz"]),
-                  "x.npz.*truncated or corrupt")
-  _one_error_line(_run("ddpm_jax.tools.convert_inception", [
-      f"--source={tmp_path}/absent.whl", f"--output={tmp_path}/out.npz"]),
-                  "not found: .*absent.whl")
+  _one_error_line(
+      _run("ddpm_jax.tools.convert_inception",
+           [f"--source={tmp_path}/x.npz", f"--output={tmp_path}/out.npz"]),
+      "x.npz.*truncated or corrupt")
+  _one_error_line(
+      _run("ddpm_jax.tools.convert_inception",
+           [f"--source={tmp_path}/absent.whl", f"--output={tmp_path}/out.npz"]),
+      "not found: .*absent.whl")

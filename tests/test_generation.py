@@ -40,13 +40,12 @@ def test_generate_compiles_once_and_matches_the_sampler(sched):
   params = {"scale": jnp.float32(0.5)}
   key = jax.random.key(7)
   out = generation.generate(make_model_fn, params, sched, sample_fn=DDIM,
-                            num_images=10, batch_size=4,
-                            image_shape=(8, 8, 1), key=key,
-                            mesh=parallel.create_mesh())
+                            num_images=10, batch_size=4, image_shape=(8, 8, 1),
+                            key=key, mesh=parallel.create_mesh())
   assert out.shape == (10, 8, 8, 1) and out.dtype == np.uint8
   assert len(built) == 1  # One trace for the three batches.
-  reference = jax.jit(lambda k: images.to_uint8(DDIM(
-      _shrink(params), sched, shape=(4, 8, 8, 1), key=k).images))
+  reference = jax.jit(lambda k: images.to_uint8(
+      DDIM(_shrink(params), sched, shape=(4, 8, 8, 1), key=k).images))
   expected = np.concatenate(
       [reference(jax.random.fold_in(key, i)) for i in range(3)])[:10]
   np.testing.assert_array_equal(out, expected)
@@ -55,41 +54,43 @@ def test_generate_compiles_once_and_matches_the_sampler(sched):
 def test_generate_passes_each_batch_its_labels(sched):
   """Batch i gets labels[i B:(i + 1) B]; the last batch's labels continue
   from the start."""
+
   def make_model_fn(params):
     return lambda x, t, y: params["scale"] * x + y[:, None, None, None]
 
   def sample_fn(model_fn, schedule, *, x_T, key, labels):
-    return DDIM(lambda x, t: model_fn(x, t, labels), schedule, x_T=x_T,
-                key=key)
+    return DDIM(lambda x, t: model_fn(x, t, labels), schedule, x_T=x_T, key=key)
 
   params = {"scale": jnp.float32(0.5)}
   key = jax.random.key(2)
   labels = np.array([0, 1, 2, 0, 1, 2, 0], np.int32)
   out = generation.generate(make_model_fn, params, sched, sample_fn=sample_fn,
                             num_images=7, batch_size=4, image_shape=(4, 4, 1),
-                            key=key, mesh=parallel.create_mesh(),
-                            labels=labels)
-  reference = jax.jit(lambda k, y: images.to_uint8(sample_fn(
-      make_model_fn(params), sched, x_T=jax.random.normal(
+                            key=key, mesh=parallel.create_mesh(), labels=labels)
+  reference = jax.jit(lambda k, y: images.to_uint8(
+      sample_fn(make_model_fn(params), sched, x_T=jax.random.normal(
           jax.random.split(k)[0], (4, 4, 4, 1)), key=k, labels=y).images))
   expected = np.concatenate([
       reference(jax.random.fold_in(key, 0), labels[:4]),
-      reference(jax.random.fold_in(key, 1), np.array([1, 2, 0, 0]))])[:7]
+      reference(jax.random.fold_in(key, 1), np.array([1, 2, 0, 0]))
+  ])[:7]
   np.testing.assert_array_equal(out, expected)
   with pytest.raises(ValueError, match=r"labels must have shape \(7,\)"):
     generation.generate(make_model_fn, params, sched, sample_fn=sample_fn,
                         num_images=7, batch_size=4, image_shape=(4, 4, 1),
-                        key=key, mesh=parallel.create_mesh(),
-                        labels=labels[:3])
+                        key=key, mesh=parallel.create_mesh(), labels=labels[:3])
 
 
-@pytest.mark.parametrize("num_images, per_row, order", [
-    (25, 2, [0, 10, 1, 11, 2, 12, 3, 13, 4, 14, 5, 15, 6, 16, 7, 17, 8, 18,
-             9, 19]),
-    (10, 1, list(range(10))),
-    (7, 1, list(range(7))),  # Fewer images than classes: one row each.
-    (200, 6, None),  # At most 64 shown: 6 per class.
-])
+@pytest.mark.parametrize(
+    "num_images, per_row, order",
+    [
+        (25, 2, [
+            0, 10, 1, 11, 2, 12, 3, 13, 4, 14, 5, 15, 6, 16, 7, 17, 8, 18, 9, 19
+        ]),
+        (10, 1, list(range(10))),
+        (7, 1, list(range(7))),  # Fewer images than classes: one row each.
+        (200, 6, None),  # At most 64 shown: 6 per class.
+    ])
 def test_class_rows(num_images, per_row, order):
   labels = np.arange(num_images) % 10
   indices, nrow = generation.class_rows(labels, 10)
@@ -107,9 +108,8 @@ def test_class_rows(num_images, per_row, order):
     (dict(mesh=jax.make_mesh((1,), ("model",))), "mesh needs a 'data' axis"),
 ])
 def test_bad_arguments(sched, kwargs, message):
-  args = dict(sample_fn=DDIM, num_images=4, batch_size=4,
-              image_shape=(8, 8, 1), key=jax.random.key(0),
-              mesh=parallel.create_mesh())
+  args = dict(sample_fn=DDIM, num_images=4, batch_size=4, image_shape=(8, 8, 1),
+              key=jax.random.key(0), mesh=parallel.create_mesh())
   args.update(kwargs)
   with pytest.raises(ValueError, match=message):
     generation.generate(_shrink, {"scale": 0.5}, sched, **args)

@@ -14,24 +14,34 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def test_dry_run_writes_every_section(tmp_path):
   env = dict(os.environ)
   # Compile-bound tiny run: XLA's lowest backend optimization level halves it.
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
-  proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run", str(tmp_path)], cwd=ROOT,
-                        env=env, capture_output=True, text=True, timeout=600, check=False)
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                      " --xla_backend_optimization_level=0").strip()
+  proc = subprocess.run(
+      ["bash", "benchmarks/gpu_check.sh", "--dry-run",
+       str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
+      timeout=600, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads((tmp_path / "gpu_check.json").read_text())
   assert result["dry_run"] and not result["skipped"]
   assert "tests collected" in result["pytest"]
   rows = [(r["dtype"], r["kernels"], r["batch"]) for r in result["train"]]
-  assert rows == [("bfloat16", "auto", 2), ("float32", "auto", 2), ("bfloat16", "xla", 2)]
+  assert rows == [("bfloat16", "auto", 2), ("float32", "auto", 2),
+                  ("bfloat16", "xla", 2)]
   for r in result["train"]:
-    assert r["images_per_s"] > 0 and r["compile_s"] > 0 and r["flops_per_image"] > 0
+    assert r["images_per_s"] > 0 and r["compile_s"] > 0 and r[
+        "flops_per_image"] > 0
     # bf16 compute keeps the loss, parameters, optimizer state and EMA in float32.
     assert r["loss_dtype"] == "float32"
-    assert r["state_float_dtypes"] == {"params": ["float32"], "opt_state": ["float32"],
-                                       "ema_params": ["float32"]}
+    assert r["state_float_dtypes"] == {
+        "params": ["float32"],
+        "opt_state": ["float32"],
+        "ema_params": ["float32"]
+    }
   sample = result["sample"]
-  assert (sample["steps"], sample["batch"]) == (5, 2) and sample["images_per_s"] > 0
-  assert sample["seconds_for_50k"] == pytest.approx(50_000 / sample["images_per_s"])
+  assert (sample["steps"],
+          sample["batch"]) == (5, 2) and sample["images_per_s"] > 0
+  assert sample["seconds_for_50k"] == pytest.approx(50_000 /
+                                                    sample["images_per_s"])
   profile = result["profile"]
   assert profile["ops"] and profile["total_ms"] > 0
   assert sum(o["fraction"] for o in profile["ops"]) <= 1.0 + 1e-9

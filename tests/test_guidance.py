@@ -28,12 +28,13 @@ MU_U, S_U = 0.0, 0.5  # p(x)
 def _gaussian_cond_fn(schedule):
   """y = 0: the exact denoiser of N(MU_C, S_C^2); y = 1 (null): of
   N(MU_U, S_U^2)."""
-  cond = testing.denoiser(testing.gaussian_mixture(
-      weights=[1.0], means=[[MU_C]], stds=[S_C]), schedule)
-  uncond = testing.denoiser(testing.gaussian_mixture(
-      weights=[1.0], means=[[MU_U]], stds=[S_U]), schedule)
-  return lambda x, t, y: jnp.where((y == 1)[:, None], uncond(x, t),
-                                   cond(x, t))
+  cond = testing.denoiser(
+      testing.gaussian_mixture(weights=[1.0], means=[[MU_C]], stds=[S_C]),
+      schedule)
+  uncond = testing.denoiser(
+      testing.gaussian_mixture(weights=[1.0], means=[[MU_U]], stds=[S_U]),
+      schedule)
+  return lambda x, t, y: jnp.where((y == 1)[:, None], uncond(x, t), cond(x, t))
 
 
 def _guided_ode_affine_map(w, sigma_0, sigma_e):
@@ -46,16 +47,14 @@ def _guided_ode_affine_map(w, sigma_0, sigma_e):
   starts at sigma_0 with x = x_T sqrt(1 + sigma_0^2), runs to sigma_e and
   ends with D = x - sigma_e eps.
   """
-  phi = lambda s: ((S_C**2 + s**2)**((1 + w) / 2) *
-                   (S_U**2 + s**2)**(-w / 2))
+  phi = lambda s: ((S_C**2 + s**2)**((1 + w) / 2) * (S_U**2 + s**2)**(-w / 2))
   k = lambda s: s * ((1 + w) / (S_C**2 + s**2) - w / (S_U**2 + s**2))
-  b = lambda s: -s * ((1 + w) * MU_C / (S_C**2 + s**2) -
-                      w * MU_U / (S_U**2 + s**2))
+  b = lambda s: -s * ((1 + w) * MU_C / (S_C**2 + s**2) - w * MU_U /
+                      (S_U**2 + s**2))
   # Integral of b / Phi from sigma_0 down to sigma_e, in log sigma.
-  integral = -integrate.quad(lambda u: b(math.exp(u)) / phi(math.exp(u)) *
-                             math.exp(u), math.log(sigma_e),
-                             math.log(sigma_0), epsabs=1e-13,
-                             epsrel=1e-12)[0]
+  integral = -integrate.quad(
+      lambda u: b(math.exp(u)) / phi(math.exp(u)) * math.exp(u),
+      math.log(sigma_e), math.log(sigma_0), epsabs=1e-13, epsrel=1e-12)[0]
   shrink = 1.0 - sigma_e * k(sigma_e)
   slope = shrink * phi(sigma_e) / phi(sigma_0) * math.sqrt(1 + sigma_0**2)
   return slope, shrink * phi(sigma_e) * integral - sigma_e * b(sigma_e)
@@ -74,7 +73,7 @@ def test_guided_ode_matches_the_closed_form(sched, w):
       num_classes=1, scale=w)
   x_T = jnp.array([[0.0], [1.0]])
   out = samplers.dpmpp_3m_sample(model_fn, sched, x_T=x_T,
-                                num_steps=200).images[:, 0]
+                                 num_steps=200).images[:, 0]
   levels = np.asarray(samplers.solver_timesteps(sched, 200))
   abar = np.asarray(sched.alphas_cumprod, np.float64)[levels[[0, -1]]]
   sigma_0, sigma_e = np.sqrt((1 - abar) / abar)
@@ -87,9 +86,10 @@ def test_guided_ode_matches_the_closed_form(sched, w):
 # ----------------------------------------------------------------------------
 # A two-class mixture.
 
-MIX = testing.gaussian_mixture(
-    weights=[1.0, 1.0, 1.0], means=[[-0.2, 0.0], [0.2, 0.0], [0.2, 0.6]],
-    stds=[0.25, 0.25, 0.2], labels=[0, 1, 1])
+MIX = testing.gaussian_mixture(weights=[1.0, 1.0, 1.0], means=[[-0.2, 0.0],
+                                                               [0.2, 0.0],
+                                                               [0.2, 0.6]],
+                               stds=[0.25, 0.25, 0.2], labels=[0, 1, 1])
 NUM_POINTS = 4000
 
 
@@ -102,21 +102,23 @@ def mix_samples(sched):
   labels = jnp.ones((NUM_POINTS,), jnp.int32)
 
   def run(model_fn):
-    return jax.jit(lambda x: samplers.dpmpp_2m_sample(
-        model_fn, sched, x_T=x, num_steps=20).images)(x_T)
+    return jax.jit(lambda x: samplers.dpmpp_2m_sample(model_fn, sched, x_T=x,
+                                                      num_steps=20).images)(x_T)
 
-  out = {w: run(guidance.classifier_free_guidance(
-      cond_fn, labels=labels, num_classes=2, scale=w))
-         for w in (-1.0, 0.0, 1.0, 3.0)}
+  out = {
+      w:
+          run(
+              guidance.classifier_free_guidance(cond_fn, labels=labels,
+                                                num_classes=2, scale=w))
+      for w in (-1.0, 0.0, 1.0, 3.0)
+  }
   out["cond"] = run(lambda x, t: cond_fn(x, t, labels))
   out["uncond"] = run(lambda x, t: cond_fn(x, t, jnp.full_like(labels, 2)))
   return out
 
 
-def test_scale_0_is_the_conditional_and_minus_1_the_unconditional(
-    mix_samples):
-  np.testing.assert_allclose(mix_samples[0.0], mix_samples["cond"],
-                             atol=1e-5)
+def test_scale_0_is_the_conditional_and_minus_1_the_unconditional(mix_samples):
+  np.testing.assert_allclose(mix_samples[0.0], mix_samples["cond"], atol=1e-5)
   np.testing.assert_allclose(mix_samples[-1.0], mix_samples["uncond"],
                              atol=1e-5)
 
@@ -129,15 +131,15 @@ def test_larger_scale_concentrates_on_the_class(mix_samples):
   components."""
   stats = {}
   for w in ("uncond", 0.0, 1.0, 3.0):
-    p1 = np.exp(np.asarray(testing.class_log_posterior(
-        MIX, mix_samples[w]))[:, 1])
+    p1 = np.exp(
+        np.asarray(testing.class_log_posterior(MIX, mix_samples[w]))[:, 1])
     stats[w] = (p1.mean(), (p1 < 0.5).mean())
   means = [stats[w][0] for w in ("uncond", 0.0, 1.0, 3.0)]
   shares = [stats[w][1] for w in ("uncond", 0.0, 1.0, 3.0)]
   assert np.all(np.diff(means) > 0.04), stats
   assert np.all(np.diff(shares) < 0) and shares[-1] < 0.005, stats
-  class_1 = testing.gaussian_mixture(weights=[1.0, 1.0],
-                                     means=[[0.2, 0.0], [0.2, 0.6]],
+  class_1 = testing.gaussian_mixture(weights=[1.0, 1.0], means=[[0.2, 0.0],
+                                                                [0.2, 0.6]],
                                      stds=[0.25, 0.2])
   fit = testing.fit_components(class_1, mix_samples[0.0])
   np.testing.assert_allclose(fit.weights, class_1.weights, atol=0.1)
@@ -151,8 +153,9 @@ def test_one_batched_call_per_step_and_labels():
     seen.append((x.shape, np.asarray(y), np.asarray(t)))
     return jnp.where((y == 3)[:, None], 0.0, 1.0) * x
 
-  model_fn = guidance.classifier_free_guidance(
-      cond_fn, labels=jnp.array([0, 2]), num_classes=3, scale=2.0)
+  model_fn = guidance.classifier_free_guidance(cond_fn, labels=jnp.array([0,
+                                                                          2]),
+                                               num_classes=3, scale=2.0)
   x = jnp.array([[1.0, 2.0], [3.0, 4.0]])
   out = model_fn(x, jnp.array([5, 5]))
   assert len(seen) == 1
@@ -170,8 +173,9 @@ def test_scale_0_calls_the_conditional_model_alone():
     seen.append((x.shape, np.asarray(y)))
     return x + y[:, None]
 
-  model_fn = guidance.classifier_free_guidance(
-      cond_fn, labels=jnp.array([0, 2]), num_classes=3, scale=0)
+  model_fn = guidance.classifier_free_guidance(cond_fn, labels=jnp.array([0,
+                                                                          2]),
+                                               num_classes=3, scale=0)
   out = model_fn(jnp.ones((2, 2)), jnp.array([5, 5]))
   assert len(seen) == 1 and seen[0][0] == (2, 2)
   np.testing.assert_array_equal(seen[0][1], [0, 2])
@@ -179,12 +183,14 @@ def test_scale_0_calls_the_conditional_model_alone():
 
 
 def test_learned_variance_channels_are_not_guided():
+
   def cond_fn(x, t, y):
     scale = jnp.where(y == 10, 1.0, 2.0)[:, None]
     return jnp.concatenate([scale * x, 10.0 * scale * x], axis=-1)
 
-  model_fn = guidance.classifier_free_guidance(
-      cond_fn, labels=jnp.array([1, 4]), num_classes=10, scale=0.5)
+  model_fn = guidance.classifier_free_guidance(cond_fn, labels=jnp.array([1,
+                                                                          4]),
+                                               num_classes=10, scale=0.5)
   x = jnp.array([[1.0], [-2.0]])
   out = model_fn(x, jnp.array([0, 0]))
   np.testing.assert_allclose(out[:, :1], 2.0 * x + 0.5 * (2.0 * x - x))
@@ -197,8 +203,9 @@ def test_drop_labels():
                                  num_classes=10)
   is_null = np.asarray(dropped) == 10
   assert abs(is_null.mean() - 0.1) < 4.5 * math.sqrt(0.09 / 100_000)
-  np.testing.assert_array_equal(np.asarray(dropped)[~is_null],
-                                np.asarray(labels)[~is_null])
+  np.testing.assert_array_equal(
+      np.asarray(dropped)[~is_null],
+      np.asarray(labels)[~is_null])
   again = guidance.drop_labels(labels, jax.random.key(0), p_uncond=0.1,
                                num_classes=10)
   np.testing.assert_array_equal(dropped, again)
@@ -231,8 +238,9 @@ def test_bad_guidance_arguments(kwargs, message):
 
 
 def test_bad_batch_and_dropout_arguments():
-  model_fn = guidance.classifier_free_guidance(
-      IDENTITY, labels=jnp.array([0, 1]), num_classes=10, scale=1.0)
+  model_fn = guidance.classifier_free_guidance(IDENTITY,
+                                               labels=jnp.array([0, 1]),
+                                               num_classes=10, scale=1.0)
   with pytest.raises(ValueError, match="guidance has 2 labels for a batch "
                      "of 3"):
     model_fn(jnp.zeros((3, 2)), jnp.zeros((3,), jnp.int32))

@@ -15,6 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import host_helpers as hh  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 from tests import inception_helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 pytestmark = pytest.mark.slow
@@ -23,8 +24,7 @@ pytestmark = pytest.mark.slow
 def _two(args, cache, workdir, extra_args=((), ())):
   port = hh.free_port()
   return hh.run_processes(
-      [hh.cli([f"--workdir={workdir}", *args, *extra]) for extra in
-       extra_args],
+      [hh.cli([f"--workdir={workdir}", *args, *extra]) for extra in extra_args],
       [hh.env(cache, process=i, port=port) for i in range(2)])
 
 
@@ -45,16 +45,22 @@ def runs(tmp_path_factory):
   base = tmp_path_factory.mktemp("hosts")
   cache = base / "cache"
   two, one = base / "two", base / "one"
-  logs = {"train2": [_ok(r) for r in _two([], cache, two)],
-          "train1": _ok(_one([], cache, one))}
+  logs = {
+      "train2": [_ok(r) for r in _two([], cache, two)],
+      "train1": _ok(_one([], cache, one))
+  }
   sample = ["--mode=sample", "--config.sample.num_images=12"]
   logs["sample2"] = [_ok(r) for r in _two(sample, cache, two)]
   logs["sample1"] = _ok(_one(sample, cache, one))
   weights = base / "fid_inception.npz"
-  np.savez(weights, **inception_helpers.random_state_dict(
-      inception_helpers.torch_layout(inception_helpers.flax_shapes())))
-  evaluate = ["--mode=eval", f"--config.eval.inception_weights={weights}",
-              "--config.eval.num_samples=8", "--config.eval.num_reference=16"]
+  np.savez(
+      weights,
+      **inception_helpers.random_state_dict(
+          inception_helpers.torch_layout(inception_helpers.flax_shapes())))
+  evaluate = [
+      "--mode=eval", f"--config.eval.inception_weights={weights}",
+      "--config.eval.num_samples=8", "--config.eval.num_reference=16"
+  ]
   logs["eval2"] = [_ok(r) for r in _two(evaluate, cache, two)]
   logs["eval1"] = _ok(_one(evaluate, cache, one))
   return dict(base=base, cache=cache, two=two, one=one, logs=logs)
@@ -62,8 +68,9 @@ def runs(tmp_path_factory):
 
 def test_training_grids_match_one_process(runs):
   for name in ("step_00000004.png", "step_00000004.gif"):
-    assert (runs["two"] / "samples" / name).read_bytes() == (
-        runs["one"] / "samples" / name).read_bytes(), name
+    assert (runs["two"] / "samples" /
+            name).read_bytes() == (runs["one"] / "samples" /
+                                   name).read_bytes(), name
   first, second = runs["logs"]["train2"]
   assert "step 4/4: loss" in first and "wrote" in first
   assert "step 4/4" not in second and "wrote" not in second
@@ -79,15 +86,18 @@ def test_sample_mode_matches_one_process(runs):
   assert two.shape == (12, 16, 16, 1)
   np.testing.assert_array_equal(two, one)
   for suffix in (".png", ".gif"):
-    assert (runs["two"] / f"{name}{suffix}").read_bytes() == (
-        runs["one"] / f"{name}{suffix}").read_bytes()
+    assert (runs["two"] /
+            f"{name}{suffix}").read_bytes() == (runs["one"] /
+                                                f"{name}{suffix}").read_bytes()
   first, second = runs["logs"]["sample2"]
   assert "Sampled 12 images" in first and "Sampled" not in second
 
 
 def test_eval_mode_matches_one_process(runs):
-  results = [json.loads((workdir / "eval" / "step_00000004.json").read_text())
-             for workdir in (runs["two"], runs["one"])]
+  results = [
+      json.loads((workdir / "eval" / "step_00000004.json").read_text())
+      for workdir in (runs["two"], runs["one"])
+  ]
   assert results[0] == results[1]  # The same programs over the same mesh.
   assert np.isfinite(results[0]["fid"]) and results[0]["num_images"] == 8
   first, second = runs["logs"]["eval2"]
@@ -100,12 +110,19 @@ def test_hosts_agree_on_a_checkpoint_one_of_them_cannot_read(runs, tmp_path):
   shutil.copytree(runs["two"], workdir)
   port = hh.free_port()
   results = hh.run_processes(
-      [[sys.executable, str(Path(hh.__file__)), "agree", str(i), str(port),
-        str(workdir), "4", str(tmp_path / f"out{i}.json")] for i in range(2)],
+      [[
+          sys.executable,
+          str(Path(hh.__file__)), "agree",
+          str(i),
+          str(port),
+          str(workdir), "4",
+          str(tmp_path / f"out{i}.json")
+      ] for i in range(2)],
       [hh.env(runs["cache"], process=i, port=port) for i in range(2)])
   logs = [_ok(r) for r in results]
-  chosen = [json.loads((tmp_path / f"out{i}.json").read_text())
-            for i in range(2)]
+  chosen = [
+      json.loads((tmp_path / f"out{i}.json").read_text()) for i in range(2)
+  ]
   # Step 4 is fine for process 0, unreadable for process 1: both use 2.
   assert chosen == [{"loaded": 2, "final": 4}] * 2
   for log in logs:
@@ -113,8 +130,10 @@ def test_hosts_agree_on_a_checkpoint_one_of_them_cannot_read(runs, tmp_path):
             "skipped: process 1: unreadable from this host") in log
   assert (f"Moved broken checkpoint {workdir / 'checkpoints' / '4'} to "
           in logs[0])  # By process 0, after both agreed.
-  assert [p.name.split("-")[0] for p in
-          (workdir / "checkpoints" / "corrupt").iterdir()] == ["4"]
+  assert [
+      p.name.split("-")[0]
+      for p in (workdir / "checkpoints" / "corrupt").iterdir()
+  ] == ["4"]
 
 
 def _error_line(result):
@@ -147,11 +166,12 @@ def test_a_check_failing_on_one_host_stops_every_host(tmp_path):
   np.savez(cwds[0] / "digits.npz", x_train=digits, y_train=np.zeros(4),
            x_test=digits, y_test=np.zeros(4))
   port = hh.free_port()
-  results = hh.run_processes(
-      [hh.cli([f"--workdir={tmp_path / 'w'}",
-               "--config.data.source=npz:digits.npz"])] * 2,
-      [hh.env(tmp_path / "cache", process=i, port=port) for i in range(2)],
-      cwds)
+  results = hh.run_processes([
+      hh.cli([
+          f"--workdir={tmp_path / 'w'}", "--config.data.source=npz:digits.npz"
+      ])
+  ] * 2, [hh.env(tmp_path / "cache", process=i, port=port) for i in range(2)],
+                             cwds)
   for result in results:
     line = _error_line(result)
     assert line.startswith(

@@ -26,8 +26,9 @@ def test_to_uint8_round_trips_every_level():
 def _distinct_images(n, h, w, c):
   """uint8 [n, h, w, c]: image i has pixel values 10 i + (row * w + col)."""
   base = np.arange(h * w, dtype=np.uint8).reshape(1, h, w, 1)
-  return np.broadcast_to(base + 10 * np.arange(n, dtype=np.uint8).reshape(
-      n, 1, 1, 1), (n, h, w, c)).copy()
+  return np.broadcast_to(
+      base + 10 * np.arange(n, dtype=np.uint8).reshape(n, 1, 1, 1),
+      (n, h, w, c)).copy()
 
 
 def _read_png(buf):
@@ -134,8 +135,8 @@ def test_saved_png_scales_small_images_with_nearest_neighbour(size, scale):
 
 
 def test_data_grid_matches_the_sample_grid_layout():
-  batch = np.linspace(-1.0, 1.0, 70 * 28 * 28, dtype=np.float32).reshape(
-      70, 28, 28, 1)
+  batch = np.linspace(-1.0, 1.0, 70 * 28 * 28,
+                      dtype=np.float32).reshape(70, 28, 28, 1)
   grid = images.data_grid(batch, num_images=64)
   expected = images.render_grid(batch[:64], nrow=8)
   np.testing.assert_array_equal(grid, expected)
@@ -144,8 +145,8 @@ def test_data_grid_matches_the_sample_grid_layout():
       _cell(grid, 63, nrow=8, h=28, w=28, scale=3)[::3, ::3],
       np.asarray(images.to_uint8(batch[63])))
   # Fewer images than asked for: all of them, in rows of ceil(sqrt(N)).
-  assert images.data_grid(batch[:5], num_images=64).shape == (
-      2 * 86 + 2, 3 * 86 + 2, 1)
+  assert images.data_grid(batch[:5],
+                          num_images=64).shape == (2 * 86 + 2, 3 * 86 + 2, 1)
 
 
 def test_save_png_round_trips(tmp_path):
@@ -190,8 +191,7 @@ def test_gif_frames_and_durations():
   np.testing.assert_array_equal(first[:2], images.PAD_VALUE)
   gif.seek(3)
   last = np.asarray(gif.convert("L"))[..., None]
-  np.testing.assert_array_equal(_cell(last, 0, nrow=2, h=4, w=4, scale=16),
-                                255)
+  np.testing.assert_array_equal(_cell(last, 0, nrow=2, h=4, w=4, scale=16), 255)
 
 
 @pytest.mark.parametrize("bad,message", [

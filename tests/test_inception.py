@@ -25,6 +25,7 @@ REAL_WEIGHTS = os.environ.get("DDPM_JAX_INCEPTION_WEIGHTS")
 
 from tests import inception_helpers
 
+
 @pytest.fixture(scope="module")
 def layout():
   return inception_helpers.torch_layout(inception_helpers.flax_shapes())
@@ -48,8 +49,8 @@ def images():
 @pytest.fixture(scope="module")
 def outputs(variables, images):
   """The extractor's outputs on a small uint8 batch; compiles once."""
-  extract = inception.make_fid_inception_extractor(
-      variables, preprocessing="pytorch_fid")
+  extract = inception.make_fid_inception_extractor(variables,
+                                                   preprocessing="pytorch_fid")
   return extract, extract(images)
 
 
@@ -69,8 +70,8 @@ def _conv_specs():
     specs += [(c, 192, 1, 1), (c, c7, 1, 1), (c7, c7, 1, 7), (c7, 192, 7, 1),
               (c, c7, 1, 1), (c7, c7, 7, 1), (c7, c7, 1, 7), (c7, c7, 7, 1),
               (c7, 192, 1, 7), (c, 192, 1, 1)]
-  specs += [(c, 192, 1, 1), (192, 320, 3, 3), (c, 192, 1, 1),
-            (192, 192, 1, 7), (192, 192, 7, 1), (192, 192, 3, 3)]
+  specs += [(c, 192, 1, 1), (192, 320, 3, 3), (c, 192, 1, 1), (192, 192, 1, 7),
+            (192, 192, 7, 1), (192, 192, 3, 3)]
   c = 320 + 192 + c  # Mixed_7a (D)
   for _ in range(2):  # Mixed_7b/c (E)
     specs += [(c, 320, 1, 1), (c, 384, 1, 1), (384, 384, 1, 3),
@@ -115,13 +116,13 @@ def test_convert_maps_every_tensor_exactly(layout, state_dict, variables):
     np.testing.assert_array_equal(np.asarray(node), expected, err_msg=name)
   # A spot check of the layout by hand: conv kernel [h, w, in, out].
   np.testing.assert_array_equal(
-      variables["params"]["Mixed_6b"]["branch7x7_2"]["conv"]["kernel"][0, 5,
-                                                                         3, 7],
+      variables["params"]["Mixed_6b"]["branch7x7_2"]["conv"]["kernel"][0, 5, 3,
+                                                                       7],
       state_dict["Mixed_6b.branch7x7_2.conv.weight"][7, 3, 0, 5])
 
 
-def test_convert_ignores_batchnorm_counters_and_output_bias(state_dict,
-                                                           variables):
+def test_convert_ignores_batchnorm_counters_and_output_bias(
+    state_dict, variables):
   with_extras = dict(state_dict)
   with_extras["Mixed_7c.branch_pool.bn.num_batches_tracked"] = np.array(3)
   with_extras["fc.bias"] = np.ones(1008, np.float32)
@@ -134,17 +135,21 @@ def test_convert_without_the_output_layer(state_dict, variables):
   converted = inception.convert_state_dict(no_fc)
   assert "fc" not in converted["params"]
   chex.assert_trees_all_equal(
-      converted, {"params": {k: v for k, v in variables["params"].items()
-                             if k != "fc"},
-                  "batch_stats": variables["batch_stats"]})
+      converted, {
+          "params": {
+              k: v for k, v in variables["params"].items() if k != "fc"
+          },
+          "batch_stats": variables["batch_stats"]
+      })
 
 
 def test_convert_rejects_an_unrelated_file(tmp_path):
   path = tmp_path / "cifar.npz"
   np.savez(path, x_train=np.zeros((2, 4)), y_train=np.zeros(2))
-  with pytest.raises(ValueError, match=r"cifar.npz: This is not an FID "
-                     r"Inception state dict: none of its 2 \('x_train', "
-                     r"'y_train'\) tensors"):
+  with pytest.raises(
+      ValueError, match=r"cifar.npz: This is not an FID "
+      r"Inception state dict: none of its 2 \('x_train', "
+      r"'y_train'\) tensors"):
     inception.load_fid_inception_params(path)
 
 
@@ -213,6 +218,7 @@ def _bilinear_reference(images, size):
 
   Source positions are computed in float32, as PyTorch does.
   """
+
   def weights(n_in):
     scale = np.float32(n_in) / np.float32(size)
     src = (np.arange(size, dtype=np.float32) + np.float32(0.5)) * scale
@@ -221,6 +227,7 @@ def _bilinear_reference(images, size):
     hi = np.minimum(lo + 1, n_in - 1)
     frac = src - lo
     return lo, hi, frac
+
   lo, hi, f = weights(images.shape[1])
   x = (images[:, lo] * (1 - f)[None, :, None, None] +
        images[:, hi] * f[None, :, None, None])
@@ -247,8 +254,8 @@ def test_preprocess_matches_tensorflow_resize(height, width):
   """The default is TF1's resize_bilinear (from the committed matrices made
   with TensorFlow; see make_inception_fixtures.py), then p / 128 - 1."""
   matrices = np.load(FIXTURES / "inception_tf_resize.npz")
-  images = np.random.default_rng(height).integers(
-      0, 256, (2, height, width, 3), np.uint8)
+  images = np.random.default_rng(height).integers(0, 256, (2, height, width, 3),
+                                                  np.uint8)
   expected = np.einsum("ih,bhwc,jw->bijc", matrices[f"m{height}"],
                        images.astype(np.float64), matrices[f"m{width}"],
                        optimize=True)
@@ -257,9 +264,9 @@ def test_preprocess_matches_tensorflow_resize(height, width):
   np.testing.assert_allclose(out, expected / 128.0 - 1.0, atol=1e-4, rtol=0)
   # The grid: output pixel j samples j * height / 299, the edge repeated.
   m = matrices[f"m{height}"]
-  np.testing.assert_allclose(m @ np.arange(height),
-                             np.minimum(np.arange(299) * height / 299,
-                                        height - 1), atol=1e-4)
+  np.testing.assert_allclose(
+      m @ np.arange(height),
+      np.minimum(np.arange(299) * height / 299, height - 1), atol=1e-4)
 
 
 @pytest.mark.parametrize("preprocessing, white", [("tensorflow", 127 / 128),
@@ -326,13 +333,13 @@ def _torch_reference(torch, state, x):
     b3 = conv(x, n + ".branch3x3dbl_1")
     b3 = conv(b3, n + ".branch3x3dbl_2", padding=1)
     b3 = conv(b3, n + ".branch3x3dbl_3", padding=1)
-    return torch.cat([conv(x, n + ".branch1x1"), b5, b3,
-                      conv(avg(x), n + ".branch_pool")], 1)
+    return torch.cat(
+        [conv(x, n + ".branch1x1"), b5, b3,
+         conv(avg(x), n + ".branch_pool")], 1)
 
   def block_b(x, n):
     b3 = conv(x, n + ".branch3x3", stride=2)
-    bd = conv(conv(x, n + ".branch3x3dbl_1"), n + ".branch3x3dbl_2",
-              padding=1)
+    bd = conv(conv(x, n + ".branch3x3dbl_1"), n + ".branch3x3dbl_2", padding=1)
     bd = conv(bd, n + ".branch3x3dbl_3", stride=2)
     return torch.cat([b3, bd, F.max_pool2d(x, 3, stride=2)], 1)
 
@@ -343,8 +350,9 @@ def _torch_reference(torch, state, x):
     bd = conv(x, n + ".branch7x7dbl_1")
     for i, pad in zip(range(2, 6), [(3, 0), (0, 3), (3, 0), (0, 3)]):
       bd = conv(bd, f"{n}.branch7x7dbl_{i}", padding=pad)
-    return torch.cat([conv(x, n + ".branch1x1"), b7, bd,
-                      conv(avg(x), n + ".branch_pool")], 1)
+    return torch.cat(
+        [conv(x, n + ".branch1x1"), b7, bd,
+         conv(avg(x), n + ".branch_pool")], 1)
 
   def block_d(x, n):
     b3 = conv(conv(x, n + ".branch3x3_1"), n + ".branch3x3_2", stride=2)
@@ -356,14 +364,18 @@ def _torch_reference(torch, state, x):
 
   def block_e(x, n, pool):
     b3 = conv(x, n + ".branch3x3_1")
-    b3 = torch.cat([conv(b3, n + ".branch3x3_2a", padding=(0, 1)),
-                    conv(b3, n + ".branch3x3_2b", padding=(1, 0))], 1)
-    bd = conv(conv(x, n + ".branch3x3dbl_1"), n + ".branch3x3dbl_2",
-              padding=1)
-    bd = torch.cat([conv(bd, n + ".branch3x3dbl_3a", padding=(0, 1)),
-                    conv(bd, n + ".branch3x3dbl_3b", padding=(1, 0))], 1)
-    return torch.cat([conv(x, n + ".branch1x1"), b3, bd,
-                      conv(pool(x), n + ".branch_pool")], 1)
+    b3 = torch.cat([
+        conv(b3, n + ".branch3x3_2a", padding=(0, 1)),
+        conv(b3, n + ".branch3x3_2b", padding=(1, 0))
+    ], 1)
+    bd = conv(conv(x, n + ".branch3x3dbl_1"), n + ".branch3x3dbl_2", padding=1)
+    bd = torch.cat([
+        conv(bd, n + ".branch3x3dbl_3a", padding=(0, 1)),
+        conv(bd, n + ".branch3x3dbl_3b", padding=(1, 0))
+    ], 1)
+    return torch.cat(
+        [conv(x, n + ".branch1x1"), b3, bd,
+         conv(pool(x), n + ".branch_pool")], 1)
 
   x = conv(x, "Conv2d_1a_3x3", stride=2)
   x = conv(x, "Conv2d_2a_3x3")
@@ -379,8 +391,7 @@ def _torch_reference(torch, state, x):
     x = block_c(x, n)
   x = block_d(x, "Mixed_7a")
   x = block_e(x, "Mixed_7b", avg)
-  x = block_e(x, "Mixed_7c",
-              lambda t: F.max_pool2d(t, 3, stride=1, padding=1))
+  x = block_e(x, "Mixed_7c", lambda t: F.max_pool2d(t, 3, stride=1, padding=1))
   pool = F.adaptive_avg_pool2d(x, (1, 1)).flatten(1)
   return pool, F.linear(pool, sd["fc.weight"])  # IS logits: no output bias
 
@@ -401,9 +412,12 @@ def test_extractor_matches_a_pytorch_reference(outputs, images, state_dict):
 
 def test_extractor_without_the_output_layer(variables, images):
   """Default ("tensorflow") preprocessing; no fc -> no logits, same pool."""
-  no_fc = {"params": {k: v for k, v in variables["params"].items()
-                      if k != "fc"},
-           "batch_stats": variables["batch_stats"]}
+  no_fc = {
+      "params": {
+          k: v for k, v in variables["params"].items() if k != "fc"
+      },
+      "batch_stats": variables["batch_stats"]
+  }
   out = inception.make_fid_inception_extractor(no_fc)(images)
   assert out.logits is None
   with_fc = jax.jit(inception.FIDInceptionV3().apply)(
@@ -420,9 +434,12 @@ def nvidia_state():
   `default_1.pt` (recorded in the fixture), i.e. NVIDIA's under `net.`."""
   ref = np.load(FIXTURES / "inception_reference_features.npz")
   rng = np.random.default_rng(3)
-  return {str(name): rng.normal(size=tuple(int(d) for d in str(shape)
-                                           .split(","))).astype(np.float32)
-          for name, shape in zip(ref["tensor_names"], ref["tensor_shapes"])}
+  return {
+      str(name):
+          rng.normal(size=tuple(int(d) for d in str(shape).split(","))
+                    ).astype(np.float32)
+      for name, shape in zip(ref["tensor_names"], ref["tensor_shapes"])
+  }
 
 
 def test_nvidia_names_map_onto_the_model(nvidia_state):
@@ -438,7 +455,8 @@ def test_nvidia_names_map_onto_the_model(nvidia_state):
       ("mixed_4.tower_1.conv_3", "Mixed_6b.branch7x7dbl_4"),
       ("mixed_8.tower_1.conv_3", "Mixed_7a.branch7x7x3_4"),
       ("mixed_10.tower_1_mixed_conv_1", "Mixed_7c.branch3x3dbl_3b"),
-      ("mixed_3.tower.conv_2", "Mixed_6a.branch3x3dbl_3")]:
+      ("mixed_3.tower.conv_2", "Mixed_6a.branch3x3dbl_3")
+  ]:
     source = f"net.layers.{nvidia}."
     np.testing.assert_array_equal(state[torch_name + ".conv.weight"],
                                   nvidia_state[source + "weight"])
@@ -465,8 +483,9 @@ def test_nvidia_output_layer_becomes_fc(nvidia_state):
 def test_nvidia_mapping_rejects_bad_state_dicts(nvidia_state):
   bad = dict(nvidia_state)
   del bad["net.layers.mixed_9.tower_1_conv.var"]
-  with pytest.raises(ValueError, match=r"missing 1 \('net\.layers\.mixed_9\."
-                     r"tower_1_conv\.var'\)"):
+  with pytest.raises(
+      ValueError, match=r"missing 1 \('net\.layers\.mixed_9\."
+      r"tower_1_conv\.var'\)"):
     inception.nvidia_to_pytorch_fid(bad)
   with pytest.raises(ValueError, match="not NVIDIA's TorchScript Inception"):
     inception.nvidia_to_pytorch_fid({"conv.weight": np.zeros(3)})

@@ -8,8 +8,8 @@ import sys
 import tarfile
 
 import numpy as np
-from PIL import Image
 import pytest
+from PIL import Image
 
 from ddpm_jax.data import pipeline as ip
 
@@ -127,8 +127,9 @@ def test_memory_source_batches(memory_source):
 
 @pytest.mark.real_data("mnist.npz")
 def test_mnist_npz_matches_file():
-  iterator = ip.create_dataset(f"npz:{MNIST}", **_options(
-      split="test", batch_size=1000, shuffle=False, repeat=False))
+  iterator = ip.create_dataset(
+      f"npz:{MNIST}",
+      **_options(split="test", batch_size=1000, shuffle=False, repeat=False))
   assert iterator.spec == ip.DatasetSpec(10000, (28, 28, 1), 10, 10)
   batches = list(iterator)
   with np.load(MNIST) as mnist:
@@ -143,8 +144,10 @@ def test_mnist_npz_matches_file():
 
 @pytest.mark.real_data("cifar10_jpg.tar.gz")
 def test_cifar_tarball_test_split():
-  iterator = ip.create_dataset(f"folder:{CIFAR}", **_options(
-      split="test", batch_size=500, channels=3, image_size=32, repeat=False))
+  iterator = ip.create_dataset(
+      f"folder:{CIFAR}",
+      **_options(split="test", batch_size=500, channels=3, image_size=32,
+                 repeat=False))
   assert iterator.spec == ip.DatasetSpec(10000, (32, 32, 3), 10, 20)
   labels = []
   for batch in iterator:
@@ -157,8 +160,9 @@ def test_cifar_tarball_test_split():
 @pytest.mark.parametrize("split, counts", [("train", [6, 6]), ("test", [2, 2])])
 def test_folder_split_and_class_rule(tmp_path, split, counts):
   tree = _image_tree(tmp_path)
-  iterator = ip.create_dataset(f"folder:{tree.parent}", **_options(
-      split=split, shuffle=False, repeat=False))
+  iterator = ip.create_dataset(
+      f"folder:{tree.parent}",
+      **_options(split=split, shuffle=False, repeat=False))
   labels = np.concatenate([b["label"][b["mask"]] for b in iterator])
   # 'cat' < 'dog', and files come in sorted path order.
   np.testing.assert_array_equal(labels, np.repeat([0, 1], counts))
@@ -184,8 +188,8 @@ def test_flips_only_when_asked(tmp_path, random_flip):
   path = _indexed_npz(tmp_path / "x.npz")
   with np.load(path) as data:
     originals = data["x_train"]
-  iterator = ip.create_dataset(f"npz:{path}", **_options(
-      random_flip=random_flip, batch_size=10))
+  iterator = ip.create_dataset(
+      f"npz:{path}", **_options(random_flip=random_flip, batch_size=10))
   flipped = kept = 0
   for batch in _collect(iterator, 10):
     pixels = np.round(batch["image"][..., 0] * 127.5 + 127.5)
@@ -204,9 +208,10 @@ def test_one_pass_shards_cover_data_once(tmp_path, process_count):
   path = _indexed_npz(tmp_path / "x.npz", num=50)
   seen, steps = [], set()
   for process_index in range(process_count):
-    iterator = ip.create_dataset(f"npz:{path}", **_options(
-        batch_size=3, seed=5, repeat=False, process_index=process_index,
-        process_count=process_count))
+    iterator = ip.create_dataset(
+        f"npz:{path}",
+        **_options(batch_size=3, seed=5, repeat=False,
+                   process_index=process_index, process_count=process_count))
     batches = list(iterator)
     steps.add(len(batches))
     seen.extend(i for b in batches for i in _index_of(b["image"][b["mask"]]))
@@ -215,29 +220,32 @@ def test_one_pass_shards_cover_data_once(tmp_path, process_count):
 
 
 @pytest.mark.parametrize("process_count", [2, 4])
-def test_training_shards_are_disjoint_slices_of_global_batch(tmp_path,
-                                                             process_count):
+def test_training_shards_are_disjoint_slices_of_global_batch(
+    tmp_path, process_count):
   path = f"npz:{_indexed_npz(tmp_path / 'x.npz', num=50)}"
   steps = 50 // (3 * process_count)
-  single = ip.create_dataset(path, **_options(
-      batch_size=3 * process_count, seed=5, random_flip=True))
-  hosts = [ip.create_dataset(path, **_options(
-      batch_size=3, seed=5, random_flip=True, process_index=i,
-      process_count=process_count)) for i in range(process_count)]
+  single = ip.create_dataset(
+      path, **_options(batch_size=3 * process_count, seed=5, random_flip=True))
+  hosts = [
+      ip.create_dataset(
+          path,
+          **_options(batch_size=3, seed=5, random_flip=True, process_index=i,
+                     process_count=process_count)) for i in range(process_count)
+  ]
   for _ in range(2 * steps):  # two epochs
     expected = next(single)
     parts = [next(host) for host in hosts]
     for key in ("image", "label"):
-      np.testing.assert_array_equal(
-          np.concatenate([p[key] for p in parts]), expected[key])
+      np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]),
+                                    expected[key])
     indices = np.concatenate([_index_of(p["image"]) for p in parts])
     assert len(set(indices)) == len(indices)
 
 
 def _memory_iterator(memory_source, seed, **overrides):
   source, options, _ = memory_source
-  return ip.create_dataset(source, **_options(**options, seed=seed,
-                                              random_flip=True, **overrides))
+  return ip.create_dataset(
+      source, **_options(**options, seed=seed, random_flip=True, **overrides))
 
 
 def test_memory_determinism_and_resume(memory_source):
@@ -288,8 +296,8 @@ def test_tfds_batches(tfds, source, options, image_shape, num_classes):
 
 def test_tfds_flips_only_when_asked(tfds):
   del tfds
-  plain, flipped = (_collect(ip.create_dataset(
-      "tfds:mnist", **_options(random_flip=flip, seed=3)), 6)
+  plain, flipped = (_collect(
+      ip.create_dataset("tfds:mnist", **_options(random_flip=flip, seed=3)), 6)
                     for flip in (False, True))
   mirrored = 0
   for a, b in zip(plain, flipped):
@@ -303,12 +311,12 @@ def test_tfds_flips_only_when_asked(tfds):
 
 def test_tfds_determinism_and_resume(tfds):
   del tfds
-  make = lambda seed: ip.create_dataset("tfds:mnist", **_options(
-      seed=seed, random_flip=True))
+  make = lambda seed: ip.create_dataset("tfds:mnist",
+                                        **_options(seed=seed, random_flip=True))
   reference = _collect(make(1), 9)
   _assert_batches_equal(_collect(make(1), 9), reference)
-  assert not np.array_equal(_collect(make(2), 1)[0]["image"],
-                            reference[0]["image"])
+  assert not np.array_equal(
+      _collect(make(2), 1)[0]["image"], reference[0]["image"])
   interrupted = make(1)
   _collect(interrupted, 4)
   resumed = make(1)
@@ -318,8 +326,8 @@ def test_tfds_determinism_and_resume(tfds):
 
 def test_tfds_one_pass_pads_with_mask(tfds):
   del tfds
-  iterator = ip.create_dataset("tfds:mnist", **_options(
-      batch_size=5, repeat=False))
+  iterator = ip.create_dataset("tfds:mnist",
+                               **_options(batch_size=5, repeat=False))
   batches = list(iterator)
   assert len(batches) == iterator.spec.steps_per_epoch == 5
   assert [int(b["mask"].sum()) for b in batches] == [5, 5, 5, 5, 4]
@@ -356,19 +364,19 @@ Y = np.arange(10) % 3
 
 @pytest.mark.parametrize("arrays, options, message", [
     (dict(x_train=X), {}, r"bad.npz: missing key 'y_train' \(keys present: "
-                          r"x_train\)"),
+     r"x_train\)"),
     (dict(x_train=X, y_train=Y), dict(split="test"), r"missing key 'x_test'"),
     (dict(x_train=X * 1.0 + 2, y_train=Y), {}, r"x_train: float pixels span "
-                                              r"\[2, 2\]"),
+     r"\[2, 2\]"),
     (dict(x_train=X - 1.0 * (X == 0), y_train=Y), {}, r"float pixels span"),
-    (dict(x_train=X.astype(np.int64) + 300, y_train=Y), {},
-     r"integer pixels span \[300, 300\]"),
+    (dict(x_train=X.astype(np.int64) + 300,
+          y_train=Y), {}, r"integer pixels span \[300, 300\]"),
     (dict(x_train=X.astype(np.complex64), y_train=Y), {}, r"dtype complex64"),
-    (dict(x_train=np.zeros((10, 6), np.uint8), y_train=Y), {},
-     r"shape \(10, 6\)"),
+    (dict(x_train=np.zeros(
+        (10, 6), np.uint8), y_train=Y), {}, r"shape \(10, 6\)"),
     (dict(x_train=X, y_train=Y - 1), {}, r"y_train: labels must be >= 0"),
     (dict(x_train=X, y_train=Y * 1.0), {}, r"y_train: labels must be a 1-D "
-                                           r"integer array"),
+     r"integer array"),
     (dict(x_train=X, y_train=Y[:5]), {}, r"5 labels for 10 images"),
     (dict(x_train=X, y_train=Y + 2), dict(num_classes=4),
      r"labels need 5 classes but num_classes=4"),
@@ -377,9 +385,9 @@ Y = np.arange(10) % 3
     (dict(x_train=X, y_train=Y), dict(channels=3),
      r"x_train: images have 1 channel\(s\) but channels=3"),
     (dict(x_train=X[:0], y_train=Y[:0]), {}, r"the split has no examples"),
-    (dict(x_train=X, y_train=Y), dict(batch_size=3, process_count=4,
-                                      process_index=1),
-     r"host 1 of 4 fewer than one batch of 3"),
+    (dict(x_train=X, y_train=Y),
+     dict(batch_size=3, process_count=4,
+          process_index=1), r"host 1 of 4 fewer than one batch of 3"),
 ])
 def test_bad_npz(tmp_path, arrays, options, message):
   with pytest.raises(ip.DataError, match=message):
@@ -430,23 +438,28 @@ def test_bad_source_or_option(source, options, message):
 
 
 @pytest.mark.parametrize("extra, bad_name, reason", [
-    ({"data/train/cat/notes.txt": b"not an image"}, "notes.txt",
-     "not an image Pillow can read"),
-    ({"data/train/dog/cut.png": _png((1, 2, 3))[:60]}, "cut.png",
-     r"\w+Error: "),
-    ({"data/train/README": b"hello"}, "README", "not inside a class folder"),
+    ({
+        "data/train/cat/notes.txt": b"not an image"
+    }, "notes.txt", "not an image Pillow can read"),
+    ({
+        "data/train/dog/cut.png": _png((1, 2, 3))[:60]
+    }, "cut.png", r"\w+Error: "),
+    ({
+        "data/train/README": b"hello"
+    }, "README", "not inside a class folder"),
 ])
 @pytest.mark.parametrize("archive", [False, True])
 def test_bad_files_named_or_skipped(tmp_path, caplog, extra, bad_name, reason,
                                     archive):
   tree = _image_tree(tmp_path, extra=extra)
   path = _tar(tree, tmp_path / "data.tar") if archive else tree.parent
-  with pytest.raises(ip.DataError, match=rf"'data/train/\S*{bad_name}' "
-                     rf"\({reason}.*; 1 bad file\(s\).*skip_bad_files=True"):
+  with pytest.raises(
+      ip.DataError, match=rf"'data/train/\S*{bad_name}' "
+      rf"\({reason}.*; 1 bad file\(s\).*skip_bad_files=True"):
     ip.create_dataset(f"folder:{path}", **_options())
   with caplog.at_level(logging.WARNING):
-    iterator = ip.create_dataset(f"folder:{path}", **_options(
-        skip_bad_files=True, repeat=False))
+    iterator = ip.create_dataset(f"folder:{path}",
+                                 **_options(skip_bad_files=True, repeat=False))
   assert iterator.spec.num_examples == 12
   assert "skipped 1 bad file(s), e.g. 'data/train/" in caplog.text
   assert bad_name in caplog.text
@@ -454,11 +467,12 @@ def test_bad_files_named_or_skipped(tmp_path, caplog, extra, bad_name, reason,
 
 def test_folder_size_mismatch_names_file(tmp_path):
   tree = _image_tree(tmp_path, sizes={"data/train/dog/03.png": 9})
-  with pytest.raises(ip.DataError, match=r"'data/train/dog/03.png' is 9x9 but "
-                     r"expected 8x8 \(the size of the first image\)"):
+  with pytest.raises(
+      ip.DataError, match=r"'data/train/dog/03.png' is 9x9 but "
+      r"expected 8x8 \(the size of the first image\)"):
     ip.create_dataset(f"folder:{tree.parent}", **_options())
-  iterator = ip.create_dataset(f"folder:{tree.parent}", **_options(
-      image_size=4, resize=True))
+  iterator = ip.create_dataset(f"folder:{tree.parent}",
+                               **_options(image_size=4, resize=True))
   assert next(iterator)["image"].shape == (4, 4, 4, 3)
 
 
@@ -476,9 +490,17 @@ def test_folder_of_only_bad_files(tmp_path):
 
 
 @pytest.mark.parametrize("state, message", [
-    ({"epoch": 0}, r"lacks field 'step'"),
-    ({"epoch": 0, "step": 375}, r"out of range"),
-    ({"epoch": -1, "step": 0}, r"out of range"),
+    ({
+        "epoch": 0
+    }, r"lacks field 'step'"),
+    ({
+        "epoch": 0,
+        "step": 375
+    }, r"out of range"),
+    ({
+        "epoch": -1,
+        "step": 0
+    }, r"out of range"),
 ])
 def test_bad_state(state, message):
   iterator = ip.create_dataset("digits", **_options())

@@ -48,8 +48,8 @@ def test_discretized_likelihood_sums_to_one(mean, log_scale):
       grid, means=jnp.full_like(grid, mean),
       log_scales=jnp.full_like(grid, log_scale))
   chex.assert_shape(log_probs, (256, 1))
-  np.testing.assert_allclose(np.exp(np.asarray(log_probs, np.float64)).sum(),
-                             1.0, atol=1e-4)
+  np.testing.assert_allclose(
+      np.exp(np.asarray(log_probs, np.float64)).sum(), 1.0, atol=1e-4)
 
 
 def test_discretized_likelihood_of_a_sharp_gaussian():
@@ -78,27 +78,31 @@ def _grid_images(shape, seed=0):
 @pytest.fixture(scope="module")
 def bound_fn(sched):
   """A jitted bound for a denoiser that knows the data is `x0` (or not)."""
+
   def bound(x0, key, *, exact):
+
     def model_fn(x_t, t):
       if exact:
         return diffusion.predict_eps_from_x0(sched, x_t, t, x0)
       return jnp.zeros_like(x_t)
+
     return likelihood.variational_bound(model_fn, sched, x0, key,
                                         var_type="fixed_small")
+
   return jax.jit(bound, static_argnames="exact")
 
 
 def test_variational_bound_terms_and_breakdown(bound_fn):
   x0 = _grid_images((3, 4, 4, 1))
   out = bound_fn(x0, jax.random.key(0), exact=True)
-  chex.assert_shape([out.total_bpd, out.prior_bpd, out.decoder_bpd,
-                     out.kl_bpd], (3,))
+  chex.assert_shape([out.total_bpd, out.prior_bpd, out.decoder_bpd, out.kl_bpd],
+                    (3,))
   chex.assert_shape(out.terms_bpd, (3, T))
   np.testing.assert_allclose(out.total_bpd,
                              out.prior_bpd + out.decoder_bpd + out.kl_bpd,
                              rtol=1e-6)
-  np.testing.assert_allclose(out.terms_bpd.sum(1) + out.prior_bpd,
-                             out.total_bpd, rtol=1e-5)
+  np.testing.assert_allclose(
+      out.terms_bpd.sum(1) + out.prior_bpd, out.total_bpd, rtol=1e-5)
   # The exact denoiser matches every posterior: all KL terms vanish.
   np.testing.assert_allclose(out.kl_bpd, 0.0, atol=1e-3)
   assert np.isfinite(out.total_bpd).all()
@@ -139,19 +143,22 @@ def test_bound_uses_the_learned_variance(sched):
   x0 = _grid_images((2, 4, 4, 1), seed=4)
 
   def bound(var_type, var_fn):
+
     def model_fn(x_t, t):
       eps = diffusion.predict_eps_from_x0(sched, x_t, t, x0)
       return jnp.concatenate([eps, var_fn(x_t, t)], axis=-1)
-    return likelihood.variational_bound(model_fn, sched, x0,
-                                        jax.random.key(0), var_type=var_type)
+
+    return likelihood.variational_bound(model_fn, sched, x0, jax.random.key(0),
+                                        var_type=var_type)
 
   fixed = likelihood.variational_bound(
       lambda x_t, t: diffusion.predict_eps_from_x0(sched, x_t, t, x0), sched,
       x0, jax.random.key(0), var_type="fixed_small")
   low_end = bound("learned_range", lambda x_t, t: -jnp.ones_like(x_t))
   np.testing.assert_allclose(low_end.total_bpd, fixed.total_bpd, rtol=1e-6)
-  posterior = lambda x_t, t: jnp.broadcast_to(diffusion.extract(
-      sched.posterior_log_variance_clipped, t, x_t.shape), x_t.shape)
+  posterior = lambda x_t, t: jnp.broadcast_to(
+      diffusion.extract(sched.posterior_log_variance_clipped, t, x_t.shape), x_t
+      .shape)
   exact = bound("learned", posterior)
   np.testing.assert_allclose(exact.kl_bpd, 0.0, atol=1e-4)
   wider = bound("learned", lambda x_t, t: posterior(x_t, t) + 0.5)

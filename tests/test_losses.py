@@ -47,24 +47,28 @@ def test_denoising_loss_matches_definition(sched, target, shape):
   x0 = jax.random.uniform(k1, shape, minval=-1, maxval=1)
   noise = jax.random.normal(k2, shape)
   t = jnp.arange(shape[0]) * 7 % T
-  out = losses.denoising_loss(_linear_model, sched, x0, t, noise,
-                              target=target)
+  out = losses.denoising_loss(_linear_model, sched, x0, t, noise, target=target)
   out_jit = jax.jit(lambda *a: losses.denoising_loss(
       _linear_model, sched, *a, target=target))(x0, t, noise)
   chex.assert_shape(out, (shape[0],))
   np.testing.assert_allclose(out, out_jit, rtol=1e-6)
   x_t = diffusion.q_sample(sched, x0, t, noise)
-  goal = {"eps": noise, "x0": x0,
-          "v": diffusion.velocity(sched, x0, t, noise)}[target]
-  expected = ((np.asarray(_linear_model(x_t, t)) - np.asarray(goal))**2).mean(
-      axis=(1, 2, 3))
+  goal = {
+      "eps": noise,
+      "x0": x0,
+      "v": diffusion.velocity(sched, x0, t, noise)
+  }[target]
+  expected = ((np.asarray(_linear_model(x_t, t)) -
+               np.asarray(goal))**2).mean(axis=(1, 2, 3))
   np.testing.assert_allclose(out, expected, rtol=1e-5)
 
 
 def test_perfect_eps_model_has_zero_loss(sched):
   x0 = jnp.linspace(-1, 1, 2 * 16).reshape(2, 4, 4, 1)
+
   def exact(x_t, t):
     return diffusion.predict_eps_from_x0(sched, x_t, t, x0)
+
   out = losses.training_losses(exact, sched, x0, jax.random.key(3))
   np.testing.assert_allclose(out, 0.0, atol=1e-8)
 
@@ -73,9 +77,10 @@ def test_learned_variance_output_trains_first_half(sched):
   x0 = jnp.ones((2, 4, 4, 3)) * 0.2
   noise = jnp.ones_like(x0)
   t = jnp.array([3, 9])
+
   def two_headed(x_t, t):
-    return jnp.concatenate([_linear_model(x_t, t), jnp.full_like(x_t, 9.0)],
-                           -1)
+    return jnp.concatenate([_linear_model(x_t, t), jnp.full_like(x_t, 9.0)], -1)
+
   np.testing.assert_allclose(
       losses.denoising_loss(two_headed, sched, x0, t, noise),
       losses.denoising_loss(_linear_model, sched, x0, t, noise), rtol=1e-6)
@@ -97,8 +102,7 @@ def test_t_weights(sched):
 
 
 def test_training_losses_determinism(sched):
-  x0 = jax.random.uniform(jax.random.key(1), (8, 4, 4, 1), minval=-1,
-                          maxval=1)
+  x0 = jax.random.uniform(jax.random.key(1), (8, 4, 4, 1), minval=-1, maxval=1)
   fn = jax.jit(lambda k: losses.training_losses(_linear_model, sched, x0, k,
                                                 loss_type="huber"))
   a, b = fn(jax.random.key(7)), fn(jax.random.key(7))
@@ -122,19 +126,17 @@ def test_min_snr_weighting_is_min_snr_times_the_x0_error(target):
   weights = losses.loss_weights(sched, weighting="min_snr", target=target,
                                 gamma=gamma)
   chex.assert_shape(weights, (1000,))
-  x0 = jax.random.uniform(jax.random.key(0), (6, 4, 4, 1), minval=-1,
-                          maxval=1)
+  x0 = jax.random.uniform(jax.random.key(0), (6, 4, 4, 1), minval=-1, maxval=1)
   noise = jax.random.normal(jax.random.key(1), x0.shape)
   t = jnp.array([0, 10, 100, 300, 600, 999])
   prediction = jax.random.normal(jax.random.key(2), x0.shape)
   loss = losses.denoising_loss(lambda x_t, s: prediction, sched, x0, t, noise,
                                target=target, t_weights=weights)
   x_t = diffusion.q_sample(sched, x0, t, noise)
-  x0_hat, _ = diffusion.predict_x0_eps(sched, x_t, t, prediction,
-                                       target=target)
+  x0_hat, _ = diffusion.predict_x0_eps(sched, x_t, t, prediction, target=target)
   snr = sched.snr[t]
   expected = jnp.minimum(snr, gamma) * jnp.mean(jnp.square(x0 - x0_hat),
-                                                 axis=(1, 2, 3))
+                                                axis=(1, 2, 3))
   np.testing.assert_allclose(loss, expected, rtol=2e-4)
   # Both regimes occur: capped at high SNR, SNR itself at low SNR.
   assert snr[0] > gamma > snr[-1]
@@ -147,6 +149,8 @@ def test_uniform_weighting_and_bad_options():
     losses.loss_weights(sched, weighting="snr")
   with pytest.raises(ValueError, match="gamma must be > 0"):
     losses.loss_weights(sched, weighting="min_snr", gamma=0.0)
+
+
 # ----------------------------------------------------------------------------
 # L_hybrid for learned variances.
 
@@ -172,8 +176,8 @@ def test_learned_range_ends_are_the_fixed_variances(sched):
     np.testing.assert_allclose(
         jnp.broadcast_to(learned.log_variance, x_t.shape)[first:],
         jnp.broadcast_to(ref.log_variance, x_t.shape)[first:], rtol=1e-6)
-  np.testing.assert_allclose(learned.log_variance[0],
-                             jnp.log(sched.betas[0]), rtol=1e-6)
+  np.testing.assert_allclose(learned.log_variance[0], jnp.log(sched.betas[0]),
+                             rtol=1e-6)
 
 
 def _hybrid_setup(shape=(6, 4, 4, 2), seed=0):
@@ -181,8 +185,8 @@ def _hybrid_setup(shape=(6, 4, 4, 2), seed=0):
   noise = jax.random.normal(jax.random.key(seed + 1), shape)
   t = jnp.arange(shape[0]) * 9 % T
   t = t.at[0].set(0)  # The decoder term.
-  out = 0.3 * jax.random.normal(jax.random.key(seed + 2),
-                                shape[:-1] + (2 * shape[-1],))
+  out = 0.3 * jax.random.normal(jax.random.key(seed + 2), shape[:-1] +
+                                (2 * shape[-1],))
   return x0, noise, t, out
 
 
@@ -191,34 +195,34 @@ def _hybrid_setup(shape=(6, 4, 4, 2), seed=0):
 def test_hybrid_loss_is_simple_plus_weighted_bound(sched, var_type, target):
   x0, noise, t, out = _hybrid_setup()
   model_fn = lambda x_t, t: out
-  terms = losses.hybrid_loss(model_fn, sched, x0, t, noise,
-                             var_type=var_type, target=target)
+  terms = losses.hybrid_loss(model_fn, sched, x0, t, noise, var_type=var_type,
+                             target=target)
   chex.assert_shape([terms.loss, terms.simple, terms.vlb], (6,))
   np.testing.assert_allclose(
-      terms.simple, losses.denoising_loss(model_fn, sched, x0, t, noise,
-                                          target=target), rtol=1e-6)
+      terms.simple,
+      losses.denoising_loss(model_fn, sched, x0, t, noise, target=target),
+      rtol=1e-6)
   x_t = diffusion.q_sample(sched, x0, t, noise)
   np.testing.assert_allclose(
-      terms.vlb, likelihood.vb_terms_bpd(sched, out, x0, x_t, t,
-                                         target=target, var_type=var_type,
-                                         clip_x0=False), rtol=1e-6)
-  np.testing.assert_allclose(terms.loss,
-                             terms.simple + 1e-3 * T * terms.vlb, rtol=1e-6)
+      terms.vlb,
+      likelihood.vb_terms_bpd(sched, out, x0, x_t, t, target=target,
+                              var_type=var_type, clip_x0=False), rtol=1e-6)
+  np.testing.assert_allclose(terms.loss, terms.simple + 1e-3 * T * terms.vlb,
+                             rtol=1e-6)
 
 
 @pytest.mark.parametrize("var_type", losses.LEARNED_VAR_TYPES)
 def test_bound_gradient_does_not_reach_the_mean(sched, var_type):
   x0, noise, t, out = _hybrid_setup(seed=3)
-  grad = lambda field: jax.grad(lambda o: getattr(losses.hybrid_loss(
-      lambda x_t, t: o, sched, x0, t, noise, var_type=var_type),
-                                                  field).sum())(out)
+  grad = lambda field: jax.grad(lambda o: getattr(
+      losses.hybrid_loss(lambda x_t, t: o, sched, x0, t, noise, var_type=
+                         var_type), field).sum())(out)
   vlb, simple, total = grad("vlb"), grad("simple"), grad("loss")
   channels = x0.shape[-1]
   np.testing.assert_array_equal(vlb[..., :channels], 0.0)
   assert np.abs(np.asarray(vlb[..., channels:])).min() > 0
   np.testing.assert_array_equal(simple[..., channels:], 0.0)
-  np.testing.assert_array_equal(total[..., :channels],
-                                simple[..., :channels])
+  np.testing.assert_array_equal(total[..., :channels], simple[..., :channels])
 
 
 def test_training_losses_trains_learned_variances_with_hybrid(sched):
@@ -254,13 +258,14 @@ def test_learned_variance_goes_to_the_posterior_variance(var_type, init):
   params = {"offset": jnp.full((T,), 0.3), "var": jnp.full((T,), init)}
 
   def loss_fn(params, key):
+
     def model_fn(x_t, t):
       a = diffusion.extract(sched.alphas_cumprod, t, x_t.shape)
       eps = (x_t - jnp.sqrt(a) * x0) / jnp.sqrt(1.0 - a)
       mean = eps + params["offset"][t][:, None, None, None]
-      var = jnp.broadcast_to(params["var"][t][:, None, None, None],
-                             x_t.shape)
+      var = jnp.broadcast_to(params["var"][t][:, None, None, None], x_t.shape)
       return jnp.concatenate([mean, var], axis=-1)
+
     t = jnp.arange(64) % T
     noise = jax.random.normal(key, x0.shape)
     return losses.hybrid_loss(model_fn, sched, x0, t, noise,

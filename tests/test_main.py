@@ -12,8 +12,7 @@ import pytest
 from PIL import Image
 
 from ddpm_jax.infra import cpu_flags, hugepages
-from tests import inception_helpers
-from tests import train_helpers
+from tests import inception_helpers, train_helpers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = "configs/digits.py:tiny"
@@ -36,8 +35,9 @@ def trained(tmp_path_factory):
   first = _run([f"--config={TINY}", f"--workdir={workdir}"])
   assert first.returncode == 0, first.stderr[-3000:]
   after_first = sorted(os.listdir(workdir / "checkpoints"))
-  second = _run([f"--config={TINY}", f"--workdir={workdir}",
-                 "--config.train.num_steps=6"])
+  second = _run([
+      f"--config={TINY}", f"--workdir={workdir}", "--config.train.num_steps=6"
+  ])
   assert second.returncode == 0, second.stderr[-3000:]
   return dict(workdir=workdir, first=first, second=second,
               after_first=after_first)
@@ -51,15 +51,15 @@ def test_train_writes_checkpoints_samples_and_logs(trained):
   assert ("malloc uses huge pages" in trained["first"].stderr) == (
       hugepages.huge_page_malloc_supported())
   # On the CPU it turns YNNPACK's convolutions off (ddpm_jax.infra.cpu_flags), and says so.
-  assert ("XLA's own convolutions instead of YNNPACK's" in trained["first"].stderr) == (
-      cpu_flags.applies())
+  assert ("XLA's own convolutions instead of YNNPACK's"
+          in trained["first"].stderr) == (cpu_flags.applies())
   grid = Image.open(workdir / "samples" / "step_00000004.png")
   # 8 images in a 3x3 grid of 16x16 images scaled 4x, 2 px of padding.
   assert grid.size == (3 * (4 * 16 + 2) + 2,) * 2
   gif = Image.open(workdir / "samples" / "step_00000004.gif")
   assert gif.n_frames > 1
-  assert any(name.startswith("events.out.tfevents")
-             for name in os.listdir(workdir))
+  assert any(
+      name.startswith("events.out.tfevents") for name in os.listdir(workdir))
 
 
 def test_second_train_call_resumes(trained):
@@ -68,29 +68,33 @@ def test_second_train_call_resumes(trained):
   assert "Training 6 steps from step 4" in log
   assert "step 6/6: loss" in log and "step 2/" not in log
   # keep_checkpoints = 3
-  assert sorted(os.listdir(trained["workdir"] / "checkpoints")) == ["2", "4", "6"]
+  assert sorted(os.listdir(trained["workdir"] /
+                           "checkpoints")) == ["2", "4", "6"]
 
 
 def test_sample_mode(trained):
-  out = _run([f"--config={TINY}", f"--workdir={trained['workdir']}",
-              "--mode=sample", "--config.sample.num_images=12"])
+  out = _run([
+      f"--config={TINY}", f"--workdir={trained['workdir']}", "--mode=sample",
+      "--config.sample.num_images=12"
+  ])
   assert out.returncode == 0, out.stderr[-3000:]
   assert "images/s" in out.stderr
   assert "malloc uses huge pages" not in out.stderr  # Only CPU training.
-  assert ("XLA's own convolutions instead of YNNPACK's" in out.stderr) == cpu_flags.applies()
+  assert ("XLA's own convolutions instead of YNNPACK's"
+          in out.stderr) == cpu_flags.applies()
   samples = trained["workdir"] / "samples"
   with np.load(samples / "sample_step_00000006.npz") as f:
     images = f["images"]
   assert images.shape == (12, 16, 16, 1) and images.dtype == np.uint8
   # 12 images in rows of ceil(sqrt(12)) = 4, scaled 4x, 2 px of padding.
-  assert Image.open(samples / "sample_step_00000006.png").size == (
-      4 * 66 + 2, 3 * 66 + 2)
+  assert Image.open(samples / "sample_step_00000006.png").size == (4 * 66 + 2,
+                                                                   3 * 66 + 2)
   assert Image.open(samples / "sample_step_00000006.gif").n_frames > 1
 
 
 def test_eval_mode(trained):
-  out = _run([f"--config={TINY}", f"--workdir={trained['workdir']}",
-              "--mode=eval"])
+  out = _run(
+      [f"--config={TINY}", f"--workdir={trained['workdir']}", "--mode=eval"])
   assert out.returncode == 0, out.stderr[-3000:]
   assert "bits/dim" in out.stderr and "FID, Inception Score and KID skipped" \
       in out.stderr
@@ -106,11 +110,15 @@ def test_eval_mode_with_inception_weights(trained, tmp_path):
   """FID, IS and KID through the CLI, with synthetic Inception weights of the
   right names and shapes (the real ones cannot be downloaded here)."""
   weights = tmp_path / "fid_inception.npz"
-  np.savez(weights, **inception_helpers.random_state_dict(
-      inception_helpers.torch_layout(inception_helpers.flax_shapes())))
-  out = _run([f"--config={TINY}", f"--workdir={trained['workdir']}",
-              "--mode=eval", f"--config.eval.inception_weights={weights}",
-              "--config.eval.num_samples=8", "--config.eval.num_reference=16"])
+  np.savez(
+      weights,
+      **inception_helpers.random_state_dict(
+          inception_helpers.torch_layout(inception_helpers.flax_shapes())))
+  out = _run([
+      f"--config={TINY}", f"--workdir={trained['workdir']}", "--mode=eval",
+      f"--config.eval.inception_weights={weights}",
+      "--config.eval.num_samples=8", "--config.eval.num_reference=16"
+  ])
   assert out.returncode == 0, out.stderr[-3000:]
   result = json.loads(
       (trained["workdir"] / "eval" / "step_00000006.json").read_text())
@@ -119,7 +127,8 @@ def test_eval_mode_with_inception_weights(trained, tmp_path):
   assert result["inception_score"] >= 1.0 - 1e-6
   assert np.isfinite(result["kid"])
   assert os.listdir(trained["workdir"] / "fid_stats") == [
-      "fid_inception_tensorflow_digits_train_16.npz"]
+      "fid_inception_tensorflow_digits_train_16.npz"
+  ]
 
 
 @pytest.mark.slow
@@ -132,12 +141,13 @@ def test_guided_sampling_of_a_class_conditional_run(tmp_path_factory):
   assert out.returncode == 0, out.stderr[-3000:]
   # 10 classes, 8 grid images: one image per class, one class per row
   # (16x16 images scaled 4x, 2 px of padding).
-  assert Image.open(workdir / "samples" / "step_00000004.png").size == (
-      66 + 2, 10 * 66 + 2)
-  out = _run([config, f"--workdir={workdir}", "--mode=sample",
-              "--config.sample.num_images=25",
-              "--config.sample.sampler=dpmpp_2m",
-              "--config.sample.guidance_scale=2"])
+  assert Image.open(workdir / "samples" /
+                    "step_00000004.png").size == (66 + 2, 10 * 66 + 2)
+  out = _run([
+      config, f"--workdir={workdir}", "--mode=sample",
+      "--config.sample.num_images=25", "--config.sample.sampler=dpmpp_2m",
+      "--config.sample.guidance_scale=2"
+  ])
   assert out.returncode == 0, out.stderr[-3000:]
   assert "with dpmpp_2m (5 network calls each, guidance scale 2)" in (
       out.stderr)
@@ -146,11 +156,13 @@ def test_guided_sampling_of_a_class_conditional_run(tmp_path_factory):
     assert f["images"].shape == (25, 16, 16, 1)
     np.testing.assert_array_equal(f["labels"], np.arange(25) % 10)
   # Two images of each class per row, one row per class.
-  assert Image.open(samples / "sample_step_00000004.png").size == (
-      2 * 66 + 2, 10 * 66 + 2)
-  out = _run([config, f"--workdir={workdir}", "--mode=sample",
-              "--config.sample.num_images=4", "--config.sample.class_id=7",
-              "--config.sample.gif=False"])
+  assert Image.open(samples / "sample_step_00000004.png").size == (2 * 66 + 2,
+                                                                   10 * 66 + 2)
+  out = _run([
+      config, f"--workdir={workdir}", "--mode=sample",
+      "--config.sample.num_images=4", "--config.sample.class_id=7",
+      "--config.sample.gif=False"
+  ])
   assert out.returncode == 0, out.stderr[-3000:]
   with np.load(samples / "sample_step_00000004.npz") as f:
     np.testing.assert_array_equal(f["labels"], [7, 7, 7, 7])
@@ -164,17 +176,17 @@ def test_guided_sampling_of_a_class_conditional_run(tmp_path_factory):
     (["--config.data.image_size=17"], r"image_size \(17\) must be divisible"),
     (["--config.data.source=npz:/no/such/file.npz"], "does not exist"),
     (["--config.model.base_channels=0"], "config.model: UNetConfig"),
-    (["--config.sample.sampler=ddim", "--config.sample.num_steps=50"],
-     r"num_steps \(50\) must be in \[1, 20\]"),
-    (["--config.sample.sampler=dpm_solver"],
-     "config.sample.sampler must be one of ddpm, ddim, euler, heun, "
+    (["--config.sample.sampler=ddim", "--config.sample.num_steps=50"
+     ], r"num_steps \(50\) must be in \[1, 20\]"),
+    (["--config.sample.sampler=dpm_solver"
+     ], "config.sample.sampler must be one of ddpm, ddim, euler, heun, "
      "dpmpp_2m, dpmpp_2m_sde, dpmpp_3m; got 'dpm_solver'"),
-    (["--config.sample.sampler=ddpm", "--config.sample.ddpm_steps=21"],
-     r"ddpm_steps \(21\) must be in \[0, 20\]"),
-    (["--config.sample.guidance_scale=2"],
-     r"guidance_scale \(2.0\) needs a class-conditional model"),
-    (["--config.data.num_classes=10", "--config.sample.class_id=10"],
-     r"class_id \(10\) must be -1 or a class in \[0, 10\)"),
+    (["--config.sample.sampler=ddpm", "--config.sample.ddpm_steps=21"
+     ], r"ddpm_steps \(21\) must be in \[0, 20\]"),
+    (["--config.sample.guidance_scale=2"
+     ], r"guidance_scale \(2.0\) needs a class-conditional model"),
+    (["--config.data.num_classes=10", "--config.sample.class_id=10"
+     ], r"class_id \(10\) must be -1 or a class in \[0, 10\)"),
     (["--config.train.ema_decay=1.0"], r"ema_decay must be a number in"),
     (["--mode=sample"], "train first"),
 ])
@@ -182,16 +194,17 @@ def test_bad_input_gives_one_clear_line(tmp_path, args, message):
   out = _run([f"--config={TINY}", f"--workdir={tmp_path / 'w'}", *args])
   assert out.returncode != 0
   assert "Traceback" not in out.stderr, out.stderr[-3000:]
-  error_lines = [line for line in out.stderr.splitlines()
-                 if line.startswith("ddpm_jax:")]
+  error_lines = [
+      line for line in out.stderr.splitlines() if line.startswith("ddpm_jax:")
+  ]
   assert len(error_lines) == 1, out.stderr[-3000:]
   assert re.search(message, error_lines[0]), error_lines[0]
 
 
 def test_batch_not_divisible_by_devices(tmp_path):
-  out = _run([f"--config={TINY}", f"--workdir={tmp_path}",
-              "--config.train.batch_size=9"],
-             devices=2)
+  out = _run([
+      f"--config={TINY}", f"--workdir={tmp_path}", "--config.train.batch_size=9"
+  ], devices=2)
   assert out.returncode == 1 and "Traceback" not in out.stderr
   assert ("config.train.batch_size (9) must be divisible by the number of "
           "devices (2)") in out.stderr
@@ -203,29 +216,36 @@ _REEXEC_PROBE = ("import os; from ddpm_jax import hugepages; "
                  "print('after', os.environ.get('GLIBC_TUNABLES'))")
 
 
-@pytest.mark.parametrize("tunables, expected", [
-    (None, "glibc.malloc.hugetlb=1"),
-    ("glibc.malloc.arena_max=4", "glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1"),
-    ("glibc.malloc.hugetlb=0", None),  # the user's opt-out is kept
-])
+@pytest.mark.parametrize(
+    "tunables, expected",
+    [
+        (None, "glibc.malloc.hugetlb=1"),
+        ("glibc.malloc.arena_max=4",
+         "glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1"),
+        ("glibc.malloc.hugetlb=0", None),  # the user's opt-out is kept
+    ])
 def test_reexec_with_huge_page_malloc(tunables, expected):
   env = dict(os.environ)
   env.pop("GLIBC_TUNABLES", None)
   if tunables is not None:
     env["GLIBC_TUNABLES"] = tunables
-  proc = subprocess.run([sys.executable, "-c", _REEXEC_PROBE], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=120, check=True)
+  proc = subprocess.run([sys.executable, "-c", _REEXEC_PROBE], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=120,
+                        check=True)
   if expected is None or not hugepages.huge_page_malloc_supported():
     # No restart: the program ran once, its environment untouched.
-    assert proc.stdout.splitlines() == [f"before {tunables}", f"after {tunables}"]
+    assert proc.stdout.splitlines() == [
+        f"before {tunables}", f"after {tunables}"
+    ]
   else:
     # The first run restarted itself (same arguments) once, with the tunable added.
     assert proc.stdout.splitlines() == [
-        f"before {tunables}", f"before {expected}", f"after {expected}"]
+        f"before {tunables}", f"before {expected}", f"after {expected}"
+    ]
 
 
-@pytest.mark.parametrize("platforms, expected", [
-    ("cpu", False), ("cuda", True), ("cpu,tpu", True)])
+@pytest.mark.parametrize("platforms, expected", [("cpu", False), ("cuda", True),
+                                                 ("cpu,tpu", True)])
 def test_accelerator_installed_reads_jax_platforms(monkeypatch, platforms,
                                                    expected):
   monkeypatch.setenv("JAX_PLATFORMS", platforms)

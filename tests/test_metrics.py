@@ -23,8 +23,9 @@ def test_feature_statistics_matches_numpy():
   assert mu.dtype == sigma.dtype == np.float64
   f64 = f.astype(np.float64)
   np.testing.assert_allclose(mu, f64.mean(0), rtol=1e-12)
-  np.testing.assert_allclose(
-      sigma, (f64 - f64.mean(0)).T @ (f64 - f64.mean(0)) / 49, rtol=1e-10)
+  np.testing.assert_allclose(sigma,
+                             (f64 - f64.mean(0)).T @ (f64 - f64.mean(0)) / 49,
+                             rtol=1e-10)
 
 
 @pytest.mark.parametrize("shape, message", [((1, 4), "Too few images"),
@@ -43,16 +44,17 @@ def test_frechet_distance_of_a_set_to_itself_is_zero():
   assert abs(metrics.frechet_distance(mu, sigma, mu, sigma)) < 1e-10
 
 
-@pytest.mark.parametrize("s1, s2", [
-    ([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]),
-    ([0.5, 4.0, 1.0], [2.0, 1.0, 9.0]),
-    ([0.0, 2.0, 3.0], [4.0, 0.0, 1.0]),  # singular covariances
-])
+@pytest.mark.parametrize(
+    "s1, s2",
+    [
+        ([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]),
+        ([0.5, 4.0, 1.0], [2.0, 1.0, 9.0]),
+        ([0.0, 2.0, 3.0], [4.0, 0.0, 1.0]),  # singular covariances
+    ])
 def test_frechet_distance_closed_form_for_diagonal_gaussians(s1, s2):
   s1, s2 = np.array(s1), np.array(s2)
   mu1, mu2 = np.array([0.0, 1.0, -2.0]), np.array([1.5, 1.0, 0.5])
-  expected = (np.sum((mu1 - mu2)**2) +
-              np.sum(s1 + s2 - 2.0 * np.sqrt(s1 * s2)))
+  expected = (np.sum((mu1 - mu2)**2) + np.sum(s1 + s2 - 2.0 * np.sqrt(s1 * s2)))
   np.testing.assert_allclose(
       metrics.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)), expected,
       rtol=1e-10, atol=1e-12)
@@ -64,8 +66,8 @@ def test_frechet_distance_matches_scipy_sqrtm(d, rank):
   mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
   s1, s2 = _random_spd(rng, d, rank), _random_spd(rng, d)
   covmean = linalg.sqrtm(s1 @ s2).real
-  expected = (np.sum((mu1 - mu2)**2) + np.trace(s1) + np.trace(s2) -
-              2.0 * np.trace(covmean))
+  expected = (np.sum(
+      (mu1 - mu2)**2) + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
   np.testing.assert_allclose(metrics.frechet_distance(mu1, s1, mu2, s2),
                              expected, rtol=1e-7)
 
@@ -163,8 +165,7 @@ def test_kid_averages_subsets_drawn_by_seed():
     xi = draw.choice(20, 6, replace=False)
     yi = draw.choice(15, 6, replace=False)
     values.append(_mmd2_direct(x[xi], y[yi]))
-  np.testing.assert_allclose(kid, (np.mean(values), np.std(values)),
-                             rtol=1e-10)
+  np.testing.assert_allclose(kid, (np.mean(values), np.std(values)), rtol=1e-10)
   assert kid == metrics.kernel_inception_distance(x, y, subsets=4,
                                                   subset_size=6, seed=7)
 
@@ -172,9 +173,11 @@ def test_kid_averages_subsets_drawn_by_seed():
 def test_kid_of_identical_distributions_is_near_zero_and_grows_with_shift():
   rng = np.random.default_rng(8)
   x, y = rng.normal(size=(400, 16)), rng.normal(size=(400, 16))
-  kids = [metrics.kernel_inception_distance(x, y + shift, subsets=20,
-                                            subset_size=100, seed=0).mean
-          for shift in (0.0, 0.25, 0.5, 1.0)]
+  kids = [
+      metrics.kernel_inception_distance(x, y + shift, subsets=20,
+                                        subset_size=100, seed=0).mean
+      for shift in (0.0, 0.25, 0.5, 1.0)
+  ]
   assert abs(kids[0]) < 0.02
   assert kids[0] < kids[1] < kids[2] < kids[3]
   assert kids[1] > 0.1
@@ -187,9 +190,8 @@ def test_kid_of_identical_distributions_is_near_zero_and_grows_with_shift():
 ])
 def test_kid_rejects_bad_input(y_shape, subset_size, message):
   with pytest.raises(ValueError, match=message):
-    metrics.kernel_inception_distance(np.zeros((20, 4)), np.zeros(y_shape),
-                                      subsets=2, subset_size=subset_size,
-                                      seed=0)
+    metrics.kernel_inception_distance(np.zeros(
+        (20, 4)), np.zeros(y_shape), subsets=2, subset_size=subset_size, seed=0)
 
 
 # ------------------------------------------------- features and the cache
@@ -229,6 +231,7 @@ def test_extract_features_batches_with_one_shape():
 def test_reference_statistics_are_cached(tmp_path):
   images = _images(9)
   loads = []
+
   def load():
     loads.append(1)
     return images
@@ -244,7 +247,8 @@ def test_reference_statistics_are_cached(tmp_path):
                                       num_images=9, preprocessing="tensorflow")
   assert path.endswith("fid_inception_tensorflow_tfds_cifar10_train_9.npz")
   assert sorted(p.name for p in (tmp_path / "stats").iterdir()) == [
-      "fid_inception_tensorflow_tfds_cifar10_train_9.npz"]
+      "fid_inception_tensorflow_tfds_cifar10_train_9.npz"
+  ]
 
   second = metrics.reference_statistics(extract, load, **kwargs)
   assert (extract.calls, len(loads)) == (3, 1)  # loaded, not recomputed
@@ -255,8 +259,9 @@ def test_reference_statistics_are_cached(tmp_path):
 
   metrics.reference_statistics(extract, load, **{**kwargs, "split": "test"})
   assert (extract.calls, len(loads)) == (6, 2)  # another key recomputes
-  metrics.reference_statistics(extract, load,
-                               **{**kwargs, "preprocessing": "pytorch_fid"})
+  metrics.reference_statistics(extract, load, **{
+      **kwargs, "preprocessing": "pytorch_fid"
+  })
   assert (extract.calls, len(loads)) == (9, 3)  # so does another convention
 
 
@@ -269,8 +274,10 @@ def test_reference_statistics_checks_the_image_count(tmp_path):
 
 
 def test_extract_features_without_logits():
+
   def pool_only(images):
     return images.reshape(len(images), -1)[:, :5].astype(np.float32), None
+
   feats = metrics.extract_features(pool_only, _images(5), batch_size=2)
   assert feats.logits is None
   np.testing.assert_array_equal(feats.pool, _images(5).reshape(5, -1)[:, :5])
@@ -280,8 +287,8 @@ def test_extract_features_without_logits():
     (np.zeros((0, 4, 4, 3), np.uint8), r"non-empty RGB \[N, H, W, 3\]"),
     (np.zeros((2, 4, 4, 1), np.uint8), r"got shape \(2, 4, 4, 1\)"),
     (np.zeros((2, 4, 4, 3), np.int32), "got dtype int32"),
-    (np.linspace(0, 255, 96, dtype=np.float32).reshape(2, 4, 4, 3),
-     r"float in \[0, 255\]; expected \[-1, 1\]"),
+    (np.linspace(0, 255, 96, dtype=np.float32).reshape(
+        2, 4, 4, 3), r"float in \[0, 255\]; expected \[-1, 1\]"),
     (np.full((2, 4, 4, 3), np.nan, np.float32), "NaN"),
 ])
 def test_extract_features_rejects_bad_images(images, message):

@@ -22,9 +22,11 @@ def test_unet_in_nnx_trains_and_samples():
                        mid_attention="full", num_groups=4)
   linen = UNet(config=config)
   model = nnx.bridge.ToNNX(linen, rngs=nnx.Rngs(0))
-  x0 = jnp.asarray(next(pipeline.create_dataset(
-      "digits", batch_size=16, image_size=8, channels=1, random_flip=False,
-      seed=0))["image"])
+  x0 = jnp.asarray(
+      next(
+          pipeline.create_dataset("digits", batch_size=16, image_size=8,
+                                  channels=1, random_flip=False,
+                                  seed=0))["image"])
   nnx.bridge.lazy_init(model, x0, jnp.zeros((16,), jnp.int32), train=False)
 
   # The bridged module is the Linen network with the same parameters.
@@ -60,8 +62,8 @@ def test_unet_in_nnx_trains_and_samples():
 
   @jax.jit
   def sample(params, key):
-    model_fn = lambda x_t, s: linen.apply({"params": params}, x_t, s,
-                                          train=False)
+    model_fn = lambda x_t, s: linen.apply({"params": params}, x_t, s, train=
+                                          False)
     return samplers.ddim_sample(model_fn, sched, num_steps=10,
                                 shape=(4, 8, 8, 1), key=key).images
 

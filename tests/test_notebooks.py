@@ -38,8 +38,10 @@ def _kernel_env() -> dict:
 
 def test_there_are_notebooks():
   names = [path.name for path in NOTEBOOKS]
-  assert names == ["01_quickstart.ipynb", "02_library_in_your_code.ipynb",
-                   "03_ddpm_vs_ddim.ipynb"]
+  assert names == [
+      "01_quickstart.ipynb", "02_library_in_your_code.ipynb",
+      "03_ddpm_vs_ddim.ipynb"
+  ]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
@@ -61,7 +63,9 @@ def test_notebook_runs_top_to_bottom_at_tiny_settings(path, tmp_path):
   # this interpreter (sys.executable), the one with ddpm_jax's dependencies.
   client = nbclient.NotebookClient(
       notebook, kernel_name="python3", timeout=CELL_TIMEOUT_S,
-      resources={"metadata": {"path": str(tmp_path)}})
+      resources={"metadata": {
+          "path": str(tmp_path)
+      }})
   client.execute(env=_kernel_env(), cwd=str(tmp_path))
 
 
@@ -69,13 +73,15 @@ def test_repository_url_is_one_setting(tmp_path):
   """setup.py's url is what the notebooks and badges use, and the sync script
   carries a change of it everywhere."""
   sync = [sys.executable, "colab/sync_repository_url.py"]
-  check = subprocess.run(sync + ["--check"], cwd=REPO_ROOT,
-                         capture_output=True, text=True, check=False)
+  check = subprocess.run(sync + ["--check"], cwd=REPO_ROOT, capture_output=True,
+                         text=True, check=False)
   assert check.returncode == 0, check.stdout
   copy = tmp_path / "repo"
   (copy / "colab").mkdir(parents=True)
-  for name in ["setup.py", "README.md", "colab/sync_repository_url.py",
-               *(f"colab/{p.name}" for p in NOTEBOOKS)]:
+  for name in [
+      "setup.py", "README.md", "colab/sync_repository_url.py",
+      *(f"colab/{p.name}" for p in NOTEBOOKS)
+  ]:
     shutil.copy(REPO_ROOT / name, copy / name)
   setup = copy / "setup.py"
   setup.write_text(setup.read_text().replace(

@@ -17,8 +17,7 @@ from safetensors import flax as safetensors_flax
 from safetensors import numpy as safetensors_numpy
 
 from ddpm_jax.diffusion import schedules
-from ddpm_jax.models import pretrained
-from ddpm_jax.models import PRESETS, UNet, UNetConfig, count_params
+from ddpm_jax.models import PRESETS, UNet, UNetConfig, count_params, pretrained
 from ddpm_jax.models.pretrained import DiffusionSettings, PretrainedError
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
@@ -28,8 +27,12 @@ CIFAR = os.path.join(FIXTURES, "google_ddpm_cifar10_32")
 CAT = os.path.join(FIXTURES, "google_ddpm_cat_256")
 SEEDED = os.path.join(FIXTURES, "diffusers_32groups")
 WEIGHTS = pretrained.SAFETENSORS_FILE
-LEGACY = {"to_q": "query", "to_k": "key", "to_v": "value",
-          "to_out.0": "proj_attn"}
+LEGACY = {
+    "to_q": "query",
+    "to_k": "key",
+    "to_v": "value",
+    "to_out.0": "proj_attn"
+}
 
 
 def _json(folder, name="config.json"):
@@ -64,27 +67,29 @@ def test_outputs_match_diffusers(folder):
   net = pretrained.load_diffusers(folder)
   golden = np.load(os.path.join(folder, "golden.npz"))
   y = jnp.asarray(golden["y"]) if golden["y"].size else None
-  out = UNet(config=net.config).apply(
-      {"params": net.params}, jnp.asarray(golden["x"]), jnp.asarray(golden["t"]),
-      y=y, train=False)
+  out = UNet(config=net.config).apply({"params": net.params},
+                                      jnp.asarray(golden["x"]),
+                                      jnp.asarray(golden["t"]), y=y,
+                                      train=False)
   chex.assert_shape(out, golden["out"].shape)
   np.testing.assert_allclose(out, golden["out"], rtol=0, atol=1e-5)
 
 
 def test_tiny_fixture_maps_to_the_expected_config_and_settings():
   net = pretrained.load_diffusers(TINY)
-  assert net.config == UNetConfig(
-      layout="ddpm", in_channels=3, base_channels=8, channel_mults=(1, 2),
-      num_res_blocks=1, attention=("none", "full"), mid_attention="full",
-      num_groups=4, dropout=0.0)
+  assert net.config == UNetConfig(layout="ddpm", in_channels=3, base_channels=8,
+                                  channel_mults=(1, 2), num_res_blocks=1,
+                                  attention=("none", "full"),
+                                  mid_attention="full", num_groups=4,
+                                  dropout=0.0)
   assert net.diffusion == DiffusionSettings(
       schedule="linear", num_timesteps=1000, beta_start=1e-4, beta_end=0.02,
       var_type="fixed_large", clip_x0=True, target="eps", mean_form="x0")
   assert net.image_size == 8
   classes = pretrained.load_diffusers(TINY_CLASSES)
   assert (classes.config.num_classes, classes.config.learned_variance,
-          classes.config.attention, classes.config.mid_attention) == (
-              4, True, ("full", "none"), "none")
+          classes.config.attention,
+          classes.config.mid_attention) == (4, True, ("full", "none"), "none")
   assert classes.diffusion.var_type == "learned_range"
   tensors = _tensors(TINY)
   assert count_params(net.params) == sum(v.size for v in tensors.values())
@@ -97,8 +102,9 @@ def test_legacy_attention_names_give_the_same_params(tmp_path):
   legacy = _legacy_names(_tensors(TINY))
   assert any(".proj_attn." in k for k in legacy)
   safetensors_numpy.save_file(legacy, os.path.join(folder, WEIGHTS))
-  chex.assert_trees_all_equal(pretrained.load_diffusers(folder).params,
-                              pretrained.load_diffusers(TINY).params)
+  chex.assert_trees_all_equal(
+      pretrained.load_diffusers(folder).params,
+      pretrained.load_diffusers(TINY).params)
 
 
 def test_bfloat16_weights_are_read(tmp_path):
@@ -106,8 +112,9 @@ def test_bfloat16_weights_are_read(tmp_path):
   tensors = {k: jnp.asarray(v, jnp.bfloat16) for k, v in _tensors(TINY).items()}
   safetensors_flax.save_file(tensors, os.path.join(folder, WEIGHTS))
   params = pretrained.load_diffusers(folder).params
-  chex.assert_trees_all_close(params, pretrained.load_diffusers(TINY).params,
-                              rtol=1e-2, atol=1e-2)
+  chex.assert_trees_all_close(params,
+                              pretrained.load_diffusers(TINY).params, rtol=1e-2,
+                              atol=1e-2)
   assert params["Conv_0"]["kernel"].dtype == jnp.float32
 
 
@@ -125,10 +132,12 @@ def test_pytorch_bin_file_is_read_with_torch(tmp_path):
   torch = pytest.importorskip("torch")
   folder = _copy(TINY, tmp_path)
   os.remove(os.path.join(folder, WEIGHTS))
-  torch.save({k: torch.from_numpy(v) for k, v in _tensors(TINY).items()},
-             os.path.join(folder, pretrained.BIN_FILE))
-  chex.assert_trees_all_equal(pretrained.load_diffusers(folder).params,
-                              pretrained.load_diffusers(TINY).params)
+  torch.save({
+      k: torch.from_numpy(v) for k, v in _tensors(TINY).items()
+  }, os.path.join(folder, pretrained.BIN_FILE))
+  chex.assert_trees_all_equal(
+      pretrained.load_diffusers(folder).params,
+      pretrained.load_diffusers(TINY).params)
 
 
 def test_pytorch_bin_file_without_torch_is_refused(tmp_path, monkeypatch):
@@ -151,9 +160,10 @@ def test_ddpm_cifar10_32_config_is_the_ddpm_cifar10_preset():
   assert image_size == 32
   settings = pretrained.diffusion_settings_from_diffusers(
       _json(CIFAR, "scheduler_config.json"))
-  assert settings == DiffusionSettings(
-      schedule="linear", num_timesteps=1000, beta_start=1e-4, beta_end=0.02,
-      var_type="fixed_large", clip_x0=True, target="eps", mean_form="x0")
+  assert settings == DiffusionSettings(schedule="linear", num_timesteps=1000,
+                                       beta_start=1e-4, beta_end=0.02,
+                                       var_type="fixed_large", clip_x0=True,
+                                       target="eps", mean_form="x0")
   ours = schedules.make_schedule(settings.schedule, settings.num_timesteps,
                                  beta_start=settings.beta_start,
                                  beta_end=settings.beta_end)
@@ -179,22 +189,23 @@ def test_random_weights_in_the_cifar10_layout_load_with_every_tensor_used(
   for name in ("config.json", "scheduler_config.json"):
     shutil.copy(os.path.join(CIFAR, name), folder)
   rng = np.random.default_rng(0)
-  tensors = {k: rng.standard_normal(shape, np.float32)
-             for k, shape in _json(CIFAR, "tensor_shapes.json").items()}
+  tensors = {
+      k: rng.standard_normal(shape, np.float32)
+      for k, shape in _json(CIFAR, "tensor_shapes.json").items()
+  }
   if naming == "legacy":
     tensors = _legacy_names(tensors)
   safetensors_numpy.save_file(tensors, os.path.join(folder, WEIGHTS))
   net = pretrained.load_diffusers(folder)
   assert count_params(net.params) == 35_746_307
   p = net.params
-  np.testing.assert_array_equal(
-      p["Conv_0"]["kernel"], tensors["conv_in.weight"].transpose(2, 3, 1, 0))
-  np.testing.assert_array_equal(
-      p["TimeEmbedding_0"]["Dense_1"]["kernel"],
-      tensors["time_embedding.linear_2.weight"].T)
+  np.testing.assert_array_equal(p["Conv_0"]["kernel"],
+                                tensors["conv_in.weight"].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(p["TimeEmbedding_0"]["Dense_1"]["kernel"],
+                                tensors["time_embedding.linear_2.weight"].T)
   # Down level 1 (16x16) holds the first attention: q, k, v fused in order.
-  q, k, v = (("query", "key", "value") if naming == "legacy"
-             else ("to_q", "to_k", "to_v"))
+  q, k, v = (("query", "key", "value") if naming == "legacy" else
+             ("to_q", "to_k", "to_v"))
   prefix = "down_blocks.1.attentions.1."
   np.testing.assert_array_equal(
       p["Attention_1"]["Dense_0"]["kernel"],
@@ -228,11 +239,12 @@ def test_random_weights_in_the_cifar10_layout_load_with_every_tensor_used(
     (dict(attn_norm_num_groups=8), r"attn_norm_num_groups=8"),
     (dict(block_out_channels=[128, 192, 256, 256]),
      r"block_out_channels=\[128, 192, 256, 256\].*multiple of the first"),
-    (dict(up_block_types=["UpBlock2D", "AttnUpBlock2D", "UpBlock2D",
-                          "UpBlock2D"]), r"up_block_types=.*same levels"),
-    (dict(down_block_types=["DownBlock2D", "CrossAttnDownBlock2D",
-                            "DownBlock2D", "DownBlock2D"]),
-     r"down_block_types=.* block type 'CrossAttnDownBlock2D'"),
+    (dict(
+        up_block_types=["UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"
+                       ]), r"up_block_types=.*same levels"),
+    (dict(down_block_types=[
+        "DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D"
+    ]), r"down_block_types=.* block type 'CrossAttnDownBlock2D'"),
     (dict(down_block_types=["DownBlock2D"]),
      r"down_block_types=\['DownBlock2D'\] .* one block type per"),
     (dict(out_channels=4), r"out_channels=4 is not supported"),
@@ -270,8 +282,8 @@ def test_missing_attention_head_dim_is_diffusers_default_8_and_refused():
      r"_class_name='PNDMScheduler': only DDPMScheduler and"),
     (dict(solver_order=2), r"unknown field\(s\) solver_order"),
 ])
-def test_unsupported_scheduler_config_is_refused_naming_the_field(change,
-                                                                  message):
+def test_unsupported_scheduler_config_is_refused_naming_the_field(
+    change, message):
   fields = {**_json(CIFAR, "scheduler_config.json"), **change}
   with pytest.raises(PretrainedError, match="^s.json: " + message):
     pretrained.diffusion_settings_from_diffusers(fields, source="s.json")
@@ -280,14 +292,21 @@ def test_unsupported_scheduler_config_is_refused_naming_the_field(change,
 def test_scheduler_mappings():
   base = _json(CIFAR, "scheduler_config.json")
   convert = pretrained.diffusion_settings_from_diffusers
-  assert convert({**base, "beta_schedule": "scaled_linear"}).schedule == (
-      "quadratic")
-  assert convert({**base, "variance_type": "fixed_small_log"}).var_type == (
-      "fixed_small")
-  assert convert({**base, "prediction_type": "v_prediction",
-                  "clip_sample": False})[-3:] == (False, "v", "x0")
-  assert convert({"_class_name": "DDIMScheduler", "set_alpha_to_one": False,
-                  "steps_offset": 1}).var_type == "fixed_small"
+  assert convert({
+      **base, "beta_schedule": "scaled_linear"
+  }).schedule == ("quadratic")
+  assert convert({
+      **base, "variance_type": "fixed_small_log"
+  }).var_type == ("fixed_small")
+  assert convert({
+      **base, "prediction_type": "v_prediction",
+      "clip_sample": False
+  })[-3:] == (False, "v", "x0")
+  assert convert({
+      "_class_name": "DDIMScheduler",
+      "set_alpha_to_one": False,
+      "steps_offset": 1
+  }).var_type == "fixed_small"
 
 
 def test_folder_without_config_json(tmp_path):
@@ -301,7 +320,8 @@ def test_missing_or_unreadable_files(tmp_path):
   folder = _copy(TINY, tmp_path)
   with open(os.path.join(folder, "config.json"), "w") as f:
     f.write('{"in_channels": 3,')
-  with pytest.raises(PretrainedError, match=r"config\.json: not a readable JSON"):
+  with pytest.raises(PretrainedError,
+                     match=r"config\.json: not a readable JSON"):
     pretrained.load_diffusers(folder)
   shutil.copy(os.path.join(TINY, "config.json"), folder)
   os.remove(os.path.join(folder, "scheduler_config.json"))
@@ -319,7 +339,7 @@ def test_truncated_weights_file(tmp_path):
   with open(path, "rb") as f:
     data = f.read()
   with open(path, "wb") as f:
-    f.write(data[: len(data) // 2])
+    f.write(data[:len(data) // 2])
   with pytest.raises(PretrainedError,
                      match=r"safetensors: not a readable safetensors file"):
     pretrained.load_diffusers(folder)
@@ -328,10 +348,10 @@ def test_truncated_weights_file(tmp_path):
 def test_weights_of_another_network(tmp_path):
   folder = _copy(TINY, tmp_path)
   shutil.copy(os.path.join(TINY_CLASSES, WEIGHTS), folder)
-  with pytest.raises(PretrainedError,
-                     match=r"2 tensor\(s\) do not fit the network of "
-                     r".*config\.json: conv_out\.bias has shape \(6,\), the "
-                     r"network needs \(3,\); conv_out\.weight"):
+  with pytest.raises(
+      PretrainedError, match=r"2 tensor\(s\) do not fit the network of "
+      r".*config\.json: conv_out\.bias has shape \(6,\), the "
+      r"network needs \(3,\); conv_out\.weight"):
     pretrained.load_diffusers(folder)
 
 
@@ -359,12 +379,14 @@ def test_missing_extra_or_misshaped_tensor_is_named(tmp_path, edit, message):
 
 def test_variance_type_must_fit_the_output_channels(tmp_path):
   folder = _copy(TINY, tmp_path)
-  scheduler = {**_json(TINY, "scheduler_config.json"),
-               "variance_type": "learned_range"}
+  scheduler = {
+      **_json(TINY, "scheduler_config.json"), "variance_type": "learned_range"
+  }
   with open(os.path.join(folder, "scheduler_config.json"), "w") as f:
     json.dump(scheduler, f)
-  with pytest.raises(PretrainedError, match=r"variance_type gives "
-                     r"'learned_range' but .*out_channels=3"):
+  with pytest.raises(
+      PretrainedError, match=r"variance_type gives "
+      r"'learned_range' but .*out_channels=3"):
     pretrained.load_diffusers(folder)
 
 
@@ -384,34 +406,50 @@ def _tf_scope(key: str, levels: int) -> str:
   """The authors' TF variable scope (diffusion_tf.models.unet) of a diffusers
   tensor, by the scopes of their code."""
   layer = key.split(".")[:-1]
-  top = {"conv_in": "conv_in", "conv_out": "conv_out",
-         "conv_norm_out": "norm_out", "time_embedding.linear_1": "temb/dense0",
-         "time_embedding.linear_2": "temb/dense1"}
+  top = {
+      "conv_in": "conv_in",
+      "conv_out": "conv_out",
+      "conv_norm_out": "norm_out",
+      "time_embedding.linear_1": "temb/dense0",
+      "time_embedding.linear_2": "temb/dense1"
+  }
   if ".".join(layer) in top:
     return "model/" + top[".".join(layer)]
   if layer[0] == "mid_block":
-    block = {"resnets.0": "mid/block_1", "resnets.1": "mid/block_2",
-             "attentions.0": "mid/attn_1"}[".".join(layer[1:3])]
+    block = {
+        "resnets.0": "mid/block_1",
+        "resnets.1": "mid/block_2",
+        "attentions.0": "mid/attn_1"
+    }[".".join(layer[1:3])]
     layer = layer[3:]
   else:
     index = int(layer[1])
-    level = (f"down_{index}" if layer[0] == "down_blocks"
-             else f"up_{levels - 1 - index}")
+    level = (f"down_{index}"
+             if layer[0] == "down_blocks" else f"up_{levels - 1 - index}")
     block = level + "/" + {
-        "resnets": f"block_{layer[3]}", "attentions": f"attn_{layer[3]}",
-        "downsamplers": "downsample", "upsamplers": "upsample"}[layer[2]]
+        "resnets": f"block_{layer[3]}",
+        "attentions": f"attn_{layer[3]}",
+        "downsamplers": "downsample",
+        "upsamplers": "upsample"
+    }[layer[2]]
     layer = layer[4:]
-  renames = {"group_norm": "norm", "time_emb_proj": "temb_proj",
-             "conv_shortcut": "nin_shortcut", "to_q": "q", "to_k": "k",
-             "to_v": "v", "to_out": "proj_out"}
+  renames = {
+      "group_norm": "norm",
+      "time_emb_proj": "temb_proj",
+      "conv_shortcut": "nin_shortcut",
+      "to_q": "q",
+      "to_k": "k",
+      "to_v": "v",
+      "to_out": "proj_out"
+  }
   inner = [renames.get(p, p) for p in layer if p != "0"]
   return "/".join(["model", block] + inner)
 
 
 def _tf_value(key: str, value: np.ndarray) -> tuple[str, np.ndarray]:
   """TF leaf name and layout: HWIO convolutions, [in, out] dense kernels."""
-  norm = any(n in key for n in ("norm1.", "norm2.", "group_norm.",
-                                "conv_norm_out."))
+  norm = any(
+      n in key for n in ("norm1.", "norm2.", "group_norm.", "conv_norm_out."))
   if key.endswith(".bias"):
     return ("beta" if norm else "b"), value
   if norm:
@@ -424,8 +462,10 @@ def _tf_value(key: str, value: np.ndarray) -> tuple[str, np.ndarray]:
 def _write_tf_checkpoint(prefix, variables):
   tf = pytest.importorskip("tensorflow")
   with tf.Graph().as_default():
-    tf_vars = {name: tf.compat.v1.Variable(value, name=f"v{i}")
-               for i, (name, value) in enumerate(sorted(variables.items()))}
+    tf_vars = {
+        name: tf.compat.v1.Variable(value, name=f"v{i}")
+        for i, (name, value) in enumerate(sorted(variables.items()))
+    }
     saver = tf.compat.v1.train.Saver(var_list=tf_vars)
     with tf.compat.v1.Session() as sess:
       sess.run(tf.compat.v1.global_variables_initializer())
@@ -436,9 +476,12 @@ def _seeded_weights(shapes):
   """tests/fixtures/make_diffusers_fixtures.py's `seeded_weights` (the golden
   outputs of diffusers_32groups come from these)."""
   rng = np.random.default_rng(0)
-  return {k: rng.standard_normal(shape, np.float32) * np.float32(
-      1 / np.sqrt(np.prod(shape[1:])) if len(shape) > 1 else 0.1)
-          for k, shape in sorted(shapes.items())}
+  return {
+      k:
+          rng.standard_normal(shape, np.float32) *
+          np.float32(1 / np.sqrt(np.prod(shape[1:])) if len(shape) > 1 else 0.1)
+      for k, shape in sorted(shapes.items())
+  }
 
 
 @pytest.fixture(scope="module", name="seeded")
@@ -472,8 +515,8 @@ def _authors_variables(config, tensors):
   return variables
 
 
-def test_tf_checkpoint_in_the_authors_naming_matches_diffusers(tmp_path,
-                                                               seeded):
+def test_tf_checkpoint_in_the_authors_naming_matches_diffusers(
+    tmp_path, seeded):
   config, tensors, golden, apply = seeded
   variables = _authors_variables(config, tensors)
   assert "model/down_1/attn_0/proj_out/W" in variables
@@ -491,23 +534,32 @@ def test_tf_checkpoint_in_the_authors_naming_matches_diffusers(tmp_path,
 def test_tf_checkpoint_errors(tmp_path, seeded):
   config, tensors, _, _ = seeded
   variables = _authors_variables(config, tensors)
-  no_ema = {k: v for k, v in variables.items()
-            if k != "model/conv_out/b" + pretrained.TF_EMA_SUFFIX}
+  no_ema = {
+      k: v
+      for k, v in variables.items()
+      if k != "model/conv_out/b" + pretrained.TF_EMA_SUFFIX
+  }
   path = _write_tf_checkpoint(tmp_path / "a" / "model.ckpt", no_ema)
-  with pytest.raises(PretrainedError, match=r"no moving average of "
-                     r"model/conv_out/b \(1 variables without one\)"):
+  with pytest.raises(
+      PretrainedError, match=r"no moving average of "
+      r"model/conv_out/b \(1 variables without one\)"):
     pretrained.load_tf_checkpoint(path)
   stray = {**variables, "model/extra/kernel": np.zeros(2, np.float32)}
   path = _write_tf_checkpoint(tmp_path / "b" / "model.ckpt", stray)
-  with pytest.raises(PretrainedError, match=r"variable model/extra/kernel is "
-                     "not part of the DDPM authors' U-Net"):
+  with pytest.raises(
+      PretrainedError, match=r"variable model/extra/kernel is "
+      "not part of the DDPM authors' U-Net"):
     pretrained.load_tf_checkpoint(path)
-  half = {k: v for k, v in variables.items()
-          if not k.startswith("model/mid/attn_1/k/")}
+  half = {
+      k: v
+      for k, v in variables.items()
+      if not k.startswith("model/mid/attn_1/k/")
+  }
   path = _write_tf_checkpoint(tmp_path / "c" / "model.ckpt", half)
-  with pytest.raises(PretrainedError, match=r"2 tensor\(s\) of the network of "
-                     r"this checkpoint are missing: model/mid/attn_1/k/b; "
-                     r"model/mid/attn_1/k/W"):
+  with pytest.raises(
+      PretrainedError, match=r"2 tensor\(s\) of the network of "
+      r"this checkpoint are missing: model/mid/attn_1/k/b; "
+      r"model/mid/attn_1/k/W"):
     pretrained.load_tf_checkpoint(path)
   with pytest.raises(PretrainedError, match=r"not a readable TensorFlow "
                      "checkpoint"):

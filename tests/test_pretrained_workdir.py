@@ -15,11 +15,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ddpm_jax.engine import config as config_lib, inference, train
-from ddpm_jax.models import pretrained
-from ddpm_jax.tools import pretrained_workdir
+from ddpm_jax.engine import config as config_lib
+from ddpm_jax.engine import inference, train
 from ddpm_jax.engine.config import base_config
-from ddpm_jax.models import unet_config
+from ddpm_jax.models import pretrained, unet_config
+from ddpm_jax.tools import pretrained_workdir
 
 TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures",
                     "diffusers_tiny")
@@ -35,20 +35,30 @@ def _config():
 
 
 def _listing(path):
-  return sorted(os.path.relpath(os.path.join(d, f), path)
-                for d, _, files in os.walk(path) for f in files)
+  return sorted(
+      os.path.relpath(os.path.join(d, f), path)
+      for d, _, files in os.walk(path)
+      for f in files)
 
 
 def test_model_fields_pick_the_closest_preset():
   assert pretrained_workdir.model_fields(
-      unet_config("ddpm_cifar10", dropout=0.0)) == {"preset": "ddpm_cifar10",
-                                                    "dropout": 0.0}
+      unet_config("ddpm_cifar10", dropout=0.0)) == {
+          "preset": "ddpm_cifar10",
+          "dropout": 0.0
+      }
   assert pretrained_workdir.model_fields(unet_config("ddpm_256")) == {
-      "preset": "ddpm_256"}
+      "preset": "ddpm_256"
+  }
   tiny = pretrained.load_diffusers(TINY).config
   fields = pretrained_workdir.model_fields(tiny)
-  assert config_lib.model_config(ml_collections.ConfigDict(
-      {"model": fields, "data": {"num_classes": 0}})) == tiny
+  assert config_lib.model_config(
+      ml_collections.ConfigDict({
+          "model": fields,
+          "data": {
+              "num_classes": 0
+          }
+      })) == tiny
 
 
 def test_imported_workdir_restores_the_weights_and_config(tmp_path):
@@ -75,8 +85,9 @@ def test_fine_tuning_continues_from_the_imported_checkpoint(tmp_path):
   def dataset(config, *, batch_size, process_index, process_count):
     del config, process_index, process_count
     while True:
-      yield {"image": rng.uniform(-1, 1, (batch_size, 8, 8, 3)).astype(
-          np.float32)}
+      yield {
+          "image": rng.uniform(-1, 1, (batch_size, 8, 8, 3)).astype(np.float32)
+      }
 
   train.train_and_evaluate(run, os.fspath(workdir), dataset_factory=dataset)
   trained = inference.load_trained(run, workdir)
@@ -118,8 +129,9 @@ def _cli(*args):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   return subprocess.run(
-      [sys.executable, "-m", "ddpm_jax.tools.pretrained_workdir", *args], cwd=root,
-      env=env, capture_output=True, text=True, timeout=600, check=False)
+      [sys.executable, "-m", "ddpm_jax.tools.pretrained_workdir", *args],
+      cwd=root, env=env, capture_output=True, text=True, timeout=600,
+      check=False)
 
 
 def _break(source, how):
@@ -137,8 +149,9 @@ def _break(source, how):
     with open(path, "w") as f:
       json.dump(fields, f)
   elif how == "other-network":
-    shutil.copy(os.path.join(os.path.dirname(TINY), "diffusers_tiny_classes",
-                             "diffusion_pytorch_model.safetensors"), source)
+    shutil.copy(
+        os.path.join(os.path.dirname(TINY), "diffusers_tiny_classes",
+                     "diffusion_pytorch_model.safetensors"), source)
 
 
 @pytest.mark.slow
@@ -166,13 +179,13 @@ def test_cli_imports_and_main_samples(tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   assert (workdir / "checkpoints" / "0").is_dir()
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  sample = subprocess.run(
-      [sys.executable, "-m", "ddpm_jax.main", f"--config={workdir}/config.py",
-       f"--workdir={workdir}", "--mode=sample", "--config.sample.num_images=4",
-       "--config.sample.batch_size=4", "--config.sample.sampler=ddim",
-       "--config.sample.num_steps=3", "--config.sample.gif=False"],
-      cwd=root, env=dict(os.environ, JAX_PLATFORMS="cpu"),
-      capture_output=True, text=True, timeout=600, check=False)
+  sample = subprocess.run([
+      sys.executable, "-m", "ddpm_jax.main", f"--config={workdir}/config.py",
+      f"--workdir={workdir}", "--mode=sample", "--config.sample.num_images=4",
+      "--config.sample.batch_size=4", "--config.sample.sampler=ddim",
+      "--config.sample.num_steps=3", "--config.sample.gif=False"
+  ], cwd=root, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                          text=True, timeout=600, check=False)
   assert sample.returncode == 0, sample.stderr[-3000:]
   with np.load(workdir / "samples" / "sample_step_00000000.npz") as f:
     assert f["images"].shape == (4, 8, 8, 3)

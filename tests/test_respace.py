@@ -22,9 +22,10 @@ def _improved_diffusion_steps(num_timesteps, count):
   return sorted(set(taken))
 
 
-@pytest.mark.parametrize("num_timesteps,num_steps", [
-    (1000, 2), (1000, 25), (1000, 50), (1000, 100), (1000, 250), (4000, 100),
-    (100, 99), (7, 7)])
+@pytest.mark.parametrize("num_timesteps,num_steps", [(1000, 2), (1000, 25),
+                                                     (1000, 50), (1000, 100),
+                                                     (1000, 250), (4000, 100),
+                                                     (100, 99), (7, 7)])
 def test_spaced_timesteps_as_improved_diffusion(num_timesteps, num_steps):
   steps = respace.spaced_timesteps(num_timesteps, num_steps)
   np.testing.assert_array_equal(
@@ -55,19 +56,17 @@ def test_respaced_alphas_cumprod_are_the_originals(sched, num_steps):
   spaced = respace.respace(sched, steps).schedule
   assert spaced.num_timesteps == num_steps
   np.testing.assert_allclose(spaced.alphas_cumprod,
-                             np.asarray(sched.alphas_cumprod)[steps],
-                             rtol=1e-6)
+                             np.asarray(sched.alphas_cumprod)[steps], rtol=1e-6)
   abar = np.cumprod(1.0 - np.asarray(sched.betas, np.float64))[steps]
-  np.testing.assert_allclose(spaced.betas,
-                             1 - abar / np.append(1.0, abar[:-1]), rtol=1e-6)
+  np.testing.assert_allclose(spaced.betas, 1 - abar / np.append(1.0, abar[:-1]),
+                             rtol=1e-6)
 
 
 def test_any_subset_of_steps(sched):
   steps = np.array([3, 10, 11, 500, 998, 999])
   spaced = respace.respace(sched, steps).schedule
   np.testing.assert_allclose(spaced.alphas_cumprod,
-                             np.asarray(sched.alphas_cumprod)[steps],
-                             rtol=1e-6)
+                             np.asarray(sched.alphas_cumprod)[steps], rtol=1e-6)
 
 
 # A single training image c in (-1, 1): the optimal eps of every respaced
@@ -77,6 +76,7 @@ SHAPE = (4, 8, 8, 1)
 
 
 def _single_image_model(schedule, calls, extra=None):
+
   def model_fn(x, t):
     jax.debug.callback(lambda t: calls.append(int(t[0])), t)
     a = diffusion.extract(schedule.alphas_cumprod, t, x.shape)
@@ -84,6 +84,7 @@ def _single_image_model(schedule, calls, extra=None):
     if extra is not None:
       eps = jnp.concatenate([eps, jnp.full_like(eps, extra)], axis=-1)
     return eps
+
   return model_fn
 
 
@@ -137,8 +138,7 @@ def test_respaced_ddpm_samples_gaussian_data(sched, num_steps):
   errors). learned_range at -1 is the fixed_small chain, whose variance
   falls short of the data's 0.25: 0.163 with 25 steps, 0.196 with 50, 0.219
   with 100, 0.236 with 250, 0.246 with all 1000 (the mean is 0.300)."""
-  spaced = respace.respace(sched, respace.spaced_timesteps(1000,
-                                                           num_steps))
+  spaced = respace.respace(sched, respace.spaced_timesteps(1000, num_steps))
 
   def gaussian_eps(x, t):
     a = diffusion.extract(sched.alphas_cumprod, t, x.shape)
@@ -148,8 +148,8 @@ def test_respaced_ddpm_samples_gaussian_data(sched, num_steps):
   model_fn = respace.map_timesteps(gaussian_eps, spaced.timesteps)
   x_T = jax.random.normal(jax.random.key(0), (NUM_PIXELS, 1, 1, 1))
   sample = jax.jit(lambda x: samplers.ddpm_sample(
-      model_fn, spaced.schedule, x_T=x, key=jax.random.key(1),
-      var_type="learned_range", mean_form="eps", clip_x0=False).images)
+      model_fn, spaced.schedule, x_T=x, key=jax.random.key(
+          1), var_type="learned_range", mean_form="eps", clip_x0=False).images)
   samples = np.asarray(sample(x_T), np.float64).ravel()
   m, v = _exact_moments(spaced.schedule)
   n = samples.size
@@ -160,8 +160,7 @@ def test_respaced_ddpm_samples_gaussian_data(sched, num_steps):
 
 
 def test_bad_arguments(sched):
-  for steps in ([], [5, 5], [10, 3], [-1, 4], [0, 1000], [0.0, 1.0],
-                [[0, 1]]):
+  for steps in ([], [5, 5], [10, 3], [-1, 4], [0, 1000], [0.0, 1.0], [[0, 1]]):
     with pytest.raises(ValueError, match="strictly increasing 1-D array"):
       respace.respace(sched, np.asarray(steps))
   with pytest.raises(ValueError, match=r"num_steps must be an integer in "

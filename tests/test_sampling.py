@@ -52,8 +52,11 @@ def single_image_model(schedule, target="eps", extra_channels=None):
   def model_fn(x, t):
     a = _abar(schedule, t, x)
     eps = (x - jnp.sqrt(a) * C_IMAGE) / jnp.sqrt(1.0 - a)
-    out = {"eps": eps, "x0": jnp.broadcast_to(C_IMAGE, x.shape),
-           "v": jnp.sqrt(a) * eps - jnp.sqrt(1.0 - a) * C_IMAGE}[target]
+    out = {
+        "eps": eps,
+        "x0": jnp.broadcast_to(C_IMAGE, x.shape),
+        "v": jnp.sqrt(a) * eps - jnp.sqrt(1.0 - a) * C_IMAGE
+    }[target]
     if extra_channels is not None:
       out = jnp.concatenate([out, jnp.full_like(out, extra_channels(t, x))],
                             axis=-1)
@@ -92,10 +95,12 @@ def test_ddpm_recovers_single_image(sched, x_T, case):
   case = dict(case)
   extra = case.pop("extra", None)
   extra_fn = {
-      None: None,
-      "zero": lambda t, x: 0.0,
-      "log_beta": lambda t, x: jnp.log(diffusion.extract(sched.betas, t,
-                                                         x.shape)),
+      None:
+          None,
+      "zero":
+          lambda t, x: 0.0,
+      "log_beta":
+          lambda t, x: jnp.log(diffusion.extract(sched.betas, t, x.shape)),
   }[extra]
   model_fn = single_image_model(sched, case.get("target", "eps"), extra_fn)
   out = jax.jit(lambda x_T, key: samplers.ddpm_sample(
@@ -154,8 +159,8 @@ def jitted_samplers(sched):
       "ddpm_traj": (samplers.ddpm_sample, dict(trajectory_every=33)),
       "ddim_eta1": (samplers.ddim_sample, dict(num_steps=20, eta=1.0)),
       "ddim_eta0": (samplers.ddim_sample, dict(num_steps=20)),
-      "ddim_traj": (samplers.ddim_sample, dict(num_steps=30, eta=0.5,
-                                                trajectory_every=4)),
+      "ddim_traj": (samplers.ddim_sample,
+                    dict(num_steps=30, eta=0.5, trajectory_every=4)),
   }
   fns = {}
   for name, (sampler, kwargs) in configs.items():
@@ -163,8 +168,7 @@ def jitted_samplers(sched):
     jitted = jax.jit(
         lambda x_T, key, schedule, sampler=sampler, kwargs=kwargs, model_fn=
         model_fn: sampler(model_fn, schedule, x_T=x_T, key=key, **kwargs))
-    fns[name] = (lambda x_T, key, jitted=jitted: jitted(x_T, key, sched),
-                 calls)
+    fns[name] = (lambda x_T, key, jitted=jitted: jitted(x_T, key, sched), calls)
   return fns
 
 
@@ -174,8 +178,8 @@ def _x_T(key):
 
 
 @pytest.mark.parametrize("name", ["ddpm", "ddim_eta1", "ddim_eta0"])
-def test_same_key_bitwise_identical_different_key_differs(jitted_samplers,
-                                                          name):
+def test_same_key_bitwise_identical_different_key_differs(
+    jitted_samplers, name):
   fn, *_ = jitted_samplers[name]
   key3, key4 = jax.random.key(3), jax.random.key(4)
   a = fn(_x_T(key3), key3).images
@@ -265,8 +269,8 @@ def test_ddim_trajectory_frames_are_the_chain_states(sched, x_T, num_steps,
   np.testing.assert_array_equal(np.asarray(out.trajectory[-1]),
                                 np.asarray(out.images))
   abar = np.append(1.0, np.asarray(sched.alphas_cumprod, np.float64))
-  eps_T = (x_T - math.sqrt(abar[seq[-1] + 1]) * C_IMAGE) / math.sqrt(
-      1 - abar[seq[-1] + 1])
+  eps_T = (x_T - math.sqrt(abar[seq[-1] + 1]) *
+           C_IMAGE) / math.sqrt(1 - abar[seq[-1] + 1])
   for frame, t in zip(out.trajectory, state_steps[last]):
     expected = math.sqrt(abar[t]) * C_IMAGE + math.sqrt(1 - abar[t]) * eps_T
     np.testing.assert_allclose(frame, expected, atol=2e-5)
@@ -295,8 +299,8 @@ def test_stochastic_ddim_trajectory(jitted_samplers, x_T):
   chex.assert_shape(out.trajectory, (8,) + SHAPE)  # ceil(30 / 4)
   seq = samplers.ddim_timesteps(100, 30)
   np.testing.assert_array_equal(np.asarray(out.trajectory_steps),
-                                [seq[-1 - 4 * (j + 1)] + 1 for j in range(7)]
-                                + [0])
+                                [seq[-1 - 4 * (j + 1)] + 1 for j in range(7)] +
+                                [0])
   np.testing.assert_array_equal(np.asarray(out.trajectory[-1]),
                                 np.asarray(out.images))
 
@@ -341,9 +345,9 @@ def chain_moments(schedule, sampler, num_steps=None, eta=0.0):
     k, k0 = eps_coefs(a)
     s2 = eta**2 * (1 - a_prev) / (1 - a) * (1 - a / a_prev)
     c_eps = math.sqrt(1 - a_prev - s2)
-    A = math.sqrt(a_prev) * (1 - math.sqrt(1 - a) * k) / math.sqrt(a) + c_eps * k
-    B = (-math.sqrt(a_prev) * math.sqrt(1 - a) * k0 / math.sqrt(a) +
-         c_eps * k0)
+    A = math.sqrt(a_prev) * (1 -
+                             math.sqrt(1 - a) * k) / math.sqrt(a) + c_eps * k
+    B = (-math.sqrt(a_prev) * math.sqrt(1 - a) * k0 / math.sqrt(a) + c_eps * k0)
     m, v = A * m + B, A * A * v + s2
   return m, v
 
@@ -371,12 +375,12 @@ def _gaussian_samples(schedule, x_T, sampler, num_steps, eta):
   model_fn = gaussian_model(schedule)
   if sampler == "ddpm":
     fn = lambda x_T, key: samplers.ddpm_sample(
-        model_fn, schedule, x_T=x_T, key=key, var_type="fixed_small",
-        mean_form="eps", clip_x0=False).images
+        model_fn, schedule, x_T=x_T, key=key, var_type="fixed_small", mean_form=
+        "eps", clip_x0=False).images
   else:
-    fn = lambda x_T, key: samplers.ddim_sample(
-        model_fn, schedule, x_T=x_T, key=key, num_steps=num_steps,
-        eta=eta).images
+    fn = lambda x_T, key: samplers.ddim_sample(model_fn, schedule, x_T=x_T, key=
+                                               key, num_steps=num_steps, eta=eta
+                                              ).images
   return jax.jit(fn)(x_T, jax.random.key(1))
 
 
@@ -398,8 +402,8 @@ def test_full_chain_samples_match_data_distribution(sched1000, gauss_x_T,
 
 @pytest.mark.parametrize("num_steps", [10, 50])
 @pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_ddim_few_steps_matches_exact_chain_law(sched1000, gauss_x_T,
-                                                num_steps, eta):
+def test_ddim_few_steps_matches_exact_chain_law(sched1000, gauss_x_T, num_steps,
+                                                eta):
   """With few steps DDIM's output law is Gaussian but biased towards a
   smaller variance (e.g. 0.19 instead of 0.25 for 10 steps, eta = 0): check
   the samples against that exact law, and the bias shrinks with more steps."""
@@ -436,8 +440,8 @@ def test_ddim_inversion_exact_for_single_image(sched):
   """The single-image denoiser keeps eps constant along the ODE, so
   inversion and sampling are exact inverses for any step count."""
   x0 = jnp.broadcast_to(C_IMAGE, SHAPE)
-  x_T = samplers.ddim_invert(single_image_model(sched), sched, x0,
-                             num_steps=10, spacing="quadratic")
+  x_T = samplers.ddim_invert(single_image_model(sched), sched, x0, num_steps=10,
+                             spacing="quadratic")
   recon = samplers.ddim_sample(single_image_model(sched), sched, x_T=x_T,
                                num_steps=10, spacing="quadratic").images
   chex.assert_trees_all_close(recon, x0, atol=1e-5)
@@ -457,8 +461,8 @@ def test_ddim_timesteps_uniform_as_authors():
 def test_ddim_timesteps_quadratic_as_authors_when_distinct():
   authors = (np.linspace(0, np.sqrt(800), 20)**2).astype(int)
   assert len(set(authors)) == 20
-  np.testing.assert_array_equal(samplers.ddim_timesteps(
-      1000, 20, spacing="quadratic"), authors)
+  np.testing.assert_array_equal(
+      samplers.ddim_timesteps(1000, 20, spacing="quadratic"), authors)
   # The authors' formula repeats steps for T = 1000, S = 50: 0, 0, 1, 3, ...
   seq = samplers.ddim_timesteps(1000, 50, spacing="quadratic")
   authors = (np.linspace(0, np.sqrt(800), 50)**2).astype(int)
@@ -500,8 +504,8 @@ BAD_ARGS = [
     (_ddim, dict(spacing="linear"), "Unknown spacing 'linear'"),
     (_ddim, dict(target="score"), "Unknown target 'score'"),
     (_ddim, dict(trajectory_every=0), "trajectory_every must be an integer"),
-    (_ddim, dict(eta=0.5, key=None, x_T=jnp.zeros(SHAPE), shape=None),
-     "key is required"),
+    (_ddim, dict(eta=0.5, key=None, x_T=jnp.zeros(SHAPE),
+                 shape=None), "key is required"),
     (_ddim, dict(x_T=jnp.zeros(SHAPE)), "Give exactly one of shape"),
     (_ddim, dict(shape=None), "Give exactly one of shape"),
     (_ddim, dict(shape=(4, 0, 8, 1)), "shape must be a tuple of positive"),

@@ -104,7 +104,8 @@ def test_snr_decreases():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(name="cosin", num_timesteps=10), "Unknown beta schedule 'cosin'"),
     (dict(name="linear", num_timesteps=0), "num_timesteps must be an integer"),
-    (dict(name="linear", num_timesteps=2.5), "num_timesteps must be an integer"),
+    (dict(name="linear",
+          num_timesteps=2.5), "num_timesteps must be an integer"),
     (dict(name="linear", num_timesteps=10, beta_end=1.5), r"open interval"),
     (dict(name="linear", num_timesteps=10, beta_start=0.0), r"open interval"),
 ])
@@ -130,6 +131,7 @@ def test_pytree_through_jit_scan_and_sharding():
 
   def body(carry, _):
     return carry, carry.alphas_cumprod[-1]
+
   carried, ys = jax.lax.scan(body, sched, None, length=3)
   chex.assert_trees_all_equal(carried, sched)
   assert ys.shape == (3,)
@@ -138,5 +140,5 @@ def test_pytree_through_jit_scan_and_sharding():
   replicated = NamedSharding(mesh, PartitionSpec())
   placed = jax.device_put(sched, replicated)
   chex.assert_trees_all_equal(placed, sched)
-  assert all(leaf.sharding == replicated
-             for leaf in jax.tree_util.tree_leaves(placed))
+  assert all(
+      leaf.sharding == replicated for leaf in jax.tree_util.tree_leaves(placed))

@@ -24,8 +24,9 @@ NEW_SAMPLERS = ODE_SOLVERS + ("dpmpp_2m_sde",)
 # Three components in 2-D; the narrowest std is kept >= 0.12 so that the
 # final denoising at sigma(0) = 0.01 shrinks it by < 1.5% (see
 # test_samplers_converge_to_the_data).
-MIX = testing.gaussian_mixture(weights=[0.3, 0.5, 0.2],
-                               means=[[-0.6, -0.3], [0.5, 0.5], [0.2, -0.7]],
+MIX = testing.gaussian_mixture(weights=[0.3, 0.5, 0.2], means=[[-0.6, -0.3],
+                                                               [0.5, 0.5],
+                                                               [0.2, -0.7]],
                                stds=[0.12, 0.18, 0.15])
 # A single Gaussian N(MU, SD^2 I): its probability-flow ODE has a closed-form
 # solution.
@@ -45,10 +46,9 @@ def small_sched():
 
 def _run(name, model_fn, schedule, x_T, key=None, **options):
   fn = samplers.get_sampler(name)
-  return jax.jit(lambda x, k: fn(model_fn, schedule, x_T=x, key=k,
-                                 **options).images)(
-                                     x_T, jax.random.key(0) if key is None
-                                     else key)
+  return jax.jit(
+      lambda x, k: fn(model_fn, schedule, x_T=x, key=k, **options).images)(
+          x_T, jax.random.key(0) if key is None else key)
 
 
 # ----------------------------------------------------------------------------
@@ -59,10 +59,9 @@ def _run(name, model_fn, schedule, x_T, key=None, **options):
                                                      (1000, 50), (100, 7),
                                                      (37, 10)])
 def test_uniform_levels_are_diffusers_linspace(num_timesteps, num_steps):
-  sched = schedules.Schedule.from_betas(
-      np.linspace(1e-4, 0.02, num_timesteps), warn=False)
-  expected = np.linspace(0, num_timesteps - 1,
-                         num_steps + 1).round()[::-1][:-1]
+  sched = schedules.Schedule.from_betas(np.linspace(1e-4, 0.02, num_timesteps),
+                                        warn=False)
+  expected = np.linspace(0, num_timesteps - 1, num_steps + 1).round()[::-1][:-1]
   np.testing.assert_array_equal(
       samplers.solver_timesteps(sched, num_steps, spacing="uniform"), expected)
 
@@ -93,8 +92,8 @@ def test_logsnr_and_karras_levels_match_the_references(sched, num_steps):
   ramp = np.linspace(0, 1, num_steps)
   lu = hi + ramp * (lo - hi)
   rho = 7.0
-  karras = rho * np.log(np.exp(hi / rho) + ramp * (np.exp(lo / rho) -
-                                                   np.exp(hi / rho)))
+  karras = rho * np.log(
+      np.exp(hi / rho) + ramp * (np.exp(lo / rho) - np.exp(hi / rho)))
   for spacing, targets in [("logsnr", lu), ("karras", karras)]:
     expected = _move_repeats(_nearest_in_log_sigma(sched, targets), 1000)
     np.testing.assert_array_equal(
@@ -148,8 +147,7 @@ def _d_fn(schedule):
 
 def _scales(schedule, levels):
   alpha = np.asarray(schedule.sqrt_alphas_cumprod, np.float64)[levels]
-  sigma = np.asarray(schedule.sqrt_one_minus_alphas_cumprod,
-                     np.float64)[levels]
+  sigma = np.asarray(schedule.sqrt_one_minus_alphas_cumprod, np.float64)[levels]
   return alpha, sigma
 
 
@@ -202,8 +200,9 @@ def _k_diffusion(name, schedule, levels, x_T, key):
         if old is not None:
           r = h_last / h
           x = x + 0.5 * -np.expm1(-h - eta_h) * (1 / r) * (denoised - old)
-        noise = np.asarray(jax.random.normal(jax.random.fold_in(chain_key, i),
-                                             x.shape), np.float64)
+        noise = np.asarray(
+            jax.random.normal(jax.random.fold_in(chain_key, i), x.shape),
+            np.float64)
         x = x + noise * sigmas[i + 1] * np.sqrt(-np.expm1(-2 * eta_h))
       old, h_last = denoised, (h if sigmas[i + 1] > 0 else h_last)
   return x
@@ -233,36 +232,38 @@ def _diffusers_3m(schedule, levels, x_T):
     elif order == 2:
       r0 = (lam[i] - lam[i - 1]) / h
       d1 = (1.0 / r0) * (m0 - outs[-2])
-      x = ((s_t / s_0) * x - a_t * (np.exp(-h) - 1.0) * m0 -
-           0.5 * a_t * (np.exp(-h) - 1.0) * d1)
+      x = ((s_t / s_0) * x - a_t * (np.exp(-h) - 1.0) * m0 - 0.5 * a_t *
+           (np.exp(-h) - 1.0) * d1)
     else:
       m1, m2 = outs[-2], outs[-3]
       r0, r1 = (lam[i] - lam[i - 1]) / h, (lam[i - 1] - lam[i - 2]) / h
       d1_0, d1_1 = (1.0 / r0) * (m0 - m1), (1.0 / r1) * (m1 - m2)
       d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
       d2 = (1.0 / (r0 + r1)) * (d1_0 - d1_1)
-      x = ((s_t / s_0) * x - a_t * (np.exp(-h) - 1.0) * m0 +
-           a_t * ((np.exp(-h) - 1.0) / h + 1.0) * d1 -
-           a_t * ((np.exp(-h) - 1.0 + h) / h**2 - 0.5) * d2)
+      x = ((s_t / s_0) * x - a_t * (np.exp(-h) - 1.0) * m0 + a_t *
+           ((np.exp(-h) - 1.0) / h + 1.0) * d1 - a_t *
+           ((np.exp(-h) - 1.0 + h) / h**2 - 0.5) * d2)
   return x
 
 
-@pytest.mark.parametrize("name,num_steps,spacing", [
-    ("euler", 8, "karras"),
-    ("heun", 6, "karras"),
-    ("heun", 5, "uniform"),
-    ("dpmpp_2m", 8, "logsnr"),
-    ("dpmpp_2m_sde", 8, "logsnr"),
-    ("dpmpp_3m", 8, "logsnr"),  # S < 15: step S-2 is second order.
-    ("dpmpp_3m", 16, "uniform"),
-])
+@pytest.mark.parametrize(
+    "name,num_steps,spacing",
+    [
+        ("euler", 8, "karras"),
+        ("heun", 6, "karras"),
+        ("heun", 5, "uniform"),
+        ("dpmpp_2m", 8, "logsnr"),
+        ("dpmpp_2m_sde", 8, "logsnr"),
+        ("dpmpp_3m", 8, "logsnr"),  # S < 15: step S-2 is second order.
+        ("dpmpp_3m", 16, "uniform"),
+    ])
 def test_updates_match_reference_code(sched, name, num_steps, spacing):
   x_T = jax.random.normal(jax.random.key(1), (64, 2))
   key = jax.random.key(2)
   out = _run(name, testing.denoiser(MIX, sched), sched, x_T, key=key,
              num_steps=num_steps, spacing=spacing)
-  levels = np.asarray(samplers.solver_timesteps(sched, num_steps,
-                                               spacing=spacing))
+  levels = np.asarray(
+      samplers.solver_timesteps(sched, num_steps, spacing=spacing))
   if name == "dpmpp_3m":
     expected = _diffusers_3m(sched, levels, x_T)
   else:
@@ -347,21 +348,20 @@ def _fit_error(x):
   fit = testing.fit_components(MIX, x)
   return max(
       float(jnp.max(jnp.abs(fit.weights / MIX.weights - 1.0))),
-      float(jnp.max(jnp.linalg.norm(fit.means - MIX.means, axis=1) /
-                    MIX.stds)),
+      float(jnp.max(jnp.linalg.norm(fit.means - MIX.means, axis=1) / MIX.stds)),
       float(jnp.max(jnp.abs(fit.stds / MIX.stds - 1.0))))
 
 
 def _ddpm_images(schedule, x_T, num_steps):
   model_fn = testing.denoiser(MIX, schedule)
   if num_steps < schedule.num_timesteps:
-    spaced = respace.respace(schedule, respace.spaced_timesteps(
-        schedule.num_timesteps, num_steps))
+    spaced = respace.respace(
+        schedule, respace.spaced_timesteps(schedule.num_timesteps, num_steps))
     model_fn, schedule = (respace.map_timesteps(model_fn, spaced.timesteps),
                           spaced.schedule)
   return jax.jit(lambda x: samplers.ddpm_sample(
-      model_fn, schedule, x_T=x, key=jax.random.key(5),
-      clip_x0=False).images)(x_T)
+      model_fn, schedule, x_T=x, key=jax.random.key(5), clip_x0=False).images)(
+          x_T)
 
 
 # (sampler, few steps, many steps). Fit errors measured, few -> many:
@@ -393,8 +393,8 @@ def test_samplers_converge_to_the_data(sched, mix_x_T, name, few, many):
   assert errors[0] > 0.15 and errors[0] > 3 * errors[1], errors
 
 
-def test_dpmpp_at_20_calls_is_closer_to_the_data_than_ddim_at_20(sched,
-                                                                 mix_x_T):
+def test_dpmpp_at_20_calls_is_closer_to_the_data_than_ddim_at_20(
+    sched, mix_x_T):
   """Measured: fit error 0.089 (dpmpp_2m) vs 0.427 (ddim); RMS distance to
   the converged ODE solution from the same x_T (a bound on the 2-Wasserstein
   distance to its law, the data's) 0.017 vs 0.055. (ddim at 100 calls:
@@ -438,8 +438,10 @@ def test_network_calls_and_their_steps(small_sched, name, num_steps):
 @pytest.mark.parametrize("name", ["heun", "dpmpp_2m"])
 def test_targets_give_the_same_samples(sched, name):
   x_T = jax.random.normal(jax.random.key(1), (256, 2))
-  outs = [_run(name, testing.denoiser(MIX, sched, target=target), sched, x_T,
-               num_steps=10, target=target) for target in diffusion.TARGETS]
+  outs = [
+      _run(name, testing.denoiser(MIX, sched, target=target), sched, x_T,
+           num_steps=10, target=target) for target in diffusion.TARGETS
+  ]
   for out in outs[1:]:
     np.testing.assert_allclose(out, outs[0], atol=2e-4)
 
@@ -451,14 +453,19 @@ IMAGE_SHAPE = (3, 4, 4, 1)
 
 
 def _single_image_model(schedule, target, learned_variance=False):
+
   def model_fn(x, t):
     a = diffusion.extract(schedule.alphas_cumprod, t, x.shape)
     eps = (x - jnp.sqrt(a) * C_IMAGE) / jnp.sqrt(1.0 - a)
-    out = {"eps": eps, "x0": jnp.broadcast_to(C_IMAGE, x.shape),
-           "v": jnp.sqrt(a) * eps - jnp.sqrt(1.0 - a) * C_IMAGE}[target]
+    out = {
+        "eps": eps,
+        "x0": jnp.broadcast_to(C_IMAGE, x.shape),
+        "v": jnp.sqrt(a) * eps - jnp.sqrt(1.0 - a) * C_IMAGE
+    }[target]
     if learned_variance:
       out = jnp.concatenate([out, jnp.full_like(out, 7.0)], axis=-1)
     return out
+
   return model_fn
 
 
@@ -466,30 +473,29 @@ SINGLE_IMAGE_CASES = [
     ("euler", dict(num_steps=7, spacing="uniform", trajectory_every=2)),
     ("heun", dict(num_steps=6, target="v", trajectory_every=4)),
     ("heun", dict(num_steps=5, spacing="karras", trajectory_every=1)),
-    ("dpmpp_2m", dict(num_steps=9, target="x0", trajectory_every=3,
-                      learned_variance=True)),
+    ("dpmpp_2m",
+     dict(num_steps=9, target="x0", trajectory_every=3, learned_variance=True)),
     ("dpmpp_2m_sde", dict(num_steps=8, trajectory_every=8)),
-    ("dpmpp_3m", dict(num_steps=20, spacing="karras", clip_x0=True,
-                      trajectory_every=6)),
+    ("dpmpp_3m",
+     dict(num_steps=20, spacing="karras", clip_x0=True, trajectory_every=6)),
 ]
 
 
 @pytest.mark.parametrize("name,case", SINGLE_IMAGE_CASES, ids=str)
-def test_single_image_recovered_and_trajectory_frames(small_sched, name,
-                                                      case):
+def test_single_image_recovered_and_trajectory_frames(small_sched, name, case):
   case = dict(case)
   learned = case.pop("learned_variance", False)
   model_fn = _single_image_model(small_sched, case.get("target", "eps"),
                                  learned)
   x_T = jax.random.normal(jax.random.key(2), IMAGE_SHAPE)
   out = samplers.get_sampler(name)(model_fn, small_sched, x_T=x_T,
-                                  key=jax.random.key(0), **case)
-  chex.assert_trees_all_close(out.images, jnp.broadcast_to(C_IMAGE,
-                                                           IMAGE_SHAPE),
-                              atol=1e-5)
+                                   key=jax.random.key(0), **case)
+  chex.assert_trees_all_close(out.images,
+                              jnp.broadcast_to(C_IMAGE, IMAGE_SHAPE), atol=1e-5)
   num_steps, every = case["num_steps"], case["trajectory_every"]
-  levels = np.asarray(samplers.solver_timesteps(
-      small_sched, num_steps, spacing=case.get("spacing", "logsnr")))
+  levels = np.asarray(
+      samplers.solver_timesteps(small_sched, num_steps,
+                                spacing=case.get("spacing", "logsnr")))
   state_steps = np.append(levels[1:] + 1, 0)  # Paper step after each step.
   num_frames = math.ceil(num_steps / every)
   last = np.minimum((np.arange(num_frames) + 1) * every, num_steps) - 1
@@ -499,8 +505,8 @@ def test_single_image_recovered_and_trajectory_frames(small_sched, name,
   if name == "dpmpp_2m_sde":
     return  # Its states carry fresh noise.
   abar = np.append(1.0, np.asarray(small_sched.alphas_cumprod, np.float64))
-  eps_T = (x_T - math.sqrt(abar[levels[0] + 1]) * C_IMAGE) / math.sqrt(
-      1.0 - abar[levels[0] + 1])
+  eps_T = (x_T - math.sqrt(abar[levels[0] + 1]) *
+           C_IMAGE) / math.sqrt(1.0 - abar[levels[0] + 1])
   for frame, step in zip(out.trajectory, state_steps[last]):
     expected = (math.sqrt(abar[step]) * C_IMAGE +
                 math.sqrt(1.0 - abar[step]) * eps_T)
@@ -539,8 +545,8 @@ def test_shape_draws_x_T_from_the_key(small_sched):
   """`shape=..., key=k` starts from normal(split(k)[0], shape)."""
   model_fn = testing.denoiser(MIX, small_sched)
   key = jax.random.key(4)
-  drawn = samplers.dpmpp_2m_sample(model_fn, small_sched, shape=(8, 2),
-                                  key=key, num_steps=5).images
+  drawn = samplers.dpmpp_2m_sample(model_fn, small_sched, shape=(8, 2), key=key,
+                                   num_steps=5).images
   given = samplers.dpmpp_2m_sample(
       model_fn, small_sched, num_steps=5,
       x_T=jax.random.normal(jax.random.split(key)[0], (8, 2))).images
@@ -554,16 +560,17 @@ def test_shape_draws_x_T_from_the_key(small_sched):
 def test_registry_options_are_the_signatures():
   for name in samplers.SAMPLER_NAMES:
     params = inspect.signature(samplers.get_sampler(name)).parameters
-    keyword_only = {p for p, v in params.items()
-                    if v.kind == inspect.Parameter.KEYWORD_ONLY}
+    keyword_only = {
+        p for p, v in params.items() if v.kind == inspect.Parameter.KEYWORD_ONLY
+    }
     assert keyword_only - {"shape", "key", "x_T", "trajectory_every"} == set(
         samplers.SAMPLER_OPTIONS[name]), name
   assert set(samplers.SAMPLER_NAMES) >= {"ddpm", "ddim"}
 
 
 def test_num_model_calls():
-  assert [samplers.num_model_calls(n, 10) for n in samplers.SAMPLER_NAMES] == [
-      10, 10, 10, 19, 10, 10, 10]
+  assert [samplers.num_model_calls(n, 10) for n in samplers.SAMPLER_NAMES
+         ] == [10, 10, 10, 19, 10, 10, 10]
   assert samplers.num_model_calls("heun", 1) == 1
 
 
@@ -571,20 +578,20 @@ def _solver(small_sched, name="dpmpp_2m", **kw):
   args = dict(shape=(4, 2), key=jax.random.key(0), num_steps=5)
   args.update(kw)
   return samplers.get_sampler(name)(testing.denoiser(MIX, small_sched),
-                                   small_sched, **args)
+                                    small_sched, **args)
 
 
 BAD_ARGS = [
     (dict(num_steps=0), "num_steps must be an integer in [1, 100]"),
     (dict(num_steps=101), "num_steps must be an integer in [1, 100]"),
-    (dict(name="heun", num_steps=101),
-     "num_steps must be an integer in [1, 100]"),
+    (dict(name="heun",
+          num_steps=101), "num_steps must be an integer in [1, 100]"),
     (dict(num_steps=5.0), "num_steps must be an integer in [1, 100]"),
     (dict(spacing="quadratic"), "Unknown spacing 'quadratic'"),
     (dict(name="euler", target="score"), "Unknown target 'score'"),
     (dict(trajectory_every=0), "trajectory_every must be an integer"),
-    (dict(name="dpmpp_2m_sde", key=None, shape=None, x_T=jnp.zeros((4, 2))),
-     "key is required"),
+    (dict(name="dpmpp_2m_sde", key=None, shape=None, x_T=jnp.zeros(
+        (4, 2))), "key is required"),
     (dict(key=None), "key is required"),
     (dict(x_T=jnp.zeros((4, 2))), "Give exactly one of shape"),
 ]
@@ -599,8 +606,9 @@ def test_bad_arguments(small_sched, kwargs, message):
 
 
 def test_unknown_sampler_and_bad_call_counts():
-  with pytest.raises(ValueError, match="Unknown sampler 'dpm'; expected one "
-                     "of ddpm, ddim, euler, heun, dpmpp_2m"):
+  with pytest.raises(
+      ValueError, match="Unknown sampler 'dpm'; expected one "
+      "of ddpm, ddim, euler, heun, dpmpp_2m"):
     samplers.get_sampler("dpm")
   with pytest.raises(ValueError, match="Unknown sampler 'dpm'"):
     samplers.num_model_calls("dpm", 10)

@@ -11,8 +11,9 @@ import pytest
 from ddpm_jax import diffusion
 from ddpm_jax.diffusion import schedules, testing
 
-MIX = testing.gaussian_mixture(weights=[1.0, 2.0, 1.0],
-                               means=[[-0.5, 0.2], [0.4, 0.4], [0.1, -0.6]],
+MIX = testing.gaussian_mixture(weights=[1.0, 2.0, 1.0], means=[[-0.5, 0.2],
+                                                               [0.4, 0.4],
+                                                               [0.1, -0.6]],
                                stds=[0.1, 0.2, 0.15], labels=[0, 1, 1])
 
 
@@ -27,11 +28,10 @@ def test_single_gaussian_is_the_linear_denoiser(sched):
   x_t = jax.random.normal(jax.random.key(0), (16, 2))
   t = jnp.arange(16) * 6
   alpha = diffusion.extract(sched.sqrt_alphas_cumprod, t, x_t.shape)
-  sigma = diffusion.extract(sched.sqrt_one_minus_alphas_cumprod, t,
-                            x_t.shape)
+  sigma = diffusion.extract(sched.sqrt_one_minus_alphas_cumprod, t, x_t.shape)
   expected = sigma * (x_t - alpha * mu) / (alpha**2 * sd**2 + sigma**2)
-  np.testing.assert_allclose(testing.denoiser(gauss, sched)(x_t, t), expected,
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      testing.denoiser(gauss, sched)(x_t, t), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_targets_are_consistent(sched):
@@ -39,9 +39,8 @@ def test_targets_are_consistent(sched):
   t = jnp.arange(32) * 3
   eps, x0, v = (testing.denoiser(MIX, sched, target=target)(x_t, t)
                 for target in ("eps", "x0", "v"))
-  np.testing.assert_allclose(diffusion.predict_x0_from_eps(sched, x_t, t,
-                                                           eps), x0,
-                             atol=2e-5)
+  np.testing.assert_allclose(diffusion.predict_x0_from_eps(sched, x_t, t, eps),
+                             x0, atol=2e-5)
   np.testing.assert_allclose(diffusion.predict_eps_from_v(sched, x_t, t, v),
                              eps, atol=2e-5)
 
@@ -80,15 +79,14 @@ def test_null_label_is_unconditional_and_classes_restrict(sched):
 def test_sampling_and_class_posterior():
   x, y = testing.sample(MIX, jax.random.key(5), 40_000)
   chex.assert_shape([x], (40_000, 2))
-  np.testing.assert_allclose(np.bincount(np.asarray(y)) / 40_000,
-                             [0.25, 0.75], atol=0.01)
+  np.testing.assert_allclose(
+      np.bincount(np.asarray(y)) / 40_000, [0.25, 0.75], atol=0.01)
   x1, y1 = testing.sample(MIX, jax.random.key(6), 1000, label=1)
   assert np.all(np.asarray(y1) == 1)
   log_post = testing.class_log_posterior(MIX, x)
   np.testing.assert_allclose(np.exp(log_post).sum(1), 1.0, rtol=1e-5)
   # Averaged over the data, p(y | x) is the class prior.
-  np.testing.assert_allclose(np.exp(log_post).mean(0), [0.25, 0.75],
-                             atol=0.01)
+  np.testing.assert_allclose(np.exp(log_post).mean(0), [0.25, 0.75], atol=0.01)
 
 
 def test_fit_components_recovers_the_mixture():
@@ -121,8 +119,8 @@ def test_sliced_wasserstein_of_a_shift():
     (dict(weights=[1.0], means=[[0.0]], stds=[-1.0]), "must be positive"),
     (dict(weights=[1.0, 1.0], means=[[0.0], [1.0]], stds=[1.0, 1.0],
           labels=[0, 2]), "every class"),
-    (dict(weights=[1.0], means=[[0.0]], stds=[1.0], labels=[0.5]),
-     "labels must be"),
+    (dict(weights=[1.0], means=[[0.0]], stds=[1.0],
+          labels=[0.5]), "labels must be"),
 ])
 def test_bad_mixtures(kwargs, message):
   with pytest.raises(ValueError, match=message):

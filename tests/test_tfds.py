@@ -5,15 +5,16 @@ so a dependency tfds needs but does not declare fails here."""
 import numpy as np
 import pytest
 
-from ddpm_jax.engine import builders, config as config_lib
+from ddpm_jax.engine import builders
+from ddpm_jax.engine import config as config_lib
 from tests import tfds_builder
 
 
 def _config(data_dir):
   config = config_lib.base_config()
-  config.data.update(dict(source="tfds:ddpm_jax_test_digits",
-                          image_size=tfds_builder.SIZE, channels=1,
-                          resize=False, tfds_data_dir=str(data_dir)))
+  config.data.update(
+      dict(source="tfds:ddpm_jax_test_digits", image_size=tfds_builder.SIZE,
+           channels=1, resize=False, tfds_data_dir=str(data_dir)))
   return config
 
 
@@ -36,11 +37,13 @@ def test_download_and_prepare_offline_into_data_dir(tmp_path):
   assert batch["mask"].all()
   # The same examples (tfds stores them in its own order).
   expected = (contents["x_test"].astype(np.float32) - 127.5) / 127.5
+
   def examples(images, labels):
-    return sorted((image.tobytes(), int(label))
-                  for image, label in zip(images, labels))
-  assert examples(batch["image"], batch["label"]) == examples(
-      expected, contents["y_test"])
+    return sorted(
+        (image.tobytes(), int(label)) for image, label in zip(images, labels))
+
+  assert examples(batch["image"],
+                  batch["label"]) == examples(expected, contents["y_test"])
 
   # Prepared: the next run reads data_dir and downloads nothing.
   with tfds_builder.serving(served) as (url, requests):

@@ -26,10 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import host_helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
 import train_helpers as helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from ddpm_jax.engine import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ddpm_jax.infra import images as image_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax.diffusion import losses  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ddpm_jax.engine import (builders, config as config_lib, inference, optim, train, train_step)
+from ddpm_jax.engine import builders, inference, optim, train, train_step
+from ddpm_jax.engine import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ddpm_jax.engine import config as config_lib
+from ddpm_jax.infra import images as image_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax.infra import parallel
 
 HELPER = str(Path(helpers.__file__).resolve())
@@ -70,23 +71,23 @@ def test_config_validation_names_field(field, value, message):
 
 def test_config_validation_batch_divisible_by_devices():
   config = helpers.make_config(batch_size=12)
-  with pytest.raises(ValueError, match=r"batch_size \(12\) must be divisible "
-                     r"by the number of devices \(8\)"):
+  with pytest.raises(
+      ValueError, match=r"batch_size \(12\) must be divisible "
+      r"by the number of devices \(8\)"):
     config_lib.validate_config(config, num_devices=8)
 
 
 def test_learning_rate_warmup_cosine_and_ema_decay():
   lr = optim.learning_rate_schedule(lr=2e-4, warmup_steps=10, num_steps=110,
                                     decay="cosine")
-  np.testing.assert_allclose(
-      [float(lr(s)) for s in (0, 5, 10, 60, 110, 200)],
-      [0.0, 1e-4, 2e-4, 1e-4, 0.0, 0.0], atol=1e-9)
+  np.testing.assert_allclose([float(lr(s)) for s in (0, 5, 10, 60, 110, 200)],
+                             [0.0, 1e-4, 2e-4, 1e-4, 0.0, 0.0], atol=1e-9)
   lr = optim.learning_rate_schedule(lr=2e-4, warmup_steps=10, num_steps=110,
                                     decay="constant")
   np.testing.assert_allclose([float(lr(s)) for s in (5, 10, 1000)],
                              [1e-4, 2e-4, 2e-4], atol=1e-9)
-  assert float(optim.ema_decay_at(0, ema_decay=0.9999, ema_warmup=True)) == (
-      pytest.approx(0.1))
+  assert float(optim.ema_decay_at(0, ema_decay=0.9999,
+                                  ema_warmup=True)) == (pytest.approx(0.1))
   assert float(optim.ema_decay_at(10**6, ema_decay=0.9999,
                                   ema_warmup=True)) == pytest.approx(0.9999)
   assert float(optim.ema_decay_at(0, ema_decay=0.9999,
@@ -108,8 +109,8 @@ def _step_setup(images):
   state0 = train_step.create_train_state(model, tx, rng,
                                          image_shape=images.shape[1:],
                                          mesh=mesh)
-  step = train_step.jit_train_step(
-      builders.build_train_step(config, model, tx), mesh, state0)
+  step = train_step.jit_train_step(builders.build_train_step(config, model, tx),
+                                   mesh, state0)
   schedule = builders.build_schedule(config)
 
   @jax.jit
@@ -146,11 +147,12 @@ def _lowers_loss(s, images):
   assert after < 0.7 * before, (before, after)
   assert math.isfinite(float(metrics["grad_norm"]))
   assert float(metrics["lr"]) == pytest.approx(3e-3)
-  assert set(metrics) >= {"loss", "grad_norm", "lr", "skipped",
-                          "nonfinite_count"}
+  assert set(metrics) >= {
+      "loss", "grad_norm", "lr", "skipped", "nonfinite_count"
+  }
   # The EMA trails the parameters.
-  diff = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()),
-                      state.params, state.ema_params)
+  diff = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), state.params,
+                      state.ema_params)
   assert max(jax.tree.leaves(diff)) > 0
 
 
@@ -191,15 +193,14 @@ def test_bfloat16_compute_keeps_float32_state(images):
   mesh = parallel.create_mesh(jax.devices()[:1])
   rng = jax.random.PRNGKey(1)
   state = train_step.create_train_state(model, tx, rng,
-                                        image_shape=images.shape[1:],
-                                        mesh=mesh)
-  step = train_step.jit_train_step(
-      builders.build_train_step(config, model, tx), mesh, state)
+                                        image_shape=images.shape[1:], mesh=mesh)
+  step = train_step.jit_train_step(builders.build_train_step(config, model, tx),
+                                   mesh, state)
   for i in range(3):
     state, metrics = step(state, {"image": images[4 * i:4 * i + 4]}, rng)
   assert math.isfinite(float(metrics["loss"]))
-  for leaf in jax.tree.leaves((state.params, state.ema_params,
-                               state.opt_state)):
+  for leaf in jax.tree.leaves(
+      (state.params, state.ema_params, state.opt_state)):
     if jnp.issubdtype(leaf.dtype, jnp.floating):
       assert leaf.dtype == jnp.float32, leaf.dtype
 
@@ -236,7 +237,8 @@ def test_train_and_evaluate_traces_once_and_checkpoints(uninterrupted):
   workdir, state = uninterrupted
   assert int(state.step) == 6
   # keep_checkpoints=2 of the saves at 2, 4, 6.
-  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()
+  assert sorted(p.name
+                for p in (workdir / "checkpoints").iterdir()
                 if p.name.isdigit()) == ["4", "6"]
   assert list(workdir.glob("events.out.tfevents.*"))  # tensorboardX
 
@@ -260,9 +262,9 @@ def test_sigterm_checkpoints_and_resume_is_exact(uninterrupted, images,
     del config
     return _SigtermAt(images, batch_size, process_index, process_count)
 
-  interrupted = train.train_and_evaluate(
-      config, str(tmp_path), model=helpers.tiny_model(),
-      dataset_factory=factory)
+  interrupted = train.train_and_evaluate(config, str(tmp_path),
+                                         model=helpers.tiny_model(),
+                                         dataset_factory=factory)
   k = int(interrupted.step)
   # SIGTERM while batch 4 is fetched: step 4 runs, is saved, the loop stops.
   assert k == 4
@@ -277,11 +279,13 @@ def test_sigterm_checkpoints_and_resume_is_exact(uninterrupted, images,
   chex.assert_trees_all_equal(_copy(restored), _copy(interrupted))
   assert int(restored.step) == k and data_state == {"position": k}
   np.testing.assert_array_equal(
-      np.asarray(rng), np.asarray(jax.random.split(
-          jax.random.PRNGKey(config.seed))[1]))
+      np.asarray(rng),
+      np.asarray(jax.random.split(jax.random.PRNGKey(config.seed))[1]))
   # EMA and Adam moments moved, so restoring them (not just params) matters.
-  assert not np.array_equal(*[np.asarray(jax.tree.leaves(t)[0]) for t in
-                              (restored.params, restored.ema_params)])
+  assert not np.array_equal(*[
+      np.asarray(jax.tree.leaves(t)[0])
+      for t in (restored.params, restored.ema_params)
+  ])
 
   # The uninterrupted run's step-4 checkpoint was written asynchronously
   # while later steps reused (donated) the state buffers: still intact.
@@ -298,12 +302,12 @@ def test_sigterm_checkpoints_and_resume_is_exact(uninterrupted, images,
   chex.assert_trees_all_equal(_copy(resumed), _copy(reference))
 
 
-def test_time_budget_stops_with_a_checkpoint_and_samples(images, tmp_path,
-                                                        caplog):
+def test_time_budget_stops_with_a_checkpoint_and_samples(
+    images, tmp_path, caplog):
   config = helpers.make_config(num_steps=6, sample_every=100)
   config.train.max_time = 1e-6  # Used up before the first step ends.
-  config.sample.update(num_images=4, batch_size=4, sampler="ddim",
-                       num_steps=2, gif=False)
+  config.sample.update(num_images=4, batch_size=4, sampler="ddim", num_steps=2,
+                       gif=False)
   with caplog.at_level("WARNING"):
     state = _run(tmp_path, images, config=config)
   assert int(state.step) == 1
@@ -316,8 +320,8 @@ def test_time_budget_stops_with_a_checkpoint_and_samples(images, tmp_path,
 
 def test_a_fresh_run_draws_its_first_batch_once(images, tmp_path):
   config = helpers.make_config(num_steps=1, sample_every=1)
-  config.sample.update(num_images=4, batch_size=4, sampler="ddim",
-                       ddim_steps=2, gif=False)
+  config.sample.update(num_images=4, batch_size=4, sampler="ddim", ddim_steps=2,
+                       gif=False)
   _run(tmp_path, images, config=config)
   data_png = tmp_path / "samples" / "data.png"
   with Image.open(data_png) as png:
@@ -343,8 +347,8 @@ def test_load_trained_needs_no_optimizer(uninterrupted):
   chex.assert_trees_all_equal(_copy(trained.params),
                               _copy(reference.ema_params))
   for leaf in jax.tree.leaves(trained.params):
-    assert leaf.sharding.is_equivalent_to(
-        parallel.replicated(trained.mesh), leaf.ndim)
+    assert leaf.sharding.is_equivalent_to(parallel.replicated(trained.mesh),
+                                          leaf.ndim)
 
 
 def test_load_trained_at_a_chosen_step(uninterrupted):
@@ -353,8 +357,8 @@ def test_load_trained_at_a_chosen_step(uninterrupted):
   ckpt = checkpoint_lib.CheckpointManager(workdir / "checkpoints",
                                           writable=False)
   at4, _, _ = ckpt.restore(checkpoint_lib.abstract_like(reference),
-                           checkpoint_lib.abstract_like(
-                               jax.random.PRNGKey(0)), step=4)
+                           checkpoint_lib.abstract_like(jax.random.PRNGKey(0)),
+                           step=4)
   ckpt.close()
   trained = inference.load_trained(config, workdir, model=helpers.tiny_model(),
                                    step=4)
@@ -383,8 +387,8 @@ def test_nonfinite_steps_stop_training(images, tmp_path):
 def test_one_vs_eight_devices_and_pmap(tmp_path, images):
   out = tmp_path / "devices8.npz"
   env = helpers.subprocess_env(devices=8, JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, HELPER, "devices8", str(out)],
-                        env=env, capture_output=True, text=True,
+  proc = subprocess.run([sys.executable, HELPER, "devices8",
+                         str(out)], env=env, capture_output=True, text=True,
                         timeout=SUBPROCESS_TIMEOUT, check=False)
   assert proc.returncode == 0, proc.stderr[-4000:]
   config = helpers.make_config(batch_size=16)
@@ -409,10 +413,13 @@ def test_two_processes_agree_with_one(uninterrupted, tmp_path):
   _, reference = uninterrupted
   port = host_helpers.free_port()
   workdir = tmp_path / "workdir"
-  results = host_helpers.run_processes(
-      [[sys.executable, HELPER, "distributed", str(i), str(port),
-        str(workdir), str(tmp_path / f"out{i}.npz")] for i in range(2)],
-      [helpers.subprocess_env(JAX_PLATFORMS="cpu")] * 2)
+  results = host_helpers.run_processes([[
+      sys.executable, HELPER, "distributed",
+      str(i),
+      str(port),
+      str(workdir),
+      str(tmp_path / f"out{i}.npz")
+  ] for i in range(2)], [helpers.subprocess_env(JAX_PLATFORMS="cpu")] * 2)
   for result in results:
     assert result.returncode == 0, result.stderr[-4000:]
   ref_params = helpers.flat(reference.params)
@@ -425,7 +432,8 @@ def test_two_processes_agree_with_one(uninterrupted, tmp_path):
       for k, v in ref_ema.items():
         np.testing.assert_allclose(f["ema" + k], v, rtol=1e-4, atol=1e-6)
   # Written collectively: one checkpoint directory with both steps kept.
-  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()
+  assert sorted(p.name
+                for p in (workdir / "checkpoints").iterdir()
                 if p.name.isdigit()) == ["4", "6"]
 
 
@@ -436,8 +444,8 @@ def test_two_processes_agree_with_one(uninterrupted, tmp_path):
 def _unet_config(npz_path):
   """The U-Net on the digits, read back from an npz file by the pipeline."""
   x = np.round((helpers.load_digits()[..., 0] + 1.0) * 127.5)
-  np.savez(npz_path, x_train=x.astype(np.uint8),
-           y_train=np.zeros((len(x),), np.int64))
+  np.savez(npz_path, x_train=x.astype(np.uint8), y_train=np.zeros((len(x),),
+                                                                  np.int64))
   config = helpers.make_config(num_steps=4, batch_size=4, log_every=1,
                                checkpoint_every=10)
   config.data.source = f"npz:{npz_path}"

@@ -14,7 +14,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpm_jax.engine import (builders, config as config_lib, evaluation, generation, inference, train, train_step)
+from ddpm_jax.engine import (
+    builders,
+    evaluation,
+    generation,
+    inference,
+    train,
+    train_step,
+)
+from ddpm_jax.engine import config as config_lib
 
 NUM_CLASSES = 3
 IMAGE_SHAPE = (8, 8, 1)
@@ -31,8 +39,9 @@ class TinyDenoiser(nn.Module):
   def __call__(self, x, t, *, y=None, train: bool = False):
     del train
     freqs = jnp.exp(-jnp.arange(4, dtype=jnp.float32))
-    emb = jnp.concatenate([jnp.sin(t[:, None] * freqs),
-                           jnp.cos(t[:, None] * freqs)], axis=-1)
+    emb = jnp.concatenate(
+        [jnp.sin(t[:, None] * freqs),
+         jnp.cos(t[:, None] * freqs)], axis=-1)
     emb = nn.Dense(8)(emb)
     if self.num_embeddings:
       emb = emb + nn.Embed(self.num_embeddings, 8)(y)
@@ -52,24 +61,26 @@ def _config(**diffusion):
   config.optimizer.update(lr=1e-2, warmup_steps=0)
   config.train.update(batch_size=16, num_steps=4, log_every=2,
                       checkpoint_every=2, sample_every=4, p_uncond=0.25)
-  config.sample.update(sampler="ddpm", ddpm_steps=5, num_images=8,
-                       batch_size=8, gif_frames=2, guidance_scale=2.0)
+  config.sample.update(sampler="ddpm", ddpm_steps=5, num_images=8, batch_size=8,
+                       gif_frames=2, guidance_scale=2.0)
   config.eval.update(num_images=8, batch_size=8)
   return config
 
 
 def _batch(index: int, size: int = 16):
   rng = np.random.default_rng(index)
-  return {"image": rng.integers(0, 256, (size,) + IMAGE_SHAPE) / 127.5 - 1.0,
-          "label": rng.integers(0, NUM_CLASSES, (size,)).astype(np.int32)}
+  return {
+      "image": rng.integers(0, 256, (size,) + IMAGE_SHAPE) / 127.5 - 1.0,
+      "label": rng.integers(0, NUM_CLASSES, (size,)).astype(np.int32)
+  }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _initial_state(model):
   tx = builders.build_optimizer(_config())
   return jax.jit(lambda r: train_step.init_train_state(
-      model, tx, r, image_shape=IMAGE_SHAPE,
-      num_classes=NUM_CLASSES))(jax.random.key(0))
+      model, tx, r, image_shape=IMAGE_SHAPE, num_classes=NUM_CLASSES))(
+          jax.random.key(0))
 
 
 def _step_fn(config, model, **options):
@@ -87,16 +98,17 @@ def _step_fn(config, model, **options):
 def test_label_dropout_rate_and_determinism():
   labels = jnp.arange(40_000, dtype=jnp.int32) % 10
   key = jax.random.key(4)
-  dropped = np.asarray(train_step.drop_batch_labels(
-      key, labels, p_uncond=0.2, num_classes=10))
+  dropped = np.asarray(
+      train_step.drop_batch_labels(key, labels, p_uncond=0.2, num_classes=10))
   is_null = dropped == 10
   # 4.5 standard deviations of the binomial rate.
   assert abs(is_null.mean() - 0.2) < 4.5 * math.sqrt(0.16 / 40_000)
   np.testing.assert_array_equal(dropped[~is_null], np.asarray(labels)[~is_null])
-  np.testing.assert_array_equal(dropped, train_step.drop_batch_labels(
-      key, labels, p_uncond=0.2, num_classes=10))
-  other = train_step.drop_batch_labels(jax.random.key(5), labels,
-                                       p_uncond=0.2, num_classes=10)
+  np.testing.assert_array_equal(
+      dropped,
+      train_step.drop_batch_labels(key, labels, p_uncond=0.2, num_classes=10))
+  other = train_step.drop_batch_labels(jax.random.key(5), labels, p_uncond=0.2,
+                                       num_classes=10)
   assert not np.array_equal(dropped, other)
 
 
@@ -107,9 +119,10 @@ def test_label_dropout_per_device_slices_equal_the_global_batch():
   key = jax.random.key(1)
   whole = train_step.drop_batch_labels(key, labels, p_uncond=0.5,
                                        num_classes=10)
-  sliced = jax.vmap(lambda y: train_step.drop_batch_labels(
-      key, y, p_uncond=0.5, num_classes=10, axis_name="d"),
-                    axis_name="d")(labels.reshape(4, 16))
+  sliced = jax.vmap(
+      lambda y: train_step.drop_batch_labels(key, y, p_uncond=0.5, num_classes=
+                                             10, axis_name="d"),
+      axis_name="d")(labels.reshape(4, 16))
   np.testing.assert_array_equal(sliced.reshape(-1), whole)
 
 
@@ -123,8 +136,9 @@ def test_conditional_step_is_the_same_sharded():
   new, metrics = jax.jit(step)(state, batch, rng)
   sharded_step, _ = _step_fn(config, model, axis_name="d")
   shards = jax.tree.map(lambda a: a.reshape((4, 4) + a.shape[1:]), batch)
-  new4, metrics4 = jax.jit(jax.vmap(sharded_step, in_axes=(None, 0, None),
-                                    axis_name="d"))(state, shards, rng)
+  new4, metrics4 = jax.jit(
+      jax.vmap(sharded_step, in_axes=(None, 0, None),
+               axis_name="d"))(state, shards, rng)
   np.testing.assert_allclose(metrics4["loss"], float(metrics["loss"]),
                              rtol=1e-5)
   chex.assert_trees_all_close(jax.tree.map(lambda p: p[1], new4.params),
@@ -147,20 +161,20 @@ def test_dropped_labels_reach_the_model_as_the_null_class():
     steps[p_uncond] = jax.jit(step)
 
   def embedding(p_uncond, b):
-    return np.asarray(
-        steps[p_uncond](state, b, rng)[0].params["Embed_0"]["embedding"])
+    return np.asarray(steps[p_uncond](state, b,
+                                      rng)[0].params["Embed_0"]["embedding"])
 
   all_dropped = embedding(1.0, batch)
   np.testing.assert_array_equal(all_dropped, embedding(0.0, null_batch))
   assert not np.array_equal(embedding(0.0, batch), all_dropped)
   # Dropped labels train the null class only.
-  moved = np.any(all_dropped != np.asarray(
-      state.params["Embed_0"]["embedding"]), axis=1)
+  moved = np.any(
+      all_dropped != np.asarray(state.params["Embed_0"]["embedding"]), axis=1)
   np.testing.assert_array_equal(moved, [False] * NUM_CLASSES + [True])
 
 
-@pytest.mark.parametrize("var_type, trains_variance", [
-    ("fixed_large", False), ("learned_range", True)])
+@pytest.mark.parametrize("var_type, trains_variance", [("fixed_large", False),
+                                                       ("learned_range", True)])
 def test_learned_variances_train_their_channels(var_type, trains_variance):
   """L_hybrid's bound term reaches the variance head; the fixed variances'
   loss never reads it."""
@@ -233,9 +247,10 @@ def test_trained_run_samples_guided_and_evaluates(trained_run):
       batch = _batch(100 + i, 8)
       yield dict(batch, mask=np.ones((8,), bool))
 
-  result = evaluation.bits_per_dim(
-      trained, eval_batches(), num_images=12, key=jax.random.key(0),
-      target="eps", var_type="learned_range", mean_form="x0", clip_x0=True)
+  result = evaluation.bits_per_dim(trained, eval_batches(), num_images=12,
+                                   key=jax.random.key(0), target="eps",
+                                   var_type="learned_range", mean_form="x0",
+                                   clip_x0=True)
   assert result["num_images"] == 12
   parts = result["prior_bpd"] + result["decoder_bpd"] + result["kl_bpd"]
   assert math.isfinite(result["total_bpd"]) and result["total_bpd"] > 0

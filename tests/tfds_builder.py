@@ -67,18 +67,20 @@ class DdpmJaxTestDigits(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        features=tfds.features.FeaturesDict({
+        builder=self, features=tfds.features.FeaturesDict({
             "image": tfds.features.Image(shape=(SIZE, SIZE, 1)),
-            "label": tfds.features.ClassLabel(num_classes=2)}))
+            "label": tfds.features.ClassLabel(num_classes=2)
+        }))
 
   def _split_generators(self, dl_manager):
     path = dl_manager.download(self.url)
-    return {split: self._generate_examples(path, split)
-            for split in ("train", "test")}
+    return {
+        split: self._generate_examples(path, split)
+        for split in ("train", "test")
+    }
 
   def _generate_examples(self, path, split):
     with path.open("rb") as f, np.load(f) as data:
-      for i, (image, label) in enumerate(zip(data[f"x_{split}"],
-                                             data[f"y_{split}"])):
+      for i, (image,
+              label) in enumerate(zip(data[f"x_{split}"], data[f"y_{split}"])):
         yield i, {"image": image, "label": int(label)}

@@ -34,10 +34,12 @@ def subprocess_env(*, devices: Optional[int] = None,
   was given; then `extra`.
   """
   env = dict(os.environ)
-  env["PYTHONPATH"] = os.pathsep.join(
-      [str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
-  flags = [f for f in env.get("XLA_FLAGS", "").split()
-           if not f.startswith(DEVICE_COUNT_FLAG)]
+  env["PYTHONPATH"] = os.pathsep.join([str(REPO)] +
+                                      [p for p in [env.get("PYTHONPATH")] if p])
+  flags = [
+      f for f in env.get("XLA_FLAGS", "").split()
+      if not f.startswith(DEVICE_COUNT_FLAG)
+  ]
   if devices is not None:
     flags.append(f"{DEVICE_COUNT_FLAG}={devices}")
   env["XLA_FLAGS"] = " ".join(flags)
@@ -67,15 +69,16 @@ def tiny_model(dtype: str = "float32", dropout: float = 0.0):
     @nn.compact
     def __call__(self, x, t, train: bool = False):
       freqs = jnp.exp(-jnp.arange(4, dtype=jnp.float32))
-      emb = jnp.concatenate([jnp.sin(t[:, None] * freqs),
-                             jnp.cos(t[:, None] * freqs)], axis=-1)
+      emb = jnp.concatenate(
+          [jnp.sin(t[:, None] * freqs),
+           jnp.cos(t[:, None] * freqs)], axis=-1)
       emb = nn.Dense(self.features, dtype=self.dtype)(emb)
       h = nn.Conv(self.features, (3, 3), dtype=self.dtype)(x)
       h = nn.swish(h + emb[:, None, None, :])
       h = nn.Dropout(self.dropout, deterministic=not train)(h)
       h = nn.swish(nn.Conv(self.features, (3, 3), dtype=self.dtype)(h))
-      return nn.Conv(x.shape[-1], (3, 3), dtype=self.dtype)(h).astype(
-          jnp.float32)
+      return nn.Conv(x.shape[-1], (3, 3),
+                     dtype=self.dtype)(h).astype(jnp.float32)
 
   return TinyDenoiser(dtype=dtype, dropout=dropout)
 
@@ -85,14 +88,14 @@ def make_config(**train_overrides):
   from ddpm_jax.engine.config import base_config  # pylint: disable=g-import-not-at-top
   c = base_config()
   c.seed = 42
-  c.data.update(dict(source="digits", image_size=IMAGE_SIZE, channels=1,
-                     resize=False))
+  c.data.update(
+      dict(source="digits", image_size=IMAGE_SIZE, channels=1, resize=False))
   c.diffusion.update(dict(schedule="linear", num_timesteps=1000))
   c.optimizer.update(dict(lr=2e-3, warmup_steps=2, decay="cosine"))
-  c.train.update(dict(batch_size=8, num_steps=6, ema_decay=0.999,
-                      ema_warmup=True, log_every=2, checkpoint_every=2,
-                      keep_checkpoints=2, max_nonfinite_steps=3,
-                      sample_every=0))
+  c.train.update(
+      dict(batch_size=8, num_steps=6, ema_decay=0.999, ema_warmup=True,
+           log_every=2, checkpoint_every=2, keep_checkpoints=2,
+           max_nonfinite_steps=3, sample_every=0))
   c.train.update(train_overrides)
   return c
 
@@ -123,8 +126,7 @@ class ArrayDataset:
     if self.nan_from is not None and self.position >= self.nan_from:
       batch[:] = np.nan
     self.position += 1
-    return {"image": batch,
-            "label": np.zeros((self.batch_size,), np.int32)}
+    return {"image": batch, "label": np.zeros((self.batch_size,), np.int32)}
 
   def get_state(self):
     return {"position": self.position}
@@ -134,10 +136,12 @@ class ArrayDataset:
 
 
 def dataset_factory(images, **kwargs):
+
   def factory(config, *, batch_size, process_index, process_count):
     del config
     return ArrayDataset(images, batch_size, process_index, process_count,
                         **kwargs)
+
   return factory
 
 
@@ -145,13 +149,15 @@ def flat(tree) -> dict[str, np.ndarray]:
   """{'path': array} of a pytree (for npz files and comparisons)."""
   import jax  # pylint: disable=g-import-not-at-top
   leaves = jax.tree_util.tree_leaves_with_path(tree)
-  return {jax.tree_util.keystr(k): np.asarray(jax.device_get(v))
-          for k, v in leaves}
+  return {
+      jax.tree_util.keystr(k): np.asarray(jax.device_get(v)) for k, v in leaves
+  }
 
 
 def run_mesh(config, images, num_steps, devices=None):
   """num_steps of the jitted step over a mesh; returns (losses, params)."""
   import jax  # pylint: disable=g-import-not-at-top
+
   from ddpm_jax.engine import builders, train_step  # pylint: disable=g-import-not-at-top
   from ddpm_jax.infra import parallel
   mesh = parallel.create_mesh(devices)
@@ -159,10 +165,9 @@ def run_mesh(config, images, num_steps, devices=None):
   tx = builders.build_optimizer(config)
   rng = jax.random.PRNGKey(config.seed)
   state = train_step.create_train_state(model, tx, rng,
-                                        image_shape=images.shape[1:],
-                                        mesh=mesh)
-  step = train_step.jit_train_step(
-      builders.build_train_step(config, model, tx), mesh, state)
+                                        image_shape=images.shape[1:], mesh=mesh)
+  step = train_step.jit_train_step(builders.build_train_step(config, model, tx),
+                                   mesh, state)
   b = config.train.batch_size
   data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   losses = []
@@ -177,6 +182,7 @@ def run_pmap(config, images, num_steps):
   """The same training with jax.pmap over all local devices."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   from ddpm_jax.engine import builders, train_step  # pylint: disable=g-import-not-at-top
   n = jax.local_device_count()
   model = tiny_model()
@@ -185,10 +191,9 @@ def run_pmap(config, images, num_steps):
   state = jax.jit(lambda r: train_step.init_train_state(
       model, tx, r, image_shape=images.shape[1:]))(rng)
   state = jax.tree.map(lambda x: jnp.stack([x] * n), state)
-  step = jax.pmap(builders.build_train_step(config, model, tx,
-                                            axis_name="batch"),
-                  axis_name="batch", in_axes=(0, 0, None),
-                  donate_argnums=(0,))
+  step = jax.pmap(
+      builders.build_train_step(config, model, tx, axis_name="batch"),
+      axis_name="batch", in_axes=(0, 0, None), donate_argnums=(0,))
   b = config.train.batch_size
   losses = []
   for i in range(num_steps):
@@ -207,25 +212,29 @@ def _main(argv):
     images = load_digits()
     mesh_losses, mesh_params = run_mesh(config, images, 3)
     pmap_losses, pmap_params = run_pmap(config, images, 3)
-    np.savez(argv[2], mesh_losses=mesh_losses, pmap_losses=pmap_losses,
-             **{"mesh" + k: v for k, v in mesh_params.items()},
-             **{"pmap" + k: v for k, v in pmap_params.items()})
+    np.savez(argv[2], mesh_losses=mesh_losses, pmap_losses=pmap_losses, **{
+        "mesh" + k: v for k, v in mesh_params.items()
+    }, **{
+        "pmap" + k: v for k, v in pmap_params.items()
+    })
   elif mode == "distributed":
     process_id, port, workdir, out = (int(argv[2]), argv[3], argv[4], argv[5])
     from ddpm_jax.engine import train  # pylint: disable=g-import-not-at-top
     from ddpm_jax.infra import parallel
-    assert parallel.initialize_distributed(f"localhost:{port}", 2,
-                                           process_id)
+    assert parallel.initialize_distributed(f"localhost:{port}", 2, process_id)
     import jax  # pylint: disable=g-import-not-at-top
     assert jax.process_count() == 2 and jax.device_count() == 2
     state = train.train_and_evaluate(
         make_config(), workdir, model=tiny_model(),
         dataset_factory=dataset_factory(load_digits()))
-    np.savez(out, step=np.asarray(state.step.addressable_data(0)),
-             **{"params" + k: np.asarray(v.addressable_data(0))
-                for k, v in _leaves(state.params)},
-             **{"ema" + k: np.asarray(v.addressable_data(0))
-                for k, v in _leaves(state.ema_params)})
+    np.savez(
+        out, step=np.asarray(state.step.addressable_data(0)), **{
+            "params" + k: np.asarray(v.addressable_data(0))
+            for k, v in _leaves(state.params)
+        }, **{
+            "ema" + k: np.asarray(v.addressable_data(0))
+            for k, v in _leaves(state.ema_params)
+        })
   else:
     raise SystemExit(f"unknown mode {mode}")
 

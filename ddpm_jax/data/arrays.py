@@ -98,8 +98,8 @@ def load_npz(path: epath.Path, *, split: str, image_size: int | None,
     try:
       npz = np.load(f, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile) as e:
-      raise common.DataError(f"npz:{path}: not a readable .npz file ({e})"
-                             ) from e
+      raise common.DataError(
+          f"npz:{path}: not a readable .npz file ({e})") from e
     if not isinstance(npz, np.lib.npyio.NpzFile):
       raise common.DataError(f"npz:{path}: holds a single array, not an .npz "
                              f"archive of x_<split> / y_<split> arrays")
@@ -111,8 +111,11 @@ def load_npz(path: epath.Path, *, split: str, image_size: int | None,
               f"npz:{path}: missing key {key!r} (keys present: "
               f"{', '.join(sorted(npz.files)) or 'none'})")
       try:
-        arrays = {key: npz[key] for key in npz.files
-                  if key == x_key or key.startswith("y_")}
+        arrays = {
+            key: npz[key]
+            for key in npz.files
+            if key == x_key or key.startswith("y_")
+        }
       except ValueError as e:  # object arrays need pickle
         raise common.DataError(f"npz:{path}: cannot read arrays ({e})") from e
   x = arrays[x_key]
@@ -123,9 +126,13 @@ def load_npz(path: epath.Path, *, split: str, image_size: int | None,
     raise common.DataError(f"{where}: shape {x.shape}; expected [N, H, W] or "
                            f"[N, H, W, C] with C in (1, 3)")
   images = _pixels_to_uint8(x, where)
-  labels = {key: _check_labels(y, f"{path.name}: {key}",
-                               len(x) if key == y_key else len(y))
-            for key, y in arrays.items() if key.startswith("y_")}
+  labels = {
+      key:
+          _check_labels(y, f"{path.name}: {key}",
+                        len(x) if key == y_key else len(y))
+      for key, y in arrays.items()
+      if key.startswith("y_")
+  }
   found = max((int(y.max()) + 1 for y in labels.values() if len(y)), default=1)
   num_classes = common.check_num_classes(found, num_classes, f"npz:{path}")
   images = common.fit_arrays(images, where=where, image_size=image_size,
@@ -162,8 +169,8 @@ def load_digits(*, split: str, image_size: int | None, channels: int | None,
   pixels = np.round(digits.images * (255 / _DIGITS_GREY_LEVELS))
   images = pixels.astype(np.uint8)[..., None]
   labels = digits.target.astype(np.int32)
-  part = (slice(None, _DIGITS_TRAIN_SIZE) if split == "train"
-          else slice(_DIGITS_TRAIN_SIZE, None))
+  part = (slice(None, _DIGITS_TRAIN_SIZE) if split == "train" else slice(
+      _DIGITS_TRAIN_SIZE, None))
   num_classes = common.check_num_classes(10, num_classes, "digits")
   images = common.fit_arrays(images[part], where="digits",
                              image_size=image_size, channels=channels,

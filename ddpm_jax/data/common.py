@@ -78,8 +78,8 @@ class ImageArrays:
 
 def check_positive_int(value: Any, field: str) -> None:
   """Raises DataError unless `value` is an int >= 1."""
-  if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
-      or value < 1):
+  if (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or
+      value < 1):
     raise DataError(f"{field} must be a positive integer, got {value!r}")
 
 
@@ -102,11 +102,11 @@ def check_options(*, batch_size: int, image_size: int | None,
     raise DataError(f"channels must be 1, 3 or None, got {channels!r}")
   if resize and image_size is None:
     raise DataError("resize=True needs image_size")
-  if (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
-      or seed < 0):
+  if (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or
+      seed < 0):
     raise DataError(f"seed must be a non-negative integer, got {seed!r}")
-  if not (isinstance(process_index, (int, np.integer))
-          and 0 <= process_index < process_count):
+  if not (isinstance(process_index,
+                     (int, np.integer)) and 0 <= process_index < process_count):
     raise DataError(f"process_index must lie in [0, process_count="
                     f"{process_count}), got {process_index!r}")
 

@@ -31,13 +31,13 @@ import io
 import tarfile
 from typing import Callable
 
-from absl import logging
 import numpy as np
+from absl import logging
 from etils import epath
 from PIL import Image
 
-from ddpm_jax.infra import storage
 from ddpm_jax.data import common
+from ddpm_jax.infra import storage
 
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _CHUNK = 256  # files decoded per thread task
@@ -107,8 +107,8 @@ def _decode(name: str, read: Callable[[], bytes], *, image_size: int | None,
     # Any failure to read or decode means the file is bad; the caller reports
     # it with the file name.
     return f"{type(e).__name__}: {e}"
-  pixels = np.asarray(common.fit_image(image, image_size=image_size,
-                                       resize=resize))
+  pixels = np.asarray(
+      common.fit_image(image, image_size=image_size, resize=resize))
   return pixels.reshape(pixels.shape[0], pixels.shape[1], -1)
 
 
@@ -158,8 +158,10 @@ def load_folder(path: epath.Path, *, split: str, image_size: int | None,
   labels = [class_ids[p.split("/")[0]] if classes else 0 for p in relpaths]
 
   def decode_chunk(chunk: list[str]) -> list[np.ndarray | str]:
-    return [_decode(root + p, files[root + p], image_size=image_size,
-                    channels=channels, resize=resize) for p in chunk]
+    return [
+        _decode(root + p, files[root + p], image_size=image_size,
+                channels=channels, resize=resize) for p in chunk
+    ]
 
   chunks = [relpaths[i:i + _CHUNK] for i in range(0, len(relpaths), _CHUNK)]
   with concurrent.futures.ThreadPoolExecutor() as pool:
@@ -185,8 +187,8 @@ def load_folder(path: epath.Path, *, split: str, image_size: int | None,
 
   height, width, _ = images[0].shape
   expected = (image_size, image_size) if image_size else (height, width)
-  for relpath, image in zip((p for p, r in zip(relpaths, decoded)
-                             if not isinstance(r, str)), images):
+  for relpath, image in zip(
+      (p for p, r in zip(relpaths, decoded) if not isinstance(r, str)), images):
     if image.shape[:2] != expected:
       raise common.DataError(
           f"{where}: '{root + relpath}' is {image.shape[0]}x{image.shape[1]} "
@@ -195,5 +197,5 @@ def load_folder(path: epath.Path, *, split: str, image_size: int | None,
           f"; pass image_size and resize=True to resize")
   num_classes = common.check_num_classes(max(len(classes), 1), num_classes,
                                          where)
-  return common.ImageArrays(np.stack(images),
-                            np.asarray(kept_labels, np.int32), num_classes)
+  return common.ImageArrays(np.stack(images), np.asarray(kept_labels, np.int32),
+                            num_classes)

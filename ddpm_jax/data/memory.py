@@ -99,8 +99,8 @@ class MemoryIterator:
   def __next__(self) -> dict[str, np.ndarray]:
     if self._position[0] > 0 and not self._repeat:
       raise StopIteration
-    while len(self._pending) < _PREFETCH and (self._repeat
-                                              or self._scheduled[0] == 0):
+    while len(self._pending) < _PREFETCH and (self._repeat or
+                                              self._scheduled[0] == 0):
       self._pending.append(self._pool.submit(self._batch, *self._scheduled))
       self._scheduled = self._advance(self._scheduled)
     batch = self._pending.popleft().result()
@@ -134,8 +134,8 @@ class MemoryIterator:
     """Example indices of `epoch` in visiting order, int [N]."""
     if not self._shuffle:
       return np.arange(self.spec.num_examples)
-    return np.random.default_rng([self._seed, epoch]).permutation(
-        self.spec.num_examples)
+    return np.random.default_rng([self._seed,
+                                  epoch]).permutation(self.spec.num_examples)
 
   def _batch(self, epoch: int, step: int) -> dict[str, np.ndarray]:
     """Computes this host's batch `step` of `epoch`."""
@@ -147,12 +147,18 @@ class MemoryIterator:
       flips = rng.random(self._global_batch) < 0.5
       flips = flips[self._host_offset:self._host_offset + len(indices)]
       images[flips] = images[flips, :, ::-1]
-    batch = {"image": common.to_unit_range(images),
-             "label": self._data.labels[indices]}
+    batch = {
+        "image": common.to_unit_range(images),
+        "label": self._data.labels[indices]
+    }
     if not self._repeat:
       pad = self._batch_size - len(indices)
-      batch = {key: np.concatenate([value, np.zeros((pad,) + value.shape[1:],
-                                                    value.dtype)])
-               for key, value in batch.items()}
+      batch = {
+          key:
+              np.concatenate(
+                  [value,
+                   np.zeros((pad,) + value.shape[1:], value.dtype)])
+          for key, value in batch.items()
+      }
       batch["mask"] = np.arange(self._batch_size) < len(indices)
     return batch

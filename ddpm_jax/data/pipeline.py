@@ -20,12 +20,7 @@ Only the `tfds:` source imports TensorFlow, and only when used.
 
 from __future__ import annotations
 
-from etils import epath
-
-from ddpm_jax.data import arrays
-from ddpm_jax.data import common
-from ddpm_jax.data import folder
-from ddpm_jax.data import memory
+from ddpm_jax.data import arrays, common, folder, memory
 from ddpm_jax.infra import storage
 
 DataError = common.DataError
@@ -40,8 +35,7 @@ def create_dataset(source: str, *, split: str | None = None, batch_size: int,
                    resize: bool = False, random_flip: bool, seed: int,
                    shuffle: bool = True, repeat: bool = True,
                    process_index: int = 0, process_count: int = 1,
-                   num_classes: int | None = None,
-                   skip_bad_files: bool = False,
+                   num_classes: int | None = None, skip_bad_files: bool = False,
                    data_dir: str | None = None) -> DatasetIterator:
   """Creates this host's iterator of image batches.
 
@@ -89,8 +83,8 @@ def create_dataset(source: str, *, split: str | None = None, batch_size: int,
   """
   common.check_options(batch_size=batch_size, image_size=image_size,
                        channels=channels, resize=resize, seed=seed,
-                       process_index=process_index,
-                       process_count=process_count, num_classes=num_classes)
+                       process_index=process_index, process_count=process_count,
+                       num_classes=num_classes)
   scheme, _, rest = source.partition(":")
   if scheme == "tfds":
     name, _, source_split = rest.partition(":")
@@ -104,8 +98,7 @@ def create_dataset(source: str, *, split: str | None = None, batch_size: int,
                        resize=resize, num_classes=num_classes)
   batch_options = dict(batch_size=batch_size, random_flip=random_flip,
                        seed=seed, shuffle=shuffle, repeat=repeat,
-                       process_index=process_index,
-                       process_count=process_count)
+                       process_index=process_index, process_count=process_count)
   if skip_bad_files and scheme != "folder":
     raise DataError(f"skip_bad_files applies to folder: sources only, not "
                     f"{source!r}")
@@ -130,5 +123,4 @@ def create_dataset(source: str, *, split: str | None = None, batch_size: int,
   else:
     raise DataError(f"unknown source {source!r}; expected one of "
                     f"{', '.join(_SCHEMES)}")
-  return memory.MemoryIterator(data, where=f"{source}:{split}",
-                               **batch_options)
+  return memory.MemoryIterator(data, where=f"{source}:{split}", **batch_options)

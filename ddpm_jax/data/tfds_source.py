@@ -17,8 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ddpm_jax.data import common
-from ddpm_jax.data import memory
+from ddpm_jax.data import common, memory
 
 _SHUFFLE_BUFFER = 50_000  # encoded examples held for shuffling
 
@@ -38,8 +37,8 @@ class TfdsIterator:
   def __init__(self, name: str, *, split: str, batch_size: int,
                image_size: int | None, channels: int | None, resize: bool,
                random_flip: bool, seed: int, shuffle: bool, repeat: bool,
-               process_index: int, process_count: int,
-               num_classes: int | None, data_dir: str | None = None):
+               process_index: int, process_count: int, num_classes: int | None,
+               data_dir: str | None = None):
     """Opens the dataset (preparing it if needed); see `create_dataset`.
 
     `data_dir` (local or gs://; None: tfds's default) is where the dataset
@@ -78,14 +77,14 @@ class TfdsIterator:
       raise common.DataError(f"tfds:{name}: images are {height}x{width} but "
                              f"image_size={image_size}; pass resize=True to "
                              f"center-crop and resize them")
-    has_label = ("label" in features
-                 and isinstance(features["label"], tfds.features.ClassLabel))
+    has_label = ("label" in features and
+                 isinstance(features["label"], tfds.features.ClassLabel))
     found = features["label"].num_classes if has_label else 1
     num_classes = common.check_num_classes(found, num_classes, f"tfds:{name}")
 
-    host_split = tfds.split_for_jax_process(
-        split, process_index=process_index, process_count=process_count,
-        drop_remainder=repeat)
+    host_split = tfds.split_for_jax_process(split, process_index=process_index,
+                                            process_count=process_count,
+                                            drop_remainder=repeat)
     try:
       total = int(builder.as_dataset(split=split).cardinality())
       encoded = builder.as_dataset(
@@ -104,16 +103,14 @@ class TfdsIterator:
             f"{where}: host {process_index} of {process_count} gets "
             f"{host_examples} examples, fewer than one batch of {batch_size}")
     else:
-      steps = common.ceil_div(common.ceil_div(total, process_count),
-                              batch_size)
+      steps = common.ceil_div(common.ceil_div(total, process_count), batch_size)
     self.spec = common.DatasetSpec(num_examples=total,
                                    image_shape=(height, width, depth),
                                    num_classes=num_classes,
                                    steps_per_epoch=steps)
-    self._encoded = encoded.map(
-        lambda ex: (ex["image"],
-                    tf.cast(ex["label"], tf.int32) if has_label
-                    else tf.constant(0, tf.int32)))
+    self._encoded = encoded.map(lambda ex:
+                                (ex["image"], tf.cast(ex["label"], tf.int32)
+                                 if has_label else tf.constant(0, tf.int32)))
     self._host_examples = host_examples
     self._batch_size = batch_size
     self._resize = resize
@@ -168,16 +165,19 @@ class TfdsIterator:
                       seed=epoch_seed, reshuffle_each_iteration=False)
     start = step * self._batch_size
     ds = ds.skip(start).enumerate(start)
-    ds = ds.map(lambda index, example: self._preprocess(epoch_seed, index,
-                                                        *example),
-                num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(
+        lambda index, example: self._preprocess(epoch_seed, index, *example),
+        num_parallel_calls=tf.data.AUTOTUNE)
     if not self._repeat:
       padded = self.spec.steps_per_epoch * self._batch_size
-      padding = {"image": tf.zeros(self.spec.image_shape, tf.float32),
-                 "label": tf.constant(0, tf.int32),
-                 "mask": tf.constant(False)}
-      ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(
-          padded - self._host_examples))
+      padding = {
+          "image": tf.zeros(self.spec.image_shape, tf.float32),
+          "label": tf.constant(0, tf.int32),
+          "mask": tf.constant(False)
+      }
+      ds = ds.concatenate(
+          tf.data.Dataset.from_tensors(padding).repeat(padded -
+                                                       self._host_examples))
     ds = ds.batch(self._batch_size, drop_remainder=True)
     options = tf.data.Options()
     options.deterministic = True
@@ -192,8 +192,8 @@ class TfdsIterator:
     if self._resize:
       shape = tf.shape(image)
       side = tf.minimum(shape[0], shape[1])
-      image = tf.image.crop_to_bounding_box(
-          image, (shape[0] - side) // 2, (shape[1] - side) // 2, side, side)
+      image = tf.image.crop_to_bounding_box(image, (shape[0] - side) // 2,
+                                            (shape[1] - side) // 2, side, side)
       size = self.spec.image_shape[:2]
       image = tf.image.resize(image, size, antialias=True)
       image = tf.clip_by_value(tf.round(image), 0, 255)
@@ -201,8 +201,10 @@ class TfdsIterator:
       image = tf.image.stateless_random_flip_left_right(
           image, seed=tf.stack([tf.constant(epoch_seed, tf.int64), index]))
     image = (tf.cast(image, tf.float32) - 127.5) / 127.5
-    example = {"image": tf.ensure_shape(image, self.spec.image_shape),
-               "label": label}
+    example = {
+        "image": tf.ensure_shape(image, self.spec.image_shape),
+        "label": label
+    }
     if not self._repeat:
       example["mask"] = tf.constant(True)
     return example

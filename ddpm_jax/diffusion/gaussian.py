@@ -117,8 +117,7 @@ def q_posterior_mean_variance(schedule: Schedule, x0: jnp.ndarray,
   mean = (extract(schedule.posterior_mean_coef1, t, x_t.shape) * x0 +
           extract(schedule.posterior_mean_coef2, t, x_t.shape) * x_t)
   variance = extract(schedule.posterior_variance, t, x_t.shape)
-  log_variance = extract(schedule.posterior_log_variance_clipped, t,
-                         x_t.shape)
+  log_variance = extract(schedule.posterior_log_variance_clipped, t, x_t.shape)
   return mean, variance, log_variance
 
 
@@ -130,8 +129,9 @@ def predict_x0_from_eps(schedule: Schedule, x_t, t, eps):
 
 def predict_eps_from_x0(schedule: Schedule, x_t, t, x0):
   """eps = (x_t / sqrt(alpha-bar_t) - x_0) / sqrt(1 / alpha-bar_t - 1)."""
-  return ((extract(schedule.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t -
-           x0) / extract(schedule.sqrt_recipm1_alphas_cumprod, t, x_t.shape))
+  return (
+      (extract(schedule.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - x0) /
+      extract(schedule.sqrt_recipm1_alphas_cumprod, t, x_t.shape))
 
 
 def velocity(schedule: Schedule, x0, t, eps):

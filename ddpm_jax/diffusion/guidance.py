@@ -46,8 +46,9 @@ CondModelFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
 
 def _check_num_classes(num_classes) -> None:
-  if isinstance(num_classes, bool) or not isinstance(
-      num_classes, (int, np.integer)) or num_classes < 1:
+  if isinstance(num_classes,
+                bool) or not isinstance(num_classes,
+                                        (int, np.integer)) or num_classes < 1:
     raise ValueError("num_classes must be an integer >= 1, got "
                      f"{num_classes!r}.")
 
@@ -75,10 +76,9 @@ def _check_labels(labels, num_classes: int) -> None:
                      f"in [{values.min()}, {values.max()}].")
 
 
-def classifier_free_guidance(cond_fn: CondModelFn, *, labels: jnp.ndarray,
-                             num_classes: int, scale,
-                             null_label: Optional[int] = None
-                             ) -> gaussian.ModelFn:
+def classifier_free_guidance(
+    cond_fn: CondModelFn, *, labels: jnp.ndarray, num_classes: int, scale,
+    null_label: Optional[int] = None) -> gaussian.ModelFn:
   """The guided denoiser `(x_t, t) -> out + w (out - out_null)`.
 
   Args:
@@ -110,8 +110,10 @@ def classifier_free_guidance(cond_fn: CondModelFn, *, labels: jnp.ndarray,
   null = _null(num_classes, null_label)
   labels = jnp.asarray(labels)
   _check_labels(labels, num_classes)
-  if isinstance(scale, bool) or (isinstance(scale, numbers.Number) and not (
-      isinstance(scale, numbers.Real) and math.isfinite(scale))):
+  if isinstance(
+      scale,
+      bool) or (isinstance(scale, numbers.Number) and
+                not (isinstance(scale, numbers.Real) and math.isfinite(scale))):
     raise ValueError(f"scale must be a finite real number, got {scale!r}.")
   both_labels = jnp.concatenate([labels, jnp.full_like(labels, null)])
   conditional_only = isinstance(scale, numbers.Real) and scale == 0
@@ -127,8 +129,8 @@ def classifier_free_guidance(cond_fn: CondModelFn, *, labels: jnp.ndarray,
     cond, uncond = jnp.split(both, 2, axis=0)
     channels = x_t.shape[-1]
     if cond.shape[-1] == 2 * channels:  # Learned variance: guide the mean.
-      guided = cond[..., :channels] + scale * (
-          cond[..., :channels] - uncond[..., :channels])
+      guided = cond[..., :channels] + scale * (cond[..., :channels] -
+                                               uncond[..., :channels])
       return jnp.concatenate([guided, cond[..., channels:]], axis=-1)
     return cond + scale * (cond - uncond)
 
@@ -136,8 +138,8 @@ def classifier_free_guidance(cond_fn: CondModelFn, *, labels: jnp.ndarray,
 
 
 def drop_labels(labels: jnp.ndarray, key: jax.Array, *, p_uncond: float,
-                num_classes: int, null_label: Optional[int] = None
-                ) -> jnp.ndarray:
+                num_classes: int,
+                null_label: Optional[int] = None) -> jnp.ndarray:
   """Label dropout for classifier-free guidance training.
 
   Each label independently becomes the null label with probability

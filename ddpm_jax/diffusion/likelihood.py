@@ -42,8 +42,7 @@ def approx_standard_normal_cdf(x: jnp.ndarray) -> jnp.ndarray:
 
 
 def discretized_gaussian_log_likelihood(x: jnp.ndarray, *, means: jnp.ndarray,
-                                        log_scales: jnp.ndarray
-                                        ) -> jnp.ndarray:
+                                        log_scales: jnp.ndarray) -> jnp.ndarray:
   """Log-likelihood of 8-bit data under a Gaussian discretized into bins.
 
   The 256 values of 8-bit data map to x in {-1, -1 + 2/255, ..., 1}; each owns
@@ -81,10 +80,10 @@ def prior_bpd(schedule: Schedule, x0: jnp.ndarray) -> jnp.ndarray:
   return _mean_bits(normal_kl(mean, log_variance, 0.0, 0.0))
 
 
-def vb_terms_bpd(schedule: Schedule, model_output: jnp.ndarray,
-                 x0: jnp.ndarray, x_t: jnp.ndarray, t: jnp.ndarray, *,
-                 target: str = "eps", var_type: str = "fixed_large",
-                 mean_form: str = "x0", clip_x0: bool = True) -> jnp.ndarray:
+def vb_terms_bpd(schedule: Schedule, model_output: jnp.ndarray, x0: jnp.ndarray,
+                 x_t: jnp.ndarray, t: jnp.ndarray, *, target: str = "eps",
+                 var_type: str = "fixed_large", mean_form: str = "x0",
+                 clip_x0: bool = True) -> jnp.ndarray:
   """One term of the bound per example: L_{t-1} for t > 0, L_0 for t = 0.
 
   Args:
@@ -101,13 +100,14 @@ def vb_terms_bpd(schedule: Schedule, model_output: jnp.ndarray,
   """
   true_mean, _, true_log_variance = gaussian.q_posterior_mean_variance(
       schedule, x0, x_t, t)
-  out = gaussian.p_mean_variance(schedule, model_output, x_t, t,
-                                  target=target, var_type=var_type,
-                                  mean_form=mean_form, clip_x0=clip_x0)
-  kl = _mean_bits(normal_kl(true_mean, true_log_variance, out.mean,
-                            out.log_variance))
-  decoder_nll = -_mean_bits(discretized_gaussian_log_likelihood(
-      x0, means=out.mean, log_scales=0.5 * out.log_variance))
+  out = gaussian.p_mean_variance(schedule, model_output, x_t, t, target=target,
+                                 var_type=var_type, mean_form=mean_form,
+                                 clip_x0=clip_x0)
+  kl = _mean_bits(
+      normal_kl(true_mean, true_log_variance, out.mean, out.log_variance))
+  decoder_nll = -_mean_bits(
+      discretized_gaussian_log_likelihood(x0, means=out.mean,
+                                          log_scales=0.5 * out.log_variance))
   return jnp.where(t == 0, decoder_nll, kl)
 
 
@@ -120,8 +120,8 @@ class VariationalBound(NamedTuple):
   terms_bpd: jnp.ndarray  # [B, T] term of each step (index 0 is L_0)
 
 
-def variational_bound(model_fn: gaussian.ModelFn, schedule: Schedule, x0: jnp.ndarray,
-                      key: jax.Array, *, target: str = "eps",
+def variational_bound(model_fn: gaussian.ModelFn, schedule: Schedule,
+                      x0: jnp.ndarray, key: jax.Array, *, target: str = "eps",
                       var_type: str = "fixed_large", mean_form: str = "x0",
                       clip_x0: bool = True) -> VariationalBound:
   """The full bound of each image over all T steps, with one `lax.scan`.
@@ -147,9 +147,8 @@ def variational_bound(model_fn: gaussian.ModelFn, schedule: Schedule, x0: jnp.nd
     noise = jax.random.normal(jax.random.fold_in(key, t_scalar), x0.shape,
                               x0.dtype)
     x_t = gaussian.q_sample(schedule, x0, t, noise)
-    term = vb_terms_bpd(schedule, model_fn(x_t, t), x0, x_t, t,
-                        target=target, var_type=var_type, mean_form=mean_form,
-                        clip_x0=clip_x0)
+    term = vb_terms_bpd(schedule, model_fn(x_t, t), x0, x_t, t, target=target,
+                        var_type=var_type, mean_form=mean_form, clip_x0=clip_x0)
     return carry, term
 
   _, terms = jax.lax.scan(step, None,

@@ -21,9 +21,8 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from ddpm_jax.diffusion import gaussian
-from ddpm_jax.diffusion import likelihood
 from ddpm_jax._checks import check_choice
+from ddpm_jax.diffusion import gaussian, likelihood
 from ddpm_jax.diffusion.schedules import Schedule
 
 LOSS_TYPES = ("l2", "l1", "huber")
@@ -61,8 +60,8 @@ def regression_loss(prediction: jnp.ndarray, target: jnp.ndarray, *,
   return jnp.mean(per_elem, axis=tuple(range(1, err.ndim)))
 
 
-def denoising_loss(model_fn: gaussian.ModelFn, schedule: Schedule, x0: jnp.ndarray,
-                   t: jnp.ndarray, noise: jnp.ndarray, *,
+def denoising_loss(model_fn: gaussian.ModelFn, schedule: Schedule,
+                   x0: jnp.ndarray, t: jnp.ndarray, noise: jnp.ndarray, *,
                    loss_type: str = "l2", target: str = "eps",
                    t_weights: Optional[jnp.ndarray] = None) -> jnp.ndarray:
   """Per-example denoising loss at given steps and noise.
@@ -111,8 +110,8 @@ class HybridLoss(NamedTuple):
   vlb: jnp.ndarray  # [B] L_{t-1} (L_0 at t = 0) in bits/dim, mean stopped.
 
 
-def hybrid_loss(model_fn: gaussian.ModelFn, schedule: Schedule,
-                x0: jnp.ndarray, t: jnp.ndarray, noise: jnp.ndarray, *,
+def hybrid_loss(model_fn: gaussian.ModelFn, schedule: Schedule, x0: jnp.ndarray,
+                t: jnp.ndarray, noise: jnp.ndarray, *,
                 var_type: str = "learned_range", loss_type: str = "l2",
                 target: str = "eps", t_weights: Optional[jnp.ndarray] = None,
                 vlb_weight: float = VLB_WEIGHT) -> HybridLoss:
@@ -153,16 +152,16 @@ def hybrid_loss(model_fn: gaussian.ModelFn, schedule: Schedule,
     >>> loss = terms.loss.mean()
   """
   check_choice("var_type", var_type, LEARNED_VAR_TYPES)
-  if isinstance(vlb_weight, bool) or not isinstance(
-      vlb_weight, numbers.Real) or vlb_weight < 0:
+  if isinstance(
+      vlb_weight,
+      bool) or not isinstance(vlb_weight, numbers.Real) or vlb_weight < 0:
     raise ValueError(f"vlb_weight must be a number >= 0, got {vlb_weight!r}.")
   x_t = gaussian.q_sample(schedule, x0, t, noise)
   output = model_fn(x_t, t)
   prediction, var_output = gaussian.split_model_output(output, x_t,
-                                                        var_type=var_type)
-  simple = _simple_loss(schedule, prediction, x0, t, noise,
-                        loss_type=loss_type, target=target,
-                        t_weights=t_weights)
+                                                       var_type=var_type)
+  simple = _simple_loss(schedule, prediction, x0, t, noise, loss_type=loss_type,
+                        target=target, t_weights=t_weights)
   frozen = jnp.concatenate([jax.lax.stop_gradient(prediction), var_output],
                            axis=-1)
   vlb = likelihood.vb_terms_bpd(schedule, frozen, x0, x_t, t, target=target,
@@ -172,8 +171,8 @@ def hybrid_loss(model_fn: gaussian.ModelFn, schedule: Schedule,
                     simple=simple, vlb=vlb)
 
 
-def training_losses(model_fn: gaussian.ModelFn, schedule: Schedule, x0: jnp.ndarray,
-                    key: jax.Array, *, loss_type: str = "l2",
+def training_losses(model_fn: gaussian.ModelFn, schedule: Schedule,
+                    x0: jnp.ndarray, key: jax.Array, *, loss_type: str = "l2",
                     target: str = "eps",
                     t_weights: Optional[jnp.ndarray] = None,
                     var_type: str = "fixed_large") -> jnp.ndarray:

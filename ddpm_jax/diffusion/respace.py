@@ -75,8 +75,9 @@ def spaced_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
 
 
 def _check_count(name: str, value, low: int, high) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (
-      value < low or (high is not None and value > high)):
+  if isinstance(value, bool) or not isinstance(
+      value, (int, np.integer)) or (value < low or
+                                    (high is not None and value > high)):
     bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
     raise ValueError(f"{name} must be an integer {bound}, got {value!r}.")
 

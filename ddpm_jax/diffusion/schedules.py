@@ -110,8 +110,9 @@ def beta_schedule(name: str, num_timesteps: int, *, beta_start: float = 1e-4,
 
 
 def _check_num_timesteps(num_timesteps) -> None:
-  if isinstance(num_timesteps, bool) or not isinstance(
-      num_timesteps, (int, np.integer)) or num_timesteps < 1:
+  if isinstance(num_timesteps,
+                bool) or not isinstance(num_timesteps,
+                                        (int, np.integer)) or num_timesteps < 1:
     raise ValueError(
         f"num_timesteps must be an integer >= 1, got {num_timesteps!r}.")
 
@@ -166,7 +167,7 @@ class Schedule:
     return self.alphas_cumprod / (1.0 - self.alphas_cumprod)
 
   @classmethod
-  def from_betas(cls, betas, *, warn: bool = True) -> "Schedule":
+  def from_betas(cls, betas, *, warn: bool = True) -> Schedule:
     """Builds the schedule from any array of betas in (0, 1).
 
     Args:
@@ -191,8 +192,8 @@ class Schedule:
     alphas = 1.0 - betas
     alphas_cumprod = np.cumprod(alphas)
     alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
-    posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (
-        1.0 - alphas_cumprod)
+    posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 -
+                                                                alphas_cumprod)
     # The posterior variance is 0 at t = 0; clip its log with the next value
     # (or beta_1 when T = 1) as Ho et al. do.
     first = posterior_variance[1] if len(betas) > 1 else betas[0]
@@ -225,8 +226,9 @@ class Schedule:
         posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * np.sqrt(alphas) /
         (1.0 - alphas_cumprod),
     )
-    return cls(**{k: jnp.asarray(v, dtype=jnp.float32)
-                  for k, v in arrays.items()})
+    return cls(**{
+        k: jnp.asarray(v, dtype=jnp.float32) for k, v in arrays.items()
+    })
 
 
 def make_schedule(name: str = "linear", num_timesteps: int = 1000, *,

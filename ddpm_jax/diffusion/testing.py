@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax.diffusion import gaussian
 from ddpm_jax._checks import check_choice
+from ddpm_jax.diffusion import gaussian
 from ddpm_jax.diffusion.schedules import Schedule
 
 
@@ -78,18 +78,18 @@ def gaussian_mixture(*, weights, means, stds, labels=None) -> GaussianMixture:
                      f"shapes {means.shape}, {weights.shape}, {stds.shape}.")
   if np.any(weights <= 0) or np.any(stds <= 0):
     raise ValueError("weights and stds must be positive.")
-  labels = np.zeros(len(weights), np.int64) if labels is None else (
-      np.asarray(labels))
+  labels = np.zeros(len(weights),
+                    np.int64) if labels is None else (np.asarray(labels))
   if labels.shape != weights.shape or not np.issubdtype(labels.dtype,
                                                         np.integer):
     raise ValueError(f"labels must be K = {len(weights)} integers.")
   if set(labels.tolist()) != set(range(labels.max() + 1)):
     raise ValueError(f"labels must use every class 0..C-1, got {labels}.")
   return GaussianMixture(
-      weights=jnp.asarray(weights / weights.sum(), jnp.float32),
-      means=jnp.asarray(means, jnp.float32),
-      stds=jnp.asarray(stds, jnp.float32),
-      labels=jnp.asarray(labels, jnp.int32))
+      weights=jnp.asarray(weights / weights.sum(),
+                          jnp.float32), means=jnp.asarray(means, jnp.float32),
+      stds=jnp.asarray(stds,
+                       jnp.float32), labels=jnp.asarray(labels, jnp.int32))
 
 
 def sample(mix: GaussianMixture, key: jax.Array, num: int, *,
@@ -139,9 +139,11 @@ def posterior_predictions(mix: GaussianMixture, x_t, alpha, sigma,
   resp = jax.nn.softmax(logits, axis=-1)[:, :, None]  # [B, K, 1]
   offset = x_t[:, None, :] - alpha[:, :, None] * mix.means  # [B, K, D]
   var = var[:, :, None]
-  x0 = jnp.sum(resp * (mix.means + (alpha[:, :, None] *
-                                    jnp.square(mix.stds)[:, None] / var) *
-                       offset), axis=1)
+  x0 = jnp.sum(
+      resp *
+      (mix.means +
+       (alpha[:, :, None] * jnp.square(mix.stds)[:, None] / var) * offset),
+      axis=1)
   eps = jnp.sum(resp * sigma[:, :, None] * offset / var, axis=1)
   return x0, eps
 
@@ -156,8 +158,7 @@ def _as_target(x0, eps, alpha, sigma, target):
 
 def _scales(schedule: Schedule, x, t):
   return (gaussian.extract(schedule.sqrt_alphas_cumprod, t, x.shape),
-          gaussian.extract(schedule.sqrt_one_minus_alphas_cumprod, t,
-                            x.shape))
+          gaussian.extract(schedule.sqrt_one_minus_alphas_cumprod, t, x.shape))
 
 
 def denoiser(mix: GaussianMixture, schedule: Schedule, *,
@@ -177,10 +178,9 @@ def denoiser(mix: GaussianMixture, schedule: Schedule, *,
   return model_fn
 
 
-def conditional_denoiser(mix: GaussianMixture, schedule: Schedule, *,
-                         target: str = "eps"
-                         ) -> Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray],
-                                       jnp.ndarray]:
+def conditional_denoiser(
+    mix: GaussianMixture, schedule: Schedule, *, target: str = "eps"
+) -> Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]:
   """The exact class-conditional denoiser `(x_t, t, y) -> target`.
 
   Label y in [0, C) conditions on that class; y = C (`mix.num_classes`, the
@@ -204,8 +204,7 @@ def conditional_denoiser(mix: GaussianMixture, schedule: Schedule, *,
 
 def class_log_posterior(mix: GaussianMixture, x: jnp.ndarray) -> jnp.ndarray:
   """log p(y | x_0 = x) of the mixture's classes, float32 [B, C]."""
-  var = jnp.broadcast_to(jnp.square(mix.stds), (x.shape[0],) +
-                         mix.stds.shape)
+  var = jnp.broadcast_to(jnp.square(mix.stds), (x.shape[0],) + mix.stds.shape)
   logits = _component_logits(mix, x, jnp.ones((x.shape[0], 1)), var)
   one_hot = jax.nn.one_hot(mix.labels, mix.num_classes, dtype=bool)  # [K, C]
   per_class = jax.nn.logsumexp(
@@ -230,8 +229,7 @@ def fit_components(mix: GaussianMixture, x: jnp.ndarray) -> ComponentFit:
   true parameters when x comes from `mix`, and differ from them when it does
   not: a sampler's weight, location and spread errors per component.
   """
-  var = jnp.broadcast_to(jnp.square(mix.stds), (x.shape[0],) +
-                         mix.stds.shape)
+  var = jnp.broadcast_to(jnp.square(mix.stds), (x.shape[0],) + mix.stds.shape)
   resp = jax.nn.softmax(
       _component_logits(mix, x, jnp.ones((x.shape[0], 1)), var), axis=-1)
   weights = jnp.mean(resp, axis=0)

@@ -23,12 +23,11 @@ import numpy as np
 import optax
 
 from ddpm_jax import samplers
-from ddpm_jax.diffusion import guidance, losses, respace
-from ddpm_jax.engine import optim
-from ddpm_jax.engine import train_step
-from ddpm_jax.engine.config import model_config
 from ddpm_jax.data.common import DatasetIterator
+from ddpm_jax.diffusion import guidance, losses, respace
 from ddpm_jax.diffusion.schedules import Schedule, make_schedule
+from ddpm_jax.engine import optim, train_step
+from ddpm_jax.engine.config import model_config
 
 
 def image_shape(config) -> tuple[int, int, int]:
@@ -67,15 +66,15 @@ def build_learning_rate_fn(config) -> optax.Schedule:
 def build_optimizer(config) -> optax.GradientTransformation:
   """The optimizer of `config.optimizer` (see `optim.create_optimizer`)."""
   opt = config.optimizer
-  return optim.create_optimizer(
-      **_optimizer_options(config), grad_clip_norm=float(opt.grad_clip_norm),
-      weight_decay=float(opt.weight_decay), b1=float(opt.b1),
-      b2=float(opt.b2), eps=float(opt.eps))
+  return optim.create_optimizer(**_optimizer_options(config),
+                                grad_clip_norm=float(opt.grad_clip_norm),
+                                weight_decay=float(opt.weight_decay),
+                                b1=float(opt.b1), b2=float(opt.b2),
+                                eps=float(opt.eps))
 
 
-def build_train_step(config, model: nn.Module,
-                     tx: optax.GradientTransformation, *,
-                     schedule: Optional[Schedule] = None,
+def build_train_step(config, model: nn.Module, tx: optax.GradientTransformation,
+                     *, schedule: Optional[Schedule] = None,
                      axis_name: Optional[str] = None) -> Callable:
   """`train_step.train_step` with the loss, EMA and optimizer settings of
   `config` bound: `step(state, batch, rng) -> (state, metrics)`."""
@@ -122,9 +121,8 @@ def build_dataset(config, *, batch_size: int, process_index: int = 0,
       resize=bool(data.resize), random_flip=bool(data.random_flip) and training,
       seed=int(config.seed), shuffle=training, repeat=training,
       process_index=process_index, process_count=process_count,
-      num_classes=int(data.num_classes) or None,
-      skip_bad_files=bool(data.skip_bad_files),
-      data_dir=data.tfds_data_dir or None)
+      num_classes=int(data.num_classes) or None, skip_bad_files=bool(
+          data.skip_bad_files), data_dir=data.tfds_data_dir or None)
 
 
 class Sampler(NamedTuple):
@@ -149,8 +147,7 @@ class Sampler(NamedTuple):
 def _guided_respaced(solver: Callable[..., samplers.SampleOutput],
                      model_fn: Callable, schedule: Schedule, *,
                      num_classes: int, guidance_scale: float,
-                     respaced: Optional[respace.Respaced],
-                     num_timesteps: int,
+                     respaced: Optional[respace.Respaced], num_timesteps: int,
                      labels: Optional[np.ndarray] = None,
                      **kwargs) -> samplers.SampleOutput:
   """`solver` on the guided (conditional runs) and respaced (respaced
@@ -159,9 +156,9 @@ def _guided_respaced(solver: Callable[..., samplers.SampleOutput],
     if labels is None:
       raise ValueError("labels [B] are required: the run is "
                        f"class-conditional ({num_classes} classes).")
-    model_fn = guidance.classifier_free_guidance(
-        model_fn, labels=labels, num_classes=num_classes,
-        scale=guidance_scale)
+    model_fn = guidance.classifier_free_guidance(model_fn, labels=labels,
+                                                 num_classes=num_classes,
+                                                 scale=guidance_scale)
   elif labels is not None:
     raise ValueError("labels were given to the sampler of an unconditional "
                      "run.")

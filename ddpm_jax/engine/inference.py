@@ -26,19 +26,17 @@ import jax.numpy as jnp
 from etils import epath
 from jax.sharding import Mesh
 
-from ddpm_jax.diffusion import gaussian
-from ddpm_jax.diffusion import guidance
-from ddpm_jax.engine import builders, checkpoint
-from ddpm_jax.infra import parallel
-from ddpm_jax.engine import train_step
+from ddpm_jax.diffusion import gaussian, guidance
 from ddpm_jax.diffusion.schedules import Schedule
-from ddpm_jax.infra import storage
+from ddpm_jax.engine import builders, checkpoint, train_step
+from ddpm_jax.infra import parallel, storage
 
 PyTree = Any
 
 
-def make_model_fn(model: nn.Module, *, conditional: bool = False
-                  ) -> Callable[[PyTree], Callable[..., jnp.ndarray]]:
+def make_model_fn(
+    model: nn.Module, *, conditional: bool = False
+) -> Callable[[PyTree], Callable[..., jnp.ndarray]]:
   """params -> the denoiser of `model` in eval mode.
 
   Args:
@@ -52,11 +50,13 @@ def make_model_fn(model: nn.Module, *, conditional: bool = False
     >>> model_fn = make_model_fn(unet)(params)
     >>> eps = model_fn(x_t, t)
   """
+
   def bind(params):
     if conditional:
       return lambda x_t, t, y: model.apply({"params": params}, x_t, t, y=y,
                                            train=False)
     return lambda x_t, t: model.apply({"params": params}, x_t, t, train=False)
+
   return bind
 
 
@@ -79,13 +79,11 @@ class Trained(NamedTuple):
 
   def bind(self, params: PyTree) -> Callable[..., jnp.ndarray]:
     """The denoiser of the model with `params` (`make_model_fn`)."""
-    return make_model_fn(self.model,
-                         conditional=self.num_classes > 0)(params)
+    return make_model_fn(self.model, conditional=self.num_classes > 0)(params)
 
 
 def load_trained(config, workdir: str | epath.PathLike, *,
-                 model: Optional[nn.Module] = None,
-                 mesh: Optional[Mesh] = None,
+                 model: Optional[nn.Module] = None, mesh: Optional[Mesh] = None,
                  step: Optional[int] = None) -> Trained:
   """The EMA parameters of the newest usable checkpoint of a run (or of
   checkpoint `step`).
@@ -132,5 +130,5 @@ def load_trained(config, workdir: str | epath.PathLike, *,
       raise no_checkpoint
     step, params = ckpt.restore_ema_params(abstract, step=step)
   return Trained(model=model, params=params,
-                 schedule=builders.build_schedule(config), step=step,
-                 mesh=mesh, num_classes=num_classes)
+                 schedule=builders.build_schedule(config), step=step, mesh=mesh,
+                 num_classes=num_classes)

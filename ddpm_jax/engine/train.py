@@ -46,8 +46,8 @@ from absl import logging
 from etils import epath
 
 from ddpm_jax.engine import builders, checkpoint, generation, train_step
-from ddpm_jax.infra import parallel, storage
 from ddpm_jax.engine.inference import Trained
+from ddpm_jax.infra import parallel, storage
 
 PyTree = Any
 
@@ -78,7 +78,7 @@ class _StopRequest:
     self._deadline = start + max_time if max_time > 0 else math.inf
     self._previous = None
 
-  def __enter__(self) -> "_StopRequest":
+  def __enter__(self) -> _StopRequest:
     if threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
@@ -140,8 +140,7 @@ def _summary_writer(workdir: epath.Path):
     logging.warning("tensorboardX is not installed: no TensorBoard scalars.")
     return None
   for prefix in storage.REMOTE_PREFIXES:
-    record_writer.register_writer_factory(prefix.split(":")[0],
-                                          _EventFiles())
+    record_writer.register_writer_factory(prefix.split(":")[0], _EventFiles())
   return tensorboardX.SummaryWriter(os.fspath(workdir))
 
 
@@ -188,10 +187,11 @@ class _Profile:
         with open(source, "rb") as f:
           target.write_bytes(f.read())
     shutil.rmtree(local)
-    logging.info("Wrote a profiler trace of steps %d-%d to %s (TensorBoard: "
-                 "--logdir %s, profile tab; Perfetto: "
-                 "perfetto_trace.json.gz).", self._first, self._last,
-                 self._target, self._target)
+    logging.info(
+        "Wrote a profiler trace of steps %d-%d to %s (TensorBoard: "
+        "--logdir %s, profile tab; Perfetto: "
+        "perfetto_trace.json.gz).", self._first, self._last, self._target,
+        self._target)
 
 
 class _MetricLog:
@@ -205,8 +205,8 @@ class _MetricLog:
     self._timer_step, self._timer_start = start_step, None
     self._writer = _summary_writer(workdir) if is_chief else None
     # A progress bar only for a person watching a terminal.
-    self._progress = tqdm.tqdm(total=num_steps, initial=start_step,
-                               unit="step", dynamic_ncols=True,
+    self._progress = tqdm.tqdm(total=num_steps, initial=start_step, unit="step",
+                               dynamic_ncols=True,
                                disable=not (is_chief and sys.stderr.isatty()))
 
   def due(self, step: int) -> bool:
@@ -229,8 +229,8 @@ class _MetricLog:
     host["images_per_sec"] = steps_per_sec * self._global_batch
     if not self._is_chief:
       return
-    eta = ((self._num_steps - step) / steps_per_sec if steps_per_sec > 0
-           else math.inf)
+    eta = ((self._num_steps - step) /
+           steps_per_sec if steps_per_sec > 0 else math.inf)
     budget = ""
     if seconds_left < eta:
       eta, budget = max(seconds_left, 0.0), " (time budget)"
@@ -278,9 +278,8 @@ class _NonFiniteGuard:
           f"non-finite for {count} steps in a row (train.max_nonfinite_steps"
           f" = {self._max_steps}); those updates were skipped. Last good "
           "checkpoint: " +
-          (f"step {self.last_saved} in {self._directory}."
-           if self.last_saved is not None
-           else "none (no checkpoint was written before)."))
+          (f"step {self.last_saved} in {self._directory}." if self.last_saved
+           is not None else "none (no checkpoint was written before)."))
 
 
 def _check_batch(images: np.ndarray, expected: tuple[int, ...]) -> None:
@@ -289,10 +288,10 @@ def _check_batch(images: np.ndarray, expected: tuple[int, ...]) -> None:
                      f"{images.shape}; expected {expected}.")
 
 
-def train_and_evaluate(config, workdir: str | epath.PathLike, *,
-                       model: Optional[nn.Module] = None,
-                       dataset_factory: Optional[Callable[..., Any]] = None
-                       ) -> train_step.TrainState:
+def train_and_evaluate(
+    config, workdir: str | epath.PathLike, *, model: Optional[nn.Module] = None,
+    dataset_factory: Optional[Callable[...,
+                                       Any]] = None) -> train_step.TrainState:
   """Trains (resuming from `workdir` when it holds a checkpoint).
 
   Checkpoints go to `<workdir>/checkpoints` every `train.checkpoint_every`
@@ -330,9 +329,10 @@ def train_and_evaluate(config, workdir: str | epath.PathLike, *,
   workdir = storage.as_path(workdir)
 
   # The data first: a bad source fails before anything starts threads.
-  ds = (dataset_factory or builders.build_dataset)(
-      config, batch_size=host_shape[0], process_index=process_index,
-      process_count=process_count)
+  ds = (dataset_factory or
+        builders.build_dataset)(config, batch_size=host_shape[0],
+                                process_index=process_index,
+                                process_count=process_count)
   mesh = parallel.create_mesh()
   replicated = parallel.replicated(mesh)
   model = builders.build_model(config) if model is None else model
@@ -344,12 +344,15 @@ def train_and_evaluate(config, workdir: str | epath.PathLike, *,
       lambda: tuple(jax.random.split(jax.random.PRNGKey(config.seed), 3)),
       out_shardings=(replicated,) * 3)()
   num_classes = int(config.data.num_classes)
-  abstract_state = train_step.abstract_train_state(
-      model, tx, image_shape=image_shape, mesh=mesh, num_classes=num_classes)
+  abstract_state = train_step.abstract_train_state(model, tx,
+                                                   image_shape=image_shape,
+                                                   mesh=mesh,
+                                                   num_classes=num_classes)
 
   with contextlib.ExitStack() as stack:
-    ckpt = stack.enter_context(checkpoint.CheckpointManager(
-        workdir / "checkpoints", max_to_keep=int(tcfg.keep_checkpoints)))
+    ckpt = stack.enter_context(
+        checkpoint.CheckpointManager(workdir / "checkpoints",
+                                     max_to_keep=int(tcfg.keep_checkpoints)))
     if ckpt.latest_step() is None:
       state = train_step.create_train_state(model, tx, init_rng,
                                             image_shape=image_shape, mesh=mesh,
@@ -359,23 +362,26 @@ def train_and_evaluate(config, workdir: str | epath.PathLike, *,
       # The newest complete, verified checkpoint; broken newer ones are
       # skipped with a warning (CheckpointError when none is usable).
       last_saved, state, rng, data_state = ckpt.restore_newest_valid(
-          abstract_state, jax.ShapeDtypeStruct(
-              train_rng.shape, train_rng.dtype, sharding=replicated))
+          abstract_state,
+          jax.ShapeDtypeStruct(train_rng.shape, train_rng.dtype,
+                               sharding=replicated))
       if data_state is not None and hasattr(ds, "set_state"):
         ds.set_state(data_state)
       else:
-        logging.warning("Checkpoint %d has no input-pipeline position for "
-                        "this process; the data restarts from the "
-                        "beginning.", last_saved)
+        logging.warning(
+            "Checkpoint %d has no input-pipeline position for "
+            "this process; the data restarts from the "
+            "beginning.", last_saved)
       if is_chief:
         logging.info("Resumed from checkpoint step %d in %s.", last_saved,
                      ckpt.directory)
     step = int(parallel.host_value(state.step))
     if is_chief:
-      logging.info("Training %d steps from step %d: global batch %d over %d "
-                   "devices (%d processes), %d parameters.", num_steps, step,
-                   global_batch, jax.device_count(), process_count,
-                   sum(x.size for x in jax.tree.leaves(abstract_state.params)))
+      logging.info(
+          "Training %d steps from step %d: global batch %d over %d "
+          "devices (%d processes), %d parameters.", num_steps, step,
+          global_batch, jax.device_count(), process_count,
+          sum(x.size for x in jax.tree.leaves(abstract_state.params)))
 
     step_fn = train_step.jit_train_step(
         builders.build_train_step(config, model, tx, schedule=schedule), mesh,
@@ -386,24 +392,25 @@ def train_and_evaluate(config, workdir: str | epath.PathLike, *,
     stack.callback(log.close)
     guard = _NonFiniteGuard(int(tcfg.max_nonfinite_steps), ckpt.directory,
                             last_saved)
-    stop = stack.enter_context(_StopRequest(max_time=float(tcfg.max_time),
-                                            start=start_time))
+    stop = stack.enter_context(
+        _StopRequest(max_time=float(tcfg.max_time), start=start_time))
     profile = _Profile(first=int(tcfg.profile_start),
                        count=int(tcfg.profile_steps), workdir=workdir,
                        enabled=is_chief)
     stack.callback(profile.close)
-    sample_every, ckpt_every = int(tcfg.sample_every), int(tcfg.checkpoint_every)
+    sample_every, ckpt_every = int(tcfg.sample_every), int(
+        tcfg.checkpoint_every)
 
     def save(at_step, metrics):
-      ckpt.save(at_step, state, rng, data_state=ds.get_state()
-                if hasattr(ds, "get_state") else None)
+      ckpt.save(at_step, state, rng,
+                data_state=ds.get_state() if hasattr(ds, "get_state") else None)
       guard.saved(at_step, metrics)
 
     def sample_grid(at_step, *, gif):
       generation.save_training_samples(
           Trained(model=model, params=state.ema_params, schedule=schedule,
-                  step=at_step, mesh=mesh, num_classes=num_classes),
-          config, key=sample_rng, workdir=workdir, gif=gif)
+                  step=at_step, mesh=mesh, num_classes=num_classes), config,
+          key=sample_rng, workdir=workdir, gif=gif)
 
     metrics = prev_metrics = None
     # A fresh run shows its real data once, drawn as the sample grids are.
@@ -430,8 +437,8 @@ def train_and_evaluate(config, workdir: str | epath.PathLike, *,
         log.write(step, metrics, stop.seconds_left())
       # Several hosts agree at log steps only (a collective); one checks
       # every step.
-      stopping = (stop.check() if process_count == 1 or log.due(step)
-                  else False)
+      stopping = (stop.check()
+                  if process_count == 1 or log.due(step) else False)
       final = step == num_steps or stopping
       if step % ckpt_every == 0 or final:
         save(step, metrics)

@@ -40,12 +40,11 @@ from flax import struct
 from jax import lax
 from jax.sharding import Mesh
 
-from ddpm_jax.diffusion import gaussian
-from ddpm_jax.diffusion import guidance, losses
+from ddpm_jax._checks import check_choice
+from ddpm_jax.diffusion import gaussian, guidance, losses
+from ddpm_jax.diffusion.schedules import Schedule
 from ddpm_jax.engine import optim
 from ddpm_jax.infra import parallel
-from ddpm_jax._checks import check_choice
-from ddpm_jax.diffusion.schedules import Schedule
 
 PyTree = Any
 
@@ -70,16 +69,18 @@ def _label_kwargs(labels: Optional[jnp.ndarray]) -> dict[str, jnp.ndarray]:
 
 
 def init_params(model: nn.Module, rng: jax.Array, *,
-                image_shape: tuple[int, int, int],
-                num_classes: int = 0) -> PyTree:
+                image_shape: tuple[int, int,
+                                   int], num_classes: int = 0) -> PyTree:
   """The model's initial parameters for images of `image_shape` (pure);
   with `num_classes` > 0 the model is class-conditional (called with y)."""
   params_rng, dropout_rng = jax.random.split(rng)
   x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
   t = jnp.zeros((1,), jnp.int32)
   labels = jnp.zeros((1,), jnp.int32) if num_classes else None
-  return model.init({"params": params_rng, "dropout": dropout_rng}, x, t,
-                    train=False, **_label_kwargs(labels))["params"]
+  return model.init({
+      "params": params_rng,
+      "dropout": dropout_rng
+  }, x, t, train=False, **_label_kwargs(labels))["params"]
 
 
 def init_train_state(model: nn.Module, tx: optax.GradientTransformation,
@@ -101,22 +102,21 @@ def init_train_state(model: nn.Module, tx: optax.GradientTransformation,
   params = init_params(model, rng, image_shape=image_shape,
                        num_classes=num_classes)
   return TrainState(
-      step=jnp.zeros((), jnp.int32),
-      params=params,
+      step=jnp.zeros((), jnp.int32), params=params,
       ema_params=jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params),
-      opt_state=tx.init(params),
-      nonfinite_count=jnp.zeros((), jnp.int32))
+      opt_state=tx.init(params), nonfinite_count=jnp.zeros((), jnp.int32))
 
 
-def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation,
-                         *, image_shape: tuple[int, int, int], mesh: Mesh,
+def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation, *,
+                         image_shape: tuple[int, int, int], mesh: Mesh,
                          num_classes: int = 0) -> TrainState:
   """The train state's shapes, replicated on `mesh` (nothing computed)."""
   init_fn = functools.partial(init_train_state, model, tx,
                               image_shape=tuple(image_shape),
                               num_classes=num_classes)
-  return parallel.replicated_abstract(
-      init_fn, jax.ShapeDtypeStruct((2,), jnp.uint32), mesh=mesh)
+  return parallel.replicated_abstract(init_fn,
+                                      jax.ShapeDtypeStruct((2,), jnp.uint32),
+                                      mesh=mesh)
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
@@ -139,8 +139,9 @@ def _example_keys(key: jax.Array, local_batch: int,
     return jax.random.split(key, local_batch)
   num_shards = lax.axis_size(axis_name)
   keys = jax.random.split(key, local_batch * num_shards)
-  return lax.dynamic_slice_in_dim(keys, lax.axis_index(axis_name) *
-                                  local_batch, local_batch)
+  return lax.dynamic_slice_in_dim(keys,
+                                  lax.axis_index(axis_name) * local_batch,
+                                  local_batch)
 
 
 def _draw_t_and_noise(key: jax.Array, x0: jnp.ndarray, num_timesteps: int,
@@ -157,8 +158,8 @@ def _draw_t_and_noise(key: jax.Array, x0: jnp.ndarray, num_timesteps: int,
   return jax.vmap(draw)(_example_keys(key, x0.shape[0], axis_name))
 
 
-def drop_batch_labels(key: jax.Array, labels: jnp.ndarray, *,
-                      p_uncond: float, num_classes: int,
+def drop_batch_labels(key: jax.Array, labels: jnp.ndarray, *, p_uncond: float,
+                      num_classes: int,
                       axis_name: Optional[str] = None) -> jnp.ndarray:
   """Label dropout of a training batch with one key per example of the
   global batch, so a pmap over devices drops the same labels as one jit.
@@ -178,23 +179,22 @@ def drop_batch_labels(key: jax.Array, labels: jnp.ndarray, *,
     >>> y = drop_batch_labels(key, batch["label"], p_uncond=0.1,
     ...                       num_classes=10)
   """
+
   def drop(k, label):
     return guidance.drop_labels(label[None], k, p_uncond=p_uncond,
                                 num_classes=num_classes)[0]
 
-  return jax.vmap(drop)(_example_keys(key, labels.shape[0], axis_name),
-                        labels)
+  return jax.vmap(drop)(_example_keys(key, labels.shape[0], axis_name), labels)
 
 
-def train_step(state: TrainState, batch: dict[str, jnp.ndarray],
-               rng: jax.Array, *, apply_fn: Callable[..., jnp.ndarray],
-               tx: optax.GradientTransformation, schedule: Schedule,
-               learning_rate_fn: optax.Schedule, loss_type: str = "l2",
-               target: str = "eps", t_weights: Optional[jnp.ndarray] = None,
-               var_type: str = "fixed_large", num_classes: int = 0,
-               p_uncond: float = 0.0, ema_decay: float = 0.9999,
-               ema_warmup: bool = False, axis_name: Optional[str] = None
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+    state: TrainState, batch: dict[str, jnp.ndarray], rng: jax.Array, *,
+    apply_fn: Callable[..., jnp.ndarray], tx: optax.GradientTransformation,
+    schedule: Schedule, learning_rate_fn: optax.Schedule, loss_type: str = "l2",
+    target: str = "eps", t_weights: Optional[jnp.ndarray] = None,
+    var_type: str = "fixed_large", num_classes: int = 0, p_uncond: float = 0.0,
+    ema_decay: float = 0.9999, ema_warmup: bool = False,
+    axis_name: Optional[str] = None) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on the denoising loss. Pure; bind the keyword
   arguments with `make_train_step` (or `functools.partial`).
 
@@ -239,22 +239,21 @@ def train_step(state: TrainState, batch: dict[str, jnp.ndarray],
   x0 = batch["image"]
   step_key = jax.random.fold_in(rng, state.step)
   noise_key, dropout_key = jax.random.split(step_key)
-  t, noise = _draw_t_and_noise(noise_key, x0, schedule.num_timesteps,
-                               axis_name)
+  t, noise = _draw_t_and_noise(noise_key, x0, schedule.num_timesteps, axis_name)
   labels = None
   if num_classes:
-    labels = drop_batch_labels(jax.random.fold_in(step_key, 2),
-                               batch["label"], p_uncond=p_uncond,
-                               num_classes=num_classes, axis_name=axis_name)
+    labels = drop_batch_labels(jax.random.fold_in(step_key, 2), batch["label"],
+                               p_uncond=p_uncond, num_classes=num_classes,
+                               axis_name=axis_name)
   if axis_name is not None:
     dropout_key = jax.random.fold_in(dropout_key, lax.axis_index(axis_name))
   options = dict(loss_type=loss_type, target=target, t_weights=t_weights)
 
   def loss_fn(params):
+
     def model_fn(x_t, steps):
       return apply_fn({"params": params}, x_t, steps, train=True,
-                      rngs={"dropout": dropout_key},
-                      **_label_kwargs(labels))
+                      rngs={"dropout": dropout_key}, **_label_kwargs(labels))
 
     if var_type in losses.LEARNED_VAR_TYPES:
       per_example = losses.hybrid_loss(model_fn, schedule, x0, t, noise,
@@ -267,8 +266,10 @@ def train_step(state: TrainState, batch: dict[str, jnp.ndarray],
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   if axis_name is not None:
     loss, grads = lax.pmean((loss, grads), axis_name)
-  grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
-                           for g in jax.tree.leaves(grads)))
+  grad_norm = jnp.sqrt(
+      sum(
+          jnp.sum(jnp.square(g.astype(jnp.float32)))
+          for g in jax.tree.leaves(grads)))
   updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
   decay = optim.ema_decay_at(state.step, ema_decay=ema_decay,
@@ -278,15 +279,14 @@ def train_step(state: TrainState, batch: dict[str, jnp.ndarray],
       state.ema_params, new_params)
 
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  keep = lambda new, old: jax.tree.map(
-      lambda n, o: jnp.where(finite, n, o), new, old)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o),
+                                       new, old)
   nonfinite_count = jnp.where(finite, 0, state.nonfinite_count + 1)
-  new_state = state.replace(
-      step=state.step + 1,
-      params=keep(new_params, state.params),
-      ema_params=keep(new_ema, state.ema_params),
-      opt_state=keep(new_opt_state, state.opt_state),
-      nonfinite_count=nonfinite_count.astype(jnp.int32))
+  new_state = state.replace(step=state.step + 1,
+                            params=keep(new_params, state.params),
+                            ema_params=keep(new_ema, state.ema_params),
+                            opt_state=keep(new_opt_state, state.opt_state),
+                            nonfinite_count=nonfinite_count.astype(jnp.int32))
   metrics = {
       "loss": loss.astype(jnp.float32),
       "grad_norm": grad_norm,
@@ -310,12 +310,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     `jit_train_step`, or `jax.pmap(..., axis_name=axis_name)` it.
   """
   return functools.partial(train_step, apply_fn=model.apply, tx=tx,
-                           schedule=schedule,
-                           learning_rate_fn=learning_rate_fn, **options)
+                           schedule=schedule, learning_rate_fn=learning_rate_fn,
+                           **options)
 
 
-def jit_train_step(step_fn: Callable, mesh: Mesh,
-                   state: PyTree) -> Callable:
+def jit_train_step(step_fn: Callable, mesh: Mesh, state: PyTree) -> Callable:
   """jits `step_fn` for `mesh`: batch sharded on 'data', state replicated and
   donated, rng and metrics replicated.
 
@@ -326,8 +325,7 @@ def jit_train_step(step_fn: Callable, mesh: Mesh,
   """
   replicated = parallel.replicated(mesh)
   state_shardings = jax.tree.map(lambda _: replicated, state)
-  return jax.jit(step_fn,
-                 in_shardings=(state_shardings, parallel.data_sharded(mesh),
-                               replicated),
-                 out_shardings=(state_shardings, replicated),
-                 donate_argnums=(0,))
+  return jax.jit(
+      step_fn,
+      in_shardings=(state_shardings, parallel.data_sharded(mesh), replicated),
+      out_shardings=(state_shardings, replicated), donate_argnums=(0,))

@@ -11,8 +11,8 @@ import os
 import shutil
 import uuid
 
-from ddpm_jax.infra import storage
 from ddpm_jax.engine.config import ConfigError
+from ddpm_jax.infra import storage
 
 
 def check_workdir(workdir: str, *, mode: str,
@@ -61,4 +61,3 @@ def check_workdir(workdir: str, *, mode: str,
     raise ConfigError(f"--workdir {workdir} has only {free / 2**20:.0f} MiB "
                       f"free; at least {min_free_bytes / 2**20:.0f} MiB are "
                       "needed for checkpoints.")
-

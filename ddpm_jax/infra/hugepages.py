@@ -55,8 +55,9 @@ def accelerator_installed() -> bool:
     return any(p.strip() not in ("", "cpu") for p in platforms.split(","))
   if importlib.metadata.entry_points(group="jax_plugins"):
     return True
-  return any(importlib.util.find_spec(name) is not None
-             for name in _ACCELERATOR_MODULES)
+  return any(
+      importlib.util.find_spec(name) is not None
+      for name in _ACCELERATOR_MODULES)
 
 
 def reexec_with_huge_page_malloc() -> None:
@@ -71,8 +72,8 @@ def reexec_with_huge_page_malloc() -> None:
   tunables = os.environ.get("GLIBC_TUNABLES", "")
   if "glibc.malloc.hugetlb" in tunables or not huge_page_malloc_supported():
     return
-  os.environ["GLIBC_TUNABLES"] = ":".join(filter(None, [tunables,
-                                                        MALLOC_TUNABLE]))
+  os.environ["GLIBC_TUNABLES"] = ":".join(
+      filter(None, [tunables, MALLOC_TUNABLE]))
   sys.stdout.flush()
   sys.stderr.flush()
   os.execv(sys.executable, sys.orig_argv)

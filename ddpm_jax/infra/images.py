@@ -23,7 +23,7 @@ import os
 
 import jax.numpy as jnp
 import numpy as np
-from etils import epath
+
 from ddpm_jax.infra import storage
 
 # Channel counts a PNG/GIF frame can hold, and the Pillow mode of each.
@@ -65,8 +65,8 @@ def _check_images(images, name: str) -> None:
 
 
 def _check_int(name: str, value, *, low: int) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (
-      value < low):
+  if isinstance(
+      value, bool) or not isinstance(value, (int, np.integer)) or (value < low):
     raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
 
 
@@ -292,9 +292,10 @@ def save_gif(trajectory, path, *, nrow: int, duration: int = 100,
   _check_images(trajectory[0], "each trajectory frame")
   _check_int("nrow", nrow, low=1)
   _check_int("duration", duration, low=1)
-  frames = [_to_pil(render_grid(frame, nrow=nrow, padding=padding,
-                                min_size=min_size))
-            for frame in _as_uint8(trajectory)]
+  frames = [
+      _to_pil(render_grid(frame, nrow=nrow, padding=padding, min_size=min_size))
+      for frame in _as_uint8(trajectory)
+  ]
   with _binary_file(path) as f:
     frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:],
                    duration=int(duration), loop=0)

@@ -25,7 +25,8 @@ import jax
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 PyTree = Any
 DATA_AXIS = "data"
@@ -49,8 +50,7 @@ def data_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def replicated_abstract(fn: Callable[..., PyTree], *args,
-                        mesh: Mesh) -> PyTree:
+def replicated_abstract(fn: Callable[..., PyTree], *args, mesh: Mesh) -> PyTree:
   """`jax.eval_shape(fn, *args)` with every leaf replicated on `mesh`.
 
   The result is a tree of `jax.ShapeDtypeStruct`s with shardings: a restore
@@ -99,8 +99,9 @@ def allgather_bytes(data: bytes) -> list[bytes]:
   differ between processes)."""
   if jax.process_count() == 1:
     return [bytes(data)]
-  lengths = np.asarray(multihost_utils.process_allgather(
-      np.array([len(data)], np.int32))).reshape(-1)
+  lengths = np.asarray(
+      multihost_utils.process_allgather(np.array([len(data)],
+                                                 np.int32))).reshape(-1)
   padded = np.zeros((max(int(lengths.max()), 1),), np.uint8)
   padded[:len(data)] = np.frombuffer(data, np.uint8)
   gathered = np.asarray(multihost_utils.process_allgather(padded))
@@ -109,8 +110,10 @@ def allgather_bytes(data: bytes) -> list[bytes]:
 
 def allgather_json(value: Any) -> list[Any]:
   """Every process's JSON-able `value`, in process order (collective)."""
-  return [json.loads(b.decode("utf-8")) for b in
-          allgather_bytes(json.dumps(value).encode("utf-8"))]
+  return [
+      json.loads(b.decode("utf-8"))
+      for b in allgather_bytes(json.dumps(value).encode("utf-8"))
+  ]
 
 
 def differing_processes(text: str) -> list[str]:
@@ -118,8 +121,10 @@ def differing_processes(text: str) -> list[str]:
   [] when all agree (collective; e.g. the run's config and flags, hashed)."""
   digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
   entries = allgather_json([digest, socket.gethostname()])
-  return [f"process {i} ({host})" for i, (other, host) in enumerate(entries)
-          if other != entries[0][0]]
+  return [
+      f"process {i} ({host})" for i, (other, host) in enumerate(entries)
+      if other != entries[0][0]
+  ]
 
 
 def failed_processes(error: Optional[str]) -> list[str]:
@@ -131,8 +136,11 @@ def failed_processes(error: Optional[str]) -> list[str]:
   until a timeout.
   """
   entries = allgather_json([error, socket.gethostname()])
-  return [f"process {i} ({host}): {message}"
-          for i, (message, host) in enumerate(entries) if message is not None]
+  return [
+      f"process {i} ({host}): {message}" for i, (message,
+                                                 host) in enumerate(entries)
+      if message is not None
+  ]
 
 
 def _env_int(name: str) -> Optional[int]:
@@ -163,8 +171,9 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
   if process_id is None:
     process_id = _env_int("JAX_PROCESS_ID")
   explicit = coordinator_address is not None and num_processes is not None
-  hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")
-           if h]
+  hosts = [
+      h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h
+  ]
   detected = (len(hosts) > 1 or (_env_int("SLURM_NTASKS") or 1) > 1 or
               (_env_int("OMPI_COMM_WORLD_SIZE") or 1) > 1)
   if not explicit and not detected:

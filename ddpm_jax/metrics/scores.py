@@ -35,7 +35,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
-from etils import epath
+
 from ddpm_jax.infra import storage
 
 # Input conventions of the FID Inception (`inception.preprocess_images`):
@@ -161,8 +161,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
   sigma2 = np.atleast_2d(np.asarray(sigma2, dtype=np.float64))
   d = mu1.shape[0]
   for name, value, shape in (("mu1", mu1, (d,)), ("mu2", mu2, (d,)),
-                             ("sigma1", sigma1, (d, d)),
-                             ("sigma2", sigma2, (d, d))):
+                             ("sigma1", sigma1, (d, d)), ("sigma2", sigma2,
+                                                          (d, d))):
     if value.shape != shape:
       raise ValueError(f"{name} has shape {value.shape}; expected {shape} "
                        f"for feature dimension {d} (from mu1).")
@@ -217,16 +217,16 @@ def inception_score(logits, *, splits: int = 10) -> ScoreWithStd:
 def _polynomial_mmd2(x: np.ndarray, y: np.ndarray) -> float:
   """Unbiased MMD^2 of equal-size sets with k(a, b) = (a.b / d + 1)^3."""
   m, d = x.shape
-  k_xx = (x @ x.T / d + 1.0) ** 3
-  k_yy = (y @ y.T / d + 1.0) ** 3
-  k_xy = (x @ y.T / d + 1.0) ** 3
+  k_xx = (x @ x.T / d + 1.0)**3
+  k_yy = (y @ y.T / d + 1.0)**3
+  k_xy = (x @ y.T / d + 1.0)**3
   within = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy))
   return float(within / (m * (m - 1)) - 2.0 * k_xy.sum() / m**2)
 
 
 def kernel_inception_distance(features1, features2, *, subsets: int = 100,
-                              subset_size: int = 1000, seed: int = 0
-                              ) -> ScoreWithStd:
+                              subset_size: int = 1000,
+                              seed: int = 0) -> ScoreWithStd:
   """Kernel Inception Distance (Binkowski et al., 2018).
 
   For each of `subsets` rounds, draws `subset_size` rows of each feature set
@@ -411,8 +411,8 @@ def load_statistics(path: str | os.PathLike, *,
   features = arrays.get("features")
   d = mu.shape[0] if mu.ndim == 1 else -1
   if (mu.ndim != 1 or sigma.shape != (d, d) or
-      (features is not None and (features.ndim != 2 or
-                                 features.shape[1] != d))):
+      (features is not None and
+       (features.ndim != 2 or features.shape[1] != d))):
     raise ValueError(f"{path}: mu {mu.shape}, sigma {sigma.shape} and "
                      f"features {None if features is None else features.shape}"
                      " do not fit together ([D], [D, D], [N, D]).")
@@ -437,18 +437,20 @@ def reference_cache_path(cache_dir: str | os.PathLike, *, dataset: str,
     ...                      num_images=50000, preprocessing="tensorflow")
     'stats/fid_inception_tensorflow_cifar10_train_50000.npz'
   """
+
   def clean(name):
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)
-  return os.fspath(storage.as_path(cache_dir) / (
-      f"fid_inception_{clean(preprocessing)}_{clean(dataset)}_{clean(split)}_"
-      f"{num_images}.npz"))
+
+  return os.fspath(
+      storage.as_path(cache_dir) /
+      (f"fid_inception_{clean(preprocessing)}_{clean(dataset)}_{clean(split)}_"
+       f"{num_images}.npz"))
 
 
 def reference_statistics(extract_fn: Callable,
                          load_images: Callable[[], np.ndarray], *,
-                         cache_dir: str | os.PathLike, dataset: str,
-                         split: str, num_images: int, batch_size: int,
-                         preprocessing: str,
+                         cache_dir: str | os.PathLike, dataset: str, split: str,
+                         num_images: int, batch_size: int, preprocessing: str,
                          write: bool = True) -> ReferenceStatistics:
   """Inception statistics of a reference data set, cached on disk.
 

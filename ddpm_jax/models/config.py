@@ -78,6 +78,7 @@ class UNetConfig:
     self._validate()
 
   def _validate(self) -> None:
+
     def check(ok: bool, message: str) -> None:
       if not ok:
         raise ValueError(f"UNetConfig: {message}")
@@ -86,37 +87,46 @@ class UNetConfig:
       check(value in allowed, f"{name} must be one of {allowed}, got {value!r}")
 
     def positive(name: str, value: Any) -> None:
-      check(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-            f"{name} must be a positive int, got {value!r}")
+      check(
+          isinstance(value, int) and not isinstance(value, bool) and value > 0,
+          f"{name} must be a positive int, got {value!r}")
 
     choice("layout", self.layout, LAYOUTS)
     choice("block_type", self.block_type, BLOCK_TYPES)
     choice("mid_attention", self.mid_attention, ATTENTION_TYPES)
     choice("dtype", self.dtype, DTYPES)
     choice("param_dtype", self.param_dtype, DTYPES)
-    for name in ("in_channels", "base_channels", "num_res_blocks", "num_groups", "convnext_mult"):
+    for name in ("in_channels", "base_channels", "num_res_blocks", "num_groups",
+                 "convnext_mult"):
       positive(name, getattr(self, name))
     check(len(self.channel_mults) > 0, "channel_mults must not be empty")
     for mult in self.channel_mults:
       positive("every channel_mults entry", mult)
-    check(len(self.attention) == len(self.channel_mults),
-          f"attention needs one entry per level ({len(self.channel_mults)}), got {self.attention}")
+    check(
+        len(self.attention) == len(self.channel_mults),
+        f"attention needs one entry per level ({len(self.channel_mults)}), got {self.attention}"
+    )
     for kind in self.attention:
       choice("every attention entry", kind, ATTENTION_TYPES)
-    check(self.base_channels >= 4 and self.base_channels % 2 == 0,
-          f"base_channels must be even and at least 4 (sinusoidal embedding), got {self.base_channels}")
-    check(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0,
-          f"dropout must be in [0, 1), got {self.dropout!r}")
+    check(
+        self.base_channels >= 4 and self.base_channels % 2 == 0,
+        f"base_channels must be even and at least 4 (sinusoidal embedding), got {self.base_channels}"
+    )
+    check(
+        isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0,
+        f"dropout must be in [0, 1), got {self.dropout!r}")
     if self.time_embed_dim is not None:
       positive("time_embed_dim", self.time_embed_dim)
     if self.num_classes is not None:
       positive("num_classes", self.num_classes)
-    check(isinstance(self.learned_variance, bool), f"learned_variance must be a bool, got {self.learned_variance!r}")
+    check(isinstance(self.learned_variance, bool),
+          f"learned_variance must be a bool, got {self.learned_variance!r}")
     if self.layout == "ddpm" or self.block_type == "resnet":
       for width in self.level_widths:
-        check(width % self.num_groups == 0,
-              f"num_groups={self.num_groups} must divide every level width {self.level_widths}, "
-              f"not {width}")
+        check(
+            width % self.num_groups == 0,
+            f"num_groups={self.num_groups} must divide every level width {self.level_widths}, "
+            f"not {width}")
 
   @property
   def level_widths(self) -> tuple[int, ...]:
@@ -145,7 +155,10 @@ class UNetConfig:
 
   def to_dict(self) -> dict[str, Any]:
     """Plain dict of the fields (tuples as lists), inverse of `from_dict`."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+    return {
+        k: list(v) if isinstance(v, tuple) else v
+        for k, v in dataclasses.asdict(self).items()
+    }
 
   @classmethod
   def from_dict(cls, fields: dict[str, Any]) -> "UNetConfig":
@@ -157,50 +170,55 @@ class UNetConfig:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(fields) - known)
     if unknown:
-      raise ValueError(f"UNetConfig: unknown fields {unknown}; known fields are {sorted(known)}")
+      raise ValueError(
+          f"UNetConfig: unknown fields {unknown}; known fields are {sorted(known)}"
+      )
     return cls(**fields)
 
 
 PRESETS: dict[str, UNetConfig] = {
     # "The Annotated Diffusion Model" for Fashion-MNIST: 2,996,315 parameters.
     # With block_type="resnet", base_channels=32: 2,179,337 parameters.
-    "tutorial": UNetConfig(
-        layout="tutorial",
-        in_channels=1,
-        base_channels=28,
-        channel_mults=(1, 2, 4),
-        num_res_blocks=2,
-        block_type="convnext",
-        attention=("linear", "linear", "linear"),
-        mid_attention="full",
-        num_groups=8,
-    ),
+    "tutorial":
+        UNetConfig(
+            layout="tutorial",
+            in_channels=1,
+            base_channels=28,
+            channel_mults=(1, 2, 4),
+            num_res_blocks=2,
+            block_type="convnext",
+            attention=("linear", "linear", "linear"),
+            mid_attention="full",
+            num_groups=8,
+        ),
     # DDPM (Ho et al., 2020) CIFAR-10 network: 35,746,307 parameters.
-    "ddpm_cifar10": UNetConfig(
-        layout="ddpm",
-        in_channels=3,
-        base_channels=128,
-        channel_mults=(1, 2, 2, 2),
-        num_res_blocks=2,
-        block_type="resnet",
-        attention=("none", "full", "none", "none"),
-        mid_attention="full",
-        num_groups=32,
-        dropout=0.1,
-    ),
+    "ddpm_cifar10":
+        UNetConfig(
+            layout="ddpm",
+            in_channels=3,
+            base_channels=128,
+            channel_mults=(1, 2, 2, 2),
+            num_res_blocks=2,
+            block_type="resnet",
+            attention=("none", "full", "none", "none"),
+            mid_attention="full",
+            num_groups=32,
+            dropout=0.1,
+        ),
     # DDPM 256x256 network (CelebA-HQ, LSUN church/cat/bedroom): attention at 16x16.
-    "ddpm_256": UNetConfig(
-        layout="ddpm",
-        in_channels=3,
-        base_channels=128,
-        channel_mults=(1, 1, 2, 2, 4, 4),
-        num_res_blocks=2,
-        block_type="resnet",
-        attention=("none", "none", "none", "none", "full", "none"),
-        mid_attention="full",
-        num_groups=32,
-        dropout=0.0,
-    ),
+    "ddpm_256":
+        UNetConfig(
+            layout="ddpm",
+            in_channels=3,
+            base_channels=128,
+            channel_mults=(1, 1, 2, 2, 4, 4),
+            num_res_blocks=2,
+            block_type="resnet",
+            attention=("none", "none", "none", "none", "full", "none"),
+            mid_attention="full",
+            num_groups=32,
+            dropout=0.0,
+        ),
 }
 
 
@@ -218,5 +236,7 @@ def unet_config(preset: str, **overrides: Any) -> UNetConfig:
     ValueError: For an unknown preset or field, or an invalid value.
   """
   if preset not in PRESETS:
-    raise ValueError(f"unet_config: unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    raise ValueError(
+        f"unet_config: unknown preset {preset!r}; choose from {sorted(PRESETS)}"
+    )
   return UNetConfig.from_dict({**PRESETS[preset].to_dict(), **overrides})

@@ -78,7 +78,9 @@ def implementation(name: str) -> ContextManager[None]:
     ...   y = jax.jit(model.apply)(variables, x, t, train=False)
   """
   if name not in IMPLEMENTATIONS:
-    raise ValueError(f"kernels.implementation: name must be one of {IMPLEMENTATIONS}, got {name!r}")
+    raise ValueError(
+        f"kernels.implementation: name must be one of {IMPLEMENTATIONS}, got {name!r}"
+    )
   return _IMPLEMENTATION(name)
 
 
@@ -92,7 +94,8 @@ def _cpu_kernels_active() -> bool:
 def _conv_same(x: Array, kernel: Array) -> Array:
   kh, kw = kernel.shape[:2]
   return jax.lax.conv_general_dilated(
-      x, kernel, window_strides=(1, 1), padding=((kh // 2, kh // 2), (kw // 2, kw // 2)),
+      x, kernel, window_strides=(1, 1),
+      padding=((kh // 2, kh // 2), (kw // 2, kw // 2)),
       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
@@ -104,8 +107,9 @@ def _im2col(x: Array, kh: int, kw: int) -> Array:
   """[B, H, W, kh * kw * C]: the 'SAME' stride-1 windows of x, ordered (i, j, c) as HWIO."""
   height, width = x.shape[1:3]
   xp = _padded(x, kh, kw)
-  return jnp.concatenate(
-      [xp[:, i : i + height, j : j + width, :] for i in range(kh) for j in range(kw)], axis=-1)
+  return jnp.concatenate([
+      xp[:, i:i + height, j:j + width, :] for i in range(kh) for j in range(kw)
+  ], axis=-1)
 
 
 @jax.custom_vjp
@@ -123,13 +127,15 @@ def _conv_im2col_grad_bwd(residuals, g):
   # Input gradient: the 'SAME' correlation of g with the flipped, in/out-swapped kernel.
   dx = _conv_same(g, jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2)))
   # Kernel gradient: one matmul of the im2col windows with g, contracting batch and space.
-  dk = jnp.dot(g.reshape(-1, cout).T, _im2col(x, kh, kw).reshape(-1, kh * kw * cin),
-               preferred_element_type=jnp.float32)
-  return dx.astype(x.dtype), dk.T.reshape(kh, kw, cin, cout).astype(kernel.dtype)
+  dk = jnp.dot(
+      g.reshape(-1, cout).T,
+      _im2col(x, kh, kw).reshape(-1, kh * kw * cin),
+      preferred_element_type=jnp.float32)
+  return dx.astype(x.dtype), dk.T.reshape(kh, kw, cin,
+                                          cout).astype(kernel.dtype)
 
 
 _conv_im2col_grad.defvjp(_conv_im2col_grad_fwd, _conv_im2col_grad_bwd)
-
 
 # --- depthwise stride-1 'SAME' convolution: shifted sums ------------------------------------------
 
@@ -143,11 +149,12 @@ def _shifted_sum(x: Array, kernel: Array) -> Array:
   for i in range(kh):
     for j in range(kw):
       if i or j:
-        out = out + xp[:, i : i + height, j : j + width, :] * kernel[i, j, 0]
+        out = out + xp[:, i:i + height, j:j + width, :] * kernel[i, j, 0]
   return out
 
 
-def _shifted_sum_kernel_grad(x: Array, g: Array, kernel_shape: tuple[int, ...]) -> Array:
+def _shifted_sum_kernel_grad(x: Array, g: Array,
+                             kernel_shape: tuple[int, ...]) -> Array:
   """Gradient of `_shifted_sum` with respect to its kernel.
 
   For each kernel row i, one batched matmul over channels contracts the batch
@@ -158,11 +165,13 @@ def _shifted_sum_kernel_grad(x: Array, g: Array, kernel_shape: tuple[int, ...]) 
   kh, kw = kernel_shape[:2]
   height, width = x.shape[1:3]
   xp = _padded(x, kh, kw)
-  rows = jnp.stack([xp[:, i : i + height] for i in range(kh)], axis=1)  # [B, kh, H, Wp, C]
-  o = jnp.einsum("bihuc,bhwc->ciuw", rows, g, preferred_element_type=jnp.float32)
+  rows = jnp.stack([xp[:, i:i + height] for i in range(kh)],
+                   axis=1)  # [B, kh, H, Wp, C]
+  o = jnp.einsum("bihuc,bhwc->ciuw", rows, g,
+                 preferred_element_type=jnp.float32)
   taps = jnp.stack(
-      [jnp.trace(o[:, :, j : j + width, :], axis1=2, axis2=3) for j in range(kw)], axis=-1
-  )  # [C, kh, kw]
+      [jnp.trace(o[:, :, j:j + width, :], axis1=2, axis2=3) for j in range(kw)],
+      axis=-1)  # [C, kh, kw]
   return jnp.transpose(taps, (1, 2, 0))[:, :, None, :]
 
 
@@ -182,34 +191,37 @@ def _depthwise_shifted_sum_bwd(residuals, g):
   return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
-_depthwise_shifted_sum.defvjp(_depthwise_shifted_sum_fwd, _depthwise_shifted_sum_bwd)
-
+_depthwise_shifted_sum.defvjp(_depthwise_shifted_sum_fwd,
+                              _depthwise_shifted_sum_bwd)
 
 # --- the drop-in ------------------------------------------------------------------------------------
 
 
-def _same_stride1_nhwc(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                       dimension_numbers, batch_group_count, precision,
-                       preferred_element_type) -> bool:
+def _same_stride1_nhwc(lhs, rhs, window_strides, padding, lhs_dilation,
+                       rhs_dilation, dimension_numbers, batch_group_count,
+                       precision, preferred_element_type) -> bool:
   """Whether the call is a stride-1, undilated, odd-kernel 'SAME' NHWC/HWIO convolution."""
   if lhs.ndim != 4 or rhs.ndim != 4:
     return False
   kh, kw = rhs.shape[:2]
   same = [(kh // 2, kh // 2), (kw // 2, kw // 2)]
   return (
-      kh % 2 == 1 and kw % 2 == 1
-      and tuple(window_strides) == (1, 1)
-      and all(d == 1 for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
-      and batch_group_count == 1 and precision is None and preferred_element_type is None
-      and (padding == "SAME" or (not isinstance(padding, str)
-                                 and [tuple(p) for p in padding] == same))
-      and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-      == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC")))
+      kh % 2 == 1 and kw % 2 == 1 and tuple(window_strides) == (1, 1) and
+      all(d == 1 for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
+      and batch_group_count == 1 and precision is None and
+      preferred_element_type is None and
+      (padding == "SAME" or
+       (not isinstance(padding, str) and [tuple(p) for p in padding] == same))
+      and
+      jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+      == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape,
+                                        ("NHWC", "HWIO", "NHWC")))
 
 
 def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int],
-                         padding: str | Sequence[tuple[int, int]], lhs_dilation=None,
-                         rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
+                         padding: str | Sequence[tuple[int, int]],
+                         lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count: int = 1,
                          batch_group_count: int = 1, precision=None,
                          preferred_element_type=None) -> Array:
   """`jax.lax.conv_general_dilated`, computed by the fastest known code for the backend.
@@ -227,15 +239,17 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int],
     >>> conv = nn.Conv(64, (3, 3), conv_general_dilated=conv_general_dilated)
   """
   if _cpu_kernels_active() and _same_stride1_nhwc(
-      lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-      batch_group_count, precision, preferred_element_type):
+      lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+      dimension_numbers, batch_group_count, precision, preferred_element_type):
     if feature_group_count == 1:
       return _conv_im2col_grad(lhs, rhs)
-    if rhs.shape[2] == 1 and feature_group_count == lhs.shape[-1] == rhs.shape[-1]:
+    if rhs.shape[
+        2] == 1 and feature_group_count == lhs.shape[-1] == rhs.shape[-1]:
       return _depthwise_shifted_sum(lhs, rhs)
   return jax.lax.conv_general_dilated(
-      lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-      dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+      lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count,
       batch_group_count=batch_group_count, precision=precision,
       preferred_element_type=preferred_element_type)
 
@@ -243,7 +257,8 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int],
 # --- GroupNorm (+ activation) -------------------------------------------------------------------
 
 
-def _group_stats(x: Array, num_groups: int, epsilon: float) -> tuple[Array, Array]:
+def _group_stats(x: Array, num_groups: int,
+                 epsilon: float) -> tuple[Array, Array]:
   """float32 mean and 1/sqrt(var + epsilon) of each group, broadcast per channel: [B, 1, ..., C].
 
   As `nn.GroupNorm`: the mean and the mean of squares over all but the batch
@@ -254,7 +269,8 @@ def _group_stats(x: Array, num_groups: int, epsilon: float) -> tuple[Array, Arra
   axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
   mean = jnp.mean(xg, axis=axes)
   var = jnp.maximum(0.0, jnp.mean(jnp.square(xg), axis=axes) - jnp.square(mean))
-  per_channel = lambda a: jnp.expand_dims(jnp.repeat(a, group_size, axis=-1), axes[:-1])
+  per_channel = lambda a: jnp.expand_dims(jnp.repeat(a, group_size, axis=-1),
+                                          axes[:-1])
   return per_channel(mean), per_channel(jax.lax.rsqrt(var + epsilon))
 
 
@@ -271,13 +287,16 @@ def _group_norm_plain(x, scale, bias, num_groups, epsilon, activation, dtype):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def _group_norm_fused(x, scale, bias, num_groups, epsilon, activation, dtype):
-  return _group_norm_plain(x, scale, bias, num_groups, epsilon, activation, dtype)
+  return _group_norm_plain(x, scale, bias, num_groups, epsilon, activation,
+                           dtype)
 
 
-def _group_norm_fused_fwd(x, scale, bias, num_groups, epsilon, activation, dtype):
+def _group_norm_fused_fwd(x, scale, bias, num_groups, epsilon, activation,
+                          dtype):
   mean, rstd = _group_stats(x, num_groups, epsilon)
   y = _normalized(x, mean, rstd, scale, bias, dtype)
-  return (y if activation is None else activation(y)), (x, mean, rstd, scale, bias)
+  return (y if activation is None else activation(y)), (x, mean, rstd, scale,
+                                                        bias)
 
 
 def _group_norm_fused_bwd(num_groups, epsilon, activation, dtype, residuals, g):
@@ -295,7 +314,8 @@ def _group_norm_fused_bwd(num_groups, epsilon, activation, dtype, residuals, g):
   if activation is None:
     gy = g.astype(jnp.float32)
   else:
-    gy = jax.vjp(activation, _normalized(x, mean, rstd, scale, bias, dtype))[1](g)[0]
+    gy = jax.vjp(activation, _normalized(x, mean, rstd, scale, bias,
+                                         dtype))[1](g)[0]
     gy = gy.astype(jnp.float32)
   x32 = x.astype(jnp.float32)
   space = tuple(range(1, x.ndim - 1))
@@ -305,22 +325,28 @@ def _group_norm_fused_bwd(num_groups, epsilon, activation, dtype, residuals, g):
   group_size = x.shape[-1] // num_groups
   count = group_size * (x.size // (x.shape[0] * x.shape[-1]))
 
-  def group_mean(a):  # [B, 1.., C] -> mean over each group's channels, repeated per channel
+  def group_mean(
+      a
+  ):  # [B, 1.., C] -> mean over each group's channels, repeated per channel
     a = a.reshape(a.shape[:-1] + (num_groups, group_size))
     return jnp.repeat(jnp.sum(a, axis=-1) / count, group_size, axis=-1)
 
   m1, m2 = group_mean(s1 * scale32), group_mean(s2 * scale32)
-  dx = gy * (rstd * scale32) + (x32 * (-rstd * rstd * m2) + rstd * (rstd * m2 * mean - m1))
+  dx = gy * (rstd * scale32) + (x32 * (-rstd * rstd * m2) + rstd *
+                                (rstd * m2 * mean - m1))
   dscale = jnp.sum(s2, axis=(0,) + space).reshape(scale.shape)
   dbias = jnp.sum(s1, axis=(0,) + space).reshape(bias.shape)
-  return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
+  return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(
+      bias.dtype)
 
 
 _group_norm_fused.defvjp(_group_norm_fused_fwd, _group_norm_fused_bwd)
 
 
-def group_norm(x: Array, scale: Array, bias: Array, *, num_groups: int, epsilon: float,
-               activation: Callable[[Array], Array] | None = None, dtype=None) -> Array:
+def group_norm(x: Array, scale: Array, bias: Array, *, num_groups: int,
+               epsilon: float,
+               activation: Callable[[Array], Array] | None = None,
+               dtype=None) -> Array:
   """`activation(GroupNorm(x) * scale + bias)`, by the fastest known code for the backend.
 
   The statistics are float32 (`nn.GroupNorm`'s: mean and the fast variance
@@ -351,10 +377,13 @@ def group_norm(x: Array, scale: Array, bias: Array, *, num_groups: int, epsilon:
   """
   channels = x.shape[-1]
   if num_groups <= 0 or channels % num_groups:
-    raise ValueError(f"kernels.group_norm: num_groups={num_groups} must divide the {channels} channels")
+    raise ValueError(
+        f"kernels.group_norm: num_groups={num_groups} must divide the {channels} channels"
+    )
   if scale.shape != (channels,) or bias.shape != (channels,):
-    raise ValueError(f"kernels.group_norm: scale and bias must be [{channels}], "
-                     f"got {scale.shape} and {bias.shape}")
+    raise ValueError(
+        f"kernels.group_norm: scale and bias must be [{channels}], "
+        f"got {scale.shape} and {bias.shape}")
   dtype = x.dtype if dtype is None else dtype
   norm = _group_norm_fused if _cpu_kernels_active() else _group_norm_plain
   return norm(x, scale, bias, num_groups, epsilon, activation, dtype)
@@ -370,7 +399,8 @@ def _cudnn_takes(query: Array) -> bool:
   if query.dtype not in (jnp.bfloat16, jnp.float16):
     return False
   try:
-    capability = float(jax.devices()[0].compute_capability)  # NVIDIA only, e.g. '9.0'
+    capability = float(
+        jax.devices()[0].compute_capability)  # NVIDIA only, e.g. '9.0'
   except (AttributeError, ValueError):
     return False
   head_dim = query.shape[-1]
@@ -397,4 +427,5 @@ def dot_product_attention(query: Array, key: Array, value: Array) -> Array:
     >>> out = dot_product_attention(q, k, v)  # q, k, v: [2, 256, 1, 256]
   """
   return jax.nn.dot_product_attention(
-      query, key, value, implementation="cudnn" if _cudnn_takes(query) else "xla")
+      query, key, value,
+      implementation="cudnn" if _cudnn_takes(query) else "xla")

@@ -28,7 +28,8 @@ ZERO_INIT = nn.initializers.variance_scaling(1e-10, "fan_avg", "uniform")
 #: The network's convolution: `nn.Conv` (same parameters) computed by
 #: `kernels.conv_general_dilated`, XLA's convolution or faster code for the
 #: backend with the same results.
-Conv = functools.partial(nn.Conv, conv_general_dilated=kernels.conv_general_dilated)
+Conv = functools.partial(nn.Conv,
+                         conv_general_dilated=kernels.conv_general_dilated)
 
 
 def sinusoidal_embedding(t: Array, dim: int) -> Array:
@@ -43,7 +44,8 @@ def sinusoidal_embedding(t: Array, dim: int) -> Array:
     `f_k = 10000 ** (-k / (dim // 2 - 1))`, k = 0 .. dim // 2 - 1.
   """
   half = dim // 2
-  freqs = jnp.exp(jnp.arange(half, dtype=jnp.float32) * -(math.log(10000.0) / (half - 1)))
+  freqs = jnp.exp(
+      jnp.arange(half, dtype=jnp.float32) * -(math.log(10000.0) / (half - 1)))
   args = t.astype(jnp.float32)[:, None] * freqs[None, :]
   return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
 
@@ -63,10 +65,11 @@ class DepthwiseConv(nn.Module):
   def __call__(self, x: Array) -> Array:
     """Maps [B, H, W, C] to [B, H, W, C]."""
     channels = x.shape[-1]
-    kernel = self.param(
-        "kernel", KERNEL_INIT, (self.kernel_size, self.kernel_size, 1, channels), self.param_dtype
-    )
-    bias = self.param("bias", nn.initializers.zeros_init(), (channels,), self.param_dtype)
+    kernel = self.param("kernel", KERNEL_INIT,
+                        (self.kernel_size, self.kernel_size, 1, channels),
+                        self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros_init(), (channels,),
+                      self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     return kernels.conv_general_dilated(
         x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
@@ -91,9 +94,8 @@ class TimeEmbedding(nn.Module):
   @nn.compact
   def __call__(self, t: Array) -> Array:
     """Maps time steps [B] to embeddings [B, features]."""
-    dense = functools.partial(
-        nn.Dense, self.features, kernel_init=KERNEL_INIT, dtype=self.dtype, param_dtype=self.param_dtype
-    )
+    dense = functools.partial(nn.Dense, self.features, kernel_init=KERNEL_INIT,
+                              dtype=self.dtype, param_dtype=self.param_dtype)
     h = dense()(sinusoidal_embedding(t, self.sinusoid_dim))
     return dense()(self.activation(h))
 
@@ -125,15 +127,20 @@ class GroupNorm(nn.Module):
   def __call__(self, x: Array) -> Array:
     """Maps [B, ..., C] to [B, ..., C] of `dtype`."""
     channels = x.shape[-1]
-    scale = self.param("scale", nn.initializers.ones_init(), (channels,), self.param_dtype)
-    bias = self.param("bias", nn.initializers.zeros_init(), (channels,), self.param_dtype)
-    return kernels.group_norm(x, scale, bias, num_groups=self.num_groups, epsilon=self.epsilon,
-                              activation=self.activation, dtype=self.dtype)
+    scale = self.param("scale", nn.initializers.ones_init(), (channels,),
+                       self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros_init(), (channels,),
+                      self.param_dtype)
+    return kernels.group_norm(x, scale, bias, num_groups=self.num_groups,
+                              epsilon=self.epsilon, activation=self.activation,
+                              dtype=self.dtype)
 
 
-def _group_norm(num_groups: int, epsilon: float, dtype: Dtype, param_dtype: Dtype,
-                activation: Callable[[Array], Array] | None = None) -> GroupNorm:
-  return GroupNorm(num_groups, epsilon, activation, dtype=dtype, param_dtype=param_dtype)
+def _group_norm(
+    num_groups: int, epsilon: float, dtype: Dtype, param_dtype: Dtype,
+    activation: Callable[[Array], Array] | None = None) -> GroupNorm:
+  return GroupNorm(num_groups, epsilon, activation, dtype=dtype,
+                   param_dtype=param_dtype)
 
 
 class ResnetBlock(nn.Module):
@@ -160,11 +167,14 @@ class ResnetBlock(nn.Module):
     """Maps [B, H, W, C_in] (and temb [B, T] or None) to [B, H, W, features]."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     conv = functools.partial(Conv, self.features, (3, 3), **kw)
-    h = conv(kernel_init=KERNEL_INIT)(_group_norm(self.num_groups, 1e-6, **kw, activation=nn.swish)(x))
+    h = conv(kernel_init=KERNEL_INIT)(_group_norm(self.num_groups, 1e-6, **kw,
+                                                  activation=nn.swish)(x))
     if temb is not None:
-      h = h + nn.Dense(self.features, kernel_init=KERNEL_INIT, **kw)(nn.swish(temb))[:, None, None, :]
+      h = h + nn.Dense(self.features, kernel_init=KERNEL_INIT, **kw)(
+          nn.swish(temb))[:, None, None, :]
     h = _group_norm(self.num_groups, 1e-6, **kw, activation=nn.swish)(h)
-    h = conv(kernel_init=ZERO_INIT)(nn.Dropout(self.dropout, deterministic=not train)(h))
+    h = conv(kernel_init=ZERO_INIT)(nn.Dropout(self.dropout,
+                                               deterministic=not train)(h))
     if x.shape[-1] != self.features:
       x = nn.Dense(self.features, kernel_init=KERNEL_INIT, **kw)(x)
     return x + h
@@ -193,10 +203,12 @@ class PostNormResnetBlock(nn.Module):
   def __call__(self, x: Array, temb: Array | None, *, train: bool) -> Array:
     """Maps [B, H, W, C_in] (and temb [B, T] or None) to [B, H, W, features]."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    conv = functools.partial(Conv, self.features, (3, 3), kernel_init=KERNEL_INIT, **kw)
+    conv = functools.partial(Conv, self.features, (3, 3),
+                             kernel_init=KERNEL_INIT, **kw)
     h = _group_norm(self.num_groups, 1e-5, **kw, activation=nn.silu)(conv()(x))
     if temb is not None:
-      h = h + nn.Dense(self.features, kernel_init=KERNEL_INIT, **kw)(nn.silu(temb))[:, None, None, :]
+      h = h + nn.Dense(self.features, kernel_init=KERNEL_INIT, **kw)(
+          nn.silu(temb))[:, None, None, :]
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = _group_norm(self.num_groups, 1e-5, **kw, activation=nn.silu)(conv()(h))
     if x.shape[-1] != self.features:
@@ -231,9 +243,11 @@ class ConvNextBlock(nn.Module):
     gelu = functools.partial(nn.gelu, approximate=False)
     h = DepthwiseConv(7, **kw)(x)
     if temb is not None:
-      h = h + nn.Dense(x.shape[-1], kernel_init=KERNEL_INIT, **kw)(gelu(temb))[:, None, None, :]
+      h = h + nn.Dense(x.shape[-1], kernel_init=KERNEL_INIT, **kw)(
+          gelu(temb))[:, None, None, :]
     h = _group_norm(1, 1e-5, **kw)(h)
-    conv = functools.partial(Conv, kernel_size=(3, 3), kernel_init=KERNEL_INIT, **kw)
+    conv = functools.partial(Conv, kernel_size=(3, 3), kernel_init=KERNEL_INIT,
+                             **kw)
     h = conv(self.features * self.mult)(h)
     h = _group_norm(1, 1e-5, **kw)(gelu(h))
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
@@ -274,16 +288,20 @@ class QKVProjection(nn.Module):
   def __call__(self, h: Array) -> tuple[Array, Array, Array]:
     """Maps [B, N, C] to three [B, N, heads, head_dim] arrays of `dtype`: queries, keys, values."""
     channels, inner = h.shape[-1], self.heads * self.head_dim
-    kernel = self.param("kernel", KERNEL_INIT, (channels, 3 * inner), self.param_dtype)
-    bias = (self.param("bias", nn.initializers.zeros_init(), (3 * inner,), self.param_dtype)
-            if self.use_bias else None)
+    kernel = self.param("kernel", KERNEL_INIT, (channels, 3 * inner),
+                        self.param_dtype)
+    bias = (self.param("bias", nn.initializers.zeros_init(),
+                       (3 *
+                        inner,), self.param_dtype) if self.use_bias else None)
     h, kernel, bias = nn.dtypes.promote_dtype(h, kernel, bias, dtype=self.dtype)
 
     def project(i: int) -> Array:
       columns = slice(i * inner, (i + 1) * inner)
-      out = jnp.einsum("bnc,chd->bnhd", h,
-                       kernel[:, columns].reshape(channels, self.heads, self.head_dim))
-      return out if bias is None else out + bias[columns].reshape(self.heads, self.head_dim)
+      out = jnp.einsum(
+          "bnc,chd->bnhd", h,
+          kernel[:, columns].reshape(channels, self.heads, self.head_dim))
+      return out if bias is None else out + bias[columns].reshape(
+          self.heads, self.head_dim)
 
     return project(0), project(1), project(2)
 
@@ -312,12 +330,16 @@ class Attention(nn.Module):
     """Maps [B, H, W, C] to [B, H, W, C]."""
     batch, height, width, channels = x.shape
     head_dim = self.head_dim or channels // self.heads
-    kw = dict(kernel_init=KERNEL_INIT, dtype=self.dtype, param_dtype=self.param_dtype)
-    h = _group_norm(self.num_groups, self.epsilon, self.dtype, self.param_dtype)(x)
-    q, k, v = QKVProjection(self.heads, head_dim, self.qkv_bias, dtype=self.dtype,
-                            param_dtype=self.param_dtype, name="Dense_0")(
-                                h.reshape(batch, height * width, channels))
-    out = kernels.dot_product_attention(q, k, v).reshape(batch, height, width, -1)
+    kw = dict(kernel_init=KERNEL_INIT, dtype=self.dtype,
+              param_dtype=self.param_dtype)
+    h = _group_norm(self.num_groups, self.epsilon, self.dtype,
+                    self.param_dtype)(x)
+    q, k, v = QKVProjection(self.heads, head_dim, self.qkv_bias,
+                            dtype=self.dtype, param_dtype=self.param_dtype,
+                            name="Dense_0")(h.reshape(batch, height * width,
+                                                      channels))
+    out = kernels.dot_product_attention(q, k,
+                                        v).reshape(batch, height, width, -1)
     return x + nn.Dense(channels, name="Dense_1", **kw)(out)
 
 
@@ -341,16 +363,19 @@ class LinearAttention(nn.Module):
   def __call__(self, x: Array) -> Array:
     """Maps [B, H, W, C] to [B, H, W, C]."""
     batch, height, width, channels = x.shape
-    kw = dict(kernel_init=KERNEL_INIT, dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(kernel_init=KERNEL_INIT, dtype=self.dtype,
+              param_dtype=self.param_dtype)
     h = _group_norm(1, 1e-5, self.dtype, self.param_dtype)(x)
     q, k, v = QKVProjection(self.heads, self.head_dim, False, dtype=self.dtype,
-                            param_dtype=self.param_dtype, name="Dense_0")(
-                                h.reshape(batch, height * width, channels))
+                            param_dtype=self.param_dtype,
+                            name="Dense_0")(h.reshape(batch, height * width,
+                                                      channels))
     q = jax.nn.softmax(q.astype(jnp.float32), axis=-1) * self.head_dim**-0.5
     k = jax.nn.softmax(k.astype(jnp.float32), axis=1)
     context = jnp.einsum("bnhd,bnhe->bhde", k, v.astype(jnp.float32))
     out = jnp.einsum("bhde,bnhd->bnhe", context, q).astype(self.dtype)
-    out = nn.Dense(channels, name="Dense_1", **kw)(out.reshape(batch, height, width, -1))
+    out = nn.Dense(channels, name="Dense_1",
+                   **kw)(out.reshape(batch, height, width, -1))
     return x + _group_norm(1, 1e-5, self.dtype, self.param_dtype)(out)
 
 

@@ -88,15 +88,13 @@ UNET_DEFAULTS: dict[str, Any] = dict(
     time_embedding_type="positional", time_embedding_dim=None, freq_shift=0,
     flip_sin_to_cos=True,
     down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D",
-                      "AttnDownBlock2D"),
-    mid_block_type="UNetMidBlock2D",
+                      "AttnDownBlock2D"), mid_block_type="UNetMidBlock2D",
     up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D",
-                    "UpBlock2D"),
-    block_out_channels=(224, 448, 672, 896), layers_per_block=2,
-    mid_block_scale_factor=1, downsample_padding=1, downsample_type="conv",
-    upsample_type="conv", dropout=0.0, act_fn="silu", attention_head_dim=8,
-    norm_num_groups=32, attn_norm_num_groups=None, norm_eps=1e-5,
-    resnet_time_scale_shift="default", add_attention=True,
+                    "UpBlock2D"), block_out_channels=(224, 448, 672, 896),
+    layers_per_block=2, mid_block_scale_factor=1, downsample_padding=1,
+    downsample_type="conv", upsample_type="conv", dropout=0.0, act_fn="silu",
+    attention_head_dim=8, norm_num_groups=32, attn_norm_num_groups=None,
+    norm_eps=1e-5, resnet_time_scale_shift="default", add_attention=True,
     class_embed_type=None, num_class_embeds=None, num_train_timesteps=None)
 
 # The values ddpm_jax's 'ddpm' layout is built with (what DDPM used).
@@ -142,9 +140,9 @@ def _is_number(value: Any) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def unet_config_from_diffusers(fields: Mapping[str, Any], *,
-                               source: str = CONFIG_FILE
-                               ) -> tuple[UNetConfig, Optional[int]]:
+def unet_config_from_diffusers(
+    fields: Mapping[str, Any], *,
+    source: str = CONFIG_FILE) -> tuple[UNetConfig, Optional[int]]:
   """Maps a diffusers `UNet2DModel` config.json to a `UNetConfig`.
 
   Args:
@@ -164,14 +162,16 @@ def unet_config_from_diffusers(fields: Mapping[str, Any], *,
   """
   class_name = fields.get("_class_name", "UNet2DModel")
   if class_name != "UNet2DModel":
-    raise _fail(source, f"_class_name={class_name!r}: only UNet2DModel "
-                "networks can be imported")
-  unknown = sorted(k for k in fields
-                   if not k.startswith("_") and k not in UNET_DEFAULTS)
+    raise _fail(
+        source, f"_class_name={class_name!r}: only UNet2DModel "
+        "networks can be imported")
+  unknown = sorted(
+      k for k in fields if not k.startswith("_") and k not in UNET_DEFAULTS)
   if unknown:
-    raise _fail(source, f"unknown field(s) {', '.join(unknown)} (not "
-                "UNet2DModel fields of diffusers 0.42; they may change the "
-                "network)")
+    raise _fail(
+        source, f"unknown field(s) {', '.join(unknown)} (not "
+        "UNet2DModel fields of diffusers 0.42; they may change the "
+        "network)")
   f = {**UNET_DEFAULTS, **fields}
 
   def unsupported(name: str, why: str) -> PretrainedError:
@@ -185,31 +185,35 @@ def unet_config_from_diffusers(fields: Mapping[str, Any], *,
     raise unsupported("act_fn", "the network uses SiLU (swish)")
 
   widths = f["block_out_channels"]
-  if (not isinstance(widths, (list, tuple)) or not widths
-      or not all(_is_int(w) and w > 0 for w in widths)):
+  if (not isinstance(widths, (list, tuple)) or not widths or
+      not all(_is_int(w) and w > 0 for w in widths)):
     raise unsupported("block_out_channels", "expected a list of positive "
                       "ints")
   base = widths[0]
   if any(w % base for w in widths):
-    raise unsupported("block_out_channels", f"every width must be a multiple "
-                      f"of the first ({base}): ddpm_jax's widths are "
-                      "base_channels * channel_mults")
+    raise unsupported(
+        "block_out_channels", f"every width must be a multiple "
+        f"of the first ({base}): ddpm_jax's widths are "
+        "base_channels * channel_mults")
   levels = len(widths)
   down, up = f["down_block_types"], f["up_block_types"]
   for name, types, table in (("down_block_types", down, _DOWN_TYPES),
                              ("up_block_types", up, _UP_TYPES)):
     if not isinstance(types, (list, tuple)) or len(types) != levels:
-      raise unsupported(name, f"expected one block type per "
-                        f"block_out_channels entry ({levels})")
+      raise unsupported(
+          name, f"expected one block type per "
+          f"block_out_channels entry ({levels})")
     bad = [t for t in types if t not in table]
     if bad:
-      raise unsupported(name, f"block type {bad[0]!r}; ddpm_jax's DDPM "
-                        f"network has {' and '.join(table)}")
+      raise unsupported(
+          name, f"block type {bad[0]!r}; ddpm_jax's DDPM "
+          f"network has {' and '.join(table)}")
   attention = tuple(_DOWN_TYPES[t] for t in down)
   mirrored = tuple(_UP_TYPES[t] for t in reversed(up))
   if mirrored != attention:
-    raise unsupported("up_block_types", "attention must sit at the same "
-                      f"levels on the way up as on the way down {tuple(down)}")
+    raise unsupported(
+        "up_block_types", "attention must sit at the same "
+        f"levels on the way up as on the way down {tuple(down)}")
 
   add_attention = f["add_attention"]
   if not isinstance(add_attention, bool):
@@ -218,20 +222,23 @@ def unet_config_from_diffusers(fields: Mapping[str, Any], *,
   attention_widths = {w for w, kind in zip(widths, attention) if kind == "full"}
   if add_attention:
     attention_widths.add(widths[-1])
-  if head_dim is not None and (
-      not _is_int(head_dim) or {head_dim} != attention_widths | {head_dim}):
-    raise unsupported("attention_head_dim", "ddpm_jax's DDPM attention has "
-                      "one head as wide as its layer (null, or the width of "
-                      f"every attention layer {sorted(attention_widths)})")
+  if head_dim is not None and (not _is_int(head_dim) or
+                               {head_dim} != attention_widths | {head_dim}):
+    raise unsupported(
+        "attention_head_dim", "ddpm_jax's DDPM attention has "
+        "one head as wide as its layer (null, or the width of "
+        f"every attention layer {sorted(attention_widths)})")
   groups = f["norm_num_groups"]
   if f["attn_norm_num_groups"] not in (None, groups):
-    raise unsupported("attn_norm_num_groups", "the middle attention's "
-                      f"GroupNorm has norm_num_groups={groups!r} groups")
+    raise unsupported(
+        "attn_norm_num_groups", "the middle attention's "
+        f"GroupNorm has norm_num_groups={groups!r} groups")
   in_channels, out_channels = f["in_channels"], f["out_channels"]
   if not _is_int(in_channels) or out_channels not in (in_channels,
                                                       2 * in_channels):
-    raise unsupported("out_channels", f"expected in_channels "
-                      f"({in_channels!r}) or twice that (a learned variance)")
+    raise unsupported(
+        "out_channels", f"expected in_channels "
+        f"({in_channels!r}) or twice that (a learned variance)")
   num_classes = f["num_class_embeds"]
   time_embed_dim = f["time_embedding_dim"]
   if time_embed_dim == 4 * base:
@@ -244,7 +251,8 @@ def unet_config_from_diffusers(fields: Mapping[str, Any], *,
         num_res_blocks=f["layers_per_block"], block_type="resnet",
         attention=attention, mid_attention="full" if add_attention else "none",
         num_groups=groups,
-        dropout=float(dropout) if isinstance(dropout, (int, float)) else dropout,
+        dropout=float(dropout) if isinstance(dropout,
+                                             (int, float)) else dropout,
         time_embed_dim=time_embed_dim,
         learned_variance=out_channels == 2 * in_channels,
         num_classes=num_classes)
@@ -254,12 +262,15 @@ def unet_config_from_diffusers(fields: Mapping[str, Any], *,
 
 
 def _image_size(sample_size: Any, source: str) -> Optional[int]:
-  if isinstance(sample_size, (list, tuple)) and len(sample_size) == 2 and (
-      sample_size[0] == sample_size[1]):
+  if isinstance(
+      sample_size,
+      (list, tuple)) and len(sample_size) == 2 and (sample_size[0]
+                                                    == sample_size[1]):
     sample_size = sample_size[0]
   if sample_size is not None and not (_is_int(sample_size) and sample_size > 0):
-    raise _fail(source, f"sample_size={sample_size!r} is not supported: "
-                "expected a positive int (square images)")
+    raise _fail(
+        source, f"sample_size={sample_size!r} is not supported: "
+        "expected a positive int (square images)")
   return sample_size
 
 
@@ -276,16 +287,23 @@ SCHEDULER_DEFAULTS: dict[str, Any] = dict(
 # Fields that choose how a diffusers pipeline samples, not the diffusion
 # process; ddpm_jax's samplers have their own (config.sample).
 _SAMPLER_FIELDS = ("timestep_spacing", "steps_offset", "set_alpha_to_one")
-_SCHEDULES = {"linear": "linear", "scaled_linear": "quadratic",
-              "sigmoid": "sigmoid"}
-_VAR_TYPES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small",
-              "fixed_large": "fixed_large", "learned_range": "learned_range"}
+_SCHEDULES = {
+    "linear": "linear",
+    "scaled_linear": "quadratic",
+    "sigmoid": "sigmoid"
+}
+_VAR_TYPES = {
+    "fixed_small": "fixed_small",
+    "fixed_small_log": "fixed_small",
+    "fixed_large": "fixed_large",
+    "learned_range": "learned_range"
+}
 _TARGETS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
 
 
-def diffusion_settings_from_diffusers(fields: Mapping[str, Any], *,
-                                      source: str = SCHEDULER_FILE
-                                      ) -> DiffusionSettings:
+def diffusion_settings_from_diffusers(
+    fields: Mapping[str,
+                    Any], *, source: str = SCHEDULER_FILE) -> DiffusionSettings:
   """Maps a diffusers DDPMScheduler / DDIMScheduler config to `config.diffusion`.
 
   'linear', 'scaled_linear' (ddpm_jax's 'quadratic') and 'sigmoid' betas map
@@ -300,13 +318,15 @@ def diffusion_settings_from_diffusers(fields: Mapping[str, Any], *,
   """
   class_name = fields.get("_class_name", "DDPMScheduler")
   if class_name not in ("DDPMScheduler", "DDIMScheduler"):
-    raise _fail(source, f"_class_name={class_name!r}: only DDPMScheduler and "
-                "DDIMScheduler configs can be imported")
+    raise _fail(
+        source, f"_class_name={class_name!r}: only DDPMScheduler and "
+        "DDIMScheduler configs can be imported")
   unknown = sorted(k for k in fields
                    if not k.startswith("_") and k not in SCHEDULER_DEFAULTS)
   if unknown:
-    raise _fail(source, f"unknown field(s) {', '.join(unknown)} (they may "
-                "change the diffusion process)")
+    raise _fail(
+        source, f"unknown field(s) {', '.join(unknown)} (they may "
+        "change the diffusion process)")
   f = {**SCHEDULER_DEFAULTS, **fields}
 
   def unsupported(name: str, why: str) -> PretrainedError:
@@ -316,15 +336,18 @@ def diffusion_settings_from_diffusers(fields: Mapping[str, Any], *,
   if not _is_int(steps) or steps < 1:
     raise unsupported("num_train_timesteps", "expected an int >= 1")
   if f["trained_betas"] is not None:
-    raise unsupported("trained_betas", "config.diffusion holds a named "
-                      "schedule, not a list of betas")
+    raise unsupported(
+        "trained_betas", "config.diffusion holds a named "
+        "schedule, not a list of betas")
   if f["rescale_betas_zero_snr"] is not False:
-    raise unsupported("rescale_betas_zero_snr", "ddpm_jax's schedules are "
-                      "not rescaled to zero terminal SNR")
+    raise unsupported(
+        "rescale_betas_zero_snr", "ddpm_jax's schedules are "
+        "not rescaled to zero terminal SNR")
   if f["beta_schedule"] not in _SCHEDULES:
-    raise unsupported("beta_schedule", "ddpm_jax has the same betas only for "
-                      f"{', '.join(_SCHEDULES)} (its 'cosine' clips "
-                      "differently from squaredcos_cap_v2)")
+    raise unsupported(
+        "beta_schedule", "ddpm_jax has the same betas only for "
+        f"{', '.join(_SCHEDULES)} (its 'cosine' clips "
+        "differently from squaredcos_cap_v2)")
   for name in ("beta_start", "beta_end"):
     value = f[name]
     if not _is_number(value) or not 0 < value < 1:
@@ -334,10 +357,11 @@ def diffusion_settings_from_diffusers(fields: Mapping[str, Any], *,
   elif f["variance_type"] in _VAR_TYPES:
     var_type = _VAR_TYPES[f["variance_type"]]
   else:
-    raise unsupported("variance_type", "ddpm_jax has "
-                      f"{', '.join(_VAR_TYPES)} (diffusers' 'learned' reads "
-                      "the output as a variance, ddpm_jax's as a "
-                      "log-variance)")
+    raise unsupported(
+        "variance_type", "ddpm_jax has "
+        f"{', '.join(_VAR_TYPES)} (diffusers' 'learned' reads "
+        "the output as a variance, ddpm_jax's as a "
+        "log-variance)")
   if not isinstance(f["clip_sample"], bool):
     raise unsupported("clip_sample", "expected true or false")
   if f["clip_sample"] and f["clip_sample_range"] != 1.0:
@@ -448,20 +472,24 @@ def _diffusers_modules(tensors: Mapping[str, np.ndarray],
 def _diffusers_leaf(kind: str, prefix: str, rest: tuple[str, ...]) -> _Leaf:
   p = prefix + "."
   if kind in ("attention", "attention_legacy"):
-    q, k, v, out = (("query", "key", "value", "proj_attn")
-                    if kind == "attention_legacy"
-                    else ("to_q", "to_k", "to_v", "to_out.0"))
+    q, k, v, out = (("query", "key", "value",
+                     "proj_attn") if kind == "attention_legacy" else
+                    ("to_q", "to_k", "to_v", "to_out.0"))
     table = {
-        ("GroupNorm_0", "scale"): _same(p + "group_norm.weight"),
-        ("GroupNorm_0", "bias"): _same(p + "group_norm.bias"),
-        ("Dense_0", "kernel"): _fused((p + q + ".weight", p + k + ".weight",
-                                       p + v + ".weight"), kernel=True,
-                                      transpose=True),
-        ("Dense_0", "bias"): _fused((p + q + ".bias", p + k + ".bias",
-                                     p + v + ".bias"), kernel=False,
-                                    transpose=True),
-        ("Dense_1", "kernel"): _torch_linear(p + out + ".weight"),
-        ("Dense_1", "bias"): _same(p + out + ".bias"),
+        ("GroupNorm_0", "scale"):
+            _same(p + "group_norm.weight"),
+        ("GroupNorm_0", "bias"):
+            _same(p + "group_norm.bias"),
+        ("Dense_0", "kernel"):
+            _fused((p + q + ".weight", p + k + ".weight", p + v + ".weight"),
+                   kernel=True, transpose=True),
+        ("Dense_0", "bias"):
+            _fused((p + q + ".bias", p + k + ".bias", p + v + ".bias"),
+                   kernel=False, transpose=True),
+        ("Dense_1", "kernel"):
+            _torch_linear(p + out + ".weight"),
+        ("Dense_1", "bias"):
+            _same(p + out + ".bias"),
     }
   elif kind == "resnet":
     table = {
@@ -479,16 +507,24 @@ def _diffusers_leaf(kind: str, prefix: str, rest: tuple[str, ...]) -> _Leaf:
         ("Dense_1", "bias"): _same(p + "conv_shortcut.bias"),
     }
   else:
-    weight = {"conv": _torch_conv, "linear": _torch_linear, "norm": _same,
-              "embed": _same}[kind](p + "weight")
-    table = {("kernel",): weight, ("scale",): weight, ("embedding",): weight,
-             ("bias",): _same(p + "bias")}
+    weight = {
+        "conv": _torch_conv,
+        "linear": _torch_linear,
+        "norm": _same,
+        "embed": _same
+    }[kind](p + "weight")
+    table = {
+        ("kernel",): weight,
+        ("scale",): weight,
+        ("embedding",): weight,
+        ("bias",): _same(p + "bias")
+    }
   return table[rest]
 
 
 def _flax_shapes(config: UNetConfig) -> PyTree:
   """`jax.ShapeDtypeStruct`s of `UNet(config=config)`'s parameters."""
-  size = 2 ** (len(config.channel_mults) - 1)
+  size = 2**(len(config.channel_mults) - 1)
   x = jnp.zeros((1, size, size, config.in_channels), jnp.float32)
   t = jnp.zeros((1,), jnp.int32)
   y = None if config.num_classes is None else jnp.zeros((1,), jnp.int32)
@@ -498,8 +534,8 @@ def _flax_shapes(config: UNetConfig) -> PyTree:
 
 
 def _assemble(tensors: Mapping[str, np.ndarray], config: UNetConfig,
-              leaf_for: Callable[[tuple[str, ...]], _Leaf], *,
-              source: str, hint: str) -> PyTree:
+              leaf_for: Callable[[tuple[str, ...]],
+                                 _Leaf], *, source: str, hint: str) -> PyTree:
   """The Flax parameter tree of `config`, each leaf made by `leaf_for(path)`
   from `tensors`; every tensor must be used exactly once."""
   shapes = _flax_shapes(config)
@@ -531,21 +567,23 @@ def _assemble(tensors: Mapping[str, np.ndarray], config: UNetConfig,
     return "; ".join(items[:3]) + more
 
   if wrong:
-    raise _fail(source, f"{len(wrong)} tensor(s) do not fit the network of "
-                f"{hint}: {listing(wrong)}")
+    raise _fail(
+        source, f"{len(wrong)} tensor(s) do not fit the network of "
+        f"{hint}: {listing(wrong)}")
   if missing:
-    raise _fail(source, f"{len(missing)} tensor(s) of the network of {hint} "
-                f"are missing: {listing(missing)}")
+    raise _fail(
+        source, f"{len(missing)} tensor(s) of the network of {hint} "
+        f"are missing: {listing(missing)}")
   if extra:
-    raise _fail(source, f"{len(extra)} tensor(s) are not part of the network "
-                f"of {hint}: {listing(extra)}")
+    raise _fail(
+        source, f"{len(extra)} tensor(s) are not part of the network "
+        f"of {hint}: {listing(extra)}")
   return jax.tree_util.tree_map_with_path(
       lambda path, _: jnp.asarray(built[tuple(k.key for k in path)]), shapes)
 
 
-def params_from_diffusers(tensors: Mapping[str, np.ndarray],
-                          config: UNetConfig, *,
-                          source: str = SAFETENSORS_FILE,
+def params_from_diffusers(tensors: Mapping[str, np.ndarray], config: UNetConfig,
+                          *, source: str = SAFETENSORS_FILE,
                           hint: str = CONFIG_FILE) -> PyTree:
   """Converts a `UNet2DModel` state dict (numpy arrays) to `UNet` parameters.
 
@@ -595,22 +633,27 @@ def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
       try:
         return dict(safetensors_numpy.load_file(path))
       except TypeError:  # bfloat16, which numpy lacks: read it with JAX.
-        return {k: np.asarray(v, np.float32)
-                for k, v in safetensors_flax.load_file(path).items()}
+        return {
+            k: np.asarray(v, np.float32)
+            for k, v in safetensors_flax.load_file(path).items()
+        }
     except Exception as e:  # pylint: disable=broad-except
       # safetensors raises its own SafetensorError, OSError and others.
-      raise _fail(path, f"not a readable safetensors file "
-                  f"({type(e).__name__}: {_one_line(e)})") from None
+      raise _fail(
+          path, f"not a readable safetensors file "
+          f"({type(e).__name__}: {_one_line(e)})") from None
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise _fail(path, "reading a PyTorch .bin file needs torch (pip install "
-                f"torch), or a {SAFETENSORS_FILE} beside it") from None
+    raise _fail(
+        path, "reading a PyTorch .bin file needs torch (pip install "
+        f"torch), or a {SAFETENSORS_FILE} beside it") from None
   try:
     state = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
-    raise _fail(path, f"not a readable PyTorch state dict "
-                f"({type(e).__name__}: {_one_line(e)})") from None
+    raise _fail(
+        path, f"not a readable PyTorch state dict "
+        f"({type(e).__name__}: {_one_line(e)})") from None
   if not isinstance(state, Mapping):
     raise _fail(path, f"holds a {type(state).__name__}, not a state dict")
   return {k: v.detach().float().numpy() for k, v in state.items()}
@@ -644,8 +687,9 @@ def _locate(folder: str) -> tuple[str, str]:
   unet = os.path.join(folder, "unet")
   if os.path.isfile(os.path.join(unet, CONFIG_FILE)):
     return unet, os.path.join(folder, "scheduler", SCHEDULER_FILE)
-  raise _fail(folder, f"no {CONFIG_FILE} (nor unet/{CONFIG_FILE}): not a "
-              "diffusers UNet2DModel folder")
+  raise _fail(
+      folder, f"no {CONFIG_FILE} (nor unet/{CONFIG_FILE}): not a "
+      "diffusers UNet2DModel folder")
 
 
 def load_diffusers(folder: str | os.PathLike) -> Pretrained:
@@ -674,9 +718,10 @@ def load_diffusers(folder: str | os.PathLike) -> Pretrained:
   diffusion = diffusion_settings_from_diffusers(_read_json(scheduler_path),
                                                 source=scheduler_path)
   if diffusion.var_type.startswith("learned") != config.learned_variance:
-    raise _fail(scheduler_path, f"variance_type gives {diffusion.var_type!r} "
-                f"but {config_path} has out_channels="
-                f"{config.out_channels} (in_channels={config.in_channels})")
+    raise _fail(
+        scheduler_path, f"variance_type gives {diffusion.var_type!r} "
+        f"but {config_path} has out_channels="
+        f"{config.out_channels} (in_channels={config.in_channels})")
   weights = os.path.join(unet_dir, SAFETENSORS_FILE)
   if not os.path.isfile(weights):
     weights = os.path.join(unet_dir, BIN_FILE)
@@ -697,10 +742,12 @@ _TF_LEAVES = ("W", "b", "gamma", "beta")  # nn.conv2d / dense / nin, group_norm
 def _tf_network_config(shapes: Mapping[str, list[int]],
                        source: str) -> UNetConfig:
   """The `UNetConfig` of `diffusion_tf.models.unet.model`'s variables."""
+
   def shape(name: str) -> list[int]:
     if name not in shapes:
-      raise _fail(source, f"no variable {name}: not a checkpoint of the DDPM "
-                  "authors' U-Net (diffusion_tf.models.unet)")
+      raise _fail(
+          source, f"no variable {name}: not a checkpoint of the DDPM "
+          "authors' U-Net (diffusion_tf.models.unet)")
     return shapes[name]
 
   _, _, in_channels, base = shape("model/conv_in/W")
@@ -712,19 +759,25 @@ def _tf_network_config(shapes: Mapping[str, list[int]],
     blocks += 1
   widths = [shape(f"model/down_{i}/block_0/conv1/W")[3] for i in range(levels)]
   if any(w % base for w in widths):
-    raise _fail(source, f"level widths {widths} are not multiples of "
-                f"conv_in's {base}")
+    raise _fail(
+        source, f"level widths {widths} are not multiples of "
+        f"conv_in's {base}")
   out_channels = shape("model/conv_out/W")[3]
   temb = shape("model/temb/dense0/W")[1]
   try:
     return UNetConfig(
-        layout="ddpm", in_channels=in_channels, base_channels=base,
-        channel_mults=tuple(w // base for w in widths), num_res_blocks=blocks,
-        attention=tuple("full" if f"model/down_{i}/attn_0/q/W" in shapes
-                        else "none" for i in range(levels)),
+        layout="ddpm",
+        in_channels=in_channels,
+        base_channels=base,
+        channel_mults=tuple(w // base for w in widths),
+        num_res_blocks=blocks,
+        attention=tuple(
+            "full" if f"model/down_{i}/attn_0/q/W" in shapes else "none"
+            for i in range(levels)),
         mid_attention="full" if "model/mid/attn_1/q/W" in shapes else "none",
         num_groups=32,  # tf.contrib.layers.group_norm's default
-        dropout=0.0, time_embed_dim=None if temb == 4 * base else temb,
+        dropout=0.0,
+        time_embed_dim=None if temb == 4 * base else temb,
         learned_variance=out_channels == 2 * in_channels)
   except ValueError as e:
     raise _fail(source, f"not a valid ddpm_jax network: {e}") from None
@@ -776,14 +829,20 @@ def _tf_leaf(kind: str, scope: str, rest: tuple[str, ...]) -> _Leaf:
   s = scope + "/"
   if kind == "attention":
     table = {
-        ("GroupNorm_0", "scale"): _same(s + "norm/gamma"),
-        ("GroupNorm_0", "bias"): _same(s + "norm/beta"),
-        ("Dense_0", "kernel"): _fused((s + "q/W", s + "k/W", s + "v/W"),
-                                      kernel=True, transpose=False),
-        ("Dense_0", "bias"): _fused((s + "q/b", s + "k/b", s + "v/b"),
-                                    kernel=False, transpose=False),
-        ("Dense_1", "kernel"): _same(s + "proj_out/W"),
-        ("Dense_1", "bias"): _same(s + "proj_out/b"),
+        ("GroupNorm_0", "scale"):
+            _same(s + "norm/gamma"),
+        ("GroupNorm_0", "bias"):
+            _same(s + "norm/beta"),
+        ("Dense_0", "kernel"):
+            _fused((s + "q/W", s + "k/W", s + "v/W"), kernel=True,
+                   transpose=False),
+        ("Dense_0", "bias"):
+            _fused((s + "q/b", s + "k/b", s + "v/b"), kernel=False,
+                   transpose=False),
+        ("Dense_1", "kernel"):
+            _same(s + "proj_out/W"),
+        ("Dense_1", "bias"):
+            _same(s + "proj_out/b"),
     }
   elif kind == "resnet":
     table = {
@@ -843,25 +902,31 @@ def load_tf_checkpoint(path: str | os.PathLike, *,
     shapes = reader.get_variable_to_shape_map()
   except Exception as e:  # pylint: disable=broad-except
     # tf.errors.NotFoundError, DataLossError, ValueError, ...
-    raise _fail(source, f"not a readable TensorFlow checkpoint "
-                f"({type(e).__name__}: {_one_line(e)})") from None
-  network = {name for name in shapes if name.startswith("model/")
-             and name.rsplit("/", 1)[-1] in _TF_LEAVES}
-  strays = sorted(name for name in shapes if name.startswith("model/")
-                  and name not in network
-                  and name.rsplit("/", 1)[0] not in network)
+    raise _fail(
+        source, f"not a readable TensorFlow checkpoint "
+        f"({type(e).__name__}: {_one_line(e)})") from None
+  network = {
+      name for name in shapes
+      if name.startswith("model/") and name.rsplit("/", 1)[-1] in _TF_LEAVES
+  }
+  strays = sorted(name for name in shapes if name.startswith("model/") and
+                  name not in network and name.rsplit("/", 1)[0] not in network)
   if strays:
-    raise _fail(source, f"variable {strays[0]} is not part of the DDPM "
-                f"authors' U-Net ({len(strays)} such)")
+    raise _fail(
+        source, f"variable {strays[0]} is not part of the DDPM "
+        f"authors' U-Net ({len(strays)} such)")
   config = _tf_network_config(shapes, source)
   if ema:
     no_ema = sorted(n for n in network if n + TF_EMA_SUFFIX not in shapes)
     if no_ema:
-      raise _fail(source, f"no moving average of {no_ema[0]} "
-                  f"({len(no_ema)} variables without one); use ema=False "
-                  "for the raw weights")
-  tensors = {name: reader.get_tensor(name + (TF_EMA_SUFFIX if ema else ""))
-             for name in network}
+      raise _fail(
+          source, f"no moving average of {no_ema[0]} "
+          f"({len(no_ema)} variables without one); use ema=False "
+          "for the raw weights")
+  tensors = {
+      name: reader.get_tensor(name + (TF_EMA_SUFFIX if ema else ""))
+      for name in network
+  }
   plan = _tf_modules(config)
 
   def leaf_for(names: tuple[str, ...]) -> _Leaf:

@@ -27,7 +27,8 @@ class UNet(nn.Module):
   config: UNetConfig
 
   @nn.compact
-  def __call__(self, x: Array, t: Array, *, y: Array | None = None, train: bool) -> Array:
+  def __call__(self, x: Array, t: Array, *, y: Array | None = None,
+               train: bool) -> Array:
     """Predicts from noisy images.
 
     Args:
@@ -49,7 +50,8 @@ class UNet(nn.Module):
     temb = layers.TimeEmbedding(
         sinusoid_dim=cfg.base_channels,
         features=cfg.temb_dim,
-        activation=nn.swish if cfg.layout == "ddpm" else functools.partial(nn.gelu, approximate=False),
+        activation=nn.swish if cfg.layout == "ddpm" else functools.partial(
+            nn.gelu, approximate=False),
         **self._dtypes,
     )(t)
     if cfg.num_classes is not None:
@@ -62,15 +64,18 @@ class UNet(nn.Module):
 
   @property
   def _dtypes(self) -> dict[str, jnp.dtype]:
-    return dict(dtype=self.config.compute_dtype, param_dtype=self.config.parameter_dtype)
+    return dict(dtype=self.config.compute_dtype,
+                param_dtype=self.config.parameter_dtype)
 
   def _check_inputs(self, x: Array, t: Array, y: Array | None) -> None:
     cfg = self.config
     if x.ndim != 4 or x.shape[-1] != cfg.in_channels:
-      raise ValueError(f"UNet: x must have shape [B, H, W, {cfg.in_channels}], got {x.shape}")
+      raise ValueError(
+          f"UNet: x must have shape [B, H, W, {cfg.in_channels}], got {x.shape}"
+      )
     if not jnp.issubdtype(x.dtype, jnp.floating):
       raise ValueError(f"UNet: x must be floating point, got {x.dtype}")
-    factor = 2 ** (len(cfg.channel_mults) - 1)
+    factor = 2**(len(cfg.channel_mults) - 1)
     height, width = x.shape[1:3]
     if height % factor or width % factor:
       raise ValueError(
@@ -78,16 +83,17 @@ class UNet(nn.Module):
           f"(channel_mults={cfg.channel_mults}); height and width must be divisible by {factor}"
       )
     if t.shape != x.shape[:1]:
-      raise ValueError(f"UNet: t must have shape [B]=[{x.shape[0]}], got {t.shape}")
+      raise ValueError(
+          f"UNet: t must have shape [B]=[{x.shape[0]}], got {t.shape}")
     if cfg.num_classes is None:
       if y is not None:
         raise ValueError("UNet: y was given but config.num_classes is None")
-    elif y is None or y.shape != x.shape[:1] or not jnp.issubdtype(y.dtype, jnp.integer):
+    elif y is None or y.shape != x.shape[:1] or not jnp.issubdtype(
+        y.dtype, jnp.integer):
       shape = None if y is None else y.shape
       raise ValueError(
           f"UNet: config.num_classes={cfg.num_classes} needs integer labels y of shape "
-          f"[{x.shape[0]}], got {shape}"
-      )
+          f"[{x.shape[0]}], got {shape}")
 
   def _block(self, features: int) -> nn.Module:
     cfg = self.config
@@ -99,7 +105,8 @@ class UNet(nn.Module):
           **self._dtypes,
       )
     block = layers.ResnetBlock if cfg.layout == "ddpm" else layers.PostNormResnetBlock
-    return block(features, num_groups=cfg.num_groups, dropout=cfg.dropout, **self._dtypes)
+    return block(features, num_groups=cfg.num_groups, dropout=cfg.dropout,
+                 **self._dtypes)
 
   def _attention(self, kind: str) -> Callable[[Array], Array]:
     cfg = self.config
@@ -108,10 +115,11 @@ class UNet(nn.Module):
     if kind == "linear":
       return layers.LinearAttention(heads=4, head_dim=32, **self._dtypes)
     if cfg.layout == "ddpm":
-      return layers.Attention(
-          heads=1, head_dim=None, qkv_bias=True, num_groups=cfg.num_groups, epsilon=1e-6, **self._dtypes
-      )
-    return layers.Attention(heads=4, head_dim=32, qkv_bias=False, num_groups=1, epsilon=1e-5, **self._dtypes)
+      return layers.Attention(heads=1, head_dim=None, qkv_bias=True,
+                              num_groups=cfg.num_groups, epsilon=1e-6,
+                              **self._dtypes)
+    return layers.Attention(heads=4, head_dim=32, qkv_bias=False, num_groups=1,
+                            epsilon=1e-5, **self._dtypes)
 
   def _middle(self, h: Array, temb: Array, *, train: bool) -> Array:
     width = h.shape[-1]
@@ -124,7 +132,10 @@ class UNet(nn.Module):
     cfg = self.config
     widths = cfg.level_widths
     last = len(widths) - 1
-    hs = [layers.Conv(cfg.base_channels, (3, 3), kernel_init=layers.KERNEL_INIT, **self._dtypes)(x)]
+    hs = [
+        layers.Conv(cfg.base_channels, (3, 3), kernel_init=layers.KERNEL_INIT,
+                    **self._dtypes)(x)
+    ]
     for level, width in enumerate(widths):
       for _ in range(cfg.num_res_blocks):
         h = self._block(width)(hs[-1], temb, train=train)
@@ -134,12 +145,14 @@ class UNet(nn.Module):
     h = self._middle(hs[-1], temb, train=train)
     for level in reversed(range(len(widths))):
       for _ in range(cfg.num_res_blocks + 1):
-        h = self._block(widths[level])(jnp.concatenate([h, hs.pop()], axis=-1), temb, train=train)
+        h = self._block(widths[level])(jnp.concatenate([h, hs.pop()], axis=-1),
+                                       temb, train=train)
         h = self._attention(cfg.attention[level])(h)
       if level != 0:
         h = layers.NearestUpsample(**self._dtypes)(h)
     h = layers.GroupNorm(cfg.num_groups, 1e-6, nn.swish, **self._dtypes)(h)
-    return layers.Conv(cfg.out_channels, (3, 3), kernel_init=layers.ZERO_INIT, **self._dtypes)(h)
+    return layers.Conv(cfg.out_channels, (3, 3), kernel_init=layers.ZERO_INIT,
+                       **self._dtypes)(h)
 
   def _tutorial(self, x: Array, temb: Array, *, train: bool) -> Array:
     """Annotated Diffusion layout: one skip per level, taken after its attention.
@@ -151,7 +164,8 @@ class UNet(nn.Module):
     widths = cfg.level_widths
     last = len(widths) - 1
     init_width = cfg.base_channels // 3 * 2
-    h = layers.Conv(init_width, (7, 7), kernel_init=layers.KERNEL_INIT, **self._dtypes)(x)
+    h = layers.Conv(init_width, (7, 7), kernel_init=layers.KERNEL_INIT,
+                    **self._dtypes)(x)
     skips = []
     for level, width in enumerate(widths):
       for _ in range(cfg.num_res_blocks):
@@ -168,7 +182,8 @@ class UNet(nn.Module):
       h = self._attention(cfg.attention[level])(h)
       h = layers.TransposedConvUpsample(**self._dtypes)(h)
     h = self._block(cfg.base_channels)(h, None, train=train)
-    return nn.Dense(cfg.out_channels, kernel_init=layers.ZERO_INIT, **self._dtypes)(h)
+    return nn.Dense(cfg.out_channels, kernel_init=layers.ZERO_INIT,
+                    **self._dtypes)(h)
 
 
 def count_params(params) -> int:

@@ -49,18 +49,42 @@ from ddpm_jax.samplers.chain import SampleOutput
 from ddpm_jax.samplers.ddim import SPACINGS as DDIM_SPACINGS
 from ddpm_jax.samplers.ddim import ddim_invert, ddim_sample, ddim_timesteps
 from ddpm_jax.samplers.ddpm import ddpm_sample
-from ddpm_jax.samplers.registry import (SAMPLER_FNS, SAMPLER_NAMES,
-                                        SAMPLER_OPTIONS, STOCHASTIC_SAMPLERS,
-                                        get_sampler, num_model_calls)
+from ddpm_jax.samplers.registry import (
+    SAMPLER_FNS,
+    SAMPLER_NAMES,
+    SAMPLER_OPTIONS,
+    STOCHASTIC_SAMPLERS,
+    get_sampler,
+    num_model_calls,
+)
 from ddpm_jax.samplers.solvers import SPACINGS as SOLVER_SPACINGS
-from ddpm_jax.samplers.solvers import (dpmpp_2m_sample, dpmpp_2m_sde_sample,
-                                       dpmpp_3m_sample, euler_sample,
-                                       heun_sample, solver_timesteps)
+from ddpm_jax.samplers.solvers import (
+    dpmpp_2m_sample,
+    dpmpp_2m_sde_sample,
+    dpmpp_3m_sample,
+    euler_sample,
+    heun_sample,
+    solver_timesteps,
+)
 
 __all__ = [
-    "DDIM_SPACINGS", "SAMPLER_FNS", "SAMPLER_NAMES", "SAMPLER_OPTIONS",
-    "SOLVER_SPACINGS", "STOCHASTIC_SAMPLERS", "SampleOutput", "ddim_invert",
-    "ddim_sample", "ddim_timesteps", "ddpm_sample", "dpmpp_2m_sample",
-    "dpmpp_2m_sde_sample", "dpmpp_3m_sample", "euler_sample", "get_sampler",
-    "heun_sample", "num_model_calls", "solver_timesteps",
+    "DDIM_SPACINGS",
+    "SAMPLER_FNS",
+    "SAMPLER_NAMES",
+    "SAMPLER_OPTIONS",
+    "SOLVER_SPACINGS",
+    "STOCHASTIC_SAMPLERS",
+    "SampleOutput",
+    "ddim_invert",
+    "ddim_sample",
+    "ddim_timesteps",
+    "ddpm_sample",
+    "dpmpp_2m_sample",
+    "dpmpp_2m_sde_sample",
+    "dpmpp_3m_sample",
+    "euler_sample",
+    "get_sampler",
+    "heun_sample",
+    "num_model_calls",
+    "solver_timesteps",
 ]

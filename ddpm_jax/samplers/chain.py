@@ -54,8 +54,9 @@ def check_trajectory_every(trajectory_every) -> None:
 
 def check_eta(eta) -> None:
   """Raises ValueError unless `eta` is a Python number in [0, 1]."""
-  if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not (
-      0.0 <= eta <= 1.0):
+  if isinstance(
+      eta,
+      bool) or not isinstance(eta, numbers.Real) or not (0.0 <= eta <= 1.0):
     raise ValueError(f"eta must be a Python number in [0, 1], got {eta!r}.")
 
 
@@ -71,8 +72,8 @@ def check_start(shape, key, x_T, *, needs_key: bool) -> tuple[int, ...]:
     raise ValueError("shape must be a tuple of positive integers (B, H, W, C),"
                      f" got {shape!r}.")
   if key is None and (needs_key or x_T is None):
-    raise ValueError("key is required: this sampler draws "
-                     + ("x_T" if x_T is None else "noise at every step") + ".")
+    raise ValueError("key is required: this sampler draws " +
+                     ("x_T" if x_T is None else "noise at every step") + ".")
   return tuple(int(d) for d in shape)
 
 
@@ -91,10 +92,10 @@ def initial_state(shape, key, x_T):
 # The chain: one lax.scan, optionally keeping every k-th state.
 
 
-def run_chain(step: Callable[[Any, Any], Any], init, xs,
-               state_steps, *, trajectory_every: Optional[int],
-               image: Callable[[Any], jnp.ndarray] = lambda carry: carry,
-               step_ids: Optional[np.ndarray] = None) -> SampleOutput:
+def run_chain(step: Callable[[Any, Any], Any], init, xs, state_steps, *,
+              trajectory_every: Optional[int],
+              image: Callable[[Any], jnp.ndarray] = lambda carry: carry,
+              step_ids: Optional[np.ndarray] = None) -> SampleOutput:
   """Applies `carry = step(carry, xs[i])` for every i in one `lax.scan`.
 
   The carry is the state x, or any pytree holding it (`image(carry)` reads
@@ -143,18 +144,16 @@ def run_chain(step: Callable[[Any, Any], Any], init, xs,
   (chain, frames), _ = jax.lax.scan(
       body, (init, frames),
       (jnp.asarray(np.asarray(step_ids) // k, jnp.int32), xs))
-  last_step_of_frame = np.minimum((np.arange(num_frames) + 1) * k,
-                                  num_steps) - 1
+  last_step_of_frame = np.minimum(
+      (np.arange(num_frames) + 1) * k, num_steps) - 1
   return SampleOutput(
       images=image(chain), trajectory=frames,
-      trajectory_steps=jnp.asarray(state_steps[last_step_of_frame],
-                                   jnp.int32))
+      trajectory_steps=jnp.asarray(state_steps[last_step_of_frame], jnp.int32))
 
 
 def batch_t(t, x):
   """Step `t` as int32 [B], one per example of x [B, ...]."""
   return jnp.full((x.shape[0],), t, dtype=jnp.int32)
-
 
 
 def x0_eps_predictions(model_fn, schedule, x, t, *, target, clip_x0):
@@ -168,9 +167,8 @@ def x0_eps_predictions(model_fn, schedule, x, t, *, target, clip_x0):
     raise ValueError(f"model output shape {out.shape} must equal x_t shape "
                      f"{x.shape} (or have twice its channels).")
   pred_x0, pred_eps = gaussian.predict_x0_eps(schedule, x, t, out,
-                                               target=target)
+                                              target=target)
   if clip_x0:
     pred_x0 = jnp.clip(pred_x0, -1.0, 1.0)
     pred_eps = gaussian.predict_eps_from_x0(schedule, x, t, pred_x0)
   return pred_x0, pred_eps
-

@@ -50,10 +50,9 @@ def ddim_timesteps(num_timesteps: int, num_steps: int, *,
   check_choice("spacing", spacing, SPACINGS)
   if spacing == "uniform":
     return np.arange(num_steps, dtype=np.int64) * (num_timesteps // num_steps)
-  seq = (np.linspace(0, np.sqrt(num_timesteps * 0.8), num_steps)**2).astype(
-      np.int64)
+  seq = (np.linspace(0, np.sqrt(num_timesteps * 0.8),
+                     num_steps)**2).astype(np.int64)
   return np.maximum(seq, np.arange(num_steps))
-
 
 
 def ddim_sample(model_fn: gaussian.ModelFn, schedule: Schedule, *,
@@ -117,8 +116,8 @@ def ddim_sample(model_fn: gaussian.ModelFn, schedule: Schedule, *,
   def step(x, inp):
     t, a_t, a_prev = inp
     pred_x0, pred_eps = chain.x0_eps_predictions(model_fn, schedule, x,
-                                          chain.batch_t(t, x), target=target,
-                                          clip_x0=clip_x0)
+                                                 chain.batch_t(t, x),
+                                                 target=target, clip_x0=clip_x0)
     x_prev = jnp.sqrt(a_prev) * pred_x0
     sigma_sq = 0.0
     if eta > 0:
@@ -130,12 +129,13 @@ def ddim_sample(model_fn: gaussian.ModelFn, schedule: Schedule, *,
                                            0.0)) * pred_eps
     return x_prev.astype(x.dtype)
 
-  return chain.run_chain(step, x_T, (jnp.asarray(ts, jnp.int32), abar_t, abar_prev),
-                    prev + 1, trajectory_every=trajectory_every)
+  return chain.run_chain(step, x_T,
+                         (jnp.asarray(ts, jnp.int32), abar_t, abar_prev),
+                         prev + 1, trajectory_every=trajectory_every)
 
 
-def ddim_invert(model_fn: gaussian.ModelFn, schedule: Schedule,
-                x0: jnp.ndarray, *, num_steps: int, spacing: str = "uniform",
+def ddim_invert(model_fn: gaussian.ModelFn, schedule: Schedule, x0: jnp.ndarray,
+                *, num_steps: int, spacing: str = "uniform",
                 target: str = "eps") -> jnp.ndarray:
   """Deterministic DDIM encoding of images into x_T (eta = 0, run upwards).
 
@@ -175,11 +175,12 @@ def ddim_invert(model_fn: gaussian.ModelFn, schedule: Schedule,
 
   def step(x, inp):
     t, a_t, a_s = inp
-    _, pred_eps = chain.x0_eps_predictions(model_fn, schedule, x, chain.batch_t(t, x),
-                                    target=target, clip_x0=False)
+    _, pred_eps = chain.x0_eps_predictions(model_fn, schedule, x,
+                                           chain.batch_t(t, x), target=target,
+                                           clip_x0=False)
     pred_x0 = (x - jnp.sqrt(1.0 - a_s) * pred_eps) / jnp.sqrt(a_s)
-    return (jnp.sqrt(a_t) * pred_x0 +
-            jnp.sqrt(1.0 - a_t) * pred_eps).astype(x.dtype)
+    return (jnp.sqrt(a_t) * pred_x0 + jnp.sqrt(1.0 - a_t) * pred_eps).astype(
+        x.dtype)
 
   x_T, _ = jax.lax.scan(lambda x, inp: (step(x, inp), None), x0,
                         (jnp.asarray(seq, jnp.int32), abar_t, abar_s))

@@ -67,8 +67,8 @@ def ddpm_sample(model_fn: gaussian.ModelFn, schedule: Schedule, *,
   def step(x, t):
     tb = chain.batch_t(t, x)
     out = gaussian.p_mean_variance(schedule, model_fn(x, tb), x, tb,
-                                    target=target, var_type=var_type,
-                                    mean_form=mean_form, clip_x0=clip_x0)
+                                   target=target, var_type=var_type,
+                                   mean_form=mean_form, clip_x0=clip_x0)
     noise = jax.random.normal(jax.random.fold_in(chain_key, t), x.shape,
                               x.dtype)
     scale = jnp.where(t > 0, jnp.exp(0.5 * out.log_variance), 0.0)
@@ -77,4 +77,4 @@ def ddpm_sample(model_fn: gaussian.ModelFn, schedule: Schedule, *,
   ts = np.arange(num_timesteps - 1, -1, -1)  # T-1, ..., 0.
   # After processing index t the state is the paper's x_t.
   return chain.run_chain(step, x_T, jnp.asarray(ts, jnp.int32), ts,
-                    trajectory_every=trajectory_every)
+                         trajectory_every=trajectory_every)

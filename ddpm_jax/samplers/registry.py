@@ -36,7 +36,9 @@ _SOLVER_OPTIONS = ("num_steps", "spacing", "target", "clip_x0")
 SAMPLER_OPTIONS: dict[str, tuple[str, ...]] = {
     "ddpm": ("target", "var_type", "mean_form", "clip_x0"),
     "ddim": ("num_steps", "eta", "spacing", "target", "clip_x0"),
-    **{name: _SOLVER_OPTIONS for name in SAMPLER_NAMES[2:]},
+    **{
+        name: _SOLVER_OPTIONS for name in SAMPLER_NAMES[2:]
+    },
 }
 # Samplers that draw noise at every step and so need `key` even with x_T
 # (ddim too when eta > 0).

@@ -88,10 +88,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax.diffusion import gaussian
 from ddpm_jax._checks import check_choice
-from ddpm_jax.samplers import chain
+from ddpm_jax.diffusion import gaussian
 from ddpm_jax.diffusion.schedules import Schedule
+from ddpm_jax.samplers import chain
 
 SPACINGS = ("uniform", "logsnr", "karras")
 KARRAS_RHO = 7.0
@@ -102,13 +102,12 @@ MAX_LOG_SIGMA = 5.1
 # order of the last steps below this many steps.
 LOWER_ORDER_FINAL_BELOW = 15
 
-
 # ----------------------------------------------------------------------------
 # Levels.
 
 
-def _distinct_descending(nearest: jnp.ndarray, num_timesteps: int
-                         ) -> jnp.ndarray:
+def _distinct_descending(nearest: jnp.ndarray,
+                         num_timesteps: int) -> jnp.ndarray:
   """Moves repeated steps of a descending int sequence to free neighbours.
 
   On the ascending sequence a: a_i <- max(a_i, a_{i-1} + 1), then
@@ -152,8 +151,8 @@ def solver_timesteps(schedule: Schedule, num_steps: int, *,
   log_sigma = 0.5 * (jnp.log1p(-abar) - jnp.log(abar))  # Increasing in t.
   t_max = num_timesteps - 1 - jnp.sum(log_sigma > MAX_LOG_SIGMA)
   if spacing == "uniform":
-    nearest = jnp.round(jnp.linspace(0.0, t_max.astype(jnp.float32),
-                                     num_steps + 1))[:0:-1]
+    nearest = jnp.round(
+        jnp.linspace(0.0, t_max.astype(jnp.float32), num_steps + 1))[:0:-1]
   else:
     top = log_sigma[t_max]
     ramp = jnp.linspace(0.0, 1.0, num_steps)
@@ -163,8 +162,7 @@ def solver_timesteps(schedule: Schedule, num_steps: int, *,
       hi = jnp.exp(top / KARRAS_RHO)
       lo = jnp.exp(log_sigma[0] / KARRAS_RHO)
       targets = KARRAS_RHO * jnp.log(hi + ramp * (lo - hi))
-    nearest = jnp.argmin(jnp.abs(log_sigma[None, :] - targets[:, None]),
-                         axis=1)
+    nearest = jnp.argmin(jnp.abs(log_sigma[None, :] - targets[:, None]), axis=1)
   # Rounding can repeat steps (S close to T, or dense targets near 0).
   return _distinct_descending(nearest.astype(jnp.int32), num_timesteps)
 
@@ -193,15 +191,14 @@ def _levels(schedule: Schedule, num_steps: int, spacing: str) -> _Levels:
   h = jnp.concatenate([lam[1:] - lam[:-1], one])
   last = jnp.arange(num_steps) == num_steps - 1
   return _Levels(
-      t=t,
-      alpha_next=jnp.concatenate([alpha[1:], one]),
-      sigma_next=jnp.concatenate([sigma[1:], jnp.zeros((1,), lam.dtype)]),
-      sigma_ratio=jnp.concatenate([sigma[1:] / sigma[:-1],
-                                   jnp.zeros((1,), lam.dtype)]),
-      h=h,
-      h_prev=jnp.concatenate([one, h[:-1]]),
-      h_prev2=jnp.concatenate([one, one, h[:-2]])[:num_steps],
-      last=last,
+      t=t, alpha_next=jnp.concatenate([alpha[1:], one]),
+      sigma_next=jnp.concatenate([sigma[1:],
+                                  jnp.zeros((1,), lam.dtype)]),
+      sigma_ratio=jnp.concatenate(
+          [sigma[1:] / sigma[:-1],
+           jnp.zeros((1,),
+                     lam.dtype)]), h=h, h_prev=jnp.concatenate([one, h[:-1]]),
+      h_prev2=jnp.concatenate([one, one, h[:-2]])[:num_steps], last=last,
       state_steps=jnp.concatenate([t[1:] + 1,
                                    jnp.zeros((1,), jnp.int32)]))
 
@@ -228,12 +225,13 @@ def _first_order(lv: _Levels) -> _Coefs:
 def _finish(coefs: _Coefs, lv: _Levels, *, order: jnp.ndarray) -> _Coefs:
   """Zeroes the terms above each step's order; the last step returns D."""
   one, zero = jnp.ones_like(lv.h), jnp.zeros_like(lv.h)
-  return _Coefs(
-      c_x=jnp.where(lv.last, zero, coefs.c_x),
-      c_0=jnp.where(lv.last, one, coefs.c_0),
-      c_1=jnp.where(lv.last | (order < 2), zero, coefs.c_1),
-      c_2=jnp.where(lv.last | (order < 3), zero, coefs.c_2),
-      c_z=jnp.where(lv.last, zero, coefs.c_z))
+  return _Coefs(c_x=jnp.where(lv.last, zero, coefs.c_x),
+                c_0=jnp.where(lv.last, one,
+                              coefs.c_0), c_1=jnp.where(lv.last | (order < 2),
+                                                        zero, coefs.c_1),
+                c_2=jnp.where(lv.last | (order < 3), zero,
+                              coefs.c_2), c_z=jnp.where(lv.last, zero,
+                                                        coefs.c_z))
 
 
 def _step_orders(num_steps: int, max_order: int) -> np.ndarray:
@@ -301,10 +299,11 @@ def _multistep_sample(coef_fn: Callable[[_Levels], _Coefs], *, stochastic,
   def step(carry, inp):
     x, d1, d2 = carry
     i, t, c = inp
-    pred_x0, _ = chain.x0_eps_predictions(model_fn, schedule, x, chain.batch_t(t, x),
-                                   target=target, clip_x0=clip_x0)
-    x_next = (c.c_x * x + c.c_0 * pred_x0 + c.c_1 * (pred_x0 - d1) +
-              c.c_2 * (d1 - d2))
+    pred_x0, _ = chain.x0_eps_predictions(model_fn, schedule, x,
+                                          chain.batch_t(t, x), target=target,
+                                          clip_x0=clip_x0)
+    x_next = (c.c_x * x + c.c_0 * pred_x0 + c.c_1 * (pred_x0 - d1) + c.c_2 *
+              (d1 - d2))
     if stochastic:
       noise = jax.random.normal(jax.random.fold_in(chain_key, i), x.shape,
                                 x.dtype)
@@ -313,9 +312,9 @@ def _multistep_sample(coef_fn: Callable[[_Levels], _Coefs], *, stochastic,
 
   zeros = jnp.zeros_like(x_T)
   return chain.run_chain(step, (x_T, zeros, zeros),
-                    (jnp.arange(num_steps, dtype=jnp.int32), lv.t, coefs),
-                    lv.state_steps, trajectory_every=trajectory_every,
-                    image=lambda carry: carry[0])
+                         (jnp.arange(num_steps, dtype=jnp.int32), lv.t, coefs),
+                         lv.state_steps, trajectory_every=trajectory_every,
+                         image=lambda carry: carry[0])
 
 
 # ----------------------------------------------------------------------------
@@ -349,12 +348,12 @@ def _heun_iterations(schedule: Schedule, num_steps: int, spacing: str):
   # The corrector calls the network at the next level.
   t_eval = t[np.minimum(steps + (kinds == _CORRECT), num_steps - 1)]
   return (_HeunIter(t=t_eval, kind=jnp.asarray(kinds, jnp.int32),
-                    a_x=a_x[steps], a_e=a_e[steps]),
-          steps, lv.state_steps)
+                    a_x=a_x[steps], a_e=a_e[steps]), steps, lv.state_steps)
 
 
 # ----------------------------------------------------------------------------
 # Public samplers.
+
 
 def euler_sample(model_fn: gaussian.ModelFn, schedule: Schedule, *,
                  num_steps: int, shape: Optional[tuple[int, ...]] = None,
@@ -396,10 +395,10 @@ def euler_sample(model_fn: gaussian.ModelFn, schedule: Schedule, *,
     >>> out = euler_sample(model_fn, sched, shape=(4, 32, 32, 3),
     ...                    key=jax.random.key(0), num_steps=50)
   """
-  return _multistep_sample(
-      _euler_coefs, stochastic=False, model_fn=model_fn, schedule=schedule,
-      num_steps=num_steps, shape=shape, key=key, x_T=x_T, spacing=spacing,
-      target=target, clip_x0=clip_x0, trajectory_every=trajectory_every)
+  return _multistep_sample(_euler_coefs, stochastic=False, model_fn=model_fn,
+                           schedule=schedule, num_steps=num_steps, shape=shape,
+                           key=key, x_T=x_T, spacing=spacing, target=target,
+                           clip_x0=clip_x0, trajectory_every=trajectory_every)
 
 
 def heun_sample(model_fn: gaussian.ModelFn, schedule: Schedule, *,
@@ -446,14 +445,13 @@ def heun_sample(model_fn: gaussian.ModelFn, schedule: Schedule, *,
   _check_solver_args(schedule, num_steps, spacing, target, trajectory_every)
   shape = chain.check_start(shape, key, x_T, needs_key=False)
   x_T, _ = chain.initial_state(shape, key, x_T)
-  iters, step_ids, state_steps = _heun_iterations(schedule, num_steps,
-                                                  spacing)
+  iters, step_ids, state_steps = _heun_iterations(schedule, num_steps, spacing)
 
   def step(carry, it):
     x, x_eval, slope = carry
     pred_x0, eps = chain.x0_eps_predictions(model_fn, schedule, x_eval,
-                                     chain.batch_t(it.t, x), target=target,
-                                     clip_x0=clip_x0)
+                                            chain.batch_t(it.t, x),
+                                            target=target, clip_x0=clip_x0)
     corrected = it.a_x * x + it.a_e * (slope + eps)
     x_new = jnp.where(it.kind == _CORRECT, corrected,
                       jnp.where(it.kind == _DENOISE, pred_x0, x))
@@ -464,17 +462,16 @@ def heun_sample(model_fn: gaussian.ModelFn, schedule: Schedule, *,
             slope.astype(x.dtype))
 
   return chain.run_chain(step, (x_T, x_T, jnp.zeros_like(x_T)), iters,
-                    state_steps, trajectory_every=trajectory_every,
-                    image=lambda carry: carry[0], step_ids=step_ids)
+                         state_steps, trajectory_every=trajectory_every,
+                         image=lambda carry: carry[0], step_ids=step_ids)
 
 
-def dpmpp_2m_sample(model_fn: gaussian.ModelFn, schedule: Schedule, *,
-                    num_steps: int, shape: Optional[tuple[int, ...]] = None,
-                    key: Optional[jax.Array] = None,
-                    x_T: Optional[jnp.ndarray] = None,
-                    spacing: str = "logsnr", target: str = "eps",
-                    clip_x0: bool = False,
-                    trajectory_every: Optional[int] = None) -> chain.SampleOutput:
+def dpmpp_2m_sample(
+    model_fn: gaussian.ModelFn, schedule: Schedule, *, num_steps: int,
+    shape: Optional[tuple[int, ...]] = None, key: Optional[jax.Array] = None,
+    x_T: Optional[jnp.ndarray] = None, spacing: str = "logsnr",
+    target: str = "eps", clip_x0: bool = False,
+    trajectory_every: Optional[int] = None) -> chain.SampleOutput:
   """DPM-Solver++(2M) (Lu et al. 2022), multistep, second order; S network calls.
 
   Args:
@@ -506,22 +503,18 @@ def dpmpp_2m_sample(model_fn: gaussian.ModelFn, schedule: Schedule, *,
     >>> out = dpmpp_2m_sample(model_fn, sched, shape=(4, 32, 32, 3),
     ...                       key=jax.random.key(0), num_steps=20)
   """
-  return _multistep_sample(
-      _dpmpp_2m_coefs, stochastic=False, model_fn=model_fn,
-      schedule=schedule, num_steps=num_steps, shape=shape, key=key, x_T=x_T,
-      spacing=spacing, target=target, clip_x0=clip_x0,
-      trajectory_every=trajectory_every)
+  return _multistep_sample(_dpmpp_2m_coefs, stochastic=False, model_fn=model_fn,
+                           schedule=schedule, num_steps=num_steps, shape=shape,
+                           key=key, x_T=x_T, spacing=spacing, target=target,
+                           clip_x0=clip_x0, trajectory_every=trajectory_every)
 
 
-def dpmpp_2m_sde_sample(model_fn: gaussian.ModelFn, schedule: Schedule, *,
-                        num_steps: int,
-                        shape: Optional[tuple[int, ...]] = None,
-                        key: Optional[jax.Array] = None,
-                        x_T: Optional[jnp.ndarray] = None,
-                        spacing: str = "logsnr", target: str = "eps",
-                        clip_x0: bool = False,
-                        trajectory_every: Optional[int] = None
-                        ) -> chain.SampleOutput:
+def dpmpp_2m_sde_sample(
+    model_fn: gaussian.ModelFn, schedule: Schedule, *, num_steps: int,
+    shape: Optional[tuple[int, ...]] = None, key: Optional[jax.Array] = None,
+    x_T: Optional[jnp.ndarray] = None, spacing: str = "logsnr",
+    target: str = "eps", clip_x0: bool = False,
+    trajectory_every: Optional[int] = None) -> chain.SampleOutput:
   """DPM-Solver++(2M) SDE (Lu et al. 2022; midpoint form, eta = 1); S network calls.
 
   Step i draws its noise from `fold_in(split(key)[1], i)`; no noise at the last
@@ -556,20 +549,19 @@ def dpmpp_2m_sde_sample(model_fn: gaussian.ModelFn, schedule: Schedule, *,
     >>> out = dpmpp_2m_sde_sample(model_fn, sched, shape=(4, 32, 32, 3),
     ...                           key=jax.random.key(0), num_steps=50)
   """
-  return _multistep_sample(
-      _dpmpp_2m_sde_coefs, stochastic=True, model_fn=model_fn,
-      schedule=schedule, num_steps=num_steps, shape=shape, key=key, x_T=x_T,
-      spacing=spacing, target=target, clip_x0=clip_x0,
-      trajectory_every=trajectory_every)
+  return _multistep_sample(_dpmpp_2m_sde_coefs, stochastic=True,
+                           model_fn=model_fn, schedule=schedule,
+                           num_steps=num_steps, shape=shape, key=key, x_T=x_T,
+                           spacing=spacing, target=target, clip_x0=clip_x0,
+                           trajectory_every=trajectory_every)
 
 
-def dpmpp_3m_sample(model_fn: gaussian.ModelFn, schedule: Schedule, *,
-                    num_steps: int, shape: Optional[tuple[int, ...]] = None,
-                    key: Optional[jax.Array] = None,
-                    x_T: Optional[jnp.ndarray] = None,
-                    spacing: str = "logsnr", target: str = "eps",
-                    clip_x0: bool = False,
-                    trajectory_every: Optional[int] = None) -> chain.SampleOutput:
+def dpmpp_3m_sample(
+    model_fn: gaussian.ModelFn, schedule: Schedule, *, num_steps: int,
+    shape: Optional[tuple[int, ...]] = None, key: Optional[jax.Array] = None,
+    x_T: Optional[jnp.ndarray] = None, spacing: str = "logsnr",
+    target: str = "eps", clip_x0: bool = False,
+    trajectory_every: Optional[int] = None) -> chain.SampleOutput:
   """DPM-Solver++(3M) (Lu et al. 2022), multistep, third order; S network calls.
 
   Args:
@@ -601,8 +593,7 @@ def dpmpp_3m_sample(model_fn: gaussian.ModelFn, schedule: Schedule, *,
     >>> out = dpmpp_3m_sample(model_fn, sched, shape=(4, 32, 32, 3),
     ...                       key=jax.random.key(0), num_steps=20)
   """
-  return _multistep_sample(
-      _dpmpp_3m_coefs, stochastic=False, model_fn=model_fn,
-      schedule=schedule, num_steps=num_steps, shape=shape, key=key, x_T=x_T,
-      spacing=spacing, target=target, clip_x0=clip_x0,
-      trajectory_every=trajectory_every)
+  return _multistep_sample(_dpmpp_3m_coefs, stochastic=False, model_fn=model_fn,
+                           schedule=schedule, num_steps=num_steps, shape=shape,
+                           key=key, x_T=x_T, spacing=spacing, target=target,
+                           clip_x0=clip_x0, trajectory_every=trajectory_every)

@@ -150,9 +150,10 @@ def dataset_outputs(extract, source: str, *, split: str, num_images: int,
     ...                 num_images=10000, batch_size=50).pool.shape
     (10000, 2048)
   """
-  data = pipeline.create_dataset(
-      source, split=split, batch_size=batch_size, image_size=None,
-      channels=None, random_flip=False, seed=0, shuffle=False, repeat=False)
+  data = pipeline.create_dataset(source, split=split, batch_size=batch_size,
+                                 image_size=None, channels=None,
+                                 random_flip=False, seed=0, shuffle=False,
+                                 repeat=False)
   count = _limit(data.spec.num_examples, num_images, f"{source}:{split}")
   pools, logits, seen = [], [], 0
   for batch in data:
@@ -175,8 +176,8 @@ def image_set(spec: str, extract, *, split: str, num_images: int,
               batch_size: int, preprocessing: str) -> ImageSet:
   """Reads one side: statistics file, images `.npz`, folder or data set."""
   if spec.startswith(_SCHEMES) or spec == "digits":
-    outputs = dataset_outputs(extract, spec, split=split,
-                              num_images=num_images, batch_size=batch_size)
+    outputs = dataset_outputs(extract, spec, split=split, num_images=num_images,
+                              batch_size=batch_size)
   elif os.path.isdir(spec) or spec.endswith((".tar", ".tar.gz", ".tgz")):
     outputs = dataset_outputs(extract, f"folder:{spec}", split="train",
                               num_images=num_images, batch_size=batch_size)
@@ -191,8 +192,7 @@ def image_set(spec: str, extract, *, split: str, num_images: int,
                      "(npz:, folder:, tfds:, digits), a folder or .tar(.gz) "
                      "of images, nor an .npz file.")
   mu, sigma = metrics.feature_statistics(outputs.pool)
-  stats = metrics.ReferenceStatistics(mu=mu, sigma=sigma,
-                                      features=outputs.pool)
+  stats = metrics.ReferenceStatistics(mu=mu, sigma=sigma, features=outputs.pool)
   return ImageSet(stats=stats, logits=outputs.logits)
 
 
@@ -211,10 +211,10 @@ def scores(samples: ImageSet, reference: ImageSet, *, kid_subsets: int,
     (KID without features on both sides, IS without sample logits).
   """
   a, b = samples.stats, reference.stats
-  result = dict(fid=metrics.frechet_distance(a.mu, a.sigma, b.mu, b.sigma),
-                kid=None, kid_std=None, inception_score=None,
-                inception_score_std=None, num_samples=_count(samples),
-                num_reference=_count(reference))
+  result = dict(fid=metrics.frechet_distance(a.mu, a.sigma, b.mu,
+                                             b.sigma), kid=None, kid_std=None,
+                inception_score=None, inception_score_std=None,
+                num_samples=_count(samples), num_reference=_count(reference))
   if a.features is not None and b.features is not None:
     kid = metrics.kernel_inception_distance(
         a.features, b.features, subsets=kid_subsets,
@@ -222,8 +222,7 @@ def scores(samples: ImageSet, reference: ImageSet, *, kid_subsets: int,
     result.update(kid=kid.mean, kid_std=kid.std)
   if samples.logits is not None:
     score = metrics.inception_score(
-        samples.logits,
-        splits=min(inception_score_splits, len(samples.logits)))
+        samples.logits, splits=min(inception_score_splits, len(samples.logits)))
     result.update(inception_score=score.mean, inception_score_std=score.std)
   return result
 
@@ -232,13 +231,12 @@ def run() -> dict:
   """Computes the metrics for the flags; returns the printed dict."""
   preprocessing = FLAGS.preprocessing
   variables = inception.load_fid_inception_params(FLAGS.weights)
-  extract = inception.make_fid_inception_extractor(
-      variables, preprocessing=preprocessing)
+  extract = inception.make_fid_inception_extractor(variables,
+                                                   preprocessing=preprocessing)
   options = dict(batch_size=FLAGS.batch_size, preprocessing=preprocessing)
   samples = image_set(FLAGS.samples, extract, split=FLAGS.samples_split,
                       num_images=FLAGS.num_samples, **options)
-  reference = image_set(FLAGS.reference, extract,
-                        split=FLAGS.reference_split,
+  reference = image_set(FLAGS.reference, extract, split=FLAGS.reference_split,
                         num_images=FLAGS.num_reference, **options)
   if FLAGS.save_reference:
     if reference.stats.features is None:
@@ -250,8 +248,9 @@ def run() -> dict:
   for name, side in (("sample", samples), ("reference", reference)):
     count = _count(side)
     if count is not None and count < _FEW_IMAGES:
-      logging.warning("Only %d %s images: FID is biased upwards (published "
-                      "values use 10,000-50,000).", count, name)
+      logging.warning(
+          "Only %d %s images: FID is biased upwards (published "
+          "values use 10,000-50,000).", count, name)
   result = scores(samples, reference, kid_subsets=FLAGS.kid_subsets,
                   kid_subset_size=FLAGS.kid_subset_size,
                   inception_score_splits=FLAGS.inception_score_splits)
@@ -263,25 +262,24 @@ def _define_flags() -> None:
   """The command line's flags (defined only when this module runs as the
   program, so importing it next to another command line is safe)."""
   flags.DEFINE_string(
-      "weights", None, "FID Inception .npz from ddpm_jax.tools.convert_inception.")
+      "weights", None,
+      "FID Inception .npz from ddpm_jax.tools.convert_inception.")
   flags.DEFINE_string(
       "samples", None, "Generated images: a folder, .tar(.gz), images .npz, "
       "statistics .npz or data set source.")
   flags.DEFINE_string(
       "reference", None, "Reference: a data set source (npz:, folder:, tfds:, "
       "digits), folder, images .npz or statistics .npz.")
-  flags.DEFINE_string(
-      "samples_split", "train",
-      "Split of a data set source given as --samples.")
-  flags.DEFINE_string(
-      "reference_split", "train", "Split of a data set source given as "
-      "--reference.")
-  flags.DEFINE_integer(
-      "num_samples", 0, "Use the first N sample images (0: all).",
-      lower_bound=0)
-  flags.DEFINE_integer(
-      "num_reference", 0, "Use the first N reference images (0: all).",
-      lower_bound=0)
+  flags.DEFINE_string("samples_split", "train",
+                      "Split of a data set source given as --samples.")
+  flags.DEFINE_string("reference_split", "train",
+                      "Split of a data set source given as "
+                      "--reference.")
+  flags.DEFINE_integer("num_samples", 0,
+                       "Use the first N sample images (0: all).", lower_bound=0)
+  flags.DEFINE_integer("num_reference", 0,
+                       "Use the first N reference images (0: all).",
+                       lower_bound=0)
   flags.DEFINE_enum(
       "preprocessing", inception.DEFAULT_PREPROCESSING, inception.PREPROCESSING,
       "Inception input convention (see ddpm_jax.metrics.inception).")
@@ -291,9 +289,9 @@ def _define_flags() -> None:
       "save_reference", None, "Write the reference statistics (with features) "
       "to this .npz, for reuse as --reference.")
   flags.DEFINE_integer("kid_subsets", 100, "KID subsets.", lower_bound=1)
-  flags.DEFINE_integer(
-      "kid_subset_size", 1000, "KID subset size (at most the smaller set).",
-      lower_bound=2)
+  flags.DEFINE_integer("kid_subset_size", 1000,
+                       "KID subset size (at most the smaller set).",
+                       lower_bound=2)
   flags.DEFINE_integer(
       "inception_score_splits", 10, "Inception Score splits (at most the "
       "number of samples).", lower_bound=1)

@@ -33,10 +33,9 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from ddpm_jax.engine import builders, checkpoint, config as config_lib
-from ddpm_jax.models import pretrained
-from ddpm_jax.engine import train_step
-from ddpm_jax.models import PRESETS, UNetConfig
+from ddpm_jax.engine import builders, checkpoint, train_step
+from ddpm_jax.engine import config as config_lib
+from ddpm_jax.models import PRESETS, UNetConfig, pretrained
 
 CONFIG_FILE = "config.py"
 
@@ -74,16 +73,17 @@ def run_config(config: ml_collections.ConfigDict,
 def _config_source(run: ml_collections.ConfigDict, source: str) -> str:
   body = pprint.pformat(run.to_dict(), width=72)
   body = "\n".join("      " + line for line in body.splitlines()).lstrip()
-  return (f'"""Run config of the model imported from {source}.\n\n'
-          "Written by ddpm_jax.tools.pretrained_workdir.import_to_workdir; pass it "
-          "as --config\nwith this workdir.\n\"\"\"\n\nimport ml_collections\n\n"
-          "\ndef get_config():\n"
-          f"  return ml_collections.ConfigDict(\n      {body})\n")
+  return (
+      f'"""Run config of the model imported from {source}.\n\n'
+      "Written by ddpm_jax.tools.pretrained_workdir.import_to_workdir; pass it "
+      "as --config\nwith this workdir.\n\"\"\"\n\nimport ml_collections\n\n"
+      "\ndef get_config():\n"
+      f"  return ml_collections.ConfigDict(\n      {body})\n")
 
 
-def import_to_workdir(source: str | os.PathLike, workdir: str | os.PathLike,
-                      *, config: ml_collections.ConfigDict
-                      ) -> ml_collections.ConfigDict:
+def import_to_workdir(
+    source: str | os.PathLike, workdir: str | os.PathLike, *,
+    config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Writes a diffusers model into `workdir` as a step-0 training checkpoint.
 
   Args:
@@ -113,10 +113,11 @@ def import_to_workdir(source: str | os.PathLike, workdir: str | os.PathLike,
       raise pretrained.PretrainedError(
           f"{path} exists: import into a new workdir (nothing was written)")
   tx = builders.build_optimizer(run)
-  state = train_step.TrainState(
-      step=jnp.zeros((), jnp.int32), params=net.params,
-      ema_params=jax.tree.map(jnp.copy, net.params),
-      opt_state=tx.init(net.params), nonfinite_count=jnp.zeros((), jnp.int32))
+  state = train_step.TrainState(step=jnp.zeros((),
+                                               jnp.int32), params=net.params,
+                                ema_params=jax.tree.map(jnp.copy, net.params),
+                                opt_state=tx.init(net.params),
+                                nonfinite_count=jnp.zeros((), jnp.int32))
   # The base key a fresh run of this config trains with (train_and_evaluate).
   rng = jax.random.split(jax.random.PRNGKey(run.seed), 3)[1]
   os.makedirs(workdir, exist_ok=True)
