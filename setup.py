@@ -45,6 +45,10 @@ setuptools.setup(
         "fixtures": ["torch>=2.0", "diffusers>=0.30"],
         "test": [
             "pytest>=7.4",
+            # The linter CI runs (ruff.toml); yapf is the formatter
+            # (.style.yapf).
+            "ruff>=0.6",
+            "yapf>=0.40",
             "scipy>=1.10",
             "tensorflow-cpu>=2.15",
             "nbclient>=0.9",
