@@ -8,8 +8,9 @@ A 0.8M-parameter ResNet U-Net (32 channels, levels (1, 2, 2), linear
 attention at the lowest level only) predicts v on the cosine schedule;
 training stops after 30 minutes (`train.max_time`, with a checkpoint and
 final samples) or 2,400 steps, whichever comes first. Samples use
-DPM-Solver++(2M) with 20 network calls. Measured in BENCHMARKS.md ("MNIST
-quality per CPU-minute"). `configs/mnist_cpu.py:tiny` runs in seconds.
+DPM-Solver++(2M) with 20 network calls. Measured in benchmarks/HISTORY.md
+("MNIST quality per CPU-minute"; summary in BENCHMARKS.md).
+`configs/mnist_cpu.py:tiny` runs in seconds.
 """
 
 from ddpm_jax.engine.config import apply_variant, base_config
