@@ -1,0 +1,41 @@
+"""Published DDPM weights as ddpm_jax networks (see `diffusers`)."""
+
+from ddpm_jax.models.pretrained.diffusers import (
+    BIN_FILE,
+    CONFIG_FILE,
+    SAFETENSORS_FILE,
+    SCHEDULER_DEFAULTS,
+    SCHEDULER_FILE,
+    TF_EMA_SUFFIX,
+    UNET_DEFAULTS,
+    DiffusionSettings,
+    Pretrained,
+    PretrainedError,
+    PyTree,
+    diffusion_settings_from_diffusers,
+    load_diffusers,
+    load_tf_checkpoint,
+    params_from_diffusers,
+    read_tensors,
+    unet_config_from_diffusers,
+)
+
+__all__ = [
+    "BIN_FILE",
+    "CONFIG_FILE",
+    "SAFETENSORS_FILE",
+    "SCHEDULER_DEFAULTS",
+    "SCHEDULER_FILE",
+    "TF_EMA_SUFFIX",
+    "UNET_DEFAULTS",
+    "DiffusionSettings",
+    "Pretrained",
+    "PretrainedError",
+    "PyTree",
+    "diffusion_settings_from_diffusers",
+    "load_diffusers",
+    "load_tf_checkpoint",
+    "params_from_diffusers",
+    "read_tensors",
+    "unet_config_from_diffusers",
+]
