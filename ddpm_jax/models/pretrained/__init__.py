@@ -1,41 +1,56 @@
-"""Published DDPM weights as ddpm_jax networks (see `diffusers`)."""
+"""Published DDPM weights as ddpm_jax networks, and ddpm_jax networks as
+diffusers folders.
 
+* `diffusers`: a diffusers `UNet2DModel` folder (e.g. `google/ddpm-cifar10-32`
+  downloaded with `huggingface_hub`) becomes a `UNetConfig`, a Flax parameter
+  tree and the diffusion settings of `config.diffusion` (`load_diffusers`).
+* `tf_checkpoint`: the DDPM authors' original TensorFlow checkpoints
+  (`load_tf_checkpoint`; TensorFlow needed).
+* `common`: the result types, `PretrainedError` and the assembly of a
+  parameter tree from named tensors that both readers share.
+
+Nothing is downloaded here, and torch is never required. A value the ddpm_jax
+U-Net cannot express raises `PretrainedError` naming the file, the field and
+the value, never a silently different network.
+
+Example:
+  >>> net = load_diffusers("ddpm-cifar10-32")  # a downloaded folder
+  >>> net.config == unet_config("ddpm_cifar10", dropout=0.0)
+  True
+  >>> eps = UNet(config=net.config).apply({"params": net.params}, x, t,
+  ...                                     train=False)
+  >>> net.diffusion.var_type, net.image_size
+  ('fixed_large', 32)
+"""
+
+from ddpm_jax.models.pretrained.common import (
+    DiffusionSettings,
+    Pretrained,
+    PretrainedError,
+    PyTree,
+)
 from ddpm_jax.models.pretrained.diffusers import (
     BIN_FILE,
     CONFIG_FILE,
     SAFETENSORS_FILE,
     SCHEDULER_DEFAULTS,
     SCHEDULER_FILE,
-    TF_EMA_SUFFIX,
     UNET_DEFAULTS,
-    DiffusionSettings,
-    Pretrained,
-    PretrainedError,
-    PyTree,
     diffusion_settings_from_diffusers,
     load_diffusers,
-    load_tf_checkpoint,
     params_from_diffusers,
     read_tensors,
     unet_config_from_diffusers,
 )
+from ddpm_jax.models.pretrained.tf_checkpoint import (
+    TF_EMA_SUFFIX,
+    load_tf_checkpoint,
+)
 
 __all__ = [
-    "BIN_FILE",
-    "CONFIG_FILE",
-    "SAFETENSORS_FILE",
-    "SCHEDULER_DEFAULTS",
-    "SCHEDULER_FILE",
-    "TF_EMA_SUFFIX",
-    "UNET_DEFAULTS",
-    "DiffusionSettings",
-    "Pretrained",
-    "PretrainedError",
-    "PyTree",
-    "diffusion_settings_from_diffusers",
-    "load_diffusers",
-    "load_tf_checkpoint",
-    "params_from_diffusers",
-    "read_tensors",
-    "unet_config_from_diffusers",
+    "BIN_FILE", "CONFIG_FILE", "DiffusionSettings", "Pretrained",
+    "PretrainedError", "PyTree", "SAFETENSORS_FILE", "SCHEDULER_DEFAULTS",
+    "SCHEDULER_FILE", "TF_EMA_SUFFIX", "UNET_DEFAULTS",
+    "diffusion_settings_from_diffusers", "load_diffusers", "load_tf_checkpoint",
+    "params_from_diffusers", "read_tensors", "unet_config_from_diffusers"
 ]
