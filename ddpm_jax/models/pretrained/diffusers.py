@@ -283,6 +283,23 @@ VAR_TYPES = {
 TARGETS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
 
 
+def _scheduler_fields(fields: Mapping[str, Any], source: str) -> dict[str, Any]:
+  """The scheduler config's fields over `SCHEDULER_DEFAULTS`, checked for
+  the class name and for fields diffusers' schedulers do not have."""
+  class_name = fields.get("_class_name", "DDPMScheduler")
+  if class_name not in ("DDPMScheduler", "DDIMScheduler"):
+    raise fail(
+        source, f"_class_name={class_name!r}: only DDPMScheduler and "
+        "DDIMScheduler configs can be imported")
+  unknown = sorted(k for k in fields
+                   if not k.startswith("_") and k not in SCHEDULER_DEFAULTS)
+  if unknown:
+    raise fail(
+        source, f"unknown field(s) {', '.join(unknown)} (they may "
+        "change the diffusion process)")
+  return {**SCHEDULER_DEFAULTS, **fields}
+
+
 def diffusion_settings_from_diffusers(
     fields: Mapping[str,
                     Any], *, source: str = SCHEDULER_FILE) -> DiffusionSettings:
@@ -299,17 +316,7 @@ def diffusion_settings_from_diffusers(
     PretrainedError: an unknown field or an unsupported value, named.
   """
   class_name = fields.get("_class_name", "DDPMScheduler")
-  if class_name not in ("DDPMScheduler", "DDIMScheduler"):
-    raise fail(
-        source, f"_class_name={class_name!r}: only DDPMScheduler and "
-        "DDIMScheduler configs can be imported")
-  unknown = sorted(k for k in fields
-                   if not k.startswith("_") and k not in SCHEDULER_DEFAULTS)
-  if unknown:
-    raise fail(
-        source, f"unknown field(s) {', '.join(unknown)} (they may "
-        "change the diffusion process)")
-  f = {**SCHEDULER_DEFAULTS, **fields}
+  f = _scheduler_fields(fields, source)
 
   def unsupported(name: str, why: str) -> PretrainedError:
     return fail(source, f"{name}={f[name]!r} is not supported: {why}")

@@ -41,6 +41,7 @@ from ddpm_jax.infra import storage
 from ddpm_jax.models import UNetConfig
 from ddpm_jax.models.pretrained.common import (
     DiffusionSettings,
+    PretrainedError,
     PyTree,
     disassemble,
     fail,
@@ -80,7 +81,7 @@ _DDPM_SCHEDULER_FIELDS = tuple(
     k for k in SCHEDULER_DEFAULTS if k != "set_alpha_to_one")
 
 
-def _cannot(source: str, name: str, value: Any, why: str):
+def _cannot(source: str, name: str, value: Any, why: str) -> PretrainedError:
   return fail(source, f"{name}={value!r} cannot be exported: {why}")
 
 
