@@ -40,7 +40,7 @@ BENCHMARKS = ROOT / "BENCHMARKS.md"
 HISTORY = ROOT / "benchmarks" / "HISTORY.md"
 RUN, NO_RUN = "python", "python no-run"
 # Pages linked from the README that other branches of the same release add.
-PAGES_OF_OTHER_BRANCHES = {"docs/export.md", "docs/robustness.md"}
+PAGES_OF_OTHER_BRANCHES = {"docs/robustness.md"}
 # What importing an old module path warns (ddpm_jax/_moved.py).
 MOVED_WARNING = r".* moved to ddpm_jax\."
 
