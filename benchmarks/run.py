@@ -284,14 +284,14 @@ def bench_sample(preset: str, batch: int, *, ddpm_steps: int | None,
   # A shorter DDPM chain than T runs the same sampler on a schedule of that many steps.
   ddpm_schedule = schedule if ddpm_n == schedule.num_timesteps else builders.build_schedule(
       make_config(preset, batch, tiny=tiny, num_timesteps=ddpm_n))
-  samplers = {
+  chains = {
       "ddpm": (ddpm_n, lambda p, x: samplers.ddpm_sample(
           model_fn(p), ddpm_schedule, x_T=x, key=key).images),
       "ddim": (ddim_steps, lambda p, x: samplers.ddim_sample(
           model_fn(p), schedule, x_T=x, key=key, num_steps=ddim_steps).images),
   }
   row = dict(preset=preset, batch=batch, num_timesteps=schedule.num_timesteps)
-  for name, (n, fn) in samplers.items():
+  for name, (n, fn) in chains.items():
     sampler, sampler_compile = _compile(fn, (params, x_T))
     bare_scan, bare_compile = _compile(lambda p, x, n=n: bare(p, x, n),
                                        (params, x_T))

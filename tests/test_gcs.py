@@ -29,7 +29,6 @@ import chex
 import jax
 import numpy as np
 import pytest
-from etils import epath
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -38,7 +37,7 @@ import gcs_emulator  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax.data import pipeline
 from ddpm_jax.engine import builders, checkpoint, train_step
 from ddpm_jax.engine import config as config_lib
-from ddpm_jax.infra import parallel
+from ddpm_jax.infra import parallel, storage
 from tests import inception_helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 pytestmark = [
@@ -74,7 +73,7 @@ def digits_npz(emulator):
   buffer = io.BytesIO()
   np.savez(buffer, x_train=images[:1500], y_train=digits.target[:1500],
            x_test=images[1500:], y_test=digits.target[1500:])
-  path = epath.Path(f"gs://{BUCKET}/data/digits.npz")
+  path = storage.as_path(f"gs://{BUCKET}/data/digits.npz")
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_bytes(buffer.getvalue())
   return f"npz:{path}"
@@ -102,7 +101,7 @@ def _run(args, *, env, cwd):
 
 
 def _committed_steps(workdir: str) -> list[int]:
-  directory = epath.Path(workdir) / "checkpoints"
+  directory = storage.as_path(workdir) / "checkpoints"
   if not directory.exists():
     return []
   return sorted(
@@ -120,7 +119,7 @@ def _restore(workdir: str, step: int, config):
   rng = jax.ShapeDtypeStruct((2,), np.uint32,
                              sharding=parallel.replicated(mesh))
   with checkpoint.CheckpointManager(
-      epath.Path(workdir) / "checkpoints", writable=False) as ckpt:
+      storage.as_path(workdir) / "checkpoints", writable=False) as ckpt:
     state, rng, data_state = ckpt.restore(abstract, rng, step=step)
   return jax.device_get((state, rng)), data_state
 
@@ -186,11 +185,11 @@ def test_killed_run_resumes_bit_for_bit_on_gcs(killed_and_resumed):
   assert data == ref_data and int(state.step) == r["end"]
   # The final sample grids (process 0, through epath) agree too.
   grid = f"samples/step_{r['end']:08d}.png"
-  assert (epath.Path(r["run"]) /
-          grid).read_bytes() == (epath.Path(r["reference"]) /
+  assert (storage.as_path(r["run"]) /
+          grid).read_bytes() == (storage.as_path(r["reference"]) /
                                  grid).read_bytes()
   # TensorBoard scalars, through epath.
-  events = list(epath.Path(r["run"]).glob("events.out.tfevents.*"))
+  events = list(storage.as_path(r["run"]).glob("events.out.tfevents.*"))
   assert events and all(b"train/loss" in e.read_bytes() for e in events)
   assert not os.listdir(r["cwd"])  # No local 'gs:' directory or files.
 
@@ -202,7 +201,7 @@ def test_sample_and_eval_on_gcs(killed_and_resumed, tmp_path):
       f"--config.data.source={r['source']}"
   ], env=r["env"], cwd=r["cwd"])
   assert out.returncode == 0, out.stderr[-4000:]
-  samples = epath.Path(r["run"]) / "samples"
+  samples = storage.as_path(r["run"]) / "samples"
   with (samples / f"sample_step_{r['end']:08d}.npz").open("rb") as f:
     images = np.load(f)["images"]
   assert images.shape == (12, 16, 16, 1) and images.dtype == np.uint8
@@ -216,7 +215,7 @@ def test_sample_and_eval_on_gcs(killed_and_resumed, tmp_path):
       buffer,
       **inception_helpers.random_state_dict(
           inception_helpers.torch_layout(inception_helpers.flax_shapes())))
-  weights = epath.Path(f"gs://{BUCKET}/weights/fid_inception.npz")
+  weights = storage.as_path(f"gs://{BUCKET}/weights/fid_inception.npz")
   weights.parent.mkdir(parents=True, exist_ok=True)
   weights.write_bytes(buffer.getvalue())
   out = _run([
@@ -227,10 +226,10 @@ def test_sample_and_eval_on_gcs(killed_and_resumed, tmp_path):
   ], env=r["env"], cwd=r["cwd"])
   assert out.returncode == 0, out.stderr[-4000:]
   result = json.loads(
-      (epath.Path(r["run"]) / "eval" / f"step_{r['end']:08d}.json").read_text())
+      (storage.as_path(r["run"]) / "eval" / f"step_{r['end']:08d}.json").read_text())
   assert result["step"] == r["end"] and result["num_images"] == 8
   assert np.isfinite(result["total_bpd"]) and np.isfinite(result["fid"])
-  cached = [p.name for p in (epath.Path(r["run"]) / "fid_stats").iterdir()]
+  cached = [p.name for p in (storage.as_path(r["run"]) / "fid_stats").iterdir()]
   assert cached == [
       f"fid_inception_tensorflow_npz_gs___{BUCKET}_data_digits.npz_"
       "train_16.npz"
@@ -272,12 +271,12 @@ def test_bad_gcs_input_is_one_line(emulator, tmp_path, case):
   assert len(lines) == 1 and re.search(message, lines[0]), out.stderr[-3000:]
   assert not os.listdir(cwd)
   if case == "no-dataset":  # Rejected before the workdir was touched.
-    assert not epath.Path(f"gs://{BUCKET}/bad").exists()
+    assert not storage.as_path(f"gs://{BUCKET}/bad").exists()
 
 
 def test_folder_and_tar_sources_on_gcs(emulator):
   """folder: reads a class-folder tree and a .tar.gz from gs://."""
-  root = epath.Path(f"gs://{BUCKET}/folder")
+  root = storage.as_path(f"gs://{BUCKET}/folder")
   members = {}
   for label, name in ((0, "a"), (1, "b")):
     for i in range(3):
@@ -310,7 +309,7 @@ def test_folder_and_tar_sources_on_gcs(emulator):
 def test_broken_checkpoint_on_gcs_is_skipped_and_moved_aside(emulator):
   """Cloud Storage has no directories to rename: the broken step's objects
   are copied under corrupt/ and deleted (storage.move_tree)."""
-  directory = epath.Path(f"gs://{BUCKET}/aside/checkpoints")
+  directory = storage.as_path(f"gs://{BUCKET}/aside/checkpoints")
   with checkpoint.CheckpointManager(directory, max_to_keep=5) as ckpt:
     for step in (2, 4):
       ckpt.save(step, {"w": jax.numpy.arange(64.0) * step},
