@@ -225,8 +225,8 @@ def test_sample_and_eval_on_gcs(killed_and_resumed, tmp_path):
       "--config.eval.num_samples=8", "--config.eval.num_reference=16"
   ], env=r["env"], cwd=r["cwd"])
   assert out.returncode == 0, out.stderr[-4000:]
-  result = json.loads(
-      (storage.as_path(r["run"]) / "eval" / f"step_{r['end']:08d}.json").read_text())
+  result = json.loads((storage.as_path(r["run"]) / "eval" /
+                       f"step_{r['end']:08d}.json").read_text())
   assert result["step"] == r["end"] and result["num_images"] == 8
   assert np.isfinite(result["total_bpd"]) and np.isfinite(result["fid"])
   cached = [p.name for p in (storage.as_path(r["run"]) / "fid_stats").iterdir()]
