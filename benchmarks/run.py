@@ -60,6 +60,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ddpm_jax import samplers
 from ddpm_jax.data import pipeline
 from ddpm_jax.engine import builders, train_step
 from ddpm_jax.engine import config as config_lib  # noqa: E402
