@@ -4,6 +4,8 @@ the NNX bridge."""
 
 import json
 import os
+import subprocess
+import sys
 
 import chex
 import jax
@@ -16,7 +18,8 @@ from flax import nnx
 from ddpm_jax import samplers
 from ddpm_jax.data import pipeline
 from ddpm_jax.diffusion import guidance, losses, schedules
-from ddpm_jax.engine import train_step
+from ddpm_jax.engine import builders, train_step
+from ddpm_jax.engine import config as config_lib
 from ddpm_jax.infra import parallel
 from ddpm_jax.models import (
     DIT_PRESETS,
@@ -28,6 +31,7 @@ from ddpm_jax.models import (
     pretrained,
     pretrained_dit,
 )
+from tests import train_helpers
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 # Two blocks of width 32: every code path, a few tens of thousands of
@@ -372,3 +376,73 @@ def test_dit_in_nnx_trains_and_samples():
   chex.assert_shape(images, (4, 8, 8, 1))
   assert np.all(np.isfinite(images))
   np.testing.assert_array_equal(images, sample(trained, jax.random.key(0)))
+
+
+# ---------------------------------------------------------------------------
+# The run config: `model.preset` selects the DiT; the recipes.
+
+
+@pytest.mark.parametrize("spec,num_classes,width", [
+    ("configs/cifar10_dit.py", 10, 384),
+    ("configs/cifar10_dit.py:tiny", 10, 32),
+    ("configs/mnist_cpu_dit.py", 0, 128),
+    ("configs/mnist_cpu_dit.py:cond,tiny", 10, 32),
+])
+def test_dit_recipes_build_the_dit(spec, num_classes, width):
+  config = config_lib.load_config(spec)
+  config.data.source = "digits"  # The recipe's own data may be absent.
+  config_lib.validate_config(config, mode="train", num_devices=1)
+  model = builders.build_model(config)
+  assert isinstance(model, DiT)
+  assert model.config.hidden_size == width
+  assert model.config.in_channels == config.data.channels
+  # The classes and the null class of guidance.
+  assert model.config.num_classes == (num_classes + 1 if num_classes else None)
+  assert model.config.learned_variance == (
+      config.diffusion.var_type == "learned_range")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(image_size=30), r"image_size \(30\) must be divisible by "
+     r"config.model.patch_size \(4\)"),
+    (dict(channels=3), r"channels \(3\) must equal the network's in_channels"),
+])
+def test_dit_run_config_checks(overrides, message):
+  config = config_lib.load_config("configs/mnist_cpu_dit.py")
+  config.data.update(dict(source="digits", **overrides))
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate_config(config, mode="train")
+  config = config_lib.load_config("configs/mnist_cpu_dit.py")
+  config.model.base_channels = 32
+  with pytest.raises(config_lib.ConfigError, match="DiTConfig: unknown"):
+    config_lib.model_config(config)
+
+
+@pytest.mark.slow
+def test_command_line_trains_and_samples_a_guided_dit(tmp_path):
+  """The CLI, unchanged, trains the class-conditional DiT recipe (tiny, on
+  the bundled digits) and samples it with guidance."""
+  args = [
+      "--config=configs/mnist_cpu_dit.py:cond,tiny",
+      "--config.data.source=digits", "--config.data.image_size=8",
+      f"--workdir={tmp_path}"
+  ]
+
+  def run(*extra):
+    out = subprocess.run([sys.executable, "-m", "ddpm_jax.main", *args, *extra],
+                         cwd=train_helpers.REPO,
+                         env=train_helpers.subprocess_env(),
+                         capture_output=True, text=True, timeout=900,
+                         check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stderr
+
+  assert "step 4/4: loss" in run()
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
+  log = run("--mode=sample", "--config.sample.num_images=20",
+            "--config.sample.guidance_scale=2")
+  assert "guidance scale 2" in log
+  with np.load(tmp_path / "samples" / "sample_step_00000004.npz") as f:
+    chex.assert_shape(f["images"], (20, 8, 8, 1))
+    assert np.all(np.isfinite(f["images"]))
+    np.testing.assert_array_equal(f["labels"], np.arange(20) % 10)

@@ -37,11 +37,15 @@ def image_shape(config) -> tuple[int, int, int]:
 
 
 def build_model(config) -> nn.Module:
-  """The U-Net of `config.model` (a preset name plus field overrides)."""
+  """The U-Net, or for a DiT preset the DiT, of `config.model` (a preset
+  name plus field overrides)."""
   # Imported here: importing the models touches the XLA backend, which must
   # wait for `parallel.initialize_distributed`.
   from ddpm_jax import models  # pylint: disable=g-import-not-at-top
-  return models.UNet(config=model_config(config))
+  net = model_config(config)
+  if isinstance(net, models.DiTConfig):
+    return models.DiT(config=net)
+  return models.UNet(config=net)
 
 
 def build_schedule(config) -> Schedule:

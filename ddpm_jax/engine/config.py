@@ -7,7 +7,8 @@ overrides any field from the command line. `validate_config` checks a config
 once, at the edge (the command line calls it before anything is built), and
 raises a `ConfigError` naming the first bad field and its allowed values.
 The `model` group is a preset of `ddpm_jax.models.unet_config` plus any of
-`UNetConfig`'s fields, which that typed config checks itself.
+`UNetConfig`'s fields, or a DiT preset of `ddpm_jax.models.dit_config` plus
+any of `DiTConfig`'s fields; the typed config checks its own fields.
 
 Example:
   >>> config = base_config()
@@ -160,12 +161,15 @@ SCHEMA: dict[str, Any] = {
                 "default (~/tensorflow_datasets or "
                 "$TFDS_DATA_DIR)."),
     },
-    # Network: a preset of `ddpm_jax.models.unet_config` plus field overrides.
+    # Network: a preset of `ddpm_jax.models.unet_config` (or of
+    # `ddpm_jax.models.dit_config`) plus field overrides.
     "model": {
         "preset":
             Field(
-                "tutorial", "A preset of ddpm_jax.models.PRESETS; "
-                "any UNetConfig field may be added to override it."),
+                "tutorial", "A U-Net preset of ddpm_jax.models.PRESETS "
+                "(any UNetConfig field may be added to override it) or a DiT "
+                "preset of ddpm_jax.models.DIT_PRESETS, e.g. dit_s_2 (any "
+                "DiTConfig field)."),
     },
     # Diffusion process and loss (`ddpm_jax.diffusion.schedules`, `ddpm_jax.diffusion.losses`).
     "diffusion": {
@@ -469,7 +473,7 @@ def _check_fields(config, schema: dict[str, Any], prefix: str = "") -> None:
       path = f"{prefix}{name}"
       if name not in spec:
         if path.startswith("model."):
-          continue  # UNetConfig checks its own fields.
+          continue  # UNetConfig / DiTConfig checks its own fields.
         unknown.append(path)
       elif isinstance(spec[name], dict) and hasattr(node[name], "keys"):
         walk(node[name], spec[name], f"{path}.")
@@ -491,7 +495,8 @@ def _check_fields(config, schema: dict[str, Any], prefix: str = "") -> None:
 
 
 def model_config(config):
-  """The `UNetConfig` of `config.model`, or a `ConfigError` saying why not.
+  """The `UNetConfig` (or, for a DiT preset, `DiTConfig`) of `config.model`,
+  or a `ConfigError` saying why not.
 
   A class-conditional run (`data.num_classes` = C > 0) gets a network with
   C + 1 class embeddings: the classes and the null class C.
@@ -509,8 +514,10 @@ def model_config(config):
   num_classes = _get(config, "data.num_classes")
   if num_classes:
     fields["num_classes"] = num_classes + 1
+  make = (models.dit_config
+          if fields.get("preset") in models.DIT_PRESETS else models.unet_config)
   try:
-    return models.unet_config(**fields)
+    return make(**fields)
   except (TypeError, ValueError) as e:
     raise ConfigError(f"config.model: {e}") from None
 
@@ -613,8 +620,12 @@ def validate_config(config, *, mode: str = "train",
 
   net = model_config(config)
   image_size = _get(config, "data.image_size")
-  factor = 2**(len(net.channel_mults) - 1)
-  if image_size % factor:
+  if hasattr(net, "patch_size"):  # a DiTConfig
+    if image_size % net.patch_size:
+      raise ConfigError(
+          f"config.data.image_size ({image_size}) must be divisible by "
+          f"config.model.patch_size ({net.patch_size}).")
+  elif image_size % (factor := 2**(len(net.channel_mults) - 1)):
     raise ConfigError(
         f"config.data.image_size ({image_size}) must be divisible by "
         f"{factor}: the network halves it {len(net.channel_mults) - 1} times "
