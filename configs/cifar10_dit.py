@@ -23,7 +23,8 @@ from ddpm_jax.engine.config import apply_variant, base_config
 
 
 def get_config(variant: str = ""):
-  """The class-conditional DiT CIFAR-10 recipe; variant 'tiny'."""
+  """The class-conditional DiT CIFAR-10 recipe; variant 'tiny' ('cond' is
+  the recipe itself)."""
   config = base_config()
   config.data.source = "tfds:cifar10"
   config.data.image_size = 32

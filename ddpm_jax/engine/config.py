@@ -238,6 +238,13 @@ SCHEMA: dict[str, Any] = {
     "train": {
         "batch_size":
             _int(128, "Global batch, over all devices and hosts.", low=1),
+        "fsdp":
+            _int(
+                1, "Devices each parameter, EMA and optimizer-state array is "
+                "sharded over (FSDP: the mesh ('data', 'fsdp') = (devices / "
+                "fsdp, fsdp), each array split along its largest dimension "
+                "fsdp divides); 1: data parallel, the state replicated. Must "
+                "divide the number of devices.", low=1),
         "num_steps":
             _int(800_000, "Optimizer steps of the whole run.", low=1),
         "max_time":
@@ -650,6 +657,10 @@ def validate_config(config, *, mode: str = "train",
   _check_sampling(config)
   for path in ("train.batch_size", "sample.batch_size", "eval.batch_size"):
     _check_divides(path, _get(config, path), num_devices, process_count)
+  fsdp = _get(config, "train.fsdp")
+  if num_devices is not None and num_devices % fsdp:
+    raise ConfigError(f"config.train.fsdp ({fsdp}) must divide the number of "
+                      f"devices ({num_devices}).")
   weights = _get(config, "eval.inception_weights")
   if mode == "eval" and weights:
     _check_path("eval.inception_weights", weights)

@@ -333,7 +333,7 @@ def train_and_evaluate(
         builders.build_dataset)(config, batch_size=host_shape[0],
                                 process_index=process_index,
                                 process_count=process_count)
-  mesh = parallel.create_mesh()
+  mesh = builders.build_mesh(config)
   replicated = parallel.replicated(mesh)
   model = builders.build_model(config) if model is None else model
   tx = builders.build_optimizer(config)
