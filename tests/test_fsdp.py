@@ -3,6 +3,7 @@ rule, the config, and on 8 fake CPU devices (a subprocess running
 tests/fsdp_helpers.py) the same training as data parallel, 1/n of the state
 per device, and checkpoints restored bit-equal on other meshes."""
 
+import re
 import subprocess
 import sys
 
@@ -123,3 +124,38 @@ def test_checkpoints_restore_bit_equal_on_other_meshes(eight_devices, restored,
   for k in names:
     np.testing.assert_array_equal(r[f"restored_{restored}{k}"],
                                   r[f"{source}/state['params']{k}"], err_msg=k)
+
+
+@pytest.mark.slow
+def test_command_line_trains_resumes_and_samples_sharded(tmp_path):
+  """`--config.train.fsdp=4` on 8 devices: the CLI logs the losses of a
+  1-device run, resumes from its sharded checkpoint and samples from it."""
+
+  def run(workdir, *extra, devices):
+    out = subprocess.run([
+        sys.executable, "-m", "ddpm_jax.main",
+        "--config=configs/mnist_cpu_dit.py:cond,tiny",
+        "--config.data.source=digits", "--config.data.image_size=8",
+        f"--workdir={workdir}", *extra
+    ], cwd=train_helpers.REPO, env=train_helpers.subprocess_env(
+        devices=devices, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                         timeout=900, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stderr
+
+  def losses(log):
+    return re.findall(r"step (\d+/\d+): loss ([0-9.]+)", log)
+
+  sharded = run(tmp_path / "fsdp", "--config.train.fsdp=4", devices=8)
+  assert "over 8 devices" in sharded
+  single = run(tmp_path / "one", devices=None)
+  assert len(losses(sharded)) == 2
+  assert losses(sharded) == losses(single)
+  resumed = run(tmp_path / "fsdp", "--config.train.fsdp=4",
+                "--config.train.num_steps=6", devices=8)
+  assert "Resumed from checkpoint step 4" in resumed
+  assert [s for s, _ in losses(resumed)] == ["6/6"]
+  run(tmp_path / "fsdp", "--mode=sample", "--config.sample.num_images=8",
+      devices=8)
+  with np.load(tmp_path / "fsdp" / "samples" / "sample_step_00000006.npz") as f:
+    assert f["images"].shape == (8, 8, 8, 1)
