@@ -1,10 +1,14 @@
-"""The FSDP checks of tests/test_fsdp.py, run as a subprocess worker on 8
-fake CPU devices.
+"""The FSDP checks of tests/test_fsdp.py, run as subprocess workers.
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \
-    python tests/fsdp_helpers.py WORKDIR OUT.npz
+    python tests/fsdp_helpers.py devices8 WORKDIR OUT.npz
+  python tests/fsdp_helpers.py distributed PROCESS_ID PORT WORKDIR OUT.npz
+      one of two processes of a jax.distributed run on localhost (gloo):
+      `train_and_evaluate` of `distributed_config()` with the state sharded
+      over both processes; OUT.npz gets the final step and the parameters.
 
-A tiny class-conditional DiT trains 5 steps on the same batches three ways:
+devices8: a tiny class-conditional DiT trains 5 steps on the same batches
+three ways:
 data parallel over 8 devices, and FSDP over meshes ('data', 'fsdp') of
 (1, 8) and (2, 4). OUT.npz gets the losses and final parameters of each, the
 shard shapes of the (1, 8) state, and the parameters restored from the
@@ -34,6 +38,17 @@ def _config():
   config = train_helpers.make_config(batch_size=BATCH)
   config.data.num_classes = 10
   config.train.p_uncond = 0.1
+  return config
+
+
+def distributed_config(fsdp: int):
+  """The tiny DiT in the run config: 6 steps of batch 8, checkpoints at 2,
+  4 and 6 (2 kept), sharded over `fsdp` devices."""
+  from tests import train_helpers  # pylint: disable=g-import-not-at-top
+  config = train_helpers.make_config()
+  config.model = dict(preset="dit_s_2", hidden_size=32, depth=2, num_heads=4,
+                      time_embed_dim=32, in_channels=1)
+  config.train.fsdp = fsdp
   return config
 
 
@@ -131,5 +146,34 @@ def main(workdir: str, out: str) -> None:
   np.savez(out, **results)
 
 
+def distributed(process_id: int, port: str, workdir: str, out: str) -> None:
+  from ddpm_jax.engine import train  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.infra import parallel  # pylint: disable=g-import-not-at-top
+  from tests import train_helpers  # pylint: disable=g-import-not-at-top
+  assert parallel.initialize_distributed(f"localhost:{port}", 2, process_id)
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  assert jax.process_count() == 2 and jax.device_count() == 2
+  state = train.train_and_evaluate(
+      distributed_config(2), workdir,
+      dataset_factory=train_helpers.dataset_factory(
+          train_helpers.load_digits()))
+  shards = {
+      jax.tree_util.keystr(k): v.addressable_shards[0].data.shape
+      for k, v in jax.tree_util.tree_leaves_with_path(state.params)
+  }
+  params = multihost_utils.process_allgather(state.params, tiled=True)
+  np.savez(out, step=np.asarray(state.step.addressable_data(0)), **{
+      "params" + k: v for k, v in train_helpers.flat(params).items()
+  }, **{
+      "shard" + k: np.array(v) for k, v in shards.items()
+  })
+
+
 if __name__ == "__main__":
-  main(sys.argv[1], sys.argv[2])
+  if sys.argv[1] == "devices8":
+    main(sys.argv[2], sys.argv[3])
+  elif sys.argv[1] == "distributed":
+    distributed(int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5])
+  else:
+    raise SystemExit(f"unknown mode {sys.argv[1]}")

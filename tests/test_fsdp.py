@@ -13,8 +13,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from ddpm_jax.engine import config as config_lib
+from ddpm_jax.engine import train
 from ddpm_jax.infra import parallel
-from tests import fsdp_helpers, train_helpers
+from tests import fsdp_helpers, host_helpers, train_helpers
 
 HELPER = str(train_helpers.REPO / "tests" / "fsdp_helpers.py")
 
@@ -62,9 +63,9 @@ def eight_devices(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("fsdp")
   out = workdir / "out.npz"
   proc = subprocess.run(
-      [sys.executable, HELPER, str(workdir),
-       str(out)], env=train_helpers.subprocess_env(devices=8,
-                                                   JAX_PLATFORMS="cpu"),
+      [sys.executable, HELPER, "devices8",
+       str(workdir), str(out)],
+      env=train_helpers.subprocess_env(devices=8, JAX_PLATFORMS="cpu"),
       capture_output=True, text=True, timeout=1800, check=False)
   assert proc.returncode == 0, proc.stderr[-4000:]
   with np.load(out) as f:
@@ -159,3 +160,39 @@ def test_command_line_trains_resumes_and_samples_sharded(tmp_path):
       devices=8)
   with np.load(tmp_path / "fsdp" / "samples" / "sample_step_00000006.npz") as f:
     assert f["images"].shape == (8, 8, 8, 1)
+
+
+@pytest.mark.slow
+def test_two_processes_sharded_agree_with_one(tmp_path):
+  """2 processes (gloo), the state sharded over both: the parameters of a
+  1-device data-parallel run after 6 steps (atol 1e-6), each process
+  holding its half of each sharded array."""
+  images = train_helpers.load_digits()
+  reference = train.train_and_evaluate(
+      fsdp_helpers.distributed_config(1), str(tmp_path / "one"),
+      dataset_factory=train_helpers.dataset_factory(images))
+  port = host_helpers.free_port()
+  results = host_helpers.run_processes([[
+      sys.executable, HELPER, "distributed",
+      str(i),
+      str(port),
+      str(tmp_path / "two"),
+      str(tmp_path / f"out{i}.npz")
+  ] for i in range(2)], [train_helpers.subprocess_env(JAX_PLATFORMS="cpu")] * 2)
+  for result in results:
+    assert result.returncode == 0, result.stderr[-4000:]
+  expected = train_helpers.flat(reference.params)
+  for i in range(2):
+    with np.load(tmp_path / f"out{i}.npz") as f:
+      assert int(f["step"]) == 6
+      for k, v in expected.items():
+        np.testing.assert_allclose(f["params" + k], v, rtol=0, atol=1e-6,
+                                   err_msg=k)
+        spec = parallel.fsdp_spec(v.shape, 2)
+        assert tuple(f["shard" + k]) == tuple(
+            d // 2 if s == "fsdp" else d
+            for d, s in zip(v.shape,
+                            tuple(spec) + (None,) * v.ndim)), k
+  assert sorted(p.name
+                for p in (tmp_path / "two" / "checkpoints").iterdir()
+                if p.name.isdigit()) == ["4", "6"]
