@@ -416,6 +416,10 @@ def test_dit_run_config_checks(overrides, message):
   config.model.base_channels = 32
   with pytest.raises(config_lib.ConfigError, match="DiTConfig: unknown"):
     config_lib.model_config(config)
+  config.model = dict(preset="dit_m_2")
+  with pytest.raises(config_lib.ConfigError,
+                     match="'dit_m_2' is neither a U-Net preset"):
+    config_lib.model_config(config)
 
 
 @pytest.mark.slow

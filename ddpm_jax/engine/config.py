@@ -521,8 +521,14 @@ def model_config(config):
   num_classes = _get(config, "data.num_classes")
   if num_classes:
     fields["num_classes"] = num_classes + 1
+  preset = fields.get("preset")
+  if preset not in models.PRESETS and preset not in models.DIT_PRESETS:
+    raise ConfigError(
+        f"config.model.preset {preset!r} is neither a U-Net preset "
+        f"({', '.join(sorted(models.PRESETS))}) nor a DiT preset "
+        f"({', '.join(sorted(models.DIT_PRESETS))}).")
   make = (models.dit_config
-          if fields.get("preset") in models.DIT_PRESETS else models.unet_config)
+          if preset in models.DIT_PRESETS else models.unet_config)
   try:
     return make(**fields)
   except (TypeError, ValueError) as e:

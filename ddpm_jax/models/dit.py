@@ -190,12 +190,13 @@ class DiT(nn.Module):
 
     # Patches [B, rows * cols, p * p * C], each flattened (row, column,
     # channel), embedded as one dense layer (the authors' stride-p conv).
-    patches = x.reshape(batch, rows, p, cols, p,
-                        channels).transpose(0, 1, 3, 2, 4,
-                                            5).reshape(batch, rows * cols,
-                                                       p * p * channels)
-    h = nn.Dense(dim, kernel_init=XAVIER_INIT, name="patch_embed", **
-                 kw)(patches) + sincos_position_embedding(dim, rows, cols)
+    grid = x.reshape(batch, rows, p, cols, p, channels)
+    patches = grid.transpose(0, 1, 3, 2, 4, 5).reshape(batch, rows * cols, -1)
+    embed = nn.Dense(dim, kernel_init=XAVIER_INIT, name="patch_embed", **kw)
+    # The residual stream of tokens stays float32; the layers compute in
+    # `dtype`.
+    positions = sincos_position_embedding(dim, rows, cols)
+    h = embed(patches).astype(jnp.float32) + positions
 
     temb = timestep_embedding(t, cfg.time_embed_dim,
                               freq_shift=cfg.time_freq_shift)
@@ -218,8 +219,8 @@ class DiT(nn.Module):
                      use_scale=False, name="final_norm", **kw)(h), shift, scale)
     out = nn.Dense(p * p * cfg.out_channels, kernel_init=ZEROS,
                    name="final_linear", **kw)(h)
-    out = out.reshape(batch, rows, cols, p, p, cfg.out_channels).transpose(
-        0, 1, 3, 2, 4, 5).reshape(batch, height, width, cfg.out_channels)
+    out = out.reshape(batch, rows, cols, p, p, cfg.out_channels)
+    out = out.transpose(0, 1, 3, 2, 4, 5).reshape(batch, height, width, -1)
     return out.astype(x.dtype)
 
   def _check_inputs(self, x: Array, t: Array, y: Array | None) -> None:
