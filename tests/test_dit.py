@@ -196,6 +196,7 @@ def test_dropout_acts_only_when_training():
     (dict(depth=0), "depth must be a positive int"),
     (dict(dtype="float16"), "dtype must be one of"),
     (dict(time_freq_shift=2), "time_freq_shift"),
+    (dict(mlp_norm_epsilon=0.0), "mlp_norm_epsilon must be a positive"),
     (dict(channels=3), "unknown fields"),
 ])
 def test_config_rejects_bad_fields(fields, message):
@@ -244,8 +245,9 @@ def test_timestep_embedding_closed_form():
 # diffusers' DiTTransformer2DModel (tests/fixtures/make_dit_fixture.py).
 
 
-@pytest.mark.parametrize("fixture",
-                         ["diffusers_dit_tiny", "diffusers_dit_tiny_p4"])
+@pytest.mark.parametrize(
+    "fixture",
+    ["diffusers_dit_tiny", "diffusers_dit_tiny_p4", "diffusers_dit_tiny_eps"])
 def test_matches_diffusers_dit(fixture):
   net = pretrained_dit.load_diffusers_dit(os.path.join(FIXTURES, fixture))
   golden = np.load(os.path.join(FIXTURES, fixture, "golden.npz"))
@@ -278,8 +280,10 @@ def test_diffusers_dit_import_names_bad_tensors(tmp_path):
     pretrained_dit.dit_params_from_diffusers({
         **tensors, "extra": tensors[name]
     }, config)
-  with pytest.raises(pretrained.PretrainedError, match="norm_eps"):
-    pretrained_dit.dit_config_from_diffusers({"norm_eps": 1e-5})
+  with pytest.raises(pretrained.PretrainedError, match="norm_type"):
+    pretrained_dit.dit_config_from_diffusers({"norm_type": "ada_norm"})
+  assert pretrained_dit.dit_config_from_diffusers(
+      {})[0].mlp_norm_epsilon == 1e-5  # diffusers' default norm_eps
 
 
 # ---------------------------------------------------------------------------

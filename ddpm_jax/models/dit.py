@@ -115,11 +115,13 @@ class DiTBlock(nn.Module):
     num_heads: Attention heads.
     mlp_ratio: MLP hidden width in multiples of the token width.
     dropout: Dropout rate after the attention projection and in the MLP.
+    mlp_norm_epsilon: Epsilon of the LayerNorm before the MLP.
   """
 
   num_heads: int
   mlp_ratio: int
   dropout: float
+  mlp_norm_epsilon: float = LAYER_NORM_EPSILON
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -129,21 +131,23 @@ class DiTBlock(nn.Module):
     batch, length, width = x.shape
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     dense = functools.partial(nn.Dense, kernel_init=XAVIER_INIT, **kw)
-    norm = functools.partial(nn.LayerNorm, epsilon=LAYER_NORM_EPSILON,
-                             use_bias=False, use_scale=False, **kw)
+    norm = functools.partial(nn.LayerNorm, use_bias=False, use_scale=False,
+                             **kw)
     dropout = nn.Dropout(self.dropout, deterministic=not train)
     (shift_a, scale_a, gate_a, shift_m, scale_m, gate_m) = jnp.split(
         nn.Dense(6 * width, kernel_init=ZEROS, name="adaLN_modulation",
                  **kw)(nn.silu(c)), 6, axis=-1)
 
-    h = modulate(norm(name="norm1")(x), shift_a, scale_a)
+    h = modulate(
+        norm(epsilon=LAYER_NORM_EPSILON, name="norm1")(x), shift_a, scale_a)
     q, k, v = layers.QKVProjection(self.num_heads, width // self.num_heads,
                                    True, name="qkv", **kw)(h)
     h = kernels.dot_product_attention(q, k, v).reshape(batch, length, width)
     h = dropout(dense(width, name="proj")(h))
     x = x + gate_a[:, None] * h
 
-    h = modulate(norm(name="norm2")(x), shift_m, scale_m)
+    h = modulate(
+        norm(epsilon=self.mlp_norm_epsilon, name="norm2")(x), shift_m, scale_m)
     h = nn.gelu(dense(self.mlp_ratio * width, name="fc1")(h), approximate=True)
     h = dense(width, name="fc2")(dropout(h))
     return x + gate_m[:, None] * h
@@ -208,8 +212,9 @@ class DiT(nn.Module):
                        name="y_embed", **kw)(y)
 
     for i in range(cfg.depth):
-      h = DiTBlock(cfg.num_heads, cfg.mlp_ratio, cfg.dropout, name=f"block_{i}",
-                   **kw)(h, c, train=train)
+      h = DiTBlock(cfg.num_heads, cfg.mlp_ratio, cfg.dropout,
+                   cfg.mlp_norm_epsilon, name=f"block_{i}", **kw)(h, c,
+                                                                  train=train)
 
     shift, scale = jnp.split(
         nn.Dense(2 * dim, kernel_init=ZEROS, name="final_modulation",

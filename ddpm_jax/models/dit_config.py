@@ -38,6 +38,9 @@ class DiTConfig:
     time_freq_shift: The timestep embedding's frequencies are
       `10000 ** (-k / (time_embed_dim // 2 - time_freq_shift))`: 0 in the
       authors' code, 1 in diffusers' `DiTTransformer2DModel`.
+    mlp_norm_epsilon: Epsilon of each block's LayerNorm before its MLP: 1e-6
+      in the authors' code (as every other LayerNorm of the DiT); diffusers'
+      `DiTTransformer2DModel` uses its `norm_eps` there (default 1e-5).
     dropout: Dropout rate after the attention output projection and inside
       the MLP, active only with `train=True` (0 in the paper).
     learned_variance: Output twice `in_channels` channels (mean and variance
@@ -57,6 +60,7 @@ class DiTConfig:
   mlp_ratio: int = 4
   time_embed_dim: int = 256
   time_freq_shift: int = 0
+  mlp_norm_epsilon: float = 1e-6
   dropout: float = 0.0
   learned_variance: bool = False
   num_classes: int | None = None
@@ -95,6 +99,12 @@ class DiTConfig:
         self.time_embed_dim // 2 > self.time_freq_shift,
         f"time_embed_dim must be even and time_freq_shift 0 or 1 below half "
         f"of it, got {self.time_embed_dim} and {self.time_freq_shift!r}")
+    check(
+        isinstance(self.mlp_norm_epsilon, (int, float)) and
+        not isinstance(self.mlp_norm_epsilon, bool) and
+        self.mlp_norm_epsilon > 0,
+        f"mlp_norm_epsilon must be a positive number, got "
+        f"{self.mlp_norm_epsilon!r}")
     check(
         isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0,
         f"dropout must be in [0, 1), got {self.dropout!r}")

@@ -14,7 +14,9 @@ conditions the final layer on block 0's; the DiT has one, so the copies must
 be equal (they are in the conversions of the authors' checkpoints).
 
 diffusers' timestep embedding divides by `half - 1` (`time_freq_shift=1`),
-the authors' code by `half`; the imported config keeps diffusers'.
+the authors' code by `half`, and its blocks' LayerNorm before the MLP takes
+`norm_eps` (default 1e-5; `mlp_norm_epsilon`), the authors' 1e-6 like every
+other; the imported config keeps diffusers' values.
 
 Example:
   >>> net = load_diffusers_dit("DiT-XL-2-256/transformer")
@@ -34,19 +36,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax.models import pretrained
-from ddpm_jax.models.dit import LAYER_NORM_EPSILON, DiT
+from ddpm_jax.models.dit import DiT
 from ddpm_jax.models.dit_config import DiTConfig
 
 PyTree = Any
 
-# config.json fields and the only values the DiT computes.
+# config.json fields, with diffusers' defaults, and the only values the DiT
+# computes.
 _FIXED = {
     "norm_type": "ada_norm_zero",
     "activation_fn": "gelu-approximate",
     "attention_bias": True,
     "norm_elementwise_affine": False,
     "upcast_attention": False,
-    "norm_eps": LAYER_NORM_EPSILON,
 }
 
 
@@ -84,7 +86,7 @@ def dit_config_from_diffusers(
   if name != "DiTTransformer2DModel":
     raise _fail(source, f"_class_name {name!r} is not DiTTransformer2DModel")
   for key, value in _FIXED.items():
-    if key in fields and fields[key] != value:
+    if fields.get(key, value) != value:
       raise _fail(
           source, f"{key}={fields[key]!r} is not supported (the DiT has "
           f"{value!r})")
@@ -99,14 +101,17 @@ def dit_config_from_diffusers(
   if classes is None:
     raise _fail(source, "num_embeds_ada_norm is None: no class embedding")
   heads = int(fields.get("num_attention_heads", 16))
+  options = dict(in_channels=in_channels,
+                 patch_size=int(fields.get("patch_size", 2)),
+                 hidden_size=heads * int(fields.get("attention_head_dim", 72)),
+                 depth=int(fields.get("num_layers",
+                                      28)), num_heads=heads, time_freq_shift=1,
+                 mlp_norm_epsilon=float(fields.get("norm_eps", 1e-5)),
+                 dropout=float(fields.get("dropout",
+                                          0.0)), learned_variance=out_channels
+                 != in_channels, num_classes=int(classes) + 1)
   try:
-    config = DiTConfig(
-        in_channels=in_channels, patch_size=int(fields.get("patch_size", 2)),
-        hidden_size=heads * int(fields.get("attention_head_dim", 72)),
-        depth=int(fields.get("num_layers",
-                             28)), num_heads=heads, time_freq_shift=1,
-        dropout=float(fields.get("dropout", 0.0)), learned_variance=out_channels
-        != in_channels, num_classes=int(classes) + 1)
+    config = DiTConfig(**options)
   except ValueError as e:
     raise _fail(source, str(e)) from None
   size = fields.get("sample_size")
