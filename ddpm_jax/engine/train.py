@@ -312,7 +312,8 @@ def train_and_evaluate(
       with `get_state()` / `set_state()`; default `builders.build_dataset`.
 
   Returns:
-    The final `TrainState` (replicated over the mesh).
+    The final `TrainState` (replicated over the mesh, or sharded along
+    'fsdp' with `train.fsdp` > 1).
 
   Raises:
     NonFiniteError: `train.max_nonfinite_steps` non-finite steps in a row.
