@@ -65,6 +65,10 @@ _API = {
     "UNetConfig": "ddpm_jax.models.config",
     "unet_config": "ddpm_jax.models.config",
     "PRESETS": "ddpm_jax.models.config",
+    "DiT": "ddpm_jax.models.dit",
+    "DiTConfig": "ddpm_jax.models.dit_config",
+    "dit_config": "ddpm_jax.models.dit_config",
+    "DIT_PRESETS": "ddpm_jax.models.dit_config",
     "load_diffusers": "ddpm_jax.models.pretrained",
     # Data.
     "create_dataset": "ddpm_jax.data.pipeline",
@@ -132,6 +136,8 @@ if TYPE_CHECKING:  # What editors and type checkers see.
   from ddpm_jax.engine.train import train_and_evaluate
   from ddpm_jax.infra.images import make_grid, save_gif, save_image_grid
   from ddpm_jax.models.config import PRESETS, UNetConfig, unet_config
+  from ddpm_jax.models.dit import DiT
+  from ddpm_jax.models.dit_config import DIT_PRESETS, DiTConfig, dit_config
   from ddpm_jax.models.pretrained import load_diffusers
   from ddpm_jax.models.unet import UNet, count_params
   from ddpm_jax.samplers.chain import SampleOutput

@@ -21,6 +21,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import flax.linen as nn
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 from ddpm_jax import samplers
 from ddpm_jax.data.common import DatasetIterator
@@ -28,6 +29,7 @@ from ddpm_jax.diffusion import guidance, losses, respace
 from ddpm_jax.diffusion.schedules import Schedule, make_schedule
 from ddpm_jax.engine import optim, train_step
 from ddpm_jax.engine.config import model_config
+from ddpm_jax.infra import parallel
 
 
 def image_shape(config) -> tuple[int, int, int]:
@@ -37,11 +39,21 @@ def image_shape(config) -> tuple[int, int, int]:
 
 
 def build_model(config) -> nn.Module:
-  """The U-Net of `config.model` (a preset name plus field overrides)."""
+  """The U-Net, or for a DiT preset the DiT, of `config.model` (a preset
+  name plus field overrides)."""
   # Imported here: importing the models touches the XLA backend, which must
   # wait for `parallel.initialize_distributed`.
   from ddpm_jax import models  # pylint: disable=g-import-not-at-top
-  return models.UNet(config=model_config(config))
+  net = model_config(config)
+  if isinstance(net, models.DiTConfig):
+    return models.DiT(config=net)
+  return models.UNet(config=net)
+
+
+def build_mesh(config, devices=None) -> Mesh:
+  """The run's mesh over `devices` (default all): data parallel, or FSDP
+  over `config.train.fsdp` devices (`parallel.create_mesh`)."""
+  return parallel.create_mesh(devices, fsdp=int(config.train.fsdp))
 
 
 def build_schedule(config) -> Schedule:

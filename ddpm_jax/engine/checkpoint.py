@@ -110,8 +110,20 @@ def _local(x):
 def checksums(tree: PyTree) -> dict[str, int]:
   """{'path': uint32 checksum} of every array of `tree` (computed on the
   devices; only the scalars come to the host). Replicated arrays are summed
-  from this process's copy, so no other process takes part."""
-  sums = _checksums_jit(jax.tree.map(_local, tree))
+  from this process's copy, so no other process takes part; arrays sharded
+  over the mesh (FSDP) in one more jit over the mesh."""
+  leaves, treedef = jax.tree_util.tree_flatten(jax.tree.map(_local, tree))
+  sharded = {
+      i for i, x in enumerate(leaves)
+      if isinstance(x, jax.Array) and not x.is_fully_replicated
+  }
+  out = [None] * len(leaves)
+  for group in (sorted(sharded),
+                [i for i in range(len(leaves)) if i not in sharded]):
+    if group:
+      for i, v in zip(group, _checksums_jit([leaves[i] for i in group])):
+        out[i] = v
+  sums = jax.tree_util.tree_unflatten(treedef, out)
   return {
       jax.tree_util.keystr(path):
           int(

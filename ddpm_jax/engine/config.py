@@ -7,7 +7,8 @@ overrides any field from the command line. `validate_config` checks a config
 once, at the edge (the command line calls it before anything is built), and
 raises a `ConfigError` naming the first bad field and its allowed values.
 The `model` group is a preset of `ddpm_jax.models.unet_config` plus any of
-`UNetConfig`'s fields, which that typed config checks itself.
+`UNetConfig`'s fields, or a DiT preset of `ddpm_jax.models.dit_config` plus
+any of `DiTConfig`'s fields; the typed config checks its own fields.
 
 Example:
   >>> config = base_config()
@@ -160,12 +161,15 @@ SCHEMA: dict[str, Any] = {
                 "default (~/tensorflow_datasets or "
                 "$TFDS_DATA_DIR)."),
     },
-    # Network: a preset of `ddpm_jax.models.unet_config` plus field overrides.
+    # Network: a preset of `ddpm_jax.models.unet_config` (or of
+    # `ddpm_jax.models.dit_config`) plus field overrides.
     "model": {
         "preset":
             Field(
-                "tutorial", "A preset of ddpm_jax.models.PRESETS; "
-                "any UNetConfig field may be added to override it."),
+                "tutorial", "A U-Net preset of ddpm_jax.models.PRESETS "
+                "(any UNetConfig field may be added to override it) or a DiT "
+                "preset of ddpm_jax.models.DIT_PRESETS, e.g. dit_s_2 (any "
+                "DiTConfig field)."),
     },
     # Diffusion process and loss (`ddpm_jax.diffusion.schedules`, `ddpm_jax.diffusion.losses`).
     "diffusion": {
@@ -234,6 +238,13 @@ SCHEMA: dict[str, Any] = {
     "train": {
         "batch_size":
             _int(128, "Global batch, over all devices and hosts.", low=1),
+        "fsdp":
+            _int(
+                1, "Devices each parameter, EMA and optimizer-state array is "
+                "sharded over (FSDP: the mesh ('data', 'fsdp') = (devices / "
+                "fsdp, fsdp), each array split along its largest dimension "
+                "fsdp divides); 1: data parallel, the state replicated. Must "
+                "divide the number of devices.", low=1),
         "num_steps":
             _int(800_000, "Optimizer steps of the whole run.", low=1),
         "max_time":
@@ -469,7 +480,7 @@ def _check_fields(config, schema: dict[str, Any], prefix: str = "") -> None:
       path = f"{prefix}{name}"
       if name not in spec:
         if path.startswith("model."):
-          continue  # UNetConfig checks its own fields.
+          continue  # UNetConfig / DiTConfig checks its own fields.
         unknown.append(path)
       elif isinstance(spec[name], dict) and hasattr(node[name], "keys"):
         walk(node[name], spec[name], f"{path}.")
@@ -491,7 +502,8 @@ def _check_fields(config, schema: dict[str, Any], prefix: str = "") -> None:
 
 
 def model_config(config):
-  """The `UNetConfig` of `config.model`, or a `ConfigError` saying why not.
+  """The `UNetConfig` (or, for a DiT preset, `DiTConfig`) of `config.model`,
+  or a `ConfigError` saying why not.
 
   A class-conditional run (`data.num_classes` = C > 0) gets a network with
   C + 1 class embeddings: the classes and the null class C.
@@ -509,8 +521,16 @@ def model_config(config):
   num_classes = _get(config, "data.num_classes")
   if num_classes:
     fields["num_classes"] = num_classes + 1
+  preset = fields.get("preset")
+  if preset not in models.PRESETS and preset not in models.DIT_PRESETS:
+    raise ConfigError(
+        f"config.model.preset {preset!r} is neither a U-Net preset "
+        f"({', '.join(sorted(models.PRESETS))}) nor a DiT preset "
+        f"({', '.join(sorted(models.DIT_PRESETS))}).")
+  make = (models.dit_config
+          if preset in models.DIT_PRESETS else models.unet_config)
   try:
-    return models.unet_config(**fields)
+    return make(**fields)
   except (TypeError, ValueError) as e:
     raise ConfigError(f"config.model: {e}") from None
 
@@ -613,8 +633,12 @@ def validate_config(config, *, mode: str = "train",
 
   net = model_config(config)
   image_size = _get(config, "data.image_size")
-  factor = 2**(len(net.channel_mults) - 1)
-  if image_size % factor:
+  if hasattr(net, "patch_size"):  # a DiTConfig
+    if image_size % net.patch_size:
+      raise ConfigError(
+          f"config.data.image_size ({image_size}) must be divisible by "
+          f"config.model.patch_size ({net.patch_size}).")
+  elif image_size % (factor := 2**(len(net.channel_mults) - 1)):
     raise ConfigError(
         f"config.data.image_size ({image_size}) must be divisible by "
         f"{factor}: the network halves it {len(net.channel_mults) - 1} times "
@@ -639,6 +663,10 @@ def validate_config(config, *, mode: str = "train",
   _check_sampling(config)
   for path in ("train.batch_size", "sample.batch_size", "eval.batch_size"):
     _check_divides(path, _get(config, path), num_devices, process_count)
+  fsdp = _get(config, "train.fsdp")
+  if num_devices is not None and num_devices % fsdp:
+    raise ConfigError(f"config.train.fsdp ({fsdp}) must divide the number of "
+                      f"devices ({num_devices}).")
   weights = _get(config, "eval.inception_weights")
   if mode == "eval" and weights:
     _check_path("eval.inception_weights", weights)

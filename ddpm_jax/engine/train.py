@@ -312,7 +312,8 @@ def train_and_evaluate(
       with `get_state()` / `set_state()`; default `builders.build_dataset`.
 
   Returns:
-    The final `TrainState` (replicated over the mesh).
+    The final `TrainState` (replicated over the mesh, or sharded along
+    'fsdp' with `train.fsdp` > 1).
 
   Raises:
     NonFiniteError: `train.max_nonfinite_steps` non-finite steps in a row.
@@ -333,7 +334,7 @@ def train_and_evaluate(
         builders.build_dataset)(config, batch_size=host_shape[0],
                                 process_index=process_index,
                                 process_count=process_count)
-  mesh = parallel.create_mesh()
+  mesh = builders.build_mesh(config)
   replicated = parallel.replicated(mesh)
   model = builders.build_model(config) if model is None else model
   tx = builders.build_optimizer(config)

@@ -1,7 +1,9 @@
 """The train state, the pure train step and its jit over the 'data' mesh.
 
 `train_step(state, batch, rng)` is pure: jit it over a mesh with
-`jit_train_step` (batch sharded along 'data', state replicated and donated)
+`jit_train_step` (batch sharded along 'data', state replicated, or sharded
+along 'fsdp' on a mesh with that axis (`parallel.create_mesh(fsdp=n)`), and
+donated)
 or run it under `jax.pmap(..., axis_name=...)` (gradients and loss averaged
 with `lax.pmean`). Both draw the same t, noise and label dropout for the same
 example: the step key is `fold_in(rng, state.step)`; split, it gives the t
@@ -110,24 +112,25 @@ def init_train_state(model: nn.Module, tx: optax.GradientTransformation,
 def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation, *,
                          image_shape: tuple[int, int, int], mesh: Mesh,
                          num_classes: int = 0) -> TrainState:
-  """The train state's shapes, replicated on `mesh` (nothing computed)."""
+  """The train state's shapes, replicated on `mesh`, or sharded along its
+  'fsdp' axis if it has one (`parallel.fsdp_abstract`; nothing computed)."""
   init_fn = functools.partial(init_train_state, model, tx,
                               image_shape=tuple(image_shape),
                               num_classes=num_classes)
-  return parallel.replicated_abstract(init_fn,
-                                      jax.ShapeDtypeStruct((2,), jnp.uint32),
-                                      mesh=mesh)
+  return parallel.fsdp_abstract(init_fn, jax.ShapeDtypeStruct((2,), jnp.uint32),
+                                mesh=mesh)
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
                        rng: jax.Array, *, image_shape: tuple[int, int, int],
                        mesh: Mesh, num_classes: int = 0) -> TrainState:
-  """Initializes the state directly replicated on `mesh` (no host copy):
-  shapes planned with `jax.eval_shape`, then a jit with `out_shardings`."""
+  """Initializes the state directly on `mesh` (no host copy), replicated or
+  sharded along 'fsdp' as `abstract_train_state`: shapes planned with
+  `jax.eval_shape`, then a jit with `out_shardings`."""
   init_fn = functools.partial(init_train_state, model, tx,
                               image_shape=tuple(image_shape),
                               num_classes=num_classes)
-  abstract = parallel.replicated_abstract(init_fn, rng, mesh=mesh)
+  abstract = parallel.fsdp_abstract(init_fn, rng, mesh=mesh)
   return jax.jit(init_fn, out_shardings=parallel.shardings(abstract))(rng)
 
 
@@ -315,16 +318,28 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
 
 
 def jit_train_step(step_fn: Callable, mesh: Mesh, state: PyTree) -> Callable:
-  """jits `step_fn` for `mesh`: batch sharded on 'data', state replicated and
-  donated, rng and metrics replicated.
+  """jits `step_fn` for `mesh`: batch sharded on 'data' (`parallel.
+  data_sharded`), state donated and kept in its shardings, rng and metrics
+  replicated.
 
   Args:
     step_fn: `step(state, batch, rng)`, e.g. from `make_train_step`.
     mesh: the mesh.
-    state: the (abstract or concrete) state, for the sharding tree.
+    state: the (abstract or concrete) state, for the sharding tree: each
+      leaf's `NamedSharding` on `mesh` (from `abstract_train_state` or
+      `create_train_state`, FSDP or replicated); a leaf with none, or with
+      another sharding, is replicated.
   """
   replicated = parallel.replicated(mesh)
-  state_shardings = jax.tree.map(lambda _: replicated, state)
+
+  def sharding_of(leaf):
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding,
+                  jax.sharding.NamedSharding) and sharding.mesh == mesh:
+      return sharding
+    return replicated
+
+  state_shardings = jax.tree.map(sharding_of, state)
   return jax.jit(
       step_fn,
       in_shardings=(state_shardings, parallel.data_sharded(mesh), replicated),

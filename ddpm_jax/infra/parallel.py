@@ -1,15 +1,21 @@
 """Devices and hosts: the 'data' mesh, jax.distributed, host <-> global arrays.
 
-Every parallel piece of the library uses one 1-D mesh whose axis is named
-`DATA_AXIS` and spans every device of every host: batches are sharded along
-it, parameters and train state replicated. With several hosts each one reads
+Every parallel piece of the library uses one mesh over every device of every
+host. By default it is 1-D, its axis named `DATA_AXIS`: batches are sharded
+along it, parameters and train state replicated. With `create_mesh(fsdp=n)`
+it is 2-D, ('data', 'fsdp') = (devices / n, n), for models that outgrow one
+device (FSDP, as ZeRO-3): batches are sharded over both axes (every device
+still sees its own examples) and the train state's arrays along 'fsdp', each
+along its largest dimension that n divides (`fsdp_spec`), so each device
+holds 1/n of the parameters, EMA and optimizer state; XLA gathers the
+parameters where the step needs them. With several hosts each one reads
 its own slice of a global batch, `global_batch` assembles the global array,
 and `host_value` reads a replicated result back on any host.
 
 Example:
   >>> initialize_distributed()  # first thing; a no-op on one host
-  >>> mesh = create_mesh()
-  >>> abstract = replicated_abstract(init_fn, rng, mesh=mesh)
+  >>> mesh = create_mesh()  # or create_mesh(fsdp=8)
+  >>> abstract = fsdp_abstract(init_fn, rng, mesh=mesh)
   >>> state = jax.jit(init_fn, out_shardings=shardings(abstract))(rng)
 """
 
@@ -30,13 +36,37 @@ from jax.sharding import PartitionSpec as P
 
 PyTree = Any
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
 
 
-def create_mesh(devices=None) -> Mesh:
-  """A 1-D mesh with axis 'data' over `devices` (default: all, all hosts)."""
+def create_mesh(devices=None, *, fsdp: int = 1) -> Mesh:
+  """The mesh over `devices` (default: all, all hosts).
+
+  Args:
+    devices: the devices; default `jax.devices()`.
+    fsdp: devices each train-state array is sharded over. 1: a 1-D mesh
+      with axis 'data' (data parallel, state replicated); n > 1: a 2-D mesh
+      ('data', 'fsdp') of shape (len(devices) / n, n).
+
+  Raises:
+    ValueError: if `fsdp` is not a positive divisor of the device count.
+
+  Example:
+    >>> create_mesh(fsdp=4).shape  # on 8 devices
+    {'data': 2, 'fsdp': 4}
+  """
   devices = jax.devices() if devices is None else list(devices)
-  return jax.make_mesh((len(devices),), (DATA_AXIS,),
-                       axis_types=(jax.sharding.AxisType.Auto,),
+  if isinstance(
+      fsdp,
+      bool) or not isinstance(fsdp, int) or fsdp < 1 or len(devices) % fsdp:
+    raise ValueError(f"fsdp must be a positive divisor of the device count "
+                     f"({len(devices)}), got {fsdp!r}.")
+  if fsdp == 1:
+    return jax.make_mesh((len(devices),), (DATA_AXIS,),
+                         axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=devices)
+  return jax.make_mesh((len(devices) // fsdp, fsdp), (DATA_AXIS, FSDP_AXIS),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2,
                        devices=devices)
 
 
@@ -46,8 +76,44 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def data_sharded(mesh: Mesh) -> NamedSharding:
-  """The sharding of batches: leading dimension split over 'data'."""
+  """The sharding of batches: leading dimension split over 'data' (and
+  'fsdp', if the mesh has it: over every device)."""
+  if FSDP_AXIS in mesh.axis_names:
+    return NamedSharding(mesh, P((DATA_AXIS, FSDP_AXIS)))
   return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def fsdp_spec(shape: tuple[int, ...], size: int) -> P:
+  """The FSDP partition of an array of `shape` over `size` devices: its
+  largest dimension that `size` divides (the first of equals) is split over
+  'fsdp'; replicated (`P()`) if none is.
+
+  Example:
+    >>> fsdp_spec((384, 1152), 8), fsdp_spec((6,), 8)
+    (PartitionSpec(None, 'fsdp'), PartitionSpec())
+  """
+  fits = [i for i, d in enumerate(shape) if d % size == 0 and d >= size]
+  if not fits:
+    return P()
+  axis = max(fits, key=lambda i: (shape[i], -i))
+  return P(*(FSDP_AXIS if i == axis else None for i in range(len(shape))))
+
+
+def fsdp_abstract(fn: Callable[..., PyTree], *args, mesh: Mesh) -> PyTree:
+  """`jax.eval_shape(fn, *args)` with every leaf sharded along 'fsdp' by
+  `fsdp_spec` on a mesh with that axis, replicated on one without (then the
+  same as `replicated_abstract`).
+
+  Like `replicated_abstract`'s, the result is a restore target for
+  checkpoints and, via `shardings`, the `out_shardings` of a jit.
+  """
+  if FSDP_AXIS not in mesh.axis_names:
+    return replicated_abstract(fn, *args, mesh=mesh)
+  size = mesh.shape[FSDP_AXIS]
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(
+          x.shape, x.dtype, sharding=NamedSharding(mesh, fsdp_spec(
+              x.shape, size))), jax.eval_shape(fn, *args))
 
 
 def replicated_abstract(fn: Callable[..., PyTree], *args, mesh: Mesh) -> PyTree:
