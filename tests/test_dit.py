@@ -29,8 +29,8 @@ from ddpm_jax.models import (
     dit,
     dit_config,
     pretrained,
-    pretrained_dit,
 )
+from ddpm_jax.models.pretrained import dit as pretrained_dit
 from tests import train_helpers
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")

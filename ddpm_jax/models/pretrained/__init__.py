@@ -9,6 +9,8 @@ diffusers folders.
 * `export`: the inverse of the diffusers reader, a ddpm_jax network and its
   diffusion settings as a `DDPMPipeline` folder that PyTorch users load
   unchanged (`to_diffusers`, `save_diffusers`).
+* `dit`: a diffusers `DiTTransformer2DModel` folder as a `DiTConfig` and
+  Flax parameters (`load_diffusers_dit`).
 * `common`: the result types, `PretrainedError` and the assembly of a
   parameter tree from named tensors that both readers share.
 
@@ -48,6 +50,12 @@ from ddpm_jax.models.pretrained.diffusers import (
     read_tensors,
     unet_config_from_diffusers,
 )
+from ddpm_jax.models.pretrained.dit import (
+    PretrainedDiT,
+    dit_config_from_diffusers,
+    dit_params_from_diffusers,
+    load_diffusers_dit,
+)
 from ddpm_jax.models.pretrained.export import (
     DIFFUSERS_VERSION,
     MODEL_CARD_FILE,
@@ -72,6 +80,7 @@ __all__ = [
     "MODEL_CARD_FILE",
     "MODEL_INDEX_FILE",
     "Pretrained",
+    "PretrainedDiT",
     "PretrainedError",
     "PyTree",
     "SAFETENSORS_FILE",
@@ -80,7 +89,10 @@ __all__ = [
     "TF_EMA_SUFFIX",
     "UNET_DEFAULTS",
     "diffusion_settings_from_diffusers",
+    "dit_config_from_diffusers",
+    "dit_params_from_diffusers",
     "load_diffusers",
+    "load_diffusers_dit",
     "load_tf_checkpoint",
     "model_index",
     "params_from_diffusers",

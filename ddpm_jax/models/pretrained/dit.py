@@ -8,7 +8,7 @@ and torch is never required.
 
 Every field of `config.json` that changes the network is checked and every
 tensor is used: a setting the ddpm_jax DiT cannot express, or a missing,
-extra or mis-shaped tensor, raises `pretrained.PretrainedError` naming it.
+extra or mis-shaped tensor, raises `PretrainedError` naming it.
 diffusers keeps one copy of the timestep and class embedders per block and
 conditions the final layer on block 0's; the DiT has one, so the copies must
 be equal (they are in the conversions of the authors' checkpoints).
@@ -35,9 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax.models import pretrained
 from ddpm_jax.models.dit import DiT
 from ddpm_jax.models.dit_config import DiTConfig
+from ddpm_jax.models.pretrained import common, diffusers
 
 PyTree = Any
 
@@ -59,13 +59,13 @@ class PretrainedDiT(NamedTuple):
   image_size: Optional[int]  # height = width it was built for (sample_size)
 
 
-def _fail(source: str, message: str) -> pretrained.PretrainedError:
-  return pretrained.PretrainedError(f"{source}: {message}")
+def _fail(source: str, message: str) -> common.PretrainedError:
+  return common.PretrainedError(f"{source}: {message}")
 
 
 def dit_config_from_diffusers(
     fields: Mapping[str, Any], *,
-    source: str = pretrained.CONFIG_FILE) -> tuple[DiTConfig, Optional[int]]:
+    source: str = diffusers.CONFIG_FILE) -> tuple[DiTConfig, Optional[int]]:
   """Maps a diffusers `DiTTransformer2DModel` config.json to a `DiTConfig`.
 
   Args:
@@ -77,7 +77,7 @@ def dit_config_from_diffusers(
     `num_embeds_ada_norm + 1`: the classes and diffusers' null class.
 
   Raises:
-    pretrained.PretrainedError: a field the DiT cannot express, named.
+    common.PretrainedError: a field the DiT cannot express, named.
 
   Example:
     >>> config, size = dit_config_from_diffusers(json.load(open(path)))
@@ -141,7 +141,7 @@ def _diffusers_names(config: DiTConfig) -> dict[tuple[str, ...], str]:
 
 def dit_params_from_diffusers(
     tensors: Mapping[str, np.ndarray], config: DiTConfig, *,
-    source: str = pretrained.SAFETENSORS_FILE) -> PyTree:
+    source: str = diffusers.SAFETENSORS_FILE) -> PyTree:
   """Converts a `DiTTransformer2DModel` state dict (numpy arrays) to `DiT` parameters.
 
   Linear layers are transposed, the patch convolution [D, C, p, p] becomes a
@@ -157,7 +157,7 @@ def dit_params_from_diffusers(
     The float32 parameter tree of `DiT(config=config)`.
 
   Raises:
-    pretrained.PretrainedError: a tensor is missing, extra, of the wrong
+    common.PretrainedError: a tensor is missing, extra, of the wrong
       shape, or a per-block embedder copy differs from block 0's (named).
 
   Example:
@@ -235,25 +235,25 @@ def load_diffusers_dit(folder: str | os.PathLike) -> PretrainedDiT:
     `PretrainedDiT(config, params, image_size)`.
 
   Raises:
-    pretrained.PretrainedError: a missing, unreadable or unsupported file,
+    common.PretrainedError: a missing, unreadable or unsupported file,
       field or tensor, named on one line.
 
   Example:
     >>> config, params, size = load_diffusers_dit("DiT-XL-2-256/transformer")
   """
   folder = os.fspath(folder)
-  if not os.path.isfile(os.path.join(folder, pretrained.CONFIG_FILE)):
+  if not os.path.isfile(os.path.join(folder, diffusers.CONFIG_FILE)):
     nested = os.path.join(folder, "transformer")
-    if not os.path.isfile(os.path.join(nested, pretrained.CONFIG_FILE)):
+    if not os.path.isfile(os.path.join(nested, diffusers.CONFIG_FILE)):
       raise _fail(
-          folder, f"no {pretrained.CONFIG_FILE} (nor transformer/"
-          f"{pretrained.CONFIG_FILE}): not a diffusers DiT folder")
+          folder, f"no {diffusers.CONFIG_FILE} (nor transformer/"
+          f"{diffusers.CONFIG_FILE}): not a diffusers DiT folder")
     folder = nested
-  config_path = os.path.join(folder, pretrained.CONFIG_FILE)
-  weights = os.path.join(folder, pretrained.SAFETENSORS_FILE)
+  config_path = os.path.join(folder, diffusers.CONFIG_FILE)
+  weights = os.path.join(folder, diffusers.SAFETENSORS_FILE)
   config, size = dit_config_from_diffusers(_read_json(config_path),
                                            source=config_path)
-  params = dit_params_from_diffusers(pretrained.read_tensors(weights), config,
+  params = dit_params_from_diffusers(diffusers.read_tensors(weights), config,
                                      source=weights)
   return PretrainedDiT(config, params, size)
 
