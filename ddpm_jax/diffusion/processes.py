@@ -61,6 +61,9 @@ PROCESS_NAMES = ("ddpm", "edm", "flow")
 TARGETS = ("eps", "x0", "v", "velocity")
 SPACINGS = ("karras", "uniform", "logsnr")
 TIME_SAMPLINGS = ("uniform", "logit_normal")
+# A flow network sees 1000 t as its time (diffusers' and SD3's convention),
+# the range of the DDPM U-Net's step embedding.
+FLOW_TIME_SCALE = 1000.0
 # Flow's 'logsnr' and 'karras' grids span t in [FLOW_EDGE, 1 - FLOW_EDGE]
 # (the log-SNR is infinite at t = 0 and t = 1); 1 - 1/1000 is the top of
 # diffusers' `use_flow_sigmas`.
@@ -390,3 +393,22 @@ def precondition(process: EDM, backbone: Callable[[jnp.ndarray, jnp.ndarray],
         x.dtype)
 
   return denoiser
+
+
+def network_model_fn(process: Process,
+                     net_fn: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]):
+  """The `model_fn(x_t, t)` that samplers and losses take, from a network
+  `net_fn(x, time input [B]) -> output`.
+
+  A `Schedule`'s network is the model itself (integer steps); `EDM`'s is
+  preconditioned (`precondition`, time input c_noise = log(sigma) / 4, output
+  the x0 prediction D); `Flow`'s sees FLOW_TIME_SCALE t.
+
+  Example:
+    >>> model_fn = network_model_fn(Flow(), lambda x, t: unet.apply(v, x, t))
+  """
+  if isinstance(process, Schedule):
+    return net_fn
+  if isinstance(process, EDM):
+    return precondition(process, net_fn)
+  return lambda x, t: net_fn(x, FLOW_TIME_SCALE * t)

@@ -24,7 +24,7 @@ import optax
 
 from ddpm_jax import samplers
 from ddpm_jax.data.common import DatasetIterator
-from ddpm_jax.diffusion import guidance, losses, respace
+from ddpm_jax.diffusion import guidance, losses, processes, respace
 from ddpm_jax.diffusion.schedules import Schedule, make_schedule
 from ddpm_jax.engine import optim, train_step
 from ddpm_jax.engine.config import model_config
@@ -44,9 +44,22 @@ def build_model(config) -> nn.Module:
   return models.UNet(config=model_config(config))
 
 
-def build_schedule(config) -> Schedule:
-  """The `Schedule` of `config.diffusion`."""
+def build_schedule(config) -> processes.Process:
+  """The process of `config.diffusion`: the `Schedule` for process 'ddpm',
+  else `processes.EDM` or `processes.Flow` with its options (what the train
+  step, samplers and `Trained.schedule` take)."""
   diff = config.diffusion
+  if diff.process == "edm":
+    edm = diff.edm
+    return processes.EDM(sigma_min=float(edm.sigma_min),
+                         sigma_max=float(edm.sigma_max), rho=float(edm.rho),
+                         sigma_data=float(edm.sigma_data),
+                         p_mean=float(edm.p_mean), p_std=float(edm.p_std))
+  if diff.process == "flow":
+    flow = diff.flow
+    return processes.Flow(time_sampling=flow.time_sampling,
+                          location=float(flow.location),
+                          scale=float(flow.scale), shift=float(flow.shift))
   return make_schedule(diff.schedule, int(diff.num_timesteps),
                        beta_start=float(diff.beta_start),
                        beta_end=float(diff.beta_end))
@@ -80,12 +93,14 @@ def build_train_step(config, model: nn.Module, tx: optax.GradientTransformation,
   `config` bound: `step(state, batch, rng) -> (state, metrics)`."""
   schedule = build_schedule(config) if schedule is None else schedule
   diff = config.diffusion
+  t_weights = None
+  if diff.process == "ddpm":
+    t_weights = losses.loss_weights(schedule, weighting=diff.loss_weighting,
+                                    target=diff.target,
+                                    gamma=float(diff.min_snr_gamma))
   return train_step.make_train_step(
       model, tx, schedule, learning_rate_fn=build_learning_rate_fn(config),
-      loss_type=diff.loss_type, target=diff.target,
-      t_weights=losses.loss_weights(schedule, weighting=diff.loss_weighting,
-                                    target=diff.target,
-                                    gamma=float(diff.min_snr_gamma)),
+      loss_type=diff.loss_type, target=diff.target, t_weights=t_weights,
       var_type=diff.var_type, num_classes=int(config.data.num_classes),
       p_uncond=float(config.train.p_uncond),
       ema_decay=float(config.train.ema_decay),
@@ -131,7 +146,9 @@ class Sampler(NamedTuple):
 
   `fn(model_fn, schedule, *, key, shape=None, x_T=None,
   trajectory_every=None, labels=None) -> samplers.SampleOutput`, where
-  `schedule` is the run's T-step schedule (`build_schedule(config)`). For an
+  `schedule` is the run's process (`build_schedule(config)`: the T-step
+  schedule, or EDM / Flow, whose network `model_fn` is wrapped here by
+  `processes.network_model_fn`). For an
   unconditional run `model_fn` is the denoiser `(x_t, t)` and `labels` is
   None. For a class-conditional run `model_fn` is the conditional denoiser
   `(x_t, t, y)` (`inference.make_model_fn(model, conditional=True)`) and
@@ -162,6 +179,8 @@ def _guided_respaced(solver: Callable[..., samplers.SampleOutput],
   elif labels is not None:
     raise ValueError("labels were given to the sampler of an unconditional "
                      "run.")
+  if not isinstance(schedule, Schedule):
+    model_fn = processes.network_model_fn(schedule, model_fn)
   if respaced is not None:
     if schedule.num_timesteps != num_timesteps:
       raise ValueError(f"This respaced sampler was built for the run's "
@@ -198,6 +217,10 @@ def build_sampler(config) -> Sampler:
       options.update(eta=float(sample.eta), spacing=sample.ddim_spacing)
     else:
       options["spacing"] = sample.solver_spacing
+    if name == "edm":
+      options.update(s_churn=float(sample.s_churn), s_tmin=float(sample.s_tmin),
+                     s_tmax=float(sample.s_tmax) or float("inf"),
+                     s_noise=float(sample.s_noise))
   fn = functools.partial(
       _guided_respaced, functools.partial(samplers.get_sampler(name),
                                           **options),
