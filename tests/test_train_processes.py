@@ -8,12 +8,14 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_helpers as helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from ddpm_jax import samplers  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax.diffusion import processes  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax.engine import builders, generation, inference, train, train_step
 from ddpm_jax.engine import config as config_lib
@@ -57,6 +59,29 @@ def test_builders_make_the_processes():
   config.sample.update(dict(s_churn=10.0, s_tmin=0.1, s_tmax=0.0))
   sampler = builders.build_sampler(config)
   assert (sampler.name, sampler.num_steps, sampler.num_calls) == ("edm", 4, 7)
+
+
+@pytest.mark.parametrize("process", ["edm", "flow"])
+def test_build_sampler_wraps_the_network_and_binds_the_options(process):
+  """The built sampler equals the library sampler on the process-wrapped
+  network (EDM's preconditioning, flow's 1000 t), with every option."""
+  config = _config(process)
+  config.sample.update(dict(s_churn=10.0, s_tmin=0.1, s_tmax=20.0,
+                            s_noise=1.01))
+  process_obj = builders.build_schedule(config)
+  net_fn = lambda x, t: jnp.tanh(x) * jnp.cos(t)[:, None]  # noqa: E731
+  options = dict(num_steps=4, spacing=SETTINGS[process]["spacing"],
+                 target=SETTINGS[process]["target"], clip_x0=False)
+  if process == "edm":
+    options.update(s_churn=10.0, s_tmin=0.1, s_tmax=20.0, s_noise=1.01)
+  x_T = jax.random.normal(jax.random.key(3), (16, 2))
+  key = jax.random.key(11)
+  built = builders.build_sampler(config).fn(net_fn, process_obj, x_T=x_T,
+                                            key=key)
+  direct = samplers.get_sampler(SETTINGS[process]["sampler"])(
+      processes.network_model_fn(process_obj, net_fn), process_obj, x_T=x_T,
+      key=key, **options)
+  np.testing.assert_array_equal(built.images, direct.images)
 
 
 @pytest.mark.parametrize("process", ["edm", "flow"])
