@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_helpers as helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from ddpm_jax import samplers  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ddpm_jax.diffusion import processes  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ddpm_jax.diffusion import guidance, processes  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax.engine import builders, generation, inference, train, train_step
 from ddpm_jax.engine import config as config_lib
 from ddpm_jax.infra import images as image_lib
@@ -81,6 +81,31 @@ def test_build_sampler_wraps_the_network_and_binds_the_options(process):
   direct = samplers.get_sampler(SETTINGS[process]["sampler"])(
       processes.network_model_fn(process_obj, net_fn), process_obj, x_T=x_T,
       key=key, **options)
+  np.testing.assert_array_equal(built.images, direct.images)
+
+
+@pytest.mark.parametrize("process", ["edm", "flow"])
+def test_guidance_on_every_process(process):
+  """A class-conditional run guides the network's output, then the process
+  wraps it: EDM's D and flow's velocity are affine in the network output,
+  so this is guidance of the denoiser (or velocity) itself."""
+  config = _config(process)
+  config.data.num_classes = 2
+  config.sample.guidance_scale = 2.0
+  process_obj = builders.build_schedule(config)
+  cond_fn = lambda x, t, y: jnp.tanh(x + y[:, None]) * jnp.cos(t)[:, None
+                                                                 ]  # noqa: E731
+  labels = np.array([0, 1] * 4, np.int32)
+  x_T = jax.random.normal(jax.random.key(3), (8, 2))
+  built = builders.build_sampler(config).fn(cond_fn, process_obj, x_T=x_T,
+                                            key=jax.random.key(1),
+                                            labels=labels)
+  guided = guidance.classifier_free_guidance(cond_fn, labels=labels,
+                                             num_classes=2, scale=2.0)
+  direct = samplers.get_sampler(SETTINGS[process]["sampler"])(
+      processes.network_model_fn(process_obj, guided), process_obj, x_T=x_T,
+      key=jax.random.key(1), num_steps=4, spacing=SETTINGS[process]["spacing"],
+      target=SETTINGS[process]["target"])
   np.testing.assert_array_equal(built.images, direct.images)
 
 
