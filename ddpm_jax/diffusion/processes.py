@@ -161,7 +161,7 @@ class EDM:
 
     Example:
       >>> EDM().grid(18)[:2]  # doctest: +SKIP
-      Array([80., 57.586], dtype=float32)
+      Array([80.      , 57.585983], dtype=float32)
     """
     _check_num_steps(num_steps)
     check_choice("spacing", spacing, SPACINGS)
@@ -240,7 +240,9 @@ class Flow:
 
   @property
   def prior_std(self) -> float:
-    """1: sampling starts from x_1 = eps ~ N(0, I)."""
+    """1: sampling starts from x_1 = eps ~ N(0, I) (the 'logsnr' and
+    'karras' grids start at t = 1 - FLOW_EDGE, where x_t's std differs from 1
+    by about 0.1%)."""
     return 1.0
 
   def shift_t(self, t):

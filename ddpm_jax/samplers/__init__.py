@@ -8,12 +8,13 @@ registry by name (`registry`).
 Every sampler is a pure function of a denoiser `model_fn(x_t, t)`, a
 `Schedule` (or, for the solvers and edm, a continuous process of
 `ddpm_jax.diffusion.processes`: `EDM`, `Flow`, where t is a float32 time;
-`PROCESS_SAMPLERS` lists which sampler runs on which) and keyword options. The whole reverse chain runs in ONE
-`lax.scan`, so `model_fn` is traced once per call whatever the number of
-steps. Nothing is jitted here: wrap a sampler in your own `jax.jit`, closing
-over `model_fn` and the options. Static (Python) arguments: `shape`,
-`num_steps`, `spacing`, `eta`, `target`, `var_type`, `mean_form`, `clip_x0`,
-`trajectory_every`; the schedule, `key` and `x_T` may be traced.
+`PROCESS_SAMPLERS` lists which sampler runs on which) and keyword options.
+The whole reverse chain runs in ONE `lax.scan`, so `model_fn` is traced once
+per call whatever the number of steps. Nothing is jitted here: wrap a sampler
+in your own `jax.jit`, closing over `model_fn` and the options. Static
+(Python) arguments: `shape`, `num_steps`, `spacing`, `eta`, `target`,
+`var_type`, `mean_form`, `clip_x0`, `s_churn`, `s_tmin`, `s_tmax`,
+`s_noise`, `trajectory_every`; the schedule, `key` and `x_T` may be traced.
 
 Keys: `key` is split once into (initial-noise key, chain key); step t draws
 its noise from `jax.random.fold_in(chain_key, t)`, so no key is used twice.
