@@ -205,7 +205,9 @@ def test_flow_rejects_eval_and_eps():
 
 @pytest.mark.parametrize("path", [
     "configs/mnist_cpu_edm.py", "configs/mnist_cpu_edm.py:tiny",
-    "configs/mnist_cpu_flow.py", "configs/mnist_cpu_flow.py:tiny"
+    "configs/mnist_cpu_flow.py", "configs/mnist_cpu_flow.py:tiny",
+    "configs/cifar10_edm.py", "configs/cifar10_edm.py:cond,tiny",
+    "configs/cifar10_flow.py", "configs/cifar10_flow.py:cond,tiny"
 ])
 def test_recipes_validate(path):
   config = config_lib.load_config(path)
