@@ -24,7 +24,13 @@ import optax
 
 from ddpm_jax import samplers
 from ddpm_jax.data.common import DatasetIterator
-from ddpm_jax.diffusion import guidance, losses, processes, respace
+from ddpm_jax.diffusion import (
+    guidance,
+    losses,
+    processes,
+    respace,
+    thresholding,
+)
 from ddpm_jax.diffusion.schedules import Schedule, make_schedule
 from ddpm_jax.engine import optim, train_step
 from ddpm_jax.engine.config import model_config
@@ -166,6 +172,7 @@ def _guided_respaced(solver: Callable[..., samplers.SampleOutput],
                      num_classes: int, guidance_scale: float,
                      respaced: Optional[respace.Respaced], num_timesteps: int,
                      labels: Optional[np.ndarray] = None,
+                     dynamic_threshold: float = 0.0, target: str = "eps",
                      **kwargs) -> samplers.SampleOutput:
   """`solver` on the guided (conditional runs) and respaced (respaced
   ddpm) denoiser; `schedule` is the run's, respaced here when asked."""
@@ -188,6 +195,10 @@ def _guided_respaced(solver: Callable[..., samplers.SampleOutput],
                        f"{schedule.num_timesteps}.")
     model_fn = respace.map_timesteps(model_fn, respaced.timesteps)
     schedule = respaced.schedule
+  if dynamic_threshold:
+    model_fn = thresholding.dynamic_thresholding(model_fn, schedule,
+                                                 target=target,
+                                                 percentile=dynamic_threshold)
   return solver(model_fn, schedule, **kwargs)
 
 
@@ -226,7 +237,8 @@ def build_sampler(config) -> Sampler:
                                           **options),
       num_classes=int(config.data.num_classes),
       guidance_scale=float(sample.guidance_scale), respaced=respaced,
-      num_timesteps=num_timesteps)
+      num_timesteps=num_timesteps,
+      dynamic_threshold=float(sample.dynamic_threshold), target=diff.target)
   return Sampler(name=name, fn=fn, num_steps=num_steps,
                  num_calls=samplers.num_model_calls(name, num_steps))
 

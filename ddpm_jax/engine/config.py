@@ -356,6 +356,11 @@ SCHEMA: dict[str, Any] = {
                 "edm), or diffusers' leading / trailing (ddpm process)."),
         "eta":
             _float(0.0, "DDIM stochasticity.", high=1.0),
+        "dynamic_threshold":
+            _float(
+                0.0, "Dynamic thresholding of the predicted x0 (Saharia et "
+                "al. 2022) at this percentile in (0, 1], e.g. 0.995, for "
+                "every sampler; 0: off.", high=1.0),
         "s_churn":
             _float(0.0, "edm sampler: total stochasticity S_churn (0: "
                    "Heun)."),
