@@ -1,7 +1,9 @@
-"""Log-likelihood through the probability-flow ODE of a continuous process.
+"""Log-likelihood through the probability-flow ODE of any process.
 
-For a process of `ddpm_jax.diffusion.processes` (`EDM`, `Flow`) and a model
-`model_fn(x_t, t)`, the probability-flow ODE dx/dt = u(x, t) (the velocity
+For a process of `ddpm_jax.diffusion.processes` (`EDM`, `Flow`), or a DDPM
+`Schedule` in continuous time (`processes.ContinuousSchedule`: the log-SNR
+linear between steps, the network called between integer steps), and a
+model `model_fn(x_t, t)`, the probability-flow ODE dx/dt = u(x, t) (the velocity
 alpha' x0_hat + sigma' eps_hat of the model's predictions) carries the data
 at t0 to the prior at t1, and the instantaneous change of variables (Chen
 et al. 2018; Song et al. 2021, Appendix D.2) gives
@@ -12,7 +14,8 @@ The divergence is exact (one Jacobian-vector product per dimension, for
 small D) or Hutchinson's estimate z^T (du/dx) z with one Rademacher z per
 example, fixed along the path, as in score_sde. The ODE is solved by diffrax
 (Tsit5, adaptive steps). The prior is N(0, prior_std^2 I) at t1: exact for
-flow (t1 = 1), within O(|x0|^2 / sigma_max^2) nats for EDM.
+flow (t1 = 1), within O(|x_t1| |E x0| / sigma_max^2) nats for EDM and
+O(alpha_{T-1} |x_t1| |E x0|) for a Schedule.
 
 Bits per dimension follow score_sde for data in [-1, 1] on `num_bins`
 levels with uniform dequantization: -log p / (D ln 2) + log2(num_bins / 2).
@@ -35,6 +38,7 @@ import jax.numpy as jnp
 
 from ddpm_jax._checks import check_choice
 from ddpm_jax.diffusion import gaussian, processes
+from ddpm_jax.diffusion.schedules import Schedule
 
 
 class ODELikelihood(NamedTuple):
@@ -46,13 +50,18 @@ class ODELikelihood(NamedTuple):
 
 
 def default_interval(process) -> tuple[float, float]:
-  """(t0, t1): (sigma_min, sigma_max) on EDM, (FLOW_EDGE, 1) on flow."""
+  """(t0, t1): (sigma_min, sigma_max) on EDM, (FLOW_EDGE, 1) on flow, (0,
+  T-1) on a `Schedule` (or its `processes.ContinuousSchedule`)."""
+  if isinstance(process, Schedule):
+    return 0.0, float(process.num_timesteps - 1)
+  if isinstance(process, processes.ContinuousSchedule):
+    return 0.0, float(process.log_snr_table.shape[0] - 1)
   if isinstance(process, processes.EDM):
     return float(process.sigma_min), float(process.sigma_max)
   if isinstance(process, processes.Flow):
     return processes.FLOW_EDGE, 1.0
-  raise ValueError("ode_log_likelihood applies to the 'edm' and 'flow' "
-                   f"processes, got {processes.process_name(process)!r}.")
+  raise ValueError("ode_log_likelihood takes a Schedule, EDM or Flow, got "
+                   f"{type(process).__name__}.")
 
 
 def ode_log_likelihood(model_fn: gaussian.ModelFn, process, x0: jnp.ndarray, *,
@@ -66,7 +75,8 @@ def ode_log_likelihood(model_fn: gaussian.ModelFn, process, x0: jnp.ndarray, *,
 
   Args:
     model_fn: `(x_t [B, ...], t float32 [B]) -> prediction of target`.
-    process: an `EDM` or `Flow`.
+    process: an `EDM`, `Flow` or `Schedule` (then `model_fn` gets float
+      steps t in [0, T-1]).
     x0: data [B, ...] (in [-1, 1] for the bits/dim offset).
     target: what `model_fn` predicts: 'eps', 'x0', 'v' or 'velocity'.
     key: PRNG key of Hutchinson's Rademacher vectors; not used with
@@ -82,8 +92,8 @@ def ode_log_likelihood(model_fn: gaussian.ModelFn, process, x0: jnp.ndarray, *,
     An `ODELikelihood`.
 
   Raises:
-    ValueError: for a `Schedule` (ddpm: see `likelihood.variational_bound`),
-      an unknown target, a missing key, or a bad interval.
+    ValueError: for another process type, an unknown target, a missing key,
+      or a bad interval.
 
   Example:
     >>> out = ode_log_likelihood(denoise, processes.EDM(), x0, target="x0",
@@ -93,8 +103,10 @@ def ode_log_likelihood(model_fn: gaussian.ModelFn, process, x0: jnp.ndarray, *,
 
   check_choice("target", target, processes.TARGETS)
   t0, t1 = default_interval(process) if interval is None else interval
-  if not 0 < t0 < t1:
-    raise ValueError(f"interval must satisfy 0 < t0 < t1, got {(t0, t1)}.")
+  if isinstance(process, Schedule):
+    process = processes.ContinuousSchedule.from_schedule(process)
+  if not 0 <= t0 < t1:
+    raise ValueError(f"interval must satisfy 0 <= t0 < t1, got {(t0, t1)}.")
   if not exact_trace and key is None:
     raise ValueError("key is required for Hutchinson's trace estimator (or "
                      "pass exact_trace=True).")

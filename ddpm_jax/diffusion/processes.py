@@ -284,6 +284,53 @@ class Flow:
     return self.shift_t(t)
 
 
+@struct.dataclass
+class ContinuousSchedule:
+  """A `Schedule` in continuous time, for the probability-flow ODE
+  likelihood (`ddpm_jax.diffusion.ode_likelihood`).
+
+  t in [0, T-1] is the step index; the log-SNR is linear between integer
+  steps, where it equals the schedule's, so alpha(t)^2 = sigmoid(log_snr(t))
+  = alpha-bar at each step. A network trained on integer steps is evaluated
+  between them. Not a sampling process: the samplers take the `Schedule`.
+
+  Attributes:
+    log_snr_table: float32 [T], log(alpha-bar / (1 - alpha-bar)) per step.
+  """
+  log_snr_table: jnp.ndarray
+
+  name = "ddpm"
+
+  @classmethod
+  def from_schedule(cls, schedule: Schedule) -> ContinuousSchedule:
+    """Its log-SNR table, from the schedule's alpha-bar (float64 first)."""
+    abar = np.cumprod(1.0 - np.asarray(schedule.betas, np.float64))
+    return cls(
+        log_snr_table=jnp.asarray(np.log(abar) - np.log1p(-abar), jnp.float32))
+
+  def log_snr(self, t):
+    """The log-SNR, linear between steps."""
+    steps = jnp.arange(self.log_snr_table.shape[0], dtype=jnp.float32)
+    return jnp.interp(_f32(t), steps, self.log_snr_table)
+
+  def alpha_sigma(self, t):
+    """(sqrt(sigmoid(log_snr)), sqrt(sigmoid(-log_snr)))."""
+    log_snr = self.log_snr(t)
+    return (jnp.sqrt(jax.nn.sigmoid(log_snr)),
+            jnp.sqrt(jax.nn.sigmoid(-log_snr)))
+
+  def d_alpha_sigma(self, t):
+    """Derivatives of `alpha_sigma` in t (piecewise, by forward mode)."""
+    t = _f32(t)
+    _, tangents = jax.jvp(self.alpha_sigma, (t,), (jnp.ones_like(t),))
+    return tangents
+
+  @property
+  def prior_std(self) -> float:
+    """1: the VP process ends near N(0, I)."""
+    return 1.0
+
+
 Process = Union[Schedule, EDM, Flow]
 
 
