@@ -2,7 +2,8 @@ r"""MNIST on a CPU with EDM (Karras et al. 2022): configs/mnist_cpu.py's
 network and budget, trained as EDM trains.
 
   python -m ddpm_jax.main --config=configs/mnist_cpu_edm.py \
-    --workdir=/tmp/mnist_cpu_edm --config.data.source=npz:../shared/data/mnist.npz
+    --workdir=/tmp/mnist_cpu_edm \
+    --config.data.source=npz:../shared/data/mnist.npz
 
 (or `tfds:mnist`, the default, with `pip install -e ".[tf]"`).
 The same 0.8M-parameter ResNet U-Net as `configs/mnist_cpu.py`, wrapped in

@@ -2,7 +2,8 @@ r"""MNIST on a CPU with flow matching / rectified flow: configs/mnist_cpu.py's
 network and budget on the linear path x_t = (1 - t) x_0 + t eps.
 
   python -m ddpm_jax.main --config=configs/mnist_cpu_flow.py \
-    --workdir=/tmp/mnist_cpu_flow --config.data.source=npz:../shared/data/mnist.npz
+    --workdir=/tmp/mnist_cpu_flow \
+    --config.data.source=npz:../shared/data/mnist.npz
 
 (or `tfds:mnist`, the default, with `pip install -e ".[tf]"`).
 The same 0.8M-parameter ResNet U-Net as `configs/mnist_cpu.py` predicts the

@@ -261,7 +261,7 @@ def process_loss(model_fn: gaussian.ModelFn, process, x0: jnp.ndarray,
   `target` must be 'x0' and the loss is weighted by lambda(sigma):
   lambda(sigma) |D(x0 + sigma n; sigma) - x0|^2 (EDM eq. 2 and 8). On `Flow`
   with 'velocity' it is the conditional flow-matching loss
-  |u(x_t, t) - (noise - x0)|^2 (Lipman et al. 2023, eq. 23).
+  |u(x_t, t) - (noise - x0)|^2 (Lipman et al. 2023).
 
   Args:
     model_fn: `(x_t [B, ...], t float32 [B]) -> prediction of target`.

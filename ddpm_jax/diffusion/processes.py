@@ -18,7 +18,8 @@ and the module functions convert any prediction (`TARGETS`: 'eps', 'x0',
 'v' with v = alpha eps - sigma x0, 'velocity' u = dx_t/dt) into the
 (x0, eps) pair and back, so one solver core serves all of them. The discrete
 process of DDPM stays `ddpm_jax.diffusion.schedules.Schedule` (integer steps,
-unchanged); `PROCESS_NAMES[0]` names it.
+unchanged); `PROCESS_NAMES[0]` names it, and `ContinuousSchedule` is its
+continuous-time view for the ODE likelihood.
 
 EDM (Karras et al. 2022) uses t = sigma, alpha = 1: x_sigma = x_0 + sigma
 eps, with the preconditioned denoiser
@@ -32,8 +33,8 @@ weight lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 (Table 1).
 
 Flow matching / rectified flow (Lipman et al. 2023, Liu et al. 2023): x_t =
 (1 - t) x_0 + t eps for t in [0, 1], velocity target u = eps - x_0; training
-times uniform or logit-normal (Esser et al. 2024, eq. 19), optionally shifted
-for resolution, t' = s t / (1 + (s - 1) t) (Esser et al. 2024, eq. 23).
+times uniform or logit-normal (Esser et al. 2024), optionally shifted for
+resolution, t' = s t / (1 + (s - 1) t) (Esser et al. 2024).
 
 Example:
   >>> edm = processes.EDM()
@@ -203,8 +204,9 @@ class Flow:
       location 0, scale 1).
     location: mean of logit(t) for 'logit_normal'.
     scale: std of logit(t) for 'logit_normal'.
-    shift: resolution shift s > 0 applied to training and sampling times, t' = s t / (1 + (s - 1) t); 1 is no shift (Esser et al. 2024,
-      eq. 23, use s = sqrt(m / n) for m pixels against a base of n).
+    shift: resolution shift s > 0 applied to training and sampling times,
+      t' = s t / (1 + (s - 1) t); 1 is no shift (Esser et al. 2024 use
+      s = sqrt(m / n) for m pixels against a base resolution of n).
   """
   time_sampling: str = struct.field(pytree_node=False, default="uniform")
   location: float = struct.field(pytree_node=False, default=0.0)

@@ -216,8 +216,8 @@ def train_step(
   loss(model(x_t, t), target) (times t_weights[t]; L_hybrid for learned
   variances) averaged over the batch; on a continuous process (`schedule` an
   `EDM` or `Flow`) t from `schedule.sample_t` and `losses.process_loss` of
-  the network wrapped by `processes.network_model_fn`; gradients (pmean'd under pmap), optax
-  update, EMA update. A step whose loss or gradient norm is not finite is
+  the network wrapped by `processes.network_model_fn`; gradients (pmean'd
+  under pmap), optax update, EMA update. A step whose loss or gradient norm is not finite is
   skipped (params, EMA and optimizer state unchanged, step still advances)
   and `nonfinite_count` counts such steps in a row.
 

@@ -92,8 +92,8 @@ def num_model_calls(name: str, num_steps: int) -> int:
   """Network calls of sampler `name` with `num_steps` steps.
 
   Heun and edm make two per step except the last (2S - 1); every other
-  sampler one per step. For 'ddpm', `num_steps` is the number of steps of the (respaced)
-  schedule it runs over.
+  sampler one per step. For 'ddpm', `num_steps` is the number of steps of
+  the (respaced) schedule it runs over.
 
   Raises:
     ValueError: for an unknown name or num_steps < 1.
