@@ -43,6 +43,8 @@ setuptools.setup(
         # Regenerates tests/fixtures (python tests/fixtures/make_diffusers_fixtures.py);
         # never needed to run the tests.
         "fixtures": ["torch>=2.0", "diffusers>=0.30"],
+        # The probability-flow ODE likelihood (ddpm_jax.diffusion.ode_likelihood).
+        "likelihood": ["diffrax>=0.6"],
         "test": [
             "pytest>=7.4",
             # The linter CI runs (ruff.toml); yapf is the formatter
@@ -50,6 +52,7 @@ setuptools.setup(
             "ruff>=0.6",
             "yapf>=0.40",
             "scipy>=1.10",
+            "diffrax>=0.6",
             "tensorflow-cpu>=2.15",
             "nbclient>=0.9",
             "nbformat>=5.9",

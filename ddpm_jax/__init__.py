@@ -9,8 +9,9 @@ The names research code uses, one import away:
   ...                      key=jax.random.key(0), num_steps=50)
 
 Subpackages, along the layers of the library:
-  diffusion: schedules, the forward process, losses, likelihood, respacing,
-    guidance and test oracles; no network in sight.
+  diffusion: schedules, the forward process, the continuous processes (EDM,
+    flow matching), losses, likelihoods, respacing, guidance and test
+    oracles; no network in sight.
   samplers: every sampler (one `lax.scan` each) and the registry by name.
   models: the U-Net, its typed config and presets, pretrained readers.
   metrics: FID, Inception Score, KID and the FID Inception.
@@ -41,6 +42,11 @@ _API = {
     "p_mean_variance": "ddpm_jax.diffusion.gaussian",
     # Losses and likelihood.
     "training_losses": "ddpm_jax.diffusion.losses",
+    "process_loss": "ddpm_jax.diffusion.losses",
+    "EDM": "ddpm_jax.diffusion.processes",
+    "Flow": "ddpm_jax.diffusion.processes",
+    "precondition": "ddpm_jax.diffusion.processes",
+    "ode_log_likelihood": "ddpm_jax.diffusion.ode_likelihood",
     "denoising_loss": "ddpm_jax.diffusion.losses",
     "loss_weights": "ddpm_jax.diffusion.losses",
     "variational_bound": "ddpm_jax.diffusion.likelihood",
@@ -57,6 +63,7 @@ _API = {
     "dpmpp_2m_sample": "ddpm_jax.samplers.solvers",
     "dpmpp_2m_sde_sample": "ddpm_jax.samplers.solvers",
     "dpmpp_3m_sample": "ddpm_jax.samplers.solvers",
+    "edm_sample": "ddpm_jax.samplers.edm",
     "get_sampler": "ddpm_jax.samplers.registry",
     "num_model_calls": "ddpm_jax.samplers.registry",
     # Networks.
@@ -127,8 +134,11 @@ if TYPE_CHECKING:  # What editors and type checkers see.
   from ddpm_jax.diffusion.losses import (
       denoising_loss,
       loss_weights,
+      process_loss,
       training_losses,
   )
+  from ddpm_jax.diffusion.ode_likelihood import ode_log_likelihood
+  from ddpm_jax.diffusion.processes import EDM, Flow, precondition
   from ddpm_jax.diffusion.schedules import Schedule, make_schedule
   from ddpm_jax.engine.config import load_config, validate_config
   from ddpm_jax.engine.generation import generate
@@ -143,6 +153,7 @@ if TYPE_CHECKING:  # What editors and type checkers see.
   from ddpm_jax.samplers.chain import SampleOutput
   from ddpm_jax.samplers.ddim import ddim_invert, ddim_sample
   from ddpm_jax.samplers.ddpm import ddpm_sample
+  from ddpm_jax.samplers.edm import edm_sample
   from ddpm_jax.samplers.registry import get_sampler, num_model_calls
   from ddpm_jax.samplers.solvers import (
       dpmpp_2m_sample,

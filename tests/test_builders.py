@@ -59,10 +59,11 @@ EXPECTED = {
 
 
 def test_every_sampler_is_covered():
-  assert set(EXPECTED) == set(samplers.SAMPLER_NAMES)
+  # The edm sampler (EDM process only): tests/test_train_processes.py.
+  assert set(EXPECTED) == set(samplers.PROCESS_SAMPLERS["ddpm"])
 
 
-@pytest.mark.parametrize("name", samplers.SAMPLER_NAMES)
+@pytest.mark.parametrize("name", samplers.PROCESS_SAMPLERS["ddpm"])
 def test_build_sampler_binds_the_config_options(name, sched, x_T):
   sampler = builders.build_sampler(_config(sampler=name, **SAMPLE_FIELDS))
   options, num_steps, num_calls = EXPECTED[name]

@@ -92,7 +92,7 @@ def _sampling_config(**fields):
 
 @pytest.mark.parametrize("fields, message", [
     (dict(sample__sampler="dpm_solver"), "config.sample.sampler must be one "
-     "of ddpm, ddim, euler, heun, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m; got "
+     "of ddpm, ddim, euler, heun, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, edm; got "
      "'dpm_solver'."),
     (dict(sample__sampler="heun", sample__num_steps=1001),
      r"config.sample.num_steps \(1001\) must be in \[1, 1000\] "

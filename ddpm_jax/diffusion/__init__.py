@@ -4,8 +4,12 @@ Modules:
   schedules: the beta schedule, an immutable pytree of arrays.
   gaussian: the forward process q(x_t | x_0), its posterior and the
     conversions between eps, x0 and v predictions.
+  processes: EDM and flow matching, the continuous processes beside the
+    discrete schedule, with the conversions solvers and losses need.
   losses: denoising losses and per-step weights for any `model_fn(x_t, t)`.
   likelihood: DDPM's variational bound in bits per dimension.
+  ode_likelihood: log-likelihood through the probability-flow ODE of a
+    continuous process (diffrax; the 'likelihood' extra).
   respace: a process over a subset of the steps.
   guidance: classifier-free guidance of a conditional denoiser.
   testing: Gaussian mixtures with exact denoisers (test oracles).

@@ -1,6 +1,9 @@
 """Denoising training losses for any denoiser `model_fn(x_t, t)`.
 
 L_simple regresses the network's prediction (eps, x0 or v) on its target.
+On the continuous processes (`ddpm_jax.diffusion.processes`) `process_loss`
+is EDM's lambda(sigma)-weighted loss of the preconditioned denoiser
+(Karras et al. 2022, eq. 8) or flow matching's velocity regression.
 A learned variance (2C output channels, `var_type` 'learned' or
 'learned_range') is trained with L_hybrid = L_simple + lambda L_vlb
 (Nichol & Dhariwal 2021, lambda = 0.001), where L_vlb sees the mean through
@@ -22,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from ddpm_jax._checks import check_choice
-from ddpm_jax.diffusion import gaussian, likelihood
+from ddpm_jax.diffusion import gaussian, likelihood, processes
 from ddpm_jax.diffusion.schedules import Schedule
 
 LOSS_TYPES = ("l2", "l1", "huber")
@@ -245,3 +248,65 @@ def loss_weights(schedule: Schedule, *, weighting: str, target: str = "eps",
   else:
     weights = capped / (snr + 1.0)
   return weights.astype(jnp.float32)
+
+
+def process_loss(model_fn: gaussian.ModelFn, process, x0: jnp.ndarray,
+                 t: jnp.ndarray, noise: jnp.ndarray, *, target: str,
+                 loss_type: str = "l2") -> jnp.ndarray:
+  """Per-example loss on a continuous process at given times and noise.
+
+  x_t = alpha(t) x0 + sigma(t) noise and the loss regresses
+  `model_fn(x_t, t)` on `target`'s value (`processes.from_x0_eps`). On `EDM`
+  the model is the preconditioned denoiser D (`processes.precondition`),
+  `target` must be 'x0' and the loss is weighted by lambda(sigma):
+  lambda(sigma) |D(x0 + sigma n; sigma) - x0|^2 (EDM eq. 2 and 8). On `Flow`
+  with 'velocity' it is the conditional flow-matching loss
+  |u(x_t, t) - (noise - x0)|^2 (Lipman et al. 2023).
+
+  Args:
+    model_fn: `(x_t [B, ...], t float32 [B]) -> prediction of target`.
+    process: an `EDM` or `Flow`.
+    x0: clean images [B, ...] in [-1, 1].
+    t: float32 [B] times (sigmas on EDM).
+    noise: standard normal noise, shape of `x0`.
+    target: 'x0' on EDM; 'velocity', 'x0', 'eps' or 'v' on Flow.
+    loss_type: 'l2', 'l1' or 'huber' (averaged over non-batch dimensions).
+
+  Returns:
+    float32 [B].
+
+  Raises:
+    ValueError: for an EDM target other than 'x0', or an unknown name.
+
+  Example:
+    >>> edm = processes.EDM()
+    >>> sigma = edm.sample_t(key, x0.shape[0])
+    >>> loss = process_loss(processes.precondition(edm, net_fn), edm, x0,
+    ...                     sigma, noise, target="x0").mean()
+  """
+  check_choice("target", target, processes.TARGETS)
+  edm = isinstance(process, processes.EDM)
+  if edm and target != "x0":
+    raise ValueError("the 'edm' process trains its preconditioned denoiser "
+                     f"on target 'x0', got {target!r}.")
+  x_t = processes.q_sample(process, x0, t, noise)
+  goal = processes.from_x0_eps(process, x0, noise, t, target=target)
+  loss = regression_loss(model_fn(x_t, t), goal, loss_type=loss_type)
+  return process.loss_weight(t) * loss if edm else loss
+
+
+def process_training_losses(model_fn: gaussian.ModelFn, process,
+                            x0: jnp.ndarray, key: jax.Array, *, target: str,
+                            loss_type: str = "l2") -> jnp.ndarray:
+  """`process_loss` with t from `process.sample_t` (EDM's log-normal sigma,
+  flow's uniform or logit-normal t) and noise ~ N(0, I), from `key`.
+
+  Example:
+    >>> loss = process_training_losses(velocity_fn, processes.Flow(), x0,
+    ...                                key, target="velocity").mean()
+  """
+  t_key, noise_key = jax.random.split(key)
+  t = process.sample_t(t_key, x0.shape[0])
+  noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
+  return process_loss(model_fn, process, x0, t, noise, target=target,
+                      loss_type=loss_type)

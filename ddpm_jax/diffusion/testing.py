@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax._checks import check_choice
-from ddpm_jax.diffusion import gaussian
+from ddpm_jax.diffusion import gaussian, processes
 from ddpm_jax.diffusion.schedules import Schedule
 
 
@@ -198,6 +198,29 @@ def conditional_denoiser(
     mask = (mix.labels[None, :] == y[:, None]) | (y[:, None] == num_classes)
     x0, eps = posterior_predictions(mix, x_t, alpha, sigma, mask)
     return _as_target(x0, eps, alpha, sigma, target)
+
+  return model_fn
+
+
+def process_denoiser(mix: GaussianMixture, process, *,
+                     target: str = "x0") -> gaussian.ModelFn:
+  """The exact denoiser `(x_t [B, D], t float32 [B]) -> target` of a
+  continuous process (`ddpm_jax.diffusion.processes`: `EDM`, `Flow`).
+
+  With target 'velocity' this is the exact velocity E[u | x_t] of flow
+  matching, whose ODE carries N(0, I) at t = 1 to the mixture at t = 0; with
+  'x0' on `EDM` it is the ideal preconditioned denoiser D(x; sigma).
+
+  Example:
+    >>> velocity_fn = process_denoiser(mix, processes.Flow(),
+    ...                                target="velocity")
+  """
+  check_choice("target", target, processes.TARGETS)
+
+  def model_fn(x_t, t):
+    alpha, sigma = (a[:, None] for a in process.alpha_sigma(t))
+    x0, eps = posterior_predictions(mix, x_t, alpha, sigma)
+    return processes.from_x0_eps(process, x0, eps, t, target=target)
 
   return model_fn
 

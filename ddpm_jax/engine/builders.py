@@ -25,7 +25,13 @@ from jax.sharding import Mesh
 
 from ddpm_jax import samplers
 from ddpm_jax.data.common import DatasetIterator
-from ddpm_jax.diffusion import guidance, losses, respace
+from ddpm_jax.diffusion import (
+    guidance,
+    losses,
+    processes,
+    respace,
+    thresholding,
+)
 from ddpm_jax.diffusion.schedules import Schedule, make_schedule
 from ddpm_jax.engine import optim, train_step
 from ddpm_jax.engine.config import model_config
@@ -56,9 +62,22 @@ def build_mesh(config, devices=None) -> Mesh:
   return parallel.create_mesh(devices, fsdp=int(config.train.fsdp))
 
 
-def build_schedule(config) -> Schedule:
-  """The `Schedule` of `config.diffusion`."""
+def build_schedule(config) -> processes.Process:
+  """The process of `config.diffusion`: the `Schedule` for process 'ddpm',
+  else `processes.EDM` or `processes.Flow` with its options (what the train
+  step, samplers and `Trained.schedule` take)."""
   diff = config.diffusion
+  if diff.process == "edm":
+    edm = diff.edm
+    return processes.EDM(sigma_min=float(edm.sigma_min),
+                         sigma_max=float(edm.sigma_max), rho=float(edm.rho),
+                         sigma_data=float(edm.sigma_data),
+                         p_mean=float(edm.p_mean), p_std=float(edm.p_std))
+  if diff.process == "flow":
+    flow = diff.flow
+    return processes.Flow(time_sampling=flow.time_sampling,
+                          location=float(flow.location),
+                          scale=float(flow.scale), shift=float(flow.shift))
   return make_schedule(diff.schedule, int(diff.num_timesteps),
                        beta_start=float(diff.beta_start),
                        beta_end=float(diff.beta_end))
@@ -92,12 +111,14 @@ def build_train_step(config, model: nn.Module, tx: optax.GradientTransformation,
   `config` bound: `step(state, batch, rng) -> (state, metrics)`."""
   schedule = build_schedule(config) if schedule is None else schedule
   diff = config.diffusion
+  t_weights = None
+  if diff.process == "ddpm":
+    t_weights = losses.loss_weights(schedule, weighting=diff.loss_weighting,
+                                    target=diff.target,
+                                    gamma=float(diff.min_snr_gamma))
   return train_step.make_train_step(
       model, tx, schedule, learning_rate_fn=build_learning_rate_fn(config),
-      loss_type=diff.loss_type, target=diff.target,
-      t_weights=losses.loss_weights(schedule, weighting=diff.loss_weighting,
-                                    target=diff.target,
-                                    gamma=float(diff.min_snr_gamma)),
+      loss_type=diff.loss_type, target=diff.target, t_weights=t_weights,
       var_type=diff.var_type, num_classes=int(config.data.num_classes),
       p_uncond=float(config.train.p_uncond),
       ema_decay=float(config.train.ema_decay),
@@ -143,7 +164,9 @@ class Sampler(NamedTuple):
 
   `fn(model_fn, schedule, *, key, shape=None, x_T=None,
   trajectory_every=None, labels=None) -> samplers.SampleOutput`, where
-  `schedule` is the run's T-step schedule (`build_schedule(config)`). For an
+  `schedule` is the run's process (`build_schedule(config)`: the T-step
+  schedule, or EDM / Flow, whose network `model_fn` is wrapped here by
+  `processes.network_model_fn`). For an
   unconditional run `model_fn` is the denoiser `(x_t, t)` and `labels` is
   None. For a class-conditional run `model_fn` is the conditional denoiser
   `(x_t, t, y)` (`inference.make_model_fn(model, conditional=True)`) and
@@ -161,6 +184,7 @@ def _guided_respaced(solver: Callable[..., samplers.SampleOutput],
                      num_classes: int, guidance_scale: float,
                      respaced: Optional[respace.Respaced], num_timesteps: int,
                      labels: Optional[np.ndarray] = None,
+                     dynamic_threshold: float = 0.0, target: str = "eps",
                      **kwargs) -> samplers.SampleOutput:
   """`solver` on the guided (conditional runs) and respaced (respaced
   ddpm) denoiser; `schedule` is the run's, respaced here when asked."""
@@ -174,6 +198,8 @@ def _guided_respaced(solver: Callable[..., samplers.SampleOutput],
   elif labels is not None:
     raise ValueError("labels were given to the sampler of an unconditional "
                      "run.")
+  if not isinstance(schedule, Schedule):
+    model_fn = processes.network_model_fn(schedule, model_fn)
   if respaced is not None:
     if schedule.num_timesteps != num_timesteps:
       raise ValueError(f"This respaced sampler was built for the run's "
@@ -181,6 +207,10 @@ def _guided_respaced(solver: Callable[..., samplers.SampleOutput],
                        f"{schedule.num_timesteps}.")
     model_fn = respace.map_timesteps(model_fn, respaced.timesteps)
     schedule = respaced.schedule
+  if dynamic_threshold:
+    model_fn = thresholding.dynamic_thresholding(model_fn, schedule,
+                                                 target=target,
+                                                 percentile=dynamic_threshold)
   return solver(model_fn, schedule, **kwargs)
 
 
@@ -210,12 +240,17 @@ def build_sampler(config) -> Sampler:
       options.update(eta=float(sample.eta), spacing=sample.ddim_spacing)
     else:
       options["spacing"] = sample.solver_spacing
+    if name == "edm":
+      options.update(s_churn=float(sample.s_churn), s_tmin=float(sample.s_tmin),
+                     s_tmax=float(sample.s_tmax) or float("inf"),
+                     s_noise=float(sample.s_noise))
   fn = functools.partial(
       _guided_respaced, functools.partial(samplers.get_sampler(name),
                                           **options),
       num_classes=int(config.data.num_classes),
       guidance_scale=float(sample.guidance_scale), respaced=respaced,
-      num_timesteps=num_timesteps)
+      num_timesteps=num_timesteps,
+      dynamic_threshold=float(sample.dynamic_threshold), target=diff.target)
   return Sampler(name=name, fn=fn, num_steps=num_steps,
                  num_calls=samplers.num_model_calls(name, num_steps))
 

@@ -28,7 +28,7 @@ from typing import Any, Optional
 import ml_collections
 
 from ddpm_jax import samplers
-from ddpm_jax.diffusion import gaussian, losses, schedules
+from ddpm_jax.diffusion import gaussian, losses, processes, schedules
 from ddpm_jax.engine import optim
 from ddpm_jax.metrics import scores
 
@@ -95,7 +95,9 @@ class Field:
     if ok and self.high is not None:
       ok = value < self.high if self.high_open else value <= self.high
     if not ok:
-      interval = (("(" if self.low_open else "[") + f"{self.low}, "
+      low = "-inf" if self.low is None else self.low
+      interval = (("(" if self.low_open or self.low is None else "[") +
+                  f"{low}, "
                   f"{self.high if self.high is not None else 'inf'}" +
                   (")" if self.high_open or self.high is None else "]"))
       raise ConfigError(f"config.{path} must be a number in {interval}, got "
@@ -107,7 +109,7 @@ def _int(default: int, doc: str, *, low: int = 0,
   return Field(default, doc, low=low, high=high)
 
 
-def _float(default: float, doc: str, *, low: float = 0.0,
+def _float(default: float, doc: str, *, low: Optional[float] = 0.0,
            high: Optional[float] = None, low_open: bool = False,
            high_open: bool = False) -> Field:
   return Field(float(default), doc, low=low, high=high, low_open=low_open,
@@ -173,6 +175,46 @@ SCHEMA: dict[str, Any] = {
     },
     # Diffusion process and loss (`ddpm_jax.diffusion.schedules`, `ddpm_jax.diffusion.losses`).
     "diffusion": {
+        "process":
+            _choice(
+                "ddpm", processes.PROCESS_NAMES,
+                "ddpm (the discrete VP process of schedule and "
+                "num_timesteps), edm (Karras et al. 2022, diffusion.edm) or "
+                "flow (flow matching / rectified flow, diffusion.flow)."),
+        "edm": {
+            "sigma_min":
+                _float(0.002, "Smallest sampling sigma (< sigma_max).",
+                       low_open=True),
+            "sigma_max":
+                _float(80.0, "Largest sampling sigma; x_T ~ N(0, "
+                       "sigma_max^2 I).", low_open=True),
+            "rho":
+                _float(7.0, "Exponent of the karras sampling levels.",
+                       low_open=True),
+            "sigma_data":
+                _float(
+                    0.5, "Std of the data, for the preconditioning and "
+                    "the loss weight.", low_open=True),
+            "p_mean":
+                _float(-1.2, "Mean of ln sigma at training.", low=None),
+            "p_std":
+                _float(1.2, "Std of ln sigma at training.", low_open=True),
+        },
+        "flow": {
+            "time_sampling":
+                _choice(
+                    "uniform", processes.TIME_SAMPLINGS,
+                    "Training times: uniform on [0, 1], or logit_normal "
+                    "(Esser et al. 2024)."),
+            "location":
+                _float(0.0, "Mean of logit(t) for logit_normal.", low=None),
+            "scale":
+                _float(1.0, "Std of logit(t) for logit_normal.", low_open=True),
+            "shift":
+                _float(
+                    1.0, "Resolution shift s of training and sampling "
+                    "times, s t / (1 + (s - 1) t); 1: none.", low_open=True),
+        },
         "schedule":
             _choice("linear", schedules.SCHEDULE_NAMES, "Beta schedule."),
         "num_timesteps":
@@ -186,8 +228,10 @@ SCHEMA: dict[str, Any] = {
         "loss_type":
             _choice("l2", losses.LOSS_TYPES, "l2 (L_simple), l1 or huber."),
         "target":
-            _choice("eps", gaussian.TARGETS,
-                    "What the network predicts: eps, x0 or v."),
+            _choice(
+                "eps", processes.TARGETS,
+                "What the network predicts: eps, x0 or v (ddpm); x0, the "
+                "preconditioned denoiser (edm); velocity, x0 or v (flow)."),
         "loss_weighting":
             _choice(
                 "uniform", losses.WEIGHTINGS,
@@ -299,7 +343,9 @@ SCHEMA: dict[str, Any] = {
                 "ddpm", samplers.SAMPLER_NAMES,
                 "ddpm (ancestral), ddim, or the ODE/SDE solvers euler, heun "
                 "(Karras et al. 2022), dpmpp_2m, dpmpp_2m_sde, dpmpp_3m "
-                "(DPM-Solver++, Lu et al. 2022)."),
+                "(DPM-Solver++, Lu et al. 2022), or edm (Karras et al. "
+                "Algorithm 2, edm process only); ddpm and ddim need the ddpm "
+                "process."),
         "num_steps":
             _int(
                 50, "Steps of ddim and the solvers (<= "
@@ -316,10 +362,28 @@ SCHEMA: dict[str, Any] = {
         "solver_spacing":
             _choice(
                 "logsnr", samplers.SOLVER_SPACINGS,
-                "Levels of euler, heun and dpmpp_*: uniform in time, uniform in "
-                "log-SNR, or karras (rho = 7)."),
+                "Levels of euler, heun, dpmpp_* and edm: uniform in time, "
+                "uniform in log-SNR, karras (rho = 7; diffusion.edm.rho on "
+                "edm), or diffusers' leading / trailing (ddpm process)."),
         "eta":
             _float(0.0, "DDIM stochasticity.", high=1.0),
+        "dynamic_threshold":
+            _float(
+                0.0, "Dynamic thresholding of the predicted x0 (Saharia et "
+                "al. 2022) at this percentile in (0, 1], e.g. 0.995, for "
+                "every sampler; 0: off.", high=1.0),
+        "s_churn":
+            _float(0.0, "edm sampler: total stochasticity S_churn (0: "
+                   "Heun)."),
+        "s_tmin":
+            _float(0.0, "edm sampler: lowest sigma that gets churn."),
+        "s_tmax":
+            _float(
+                0.0, "edm sampler: highest sigma that gets churn; 0: no "
+                "bound."),
+        "s_noise":
+            _float(1.0, "edm sampler: S_noise, the churn noise's relative "
+                   "std."),
         "guidance_scale":
             _float(
                 0.0, "Classifier-free guidance w of class-conditional runs "
@@ -566,13 +630,62 @@ def _check_data_source(source: str) -> None:
     _check_path(f"data.source {source!r}", rest)
 
 
+def _check_process(config, mode: str) -> None:
+  """The process's options, and what applies to it."""
+  process = _get(config, "diffusion.process")
+  target = _get(config, "diffusion.target")
+  allowed = {
+      "ddpm": gaussian.TARGETS,
+      "edm": ("x0",),
+      "flow": ("velocity", "x0", "v")
+  }[process]
+  if target not in allowed:
+    raise ConfigError(f"config.diffusion.target {target!r} does not apply to "
+                      f"the {process!r} process; use one of "
+                      f"{', '.join(allowed)}.")
+  sampler = _get(config, "sample.sampler")
+  try:
+    samplers.check_sampler_process(sampler, process)
+  except ValueError as e:
+    raise ConfigError(f"config.sample.sampler: {e}") from None
+  if sampler == "edm":
+    s_tmin, s_tmax = _get(config,
+                          "sample.s_tmin"), _get(config, "sample.s_tmax")
+    if s_tmax and s_tmax < s_tmin:
+      raise ConfigError(f"config.sample.s_tmax ({s_tmax}) must be 0 (no bound)"
+                        f" or >= config.sample.s_tmin ({s_tmin}).")
+  if process == "ddpm":
+    return
+  spacing = _get(config, "sample.solver_spacing")
+  if spacing not in processes.SPACINGS:
+    raise ConfigError(f"config.sample.solver_spacing {spacing!r} applies to "
+                      "the ddpm process only; use one of "
+                      f"{', '.join(processes.SPACINGS)}.")
+  for path, default in (("diffusion.var_type", "fixed_large"),
+                        ("diffusion.loss_weighting", "uniform")):
+    if _get(config, path) != default:
+      raise ConfigError(f"config.{path} {_get(config, path)!r} applies to the "
+                        f"ddpm process only; keep {default!r} for {process!r}.")
+  if mode == "eval":
+    raise ConfigError(f"--mode=eval's bits/dim is DDPM's variational bound: "
+                      f"it needs config.diffusion.process 'ddpm', got "
+                      f"{process!r}.")
+  if process == "edm":
+    lo, hi = _get(config,
+                  "diffusion.edm.sigma_min"), _get(config,
+                                                   "diffusion.edm.sigma_max")
+    if lo >= hi:
+      raise ConfigError(f"config.diffusion.edm.sigma_min ({lo}) must be below "
+                        f"config.diffusion.edm.sigma_max ({hi}).")
+
+
 def _check_sampling(config) -> None:
   """The sampler's steps against T, and guidance against the model."""
   num_timesteps = _get(config, "diffusion.num_timesteps")
   sampler = _get(config, "sample.sampler")
   path = "sample.ddpm_steps" if sampler == "ddpm" else "sample.num_steps"
   steps = _get(config, path)
-  if steps > num_timesteps:
+  if steps > num_timesteps and _get(config, "diffusion.process") == "ddpm":
     raise ConfigError(
         f"config.{path} ({steps}) must be in [{int(sampler != 'ddpm')}, "
         f"{num_timesteps}] (config.diffusion.num_timesteps) for sampler "
@@ -660,6 +773,7 @@ def validate_config(config, *, mode: str = "train",
     raise ConfigError(
         f"config.optimizer.warmup_steps ({warmup}) must be < "
         f"config.train.num_steps ({num_steps}) with cosine decay.")
+  _check_process(config, mode)
   _check_sampling(config)
   for path in ("train.batch_size", "sample.batch_size", "eval.batch_size"):
     _check_divides(path, _get(config, path), num_devices, process_count)

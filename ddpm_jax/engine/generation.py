@@ -51,7 +51,8 @@ def generate(make_model_fn_: Callable[[PyTree], Callable[..., jax.Array]],
 
   One function is jitted and compiled once for all batches; batch i uses key
   `fold_in(key, i)` and equals `sample_fn(model_fn, schedule, x_T=x_T,
-  key=that key)` with x_T ~ N(0, I) drawn from `split(that key)[0]` (what
+  key=that key)` with x_T ~ N(0, I) (times the process's `prior_std`,
+  sigma_max on EDM) drawn from `split(that key)[0]` (what
   the samplers draw themselves for `shape=(batch_size,) + image_shape`),
   plus `labels=` its slice of `labels` when given.
   x_T (and the labels) are sharded over the mesh's 'data' axis on the batch
@@ -102,6 +103,8 @@ def generate(make_model_fn_: Callable[[PyTree], Callable[..., jax.Array]],
 
   def one_batch(params, schedule, batch_key, batch_labels):
     x_T = jax.random.normal(jax.random.split(batch_key)[0], shape)
+    if samplers.prior_std(schedule) != 1.0:
+      x_T = samplers.prior_std(schedule) * x_T  # EDM: sigma_max.
     x_T = jax.lax.with_sharding_constraint(x_T, batch_sharding)
     label_kwargs = {}
     if batch_labels is not None:

@@ -43,7 +43,7 @@ from jax import lax
 from jax.sharding import Mesh
 
 from ddpm_jax._checks import check_choice
-from ddpm_jax.diffusion import gaussian, guidance, losses
+from ddpm_jax.diffusion import gaussian, guidance, losses, processes
 from ddpm_jax.diffusion.schedules import Schedule
 from ddpm_jax.engine import optim
 from ddpm_jax.infra import parallel
@@ -161,6 +161,20 @@ def _draw_t_and_noise(key: jax.Array, x0: jnp.ndarray, num_timesteps: int,
   return jax.vmap(draw)(_example_keys(key, x0.shape[0], axis_name))
 
 
+def _draw_time_and_noise(key: jax.Array, x0: jnp.ndarray, process,
+                         axis_name: Optional[str]):
+  """As `_draw_t_and_noise` on a continuous process: t float32 [B] from
+  `process.sample_t`."""
+
+  def draw(k):
+    t_key, noise_key = jax.random.split(k)
+    t = process.sample_t(t_key, 1)[0]
+    noise = jax.random.normal(noise_key, x0.shape[1:], x0.dtype)
+    return t, noise
+
+  return jax.vmap(draw)(_example_keys(key, x0.shape[0], axis_name))
+
+
 def drop_batch_labels(key: jax.Array, labels: jnp.ndarray, *, p_uncond: float,
                       num_classes: int,
                       axis_name: Optional[str] = None) -> jnp.ndarray:
@@ -203,8 +217,10 @@ def train_step(
 
   Per example: t ~ U{0..T-1}, noise ~ N(0, I), x_t = q_sample(x0, t, noise),
   loss(model(x_t, t), target) (times t_weights[t]; L_hybrid for learned
-  variances) averaged over the batch; gradients (pmean'd under pmap), optax
-  update, EMA update. A step whose loss or gradient norm is not finite is
+  variances) averaged over the batch; on a continuous process (`schedule` an
+  `EDM` or `Flow`) t from `schedule.sample_t` and `losses.process_loss` of
+  the network wrapped by `processes.network_model_fn`; gradients (pmean'd
+  under pmap), optax update, EMA update. A step whose loss or gradient norm is not finite is
   skipped (params, EMA and optimizer state unchanged, step still advances)
   and `nonfinite_count` counts such steps in a row.
 
@@ -218,11 +234,13 @@ def train_step(
       `apply_fn({'params': p}, x_t, t, train=True, rngs={'dropout': k})`,
       with `y=labels` as well when class-conditional.
     tx: the optimizer.
-    schedule: the diffusion schedule.
+    schedule: the diffusion schedule, or a continuous process
+      (`processes.EDM`, `processes.Flow`).
     learning_rate_fn: the optimizer's lr schedule (for the lr metric).
     loss_type: 'l2' (L_simple), 'l1' or 'huber'.
-    target: 'eps', 'x0' or 'v'.
-    t_weights: optional per-step loss weights [T] (`losses.loss_weights`).
+    target: 'eps', 'x0' or 'v' ('x0' on EDM; 'velocity', 'x0', 'v' on flow).
+    t_weights: optional per-step loss weights [T] (`losses.loss_weights`;
+      ddpm process only).
     var_type: the model's variance; 'learned' and 'learned_range' train
       L_hybrid (`losses.hybrid_loss`, x0 on the 8-bit grid), the fixed ones
       the denoising loss alone.
@@ -239,10 +257,18 @@ def train_step(
     'nonfinite_count'.
   """
   check_choice("var_type", var_type, gaussian.VAR_TYPES)
+  continuous = not isinstance(schedule, Schedule)
+  if continuous and (t_weights is not None or var_type != "fixed_large"):
+    raise ValueError("t_weights and learned variances apply to the ddpm "
+                     "process only.")
   x0 = batch["image"]
   step_key = jax.random.fold_in(rng, state.step)
   noise_key, dropout_key = jax.random.split(step_key)
-  t, noise = _draw_t_and_noise(noise_key, x0, schedule.num_timesteps, axis_name)
+  if continuous:
+    t, noise = _draw_time_and_noise(noise_key, x0, schedule, axis_name)
+  else:
+    t, noise = _draw_t_and_noise(noise_key, x0, schedule.num_timesteps,
+                                 axis_name)
   labels = None
   if num_classes:
     labels = drop_batch_labels(jax.random.fold_in(step_key, 2), batch["label"],
@@ -258,7 +284,11 @@ def train_step(
       return apply_fn({"params": params}, x_t, steps, train=True,
                       rngs={"dropout": dropout_key}, **_label_kwargs(labels))
 
-    if var_type in losses.LEARNED_VAR_TYPES:
+    if continuous:
+      per_example = losses.process_loss(
+          processes.network_model_fn(schedule, model_fn), schedule, x0, t,
+          noise, target=target, loss_type=loss_type)
+    elif var_type in losses.LEARNED_VAR_TYPES:
       per_example = losses.hybrid_loss(model_fn, schedule, x0, t, noise,
                                        var_type=var_type, **options).loss
     else:

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax.diffusion import gaussian
+from ddpm_jax.diffusion import gaussian, processes
 
 
 class SampleOutput(NamedTuple):
@@ -26,7 +26,8 @@ class SampleOutput(NamedTuple):
   # [N, B, H, W, C] states after steps k, 2k, ..., and the last; or None.
   trajectory: Optional[jnp.ndarray]
   # [N] int32 diffusion step t of each frame's state x_t (paper numbering,
-  # T = pure noise, 0 = the final images); or None.
+  # T = pure noise, 0 = the final images); float32 times on a continuous
+  # process (`ddpm_jax.diffusion.processes`); or None.
   trajectory_steps: Optional[jnp.ndarray]
 
 
@@ -77,14 +78,22 @@ def check_start(shape, key, x_T, *, needs_key: bool) -> tuple[int, ...]:
   return tuple(int(d) for d in shape)
 
 
-def initial_state(shape, key, x_T):
-  """x_T (given, or drawn from split(key)[0]) and the chain key
-  split(key)[1] (None without a key)."""
+def prior_std(schedule) -> float:
+  """Std of the starting noise x_T: 1 on a `Schedule`, else the continuous
+  process's `prior_std` (sigma_max on EDM)."""
+  return getattr(schedule, "prior_std", 1.0)
+
+
+def initial_state(shape, key, x_T, *, std: float = 1.0):
+  """x_T (given, or drawn as std N(0, I) from split(key)[0]) and the chain
+  key split(key)[1] (None without a key)."""
   if key is None:
     return x_T, None
   init_key, chain_key = jax.random.split(key)
   if x_T is None:
     x_T = jax.random.normal(init_key, shape, jnp.float32)
+    if std != 1.0:
+      x_T = std * x_T
   return x_T, chain_key
 
 
@@ -146,9 +155,11 @@ def run_chain(step: Callable[[Any, Any], Any], init, xs, state_steps, *,
       (jnp.asarray(np.asarray(step_ids) // k, jnp.int32), xs))
   last_step_of_frame = np.minimum(
       (np.arange(num_frames) + 1) * k, num_steps) - 1
-  return SampleOutput(
-      images=image(chain), trajectory=frames,
-      trajectory_steps=jnp.asarray(state_steps[last_step_of_frame], jnp.int32))
+  frame_steps = jnp.asarray(state_steps[last_step_of_frame])
+  if jnp.issubdtype(frame_steps.dtype, jnp.integer):
+    frame_steps = frame_steps.astype(jnp.int32)
+  return SampleOutput(images=image(chain), trajectory=frames,
+                      trajectory_steps=frame_steps)
 
 
 def batch_t(t, x):
@@ -172,3 +183,22 @@ def x0_eps_predictions(model_fn, schedule, x, t, *, target, clip_x0):
     pred_x0 = jnp.clip(pred_x0, -1.0, 1.0)
     pred_eps = gaussian.predict_eps_from_x0(schedule, x, t, pred_x0)
   return pred_x0, pred_eps
+
+
+def process_predictions(model_fn, process, x, t, *, target, clip_x0):
+  """(pred_x0, pred_eps) of `model_fn(x, t float32 [B])` on a continuous
+  process at the scalar time t; optionally with x0 clipped to [-1, 1] (and
+  eps recomputed from it)."""
+  t = jnp.full((x.shape[0],), t, jnp.float32)
+  out = model_fn(x, t)
+  if out.shape != x.shape:
+    raise ValueError(f"model output shape {out.shape} must equal x_t shape "
+                     f"{x.shape}.")
+  pred_x0, pred_eps = processes.predict_x0_eps(process, x, t, out,
+                                               target=target)
+  if clip_x0:
+    pred_x0 = jnp.clip(pred_x0, -1.0, 1.0)
+    alpha, sigma = (
+        a.reshape((-1,) + (1,) * (x.ndim - 1)) for a in process.alpha_sigma(t))
+    pred_eps = (x - alpha * pred_x0) / sigma
+  return pred_x0.astype(x.dtype), pred_eps.astype(x.dtype)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Callable
 
 from ddpm_jax._checks import check_choice
-from ddpm_jax.samplers import chain, ddim, ddpm, solvers
+from ddpm_jax.diffusion import processes
+from ddpm_jax.samplers import chain, ddim, ddpm, edm, solvers
 
 # Every sampler by name. Each is called as
 #   fn(model_fn, schedule, *, shape=... or x_T=..., key=...,
@@ -21,6 +22,7 @@ SAMPLER_FNS: dict[str, Callable[..., chain.SampleOutput]] = {
     "dpmpp_2m": solvers.dpmpp_2m_sample,
     "dpmpp_2m_sde": solvers.dpmpp_2m_sde_sample,
     "dpmpp_3m": solvers.dpmpp_3m_sample,
+    "edm": edm.edm_sample,
 }
 SAMPLER_NAMES = tuple(SAMPLER_FNS)
 
@@ -32,17 +34,44 @@ _SOLVER_OPTIONS = ("num_steps", "spacing", "target", "clip_x0")
 #   ddim: num_steps, eta in [0, 1], spacing ('uniform', 'quadratic'), target,
 #     clip_x0.
 #   euler, heun, dpmpp_*: num_steps, spacing ('uniform', 'logsnr',
-#     'karras'), target, clip_x0.
+#     'karras', and on a Schedule 'leading', 'trailing'), target, clip_x0.
+#   edm: the solver options and s_churn, s_tmin, s_tmax, s_noise.
 SAMPLER_OPTIONS: dict[str, tuple[str, ...]] = {
     "ddpm": ("target", "var_type", "mean_form", "clip_x0"),
     "ddim": ("num_steps", "eta", "spacing", "target", "clip_x0"),
     **{
-        name: _SOLVER_OPTIONS for name in SAMPLER_NAMES[2:]
+        name: _SOLVER_OPTIONS for name in SAMPLER_NAMES[2:-1]
     },
+    "edm": _SOLVER_OPTIONS + ("s_churn", "s_tmin", "s_tmax", "s_noise"),
 }
 # Samplers that draw noise at every step and so need `key` even with x_T
-# (ddim too when eta > 0).
+# (ddim too when eta > 0, edm when s_churn > 0).
 STOCHASTIC_SAMPLERS = ("ddpm", "dpmpp_2m_sde")
+# The samplers that run on each process (`processes.PROCESS_NAMES`): ddpm and
+# ddim step the discrete schedule (on a continuous process euler is DDIM with
+# eta = 0); edm's churn needs the EDM process's continuous sigma.
+_ODE_SDE = ("euler", "heun", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m")
+PROCESS_SAMPLERS: dict[str, tuple[str, ...]] = {
+    "ddpm": ("ddpm", "ddim") + _ODE_SDE,
+    "edm": _ODE_SDE + ("edm",),
+    "flow": _ODE_SDE,
+}
+
+
+def check_sampler_process(name: str, process_name: str) -> None:
+  """Raises a ValueError unless sampler `name` runs on process `process_name`.
+
+  Example:
+    >>> check_sampler_process("ddim", "flow")
+    Traceback (most recent call last):
+    ValueError: sampler 'ddim' does not apply to the 'flow' process; ...
+  """
+  check_choice("sampler", name, SAMPLER_NAMES)
+  check_choice("process", process_name, processes.PROCESS_NAMES)
+  allowed = PROCESS_SAMPLERS[process_name]
+  if name not in allowed:
+    raise ValueError(f"sampler {name!r} does not apply to the {process_name!r}"
+                     f" process; use one of {', '.join(allowed)}.")
 
 
 def get_sampler(name: str) -> Callable[..., chain.SampleOutput]:
@@ -62,9 +91,9 @@ def get_sampler(name: str) -> Callable[..., chain.SampleOutput]:
 def num_model_calls(name: str, num_steps: int) -> int:
   """Network calls of sampler `name` with `num_steps` steps.
 
-  Heun makes two per step except the last (2S - 1); every other sampler one
-  per step. For 'ddpm', `num_steps` is the number of steps of the (respaced)
-  schedule it runs over.
+  Heun and edm make two per step except the last (2S - 1); every other
+  sampler one per step. For 'ddpm', `num_steps` is the number of steps of
+  the (respaced) schedule it runs over.
 
   Raises:
     ValueError: for an unknown name or num_steps < 1.
@@ -75,4 +104,4 @@ def num_model_calls(name: str, num_steps: int) -> int:
   """
   check_choice("sampler", name, SAMPLER_NAMES)
   chain.check_int("num_steps", num_steps, low=1)
-  return 2 * num_steps - 1 if name == "heun" else num_steps
+  return 2 * num_steps - 1 if name in ("heun", "edm") else num_steps

@@ -1,4 +1,5 @@
-"""Few-step ODE/SDE solvers on the discrete schedule, and the sampler registry.
+"""Few-step ODE/SDE solvers on the discrete schedule and on the continuous
+processes (EDM, flow matching).
 
 Euler and Heun (Karras et al. 2022, Algorithm 1 with the probability-flow
 ODE in sigma = sqrt((1 - abar) / abar)) and DPM-Solver++ (Lu et al. 2022):
@@ -67,6 +68,24 @@ prediction at level i, h = lambda_{i+1} - lambda_i, r = h_{i-1} / h):
           the 2M update, and with S < 15 so does step S-2 (diffusers'
           `lower_order_final`).
 
+'leading' and 'trailing' are diffusers' DPMSolverMultistepScheduler
+spacings (with steps_offset 0) over t_max + 1 steps: 'leading' visits
+k * ((t_max + 1) // (S + 1)) for k = S, ..., 1 and 'trailing'
+round(t_max + 1 - k (t_max + 1) / S) - 1 for k = 0, ..., S-1 (for an
+unclipped schedule, t_max + 1 = T, exactly diffusers'). 'uniform' is
+diffusers' 'linspace'.
+
+Continuous processes. Given a process of `ddpm_jax.diffusion.processes`
+(`EDM`, `Flow`) instead of a `Schedule`, the same updates run on its
+`grid(S, spacing)` ('karras', 'uniform' or 'logsnr'), with its alpha(t) and
+sigma(t), `model_fn(x, t float32 [B])` and targets 'eps', 'x0', 'v' or
+'velocity'; x_T is drawn with the process's `prior_std`. Heun then steps the
+velocity dx/dt in the process's time (on EDM, t = sigma: Algorithm 1
+exactly; on flow, Heun in t). On flow's first level t = 1, alpha = 0 and
+lambda = -inf: the multistep updates take their limits there (DDIM from
+pure noise; the next step's second-order term vanishes, and 3M waits for two
+finite steps). trajectory_steps are then float32 times.
+
 The first step of the multistep solvers is first order, the last step returns
 D_{S-1}. Coefficients are computed in float32 from the schedule, which may be
 a traced `jit` argument (the levels are then traced too).
@@ -89,11 +108,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax._checks import check_choice
-from ddpm_jax.diffusion import gaussian
+from ddpm_jax.diffusion import gaussian, processes
 from ddpm_jax.diffusion.schedules import Schedule
 from ddpm_jax.samplers import chain
 
-SPACINGS = ("uniform", "logsnr", "karras")
+SPACINGS = ("uniform", "logsnr", "karras", "leading", "trailing")
 KARRAS_RHO = 7.0
 # diffusers' recommended `lambda_min_clipped` for the cosine schedule: the
 # levels start at the last step with sigma <= exp(5.1) = 164.
@@ -129,7 +148,8 @@ def solver_timesteps(schedule: Schedule, num_steps: int, *,
   Args:
     schedule: the diffusion schedule (concrete or traced).
     num_steps: static S in [1, T].
-    spacing: 'uniform', 'logsnr' or 'karras' (see the module docstring).
+    spacing: 'uniform', 'logsnr', 'karras', 'leading' or 'trailing' (see the
+      module docstring).
 
   Returns:
     int32 [S], strictly decreasing: t_0 = t_max (T-1 unless sigma(T-1) >
@@ -153,6 +173,12 @@ def solver_timesteps(schedule: Schedule, num_steps: int, *,
   if spacing == "uniform":
     nearest = jnp.round(
         jnp.linspace(0.0, t_max.astype(jnp.float32), num_steps + 1))[:0:-1]
+  elif spacing == "leading":
+    ratio = (t_max + 1) // (num_steps + 1)
+    nearest = jnp.arange(num_steps, 0, -1) * ratio
+  elif spacing == "trailing":
+    ratio = (t_max + 1).astype(jnp.float32) / num_steps
+    nearest = jnp.round(t_max + 1 - jnp.arange(num_steps) * ratio) - 1
   else:
     top = log_sigma[t_max]
     ramp = jnp.linspace(0.0, 1.0, num_steps)
@@ -177,13 +203,23 @@ class _Levels(NamedTuple):
   h_prev: jnp.ndarray  # h of step i-1 (1 for the first: unused).
   h_prev2: jnp.ndarray  # h of step i-2 (1 for the first two: unused).
   last: jnp.ndarray  # bool [S], the step to the clean level.
-  state_steps: jnp.ndarray  # int32 [S] paper step of the state after step i.
+  # int32 [S] paper step of the state after step i; on a continuous process
+  # float32 [S], its time (0 after the last).
+  state_steps: jnp.ndarray
 
 
-def _levels(schedule: Schedule, num_steps: int, spacing: str) -> _Levels:
-  t = solver_timesteps(schedule, num_steps, spacing=spacing)
-  alpha = schedule.sqrt_alphas_cumprod[t]
-  sigma = schedule.sqrt_one_minus_alphas_cumprod[t]
+def _levels(schedule, num_steps: int, spacing: str) -> _Levels:
+  if isinstance(schedule, Schedule):
+    t = solver_timesteps(schedule, num_steps, spacing=spacing)
+    alpha = schedule.sqrt_alphas_cumprod[t]
+    sigma = schedule.sqrt_one_minus_alphas_cumprod[t]
+    after = t[1:] + 1
+  else:
+    t = schedule.grid(num_steps, spacing=spacing)
+    alpha, sigma = schedule.alpha_sigma(t)
+    after = t[1:]
+  # On flow's first level alpha = 0: lambda = -inf and h = inf, where the
+  # updates take their limits (the first step is first order anyway).
   lam = jnp.log(alpha) - jnp.log(sigma)
   one = jnp.ones((1,), lam.dtype)
   # The clean level has lambda = inf; its step is special-cased, so give it
@@ -199,8 +235,7 @@ def _levels(schedule: Schedule, num_steps: int, spacing: str) -> _Levels:
            jnp.zeros((1,),
                      lam.dtype)]), h=h, h_prev=jnp.concatenate([one, h[:-1]]),
       h_prev2=jnp.concatenate([one, one, h[:-2]])[:num_steps], last=last,
-      state_steps=jnp.concatenate([t[1:] + 1,
-                                   jnp.zeros((1,), jnp.int32)]))
+      state_steps=jnp.concatenate([after, jnp.zeros((1,), after.dtype)]))
 
 
 # ----------------------------------------------------------------------------
@@ -270,7 +305,9 @@ def _dpmpp_3m_coefs(lv: _Levels) -> _Coefs:
   p2 = lv.alpha_next * (em1 / h + 1.0)
   p3 = lv.alpha_next * ((em1 + h) / h**2 - 0.5)
   coefs = _first_order(lv)
-  order = jnp.asarray(_step_orders(len(lv.t), 3))
+  # Third order needs two finite previous steps (not so on flow's step 2).
+  order = jnp.where(jnp.isinf(lv.h_prev2), 2,
+                    jnp.asarray(_step_orders(len(lv.t), 3)))
   third_1 = p2 * (1.0 / r0 + 1.0 / (r0 + r1)) - p3 / (r0 * (r0 + r1))
   third_2 = -p2 * r0 / (r1 * (r0 + r1)) + p3 / (r1 * (r0 + r1))
   second_1 = 0.5 * coefs.c_0 / r0
@@ -280,10 +317,24 @@ def _dpmpp_3m_coefs(lv: _Levels) -> _Coefs:
 
 
 def _check_solver_args(schedule, num_steps, spacing, target, trajectory_every):
-  chain.check_int("num_steps", num_steps, low=1, high=schedule.num_timesteps)
-  check_choice("spacing", spacing, SPACINGS)
-  check_choice("target", target, gaussian.TARGETS)
+  if isinstance(schedule, Schedule):
+    chain.check_int("num_steps", num_steps, low=1, high=schedule.num_timesteps)
+    check_choice("spacing", spacing, SPACINGS)
+    check_choice("target", target, gaussian.TARGETS)
+  else:
+    chain.check_int("num_steps", num_steps, low=1)
+    check_choice("spacing", spacing, processes.SPACINGS)
+    check_choice("target", target, processes.TARGETS)
   chain.check_trajectory_every(trajectory_every)
+
+
+def _predict(model_fn, schedule, x, t, *, target, clip_x0):
+  """(pred_x0, pred_eps) at level t (a step, or a continuous time)."""
+  if isinstance(schedule, Schedule):
+    return chain.x0_eps_predictions(model_fn, schedule, x, chain.batch_t(t, x),
+                                    target=target, clip_x0=clip_x0)
+  return chain.process_predictions(model_fn, schedule, x, t, target=target,
+                                   clip_x0=clip_x0)
 
 
 def _multistep_sample(coef_fn: Callable[[_Levels], _Coefs], *, stochastic,
@@ -292,16 +343,16 @@ def _multistep_sample(coef_fn: Callable[[_Levels], _Coefs], *, stochastic,
   """Runs x_{i+1} = c_x x + c_0 D + c_1 (D - D1) + c_2 (D1 - D2) + c_z z."""
   _check_solver_args(schedule, num_steps, spacing, target, trajectory_every)
   shape = chain.check_start(shape, key, x_T, needs_key=stochastic)
-  x_T, chain_key = chain.initial_state(shape, key, x_T)
+  x_T, chain_key = chain.initial_state(shape, key, x_T,
+                                       std=chain.prior_std(schedule))
   lv = _levels(schedule, num_steps, spacing)
   coefs = coef_fn(lv)
 
   def step(carry, inp):
     x, d1, d2 = carry
     i, t, c = inp
-    pred_x0, _ = chain.x0_eps_predictions(model_fn, schedule, x,
-                                          chain.batch_t(t, x), target=target,
-                                          clip_x0=clip_x0)
+    pred_x0, _ = _predict(model_fn, schedule, x, t, target=target,
+                          clip_x0=clip_x0)
     x_next = (c.c_x * x + c.c_0 * pred_x0 + c.c_1 * (pred_x0 - d1) + c.c_2 *
               (d1 - d2))
     if stochastic:
@@ -333,14 +384,24 @@ class _HeunIter(NamedTuple):
 _PREDICT, _CORRECT, _DENOISE = 0, 1, 2
 
 
-def _heun_iterations(schedule: Schedule, num_steps: int, spacing: str):
-  """(_HeunIter, solver step of each iteration (numpy), state steps)."""
+def _heun_iterations(schedule, num_steps: int, spacing: str):
+  """(_HeunIter, solver step of each iteration (numpy), state steps).
+
+  On a `Schedule` the slope is eps in Karras's variables (x / alpha, sigma /
+  alpha); on a continuous process it is the velocity dx/dt in the process's
+  time t (a_x = 1, a_e = (t_{i+1} - t_i) / 2), which on `EDM` (t = sigma,
+  velocity = eps) is the same Algorithm 1.
+  """
   lv = _levels(schedule, num_steps, spacing)
   t = lv.t
-  alpha = schedule.sqrt_alphas_cumprod[t]
-  sigma = schedule.sqrt_one_minus_alphas_cumprod[t]
-  a_x = lv.alpha_next / alpha
-  a_e = 0.5 * (lv.sigma_next - lv.alpha_next * sigma / alpha)
+  if isinstance(schedule, Schedule):
+    alpha = schedule.sqrt_alphas_cumprod[t]
+    sigma = schedule.sqrt_one_minus_alphas_cumprod[t]
+    a_x = lv.alpha_next / alpha
+    a_e = 0.5 * (lv.sigma_next - lv.alpha_next * sigma / alpha)
+  else:
+    a_x = jnp.ones_like(t)
+    a_e = 0.5 * (jnp.concatenate([t[1:], jnp.zeros((1,), t.dtype)]) - t)
   # Iterations: (predict 0, correct 0, predict 1, ..., correct S-2, denoise).
   steps = np.repeat(np.arange(num_steps), 2)[:-1]
   kinds = np.tile([_PREDICT, _CORRECT], num_steps)[:-1]
@@ -370,16 +431,18 @@ def euler_sample(model_fn: gaussian.ModelFn, schedule: Schedule, *,
     model_fn: denoiser (x_t [B, ...], t int32 [B]) -> [B, ...], or [B, ..., 2C]
       for learned variances (read on the first C channels). Any wrapper
       (guidance) fits.
-    schedule: the diffusion schedule (concrete or a traced jit argument).
-    num_steps: static S in [1, T], the number of levels (see
-      `solver_timesteps`).
+    schedule: the diffusion schedule (concrete or a traced jit argument), or
+      a continuous process (`ddpm_jax.diffusion.processes.EDM`, `Flow`).
+    num_steps: static S in [1, T] (S >= 1 on a continuous process), the
+      number of levels (see `solver_timesteps`).
     shape: static (B, ...) of x_T ~ N(0, I) drawn from `key`; give this or
       `x_T`.
     key: PRNG key; may be None when `x_T` is given.
     x_T: optional starting noise [B, ...] instead of `shape`.
-    spacing: 'logsnr' (default), 'uniform' or 'karras' (see the module
-      docstring).
-    target: what `model_fn` predicts: 'eps', 'x0' or 'v'.
+    spacing: 'logsnr' (default), 'uniform', 'karras', and on a Schedule
+      'leading' or 'trailing' (see the module docstring).
+    target: what `model_fn` predicts: 'eps', 'x0' or 'v' (and 'velocity' on
+      a continuous process).
     clip_x0: clip the predicted x_0 to [-1, 1] (and recompute eps from it).
     trajectory_every: static k >= 1 to also return the state after every k
       solver steps (and after the last); None returns no trajectory.
@@ -417,16 +480,18 @@ def heun_sample(model_fn: gaussian.ModelFn, schedule: Schedule, *,
     model_fn: denoiser (x_t [B, ...], t int32 [B]) -> [B, ...], or [B, ..., 2C]
       for learned variances (read on the first C channels). Any wrapper
       (guidance) fits.
-    schedule: the diffusion schedule (concrete or a traced jit argument).
-    num_steps: static S in [1, T], the number of levels (see
-      `solver_timesteps`).
+    schedule: the diffusion schedule (concrete or a traced jit argument), or
+      a continuous process (`ddpm_jax.diffusion.processes.EDM`, `Flow`).
+    num_steps: static S in [1, T] (S >= 1 on a continuous process), the
+      number of levels (see `solver_timesteps`).
     shape: static (B, ...) of x_T ~ N(0, I) drawn from `key`; give this or
       `x_T`.
     key: PRNG key; may be None when `x_T` is given.
     x_T: optional starting noise [B, ...] instead of `shape`.
-    spacing: 'logsnr' (default), 'uniform' or 'karras' (see the module
-      docstring).
-    target: what `model_fn` predicts: 'eps', 'x0' or 'v'.
+    spacing: 'logsnr' (default), 'uniform', 'karras', and on a Schedule
+      'leading' or 'trailing' (see the module docstring).
+    target: what `model_fn` predicts: 'eps', 'x0' or 'v' (and 'velocity' on
+      a continuous process).
     clip_x0: clip the predicted x_0 to [-1, 1] (and recompute eps from it).
     trajectory_every: static k >= 1 to also return the state after every k
       solver steps (and after the last); None returns no trajectory.
@@ -444,14 +509,18 @@ def heun_sample(model_fn: gaussian.ModelFn, schedule: Schedule, *,
   """
   _check_solver_args(schedule, num_steps, spacing, target, trajectory_every)
   shape = chain.check_start(shape, key, x_T, needs_key=False)
-  x_T, _ = chain.initial_state(shape, key, x_T)
+  x_T, _ = chain.initial_state(shape, key, x_T, std=chain.prior_std(schedule))
   iters, step_ids, state_steps = _heun_iterations(schedule, num_steps, spacing)
+
+  continuous = not isinstance(schedule, Schedule)
 
   def step(carry, it):
     x, x_eval, slope = carry
-    pred_x0, eps = chain.x0_eps_predictions(model_fn, schedule, x_eval,
-                                            chain.batch_t(it.t, x),
-                                            target=target, clip_x0=clip_x0)
+    pred_x0, eps = _predict(model_fn, schedule, x_eval, it.t, target=target,
+                            clip_x0=clip_x0)
+    if continuous:
+      eps = processes.velocity_from_x0(schedule, x_eval,
+                                       jnp.full((x.shape[0],), it.t), pred_x0)
     corrected = it.a_x * x + it.a_e * (slope + eps)
     x_new = jnp.where(it.kind == _CORRECT, corrected,
                       jnp.where(it.kind == _DENOISE, pred_x0, x))
@@ -478,16 +547,18 @@ def dpmpp_2m_sample(
     model_fn: denoiser (x_t [B, ...], t int32 [B]) -> [B, ...], or [B, ..., 2C]
       for learned variances (read on the first C channels). Any wrapper
       (guidance) fits.
-    schedule: the diffusion schedule (concrete or a traced jit argument).
-    num_steps: static S in [1, T], the number of levels (see
-      `solver_timesteps`).
+    schedule: the diffusion schedule (concrete or a traced jit argument), or
+      a continuous process (`ddpm_jax.diffusion.processes.EDM`, `Flow`).
+    num_steps: static S in [1, T] (S >= 1 on a continuous process), the
+      number of levels (see `solver_timesteps`).
     shape: static (B, ...) of x_T ~ N(0, I) drawn from `key`; give this or
       `x_T`.
     key: PRNG key; may be None when `x_T` is given.
     x_T: optional starting noise [B, ...] instead of `shape`.
-    spacing: 'logsnr' (default), 'uniform' or 'karras' (see the module
-      docstring).
-    target: what `model_fn` predicts: 'eps', 'x0' or 'v'.
+    spacing: 'logsnr' (default), 'uniform', 'karras', and on a Schedule
+      'leading' or 'trailing' (see the module docstring).
+    target: what `model_fn` predicts: 'eps', 'x0' or 'v' (and 'velocity' on
+      a continuous process).
     clip_x0: clip the predicted x_0 to [-1, 1] (and recompute eps from it).
     trajectory_every: static k >= 1 to also return the state after every k
       solver steps (and after the last); None returns no trajectory.
@@ -524,16 +595,18 @@ def dpmpp_2m_sde_sample(
     model_fn: denoiser (x_t [B, ...], t int32 [B]) -> [B, ...], or [B, ..., 2C]
       for learned variances (read on the first C channels). Any wrapper
       (guidance) fits.
-    schedule: the diffusion schedule (concrete or a traced jit argument).
-    num_steps: static S in [1, T], the number of levels (see
-      `solver_timesteps`).
+    schedule: the diffusion schedule (concrete or a traced jit argument), or
+      a continuous process (`ddpm_jax.diffusion.processes.EDM`, `Flow`).
+    num_steps: static S in [1, T] (S >= 1 on a continuous process), the
+      number of levels (see `solver_timesteps`).
     shape: static (B, ...) of x_T ~ N(0, I) drawn from `key`; give this or
       `x_T`.
     key: PRNG key; may be None when `x_T` is given; required (noise at every step).
     x_T: optional starting noise [B, ...] instead of `shape`.
-    spacing: 'logsnr' (default), 'uniform' or 'karras' (see the module
-      docstring).
-    target: what `model_fn` predicts: 'eps', 'x0' or 'v'.
+    spacing: 'logsnr' (default), 'uniform', 'karras', and on a Schedule
+      'leading' or 'trailing' (see the module docstring).
+    target: what `model_fn` predicts: 'eps', 'x0' or 'v' (and 'velocity' on
+      a continuous process).
     clip_x0: clip the predicted x_0 to [-1, 1] (and recompute eps from it).
     trajectory_every: static k >= 1 to also return the state after every k
       solver steps (and after the last); None returns no trajectory.
@@ -568,16 +641,18 @@ def dpmpp_3m_sample(
     model_fn: denoiser (x_t [B, ...], t int32 [B]) -> [B, ...], or [B, ..., 2C]
       for learned variances (read on the first C channels). Any wrapper
       (guidance) fits.
-    schedule: the diffusion schedule (concrete or a traced jit argument).
-    num_steps: static S in [1, T], the number of levels (see
-      `solver_timesteps`).
+    schedule: the diffusion schedule (concrete or a traced jit argument), or
+      a continuous process (`ddpm_jax.diffusion.processes.EDM`, `Flow`).
+    num_steps: static S in [1, T] (S >= 1 on a continuous process), the
+      number of levels (see `solver_timesteps`).
     shape: static (B, ...) of x_T ~ N(0, I) drawn from `key`; give this or
       `x_T`.
     key: PRNG key; may be None when `x_T` is given.
     x_T: optional starting noise [B, ...] instead of `shape`.
-    spacing: 'logsnr' (default), 'uniform' or 'karras' (see the module
-      docstring).
-    target: what `model_fn` predicts: 'eps', 'x0' or 'v'.
+    spacing: 'logsnr' (default), 'uniform', 'karras', and on a Schedule
+      'leading' or 'trailing' (see the module docstring).
+    target: what `model_fn` predicts: 'eps', 'x0' or 'v' (and 'velocity' on
+      a continuous process).
     clip_x0: clip the predicted x_0 to [-1, 1] (and recompute eps from it).
     trajectory_every: static k >= 1 to also return the state after every k
       solver steps (and after the last); None returns no trajectory.

@@ -1,0 +1,54 @@
+r"""MNIST on a CPU with flow matching / rectified flow: configs/mnist_cpu.py's
+network and budget on the linear path x_t = (1 - t) x_0 + t eps.
+
+  python -m ddpm_jax.main --config=configs/mnist_cpu_flow.py \
+    --workdir=/tmp/mnist_cpu_flow \
+    --config.data.source=npz:../shared/data/mnist.npz
+
+(or `tfds:mnist`, the default, with `pip install -e ".[tf]"`).
+The same 0.8M-parameter ResNet U-Net as `configs/mnist_cpu.py` predicts the
+velocity eps - x_0 (its time input 1000 t), trained on logit-normal times
+(location 0, scale 1; Esser et al. 2024) without a resolution shift; samples
+with Heun's method in t on 10 uniform steps, 19 network calls, unclipped.
+Training stops after 30 minutes (`train.max_time`) or 2,400 steps.
+`configs/mnist_cpu_flow.py:tiny` runs in seconds.
+"""
+
+from ddpm_jax.engine.config import apply_variant, base_config
+
+
+def get_config(variant: str = ""):
+  """The CPU MNIST flow-matching recipe; `variant='tiny'` for smoke tests."""
+  config = base_config()
+  config.data.source = "tfds:mnist"
+  config.data.image_size = 28
+  config.data.channels = 1
+  config.data.resize = False
+  config.model.preset = "tutorial"
+  config.model.block_type = "resnet"
+  config.model.base_channels = 32
+  config.model.channel_mults = (1, 2, 2)
+  config.model.attention = ("none", "none", "linear")
+  config.model.num_res_blocks = 1
+  config.diffusion.process = "flow"
+  config.diffusion.target = "velocity"
+  config.diffusion.clip_x0 = False
+  config.diffusion.flow.time_sampling = "logit_normal"
+  config.optimizer.lr = 2e-3
+  config.optimizer.warmup_steps = 200
+  config.optimizer.decay = "cosine"
+  config.train.batch_size = 64
+  config.train.num_steps = 2400
+  config.train.max_time = 30 * 60
+  config.train.ema_decay = 0.999
+  config.train.ema_warmup = True
+  config.train.checkpoint_every = 600
+  config.train.sample_every = 600
+  config.sample.sampler = "heun"
+  config.sample.solver_spacing = "uniform"
+  config.sample.num_steps = 10
+  config.sample.batch_size = 500
+  return apply_variant(
+      config, variant,
+      tiny_model=dict(base_channels=8, channel_mults=(1, 2),
+                      attention=("none", "linear"), num_groups=4))
