@@ -76,6 +76,20 @@ def test_imported_workdir_restores_the_weights_and_config(tmp_path):
   chex.assert_trees_all_equal(jax.device_get(trained.params), net.params)
 
 
+def test_class_conditional_import_sets_the_data_classes(tmp_path):
+  source = os.path.join(os.path.dirname(TINY), "diffusers_tiny_classes")
+  net = pretrained.load_diffusers(source)
+  run = pretrained_workdir.import_to_workdir(source, tmp_path / "run",
+                                             config=_config())
+  # C classes and the null class of guidance: C + 1 embeddings.
+  assert run.data.num_classes == net.config.num_classes - 1
+  assert "num_classes" not in run.model
+  assert config_lib.model_config(run) == net.config
+  trained = inference.load_trained(run, tmp_path / "run")
+  assert trained.num_classes == run.data.num_classes
+  chex.assert_trees_all_equal(jax.device_get(trained.params), net.params)
+
+
 @pytest.mark.slow
 def test_fine_tuning_continues_from_the_imported_checkpoint(tmp_path):
   workdir = tmp_path / "run"

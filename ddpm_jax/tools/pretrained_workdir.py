@@ -60,9 +60,18 @@ def model_fields(unet: UNetConfig) -> dict[str, Any]:
 def run_config(config: ml_collections.ConfigDict,
                net: pretrained.Pretrained) -> ml_collections.ConfigDict:
   """A copy of `config` with the network, diffusion settings and image shape
-  of `net` (config.model, config.diffusion, data.image_size, data.channels)."""
+  of `net` (config.model, config.diffusion, data.image_size, data.channels).
+
+  A class-conditional network (`num_classes` = C + 1 embeddings, the last the
+  null class of guidance) sets `data.num_classes` = C, from which the run
+  config derives the network's embedding count.
+  """
   run = copy.deepcopy(config)
-  run.model = ml_collections.ConfigDict(model_fields(net.config))
+  fields = model_fields(net.config)
+  embeddings = fields.pop("num_classes", None)
+  run.model = ml_collections.ConfigDict(fields)
+  if embeddings is not None:
+    run.data.num_classes = embeddings - 1
   run.diffusion.update(net.diffusion._asdict())
   if net.image_size is not None:
     run.data.image_size = net.image_size
