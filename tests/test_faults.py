@@ -16,7 +16,6 @@
 The larger seeded campaign is `python tests/fault_injection.py`.
 """
 
-import errno
 import logging
 import os
 import random
@@ -355,23 +354,6 @@ def test_tfds_without_tensorflow_names_the_extra(monkeypatch):
   assert pipeline.DataError in main.USER_ERRORS
 
 
-def _fail_writes_into(monkeypatch, step: int):
-  """Every file written into checkpoint `step`'s unfinished directory fails
-  as on a full disk (Orbax writes its items' JSON files through epath)."""
-  path_type = type(epath.Path("/"))
-  write_text = path_type.write_text
-  calls = []
-
-  def failing(self, *args, **kwargs):
-    if f"/{step}{fh.TMP_MARKER}" in os.fspath(self):
-      calls.append(os.fspath(self))
-      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(self))
-    return write_text(self, *args, **kwargs)
-
-  monkeypatch.setattr(path_type, "write_text", failing)
-  return calls
-
-
 def test_failed_checkpoint_write_keeps_the_last_good_one(tmp_path, monkeypatch):
   images = helpers.load_digits()
   config = helpers.make_config(num_steps=6, keep_checkpoints=0)
@@ -379,10 +361,12 @@ def test_failed_checkpoint_write_keeps_the_last_good_one(tmp_path, monkeypatch):
                 dataset_factory=helpers.dataset_factory(images))
   reference = train.train_and_evaluate(config, str(tmp_path / "ref"), **kwargs)
   workdir = tmp_path / "w"
-  with monkeypatch.context() as patch:
-    calls = _fail_writes_into(patch, 4)
-    with pytest.raises(checkpoint_lib.CheckpointWriteError) as err:
-      train.train_and_evaluate(config, str(workdir), **kwargs)
+  path_type = type(epath.Path("/"))
+  monkeypatch.setattr(path_type, "write_text", path_type.write_text)
+  calls = fh.fail_writes_into(4)  # undone by monkeypatch
+  with pytest.raises(checkpoint_lib.CheckpointWriteError) as err:
+    train.train_and_evaluate(config, str(workdir), **kwargs)
+  monkeypatch.undo()
   assert calls
   directory = workdir / "checkpoints"
   assert str(err.value) == (
@@ -465,3 +449,23 @@ def test_config_differences_name_the_fields(tmp_path):
   ]
   assert workdir_lib.config_differences(str(tmp_path), run) == []
   assert workdir_lib.config_differences(str(tmp_path / "none"), run) == []
+
+
+@pytest.mark.slow
+def test_full_disk_mid_run_gives_one_line_and_resumes_bit_for_bit(reference):
+  workdir = reference["base"] / "disk-full"
+  with fh.Child(workdir, NUM_STEPS, "disk-full", hold="disk-full:4") as child:
+    rc = child.wait()
+    log = child.log()
+  assert rc == 1 and "Traceback" not in log, log[-3000:]
+  lines = [l for l in log.splitlines() if l.startswith("ddpm_jax:")]
+  assert len(lines) == 1, log[-3000:]
+  assert lines[0].startswith(
+      "ddpm_jax: error: Could not write checkpoint step 4 to "
+      f"{fh.checkpoint_dir(workdir)}: No space left on device. Last good "
+      f"checkpoint: step 2 in {fh.checkpoint_dir(workdir) / '2'};"), lines[0]
+  assert fh.complete_steps(workdir) == [2] and not fh.tmp_dirs(workdir)
+  log = fh.run_to_end(workdir, NUM_STEPS, "after-disk-full")
+  assert fh.resumed_from(log) == 2
+  fh.assert_same_arrays(fh.read_checkpoint(workdir, NUM_STEPS),
+                        reference["arrays"])
