@@ -101,7 +101,7 @@ def check_config_and_workdir(config, *, workdir: str, mode: str) -> None:
           f"Start-up checks failed on {'; '.join(failed)}")
 
 
-def _quiet_libraries(record) -> bool:
+def quiet_libraries(record) -> bool:
   """Drops Orbax's and JAX's INFO chatter from the log; keeps their warnings
   and errors, without tracebacks (a failure they log is also raised, and
   reported in one line)."""
@@ -143,7 +143,7 @@ def main(argv) -> None:
   on_cpu = not hugepages.accelerator_installed()
   if mode == "train" and on_cpu:
     hugepages.reexec_with_huge_page_malloc()  # Returns only if it cannot.
-  logging.get_absl_handler().python_handler.addFilter(_quiet_libraries)
+  logging.get_absl_handler().python_handler.addFilter(quiet_libraries)
   if hugepages.huge_page_malloc_active():
     logging.info(
         "malloc uses huge pages (%s): about 1.2x faster CPU train "
@@ -176,6 +176,12 @@ def main(argv) -> None:
       message = explain_mismatch(e, config, workdir=workdir)
     _report(message)
     sys.exit(1)
+  except Exception:
+    # A collective fails too when its peer was killed: let the watch name
+    # the lost host (it exits) rather than print this traceback.
+    if watch is not None:
+      watch.wait_for_loss(2 * parallel.PING_SECONDS)
+    raise
   if watch is not None:
     watch.stop()
 

@@ -453,7 +453,11 @@ def _train_main(workdir: str, num_steps: int, hold: Optional[str],
   images = helpers.load_digits()
   factory = helpers.dataset_factory(images)
   if hold is not None and hold.startswith("disk-full:"):
+    import logging as std_logging  # pylint: disable=g-import-not-at-top
+
     from ddpm_jax import main  # pylint: disable=g-import-not-at-top
+    # As the command line: library records without tracebacks.
+    std_logging.getLogger("absl").addFilter(main.quiet_libraries)
     fail_writes_into(int(hold.split(":")[1]))
     try:
       train.train_and_evaluate(config, workdir, model=helpers.tiny_model(),

@@ -286,6 +286,7 @@ class HostWatch:
     self._lock = threading.Lock()
     self._done = threading.Event()
     self._reported = False
+    self._loss = threading.Event()
     self._peers: dict[int, socket.socket] = {}
     listener = None
     port = 0
@@ -334,7 +335,16 @@ class HostWatch:
       if self._reported or self._done.is_set():
         return
       self._reported = True
-    self._on_lost(message)
+    try:
+      self._on_lost(message)  # The command line's exits the process.
+    finally:
+      self._loss.set()
+
+  def wait_for_loss(self, seconds: float) -> bool:
+    """Whether a lost host was reported (`on_lost` returned) within
+    `seconds`: for a failure of this process that may be the loss seen from
+    its side (a collective that failed as its peer vanished)."""
+    return self._loss.wait(seconds)
 
   def _listen(self, peer: int, conn: socket.socket) -> None:
     reader = conn.makefile("r")
