@@ -287,6 +287,7 @@ class HostWatch:
     self._done = threading.Event()
     self._reported = False
     self._loss = threading.Event()
+    self._send_lock = threading.Lock()
     self._peers: dict[int, socket.socket] = {}
     listener = None
     port = 0
@@ -320,11 +321,17 @@ class HostWatch:
     return f"process {process} ({self._hosts[process]})"
 
   def _send(self, message: str, peers=None) -> None:
-    for peer in self._peers if peers is None else peers:
-      try:
-        self._peers[peer].sendall(f"{message}\n".encode())
-      except OSError:
-        pass  # Its own listener reports it.
+    with self._send_lock:  # The ping thread and the listeners send.
+      for peer in self._peers if peers is None else peers:
+        try:
+          self._peers[peer].sendall(f"{message}\n".encode())
+        except OSError:
+          pass  # Its own listener reports it.
+
+  def _message(self, peer: int, why: str) -> str:
+    return (f"Lost {self._name(peer)}: {why}; stopping "
+            f"{self._name(self._index)}. Restart every host with the same "
+            "command to resume from the newest complete checkpoint.")
 
   def _ping(self) -> None:
     while not self._done.wait(PING_SECONDS):
@@ -357,10 +364,11 @@ class HostWatch:
         if word == "error":
           if not self._done.wait(ERROR_GRACE_SECONDS):
             self._lost(f"{self._name(peer)} stopped with an error (see its "
-                       "log); stopping this one too.")
+                       f"log); stopping {self._name(self._index)} too.")
           return
-        if word == "lost":  # Relayed by process 0.
-          self._lost(rest)
+        if word == "lost":  # Relayed by process 0: 'lost I WHY'.
+          other, _, why = rest.partition(" ")
+          self._lost(self._message(int(other), why))
           return
       why = "its connection closed (it exited or was killed)"
     except TimeoutError:
@@ -369,13 +377,9 @@ class HostWatch:
       why = f"its connection failed ({e.strerror or e})"
     if self._done.is_set():
       return
-    message = (
-        f"Lost {self._name(peer)}: {why}; stopping {self._name(self._index)}"
-        ". Restart every host with the same command to resume from the "
-        "newest complete checkpoint.")
     if self._index == 0:
-      self._send(f"lost {message}", [p for p in self._peers if p != peer])
-    self._lost(message)
+      self._send(f"lost {peer} {why}", [p for p in self._peers if p != peer])
+    self._lost(self._message(peer, why))
 
   def stop(self, *, error: bool = False) -> None:
     """Says goodbye to the other processes (`error`: this one stops with an
