@@ -372,12 +372,16 @@ def test_failed_checkpoint_write_keeps_the_last_good_one(tmp_path, monkeypatch):
   assert str(err.value) == (
       f"Could not write checkpoint step 4 to {directory}: No space left on "
       f"device. Last good checkpoint: step 2 in {directory / '2'}; the "
-      "unfinished step 4 is removed. Free space (or fix the disk) and run the "
-      "same command again to resume from it.")
+      "unfinished step 4 is never used (removed now, or by the next run). Free"
+      " space (or fix the disk) and run the same command again to resume from"
+      " it.")
   assert isinstance(err.value, main.USER_ERRORS)
-  # Nothing half-written is left for a restart to trip on.
-  assert sorted(os.listdir(directory)) == ["2"]
+  # Nothing half-written is left for a restart to trip on: at most a tmp
+  # directory of step 4 (a write still in flight may recreate it), which
+  # the restart removes.
   assert fh.complete_steps(workdir) == [2]
+  assert all(n == "2" or n.startswith(f"4{fh.TMP_MARKER}")
+             for n in os.listdir(directory)), os.listdir(directory)
   # The restart resumes from step 2 and ends as the uninterrupted run.
   again = train.train_and_evaluate(config, str(workdir), **kwargs)
   for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(reference)):
@@ -464,8 +468,12 @@ def test_full_disk_mid_run_gives_one_line_and_resumes_bit_for_bit(reference):
       "ddpm_jax: error: Could not write checkpoint step 4 to "
       f"{fh.checkpoint_dir(workdir)}: No space left on device. Last good "
       f"checkpoint: step 2 in {fh.checkpoint_dir(workdir) / '2'};"), lines[0]
-  assert fh.complete_steps(workdir) == [2] and not fh.tmp_dirs(workdir)
+  assert fh.complete_steps(workdir) == [2]
+  left = fh.tmp_dirs(workdir)  # at most step 4's, removed by the restart
+  assert all(t.startswith(f"4{fh.TMP_MARKER}") for t in left), left
   log = fh.run_to_end(workdir, NUM_STEPS, "after-disk-full")
-  assert fh.resumed_from(log) == 2
+  assert fh.resumed_from(log) == 2 and not fh.tmp_dirs(workdir)
+  for name in left:
+    assert f"Removing {fh.checkpoint_dir(workdir) / name}" in log
   fh.assert_same_arrays(fh.read_checkpoint(workdir, NUM_STEPS),
                         reference["arrays"])

@@ -35,7 +35,9 @@ another network raise `CheckpointMismatch`, naming the arrays that differ.
 A write that fails (a full disk, an I/O error; with asynchronous saves it
 surfaces at the next `save`, `wait_until_finished` or `close`) raises
 `CheckpointWriteError` naming the step and the last complete checkpoint; the
-unfinished step directory is removed, so a restart resumes from that one.
+unfinished step directory is removed (should a write still in flight leave
+a tmp directory, the next writable manager removes it), so a restart
+resumes from that one.
 
 Example:
   >>> ckpt = CheckpointManager(workdir + "/checkpoints", max_to_keep=3)
@@ -682,8 +684,8 @@ class CheckpointManager:
     return CheckpointWriteError(
         f"Could not write checkpoint step {step} to {self.directory}: "
         f"{cause}. Last good checkpoint: {last}; the unfinished step {step} "
-        "is removed. Free space (or fix the disk) and run the same command "
-        "again to resume from it.")
+        "is never used (removed now, or by the next run). Free space (or fix "
+        "the disk) and run the same command again to resume from it.")
 
   def wait_until_finished(self) -> None:
     """Blocks until pending asynchronous writes are done.
