@@ -127,7 +127,13 @@ def _stop_on_lost_host(message: str) -> None:
 def explain_mismatch(error: checkpoint.CheckpointMismatch, config, *,
                      workdir: str) -> str:
   """The mismatch's message with the config fields that differ from the
-  run's recorded config (`<workdir>/config.json`), when it has one."""
+  run's recorded config (`<workdir>/config.json`), when it has one.
+
+  Example:
+    >>> explain_mismatch(error, config, workdir="/tmp/ddpm_digits")
+    "The checkpoints in ... The workdir's run was trained with another
+    config: model.base_channels: 8 in the run, 16 now."
+  """
   differ = workdir_lib.config_differences(workdir, config)
   if not differ:
     return str(error)

@@ -95,6 +95,10 @@ def record_config(workdir: str, config) -> bool:
 
   Returns:
     True when it was written.
+
+  Example:
+    >>> record_config("/tmp/ddpm_digits", config)  # before the first step
+    True
   """
   path = storage.as_path(workdir) / RUN_CONFIG
   if path.exists():
@@ -110,7 +114,12 @@ def config_differences(
     groups: tuple[str, ...] = CHECKPOINT_GROUPS) -> list[str]:
   """The fields of `groups` in which `config` differs from the one recorded
   in the workdir, as 'group.field: A in the run, B now' ([] when the
-  workdir has no config.json, or none differ)."""
+  workdir has no config.json, or none differ).
+
+  Example:
+    >>> config_differences("/tmp/ddpm_digits", conditional_config)
+    ['data.num_classes: 0 in the run, 10 now']
+  """
   path = storage.as_path(workdir) / RUN_CONFIG
   try:
     recorded = _flat(json.loads(path.read_text()))
