@@ -8,8 +8,14 @@ r"""Command line of ddpm_jax: train, sample and evaluate diffusion models.
 
 Any config field can be overridden with --config.GROUP.FIELD=VALUE. The
 installed console script `ddpm-jax` takes the same flags. A bad command line
-exits with status 2; a bad config, bad data or a workdir without a checkpoint
-(for sample and eval) gives one line on stderr and exit status 1.
+exits with status 2; a bad config, bad data, a workdir without a usable
+checkpoint (for sample and eval), checkpoints of another network, unusable
+FID Inception weights, a failed checkpoint write (a full disk) or, on several
+hosts, a lost host give one line on stderr and exit status 1.
+
+Training records its config in `<workdir>/config.json` (when the workdir has
+none yet); checkpoints of another network are reported with the fields of
+model, data and optimizer that differ from it.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from ddpm_jax.engine import checkpoint, evaluation, generation, inference, train
 from ddpm_jax.engine import config as config_lib
 from ddpm_jax.engine import workdir as workdir_lib
 from ddpm_jax.infra import cpu_flags, hugepages, parallel, storage
+from ddpm_jax.metrics import inception
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/cifar10.py or "
@@ -45,7 +52,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 # Errors that are the user's to fix: reported in one line, without traceback.
 USER_ERRORS = (config_lib.ConfigError, pipeline.DataError, train.NonFiniteError,
                checkpoint.CheckpointError, storage.StorageError,
-               FileNotFoundError)
+               inception.WeightsError, FileNotFoundError)
 
 
 def check_same_run(config, *, workdir: str, mode: str) -> None:
@@ -94,20 +101,55 @@ def check_config_and_workdir(config, *, workdir: str, mode: str) -> None:
           f"Start-up checks failed on {'; '.join(failed)}")
 
 
-def _quiet_libraries(record) -> bool:
-  """Drops Orbax's and JAX's INFO chatter from the log; keeps warnings."""
-  return record.levelno >= std_logging.WARNING or not any(
-      part in record.pathname for part in ("/orbax/", "/jax/_src/"))
+def quiet_libraries(record) -> bool:
+  """Drops Orbax's and JAX's INFO chatter from the log; keeps their warnings
+  and errors, without tracebacks (a failure they log is also raised, and
+  reported in one line)."""
+  if not any(part in record.pathname for part in ("/orbax/", "/jax/_src/")):
+    return True
+  record.exc_info, record.exc_text = None, None
+  return record.levelno >= std_logging.WARNING
+
+
+def _report(message: str) -> None:
+  logging.error("%s", message)
+  print(f"ddpm_jax: error: {message}", file=sys.stderr, flush=True)
+
+
+def _stop_on_lost_host(message: str) -> None:
+  """A lost host: one line, then exit at once (the main thread may be
+  waiting in a collective that never returns)."""
+  _report(message)
+  sys.stdout.flush()
+  os._exit(1)  # pylint: disable=protected-access
+
+
+def explain_mismatch(error: checkpoint.CheckpointMismatch, config, *,
+                     workdir: str) -> str:
+  """The mismatch's message with the config fields that differ from the
+  run's recorded config (`<workdir>/config.json`), when it has one.
+
+  Example:
+    >>> explain_mismatch(error, config, workdir="/tmp/ddpm_digits")
+    "The checkpoints in ... The workdir's run was trained with another
+    config: model.base_channels: 8 in the run, 16 now."
+  """
+  differ = workdir_lib.config_differences(workdir, config)
+  if not differ:
+    return str(error)
+  return (f"{error} The workdir's run was trained with another config: "
+          f"{'; '.join(differ)}.")
 
 
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  parallel.quiet_backend_probe()
   config, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
   on_cpu = not hugepages.accelerator_installed()
   if mode == "train" and on_cpu:
     hugepages.reexec_with_huge_page_malloc()  # Returns only if it cannot.
-  logging.get_absl_handler().python_handler.addFilter(_quiet_libraries)
+  logging.get_absl_handler().python_handler.addFilter(quiet_libraries)
   if hugepages.huge_page_malloc_active():
     logging.info(
         "malloc uses huge pages (%s): about 1.2x faster CPU train "
@@ -116,11 +158,16 @@ def main(argv) -> None:
     logging.info(
         "XLA_FLAGS=%s: XLA's own convolutions instead of YNNPACK's, "
         "see ddpm_jax/cpu_flags.py.", os.environ["XLA_FLAGS"])
+  watch = None
   try:
-    parallel.initialize_distributed()
+    if parallel.initialize_distributed():
+      watch = parallel.HostWatch(on_lost=_stop_on_lost_host)
     check_same_run(config, workdir=workdir, mode=mode)
     check_config_and_workdir(config, workdir=workdir, mode=mode)
     if mode == "train":
+      if jax.process_index() == 0 and not storage.exists(
+          os.path.join(workdir, "checkpoints"), directory=True):
+        workdir_lib.record_config(workdir, config)
       train.train_and_evaluate(config, workdir)
     elif mode == "sample":
       generation.sample_to_files(inference.load_trained(config, workdir),
@@ -128,9 +175,21 @@ def main(argv) -> None:
     else:
       evaluation.evaluate(config, workdir)
   except USER_ERRORS as e:
-    logging.error("%s", e)
-    print(f"ddpm_jax: error: {e}", file=sys.stderr)
+    if watch is not None:
+      watch.stop(error=True)
+    message = str(e)
+    if isinstance(e, checkpoint.CheckpointMismatch):
+      message = explain_mismatch(e, config, workdir=workdir)
+    _report(message)
     sys.exit(1)
+  except Exception:
+    # A collective fails too when its peer was killed: let the watch name
+    # the lost host (it exits) rather than print this traceback.
+    if watch is not None:
+      watch.wait_for_loss(2 * parallel.PING_SECONDS)
+    raise
+  if watch is not None:
+    watch.stop()
 
 
 def _last_line(error: BaseException) -> str:

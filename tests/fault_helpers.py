@@ -34,6 +34,11 @@ which Orbax creates and commits a checkpoint's tmp directory). HOLD is one of
   mid-save:K:commit  ... all written, just before the rename to `K` that
                      commits it.
 
+  disk-full:K        not a hold: every file written into checkpoint K's
+                     unfinished directory fails with ENOSPC (as on a full
+                     disk); the child reports the error as the command line
+                     does (one `ddpm_jax: error:` line, exit status 1).
+
 A hold that the run never reaches (e.g. mid-step:K when it resumes at or
 after K) lets the child train to the end: the parent sees it exit instead.
 """
@@ -41,6 +46,7 @@ after K) lets the child train to the end: the parent sees it exit instead.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -414,6 +420,25 @@ class _Hold:
 _OS = {"mkdir": os.mkdir, "rename": os.rename, "replace": os.replace}
 
 
+def fail_writes_into(step: int) -> list[str]:
+  """Makes every file written into checkpoint `step`'s unfinished directory
+  fail as on a full disk (Orbax writes its JSON and metadata files through
+  epath); returns the list of paths that failed, growing."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  path_type = type(epath.Path("/"))
+  write_text = path_type.write_text
+  failed = []
+
+  def failing(self, *args, **kwargs):
+    if f"/{step}{TMP_MARKER}" in os.fspath(self):
+      failed.append(os.fspath(self))
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(self))
+    return write_text(self, *args, **kwargs)
+
+  path_type.write_text = failing
+  return failed
+
+
 def _train_main(workdir: str, num_steps: int, hold: Optional[str],
                 control: Optional[str]) -> None:
   from absl import logging  # pylint: disable=g-import-not-at-top
@@ -427,6 +452,20 @@ def _train_main(workdir: str, num_steps: int, hold: Optional[str],
                                keep_checkpoints=KEEP_CHECKPOINTS, log_every=1)
   images = helpers.load_digits()
   factory = helpers.dataset_factory(images)
+  if hold is not None and hold.startswith("disk-full:"):
+    import logging as std_logging  # pylint: disable=g-import-not-at-top
+
+    from ddpm_jax import main  # pylint: disable=g-import-not-at-top
+    # As the command line: library records without tracebacks.
+    std_logging.getLogger("absl").addFilter(main.quiet_libraries)
+    fail_writes_into(int(hold.split(":")[1]))
+    try:
+      train.train_and_evaluate(config, workdir, model=helpers.tiny_model(),
+                               dataset_factory=factory)
+    except main.USER_ERRORS as e:
+      print(f"ddpm_jax: error: {e}", file=sys.stderr, flush=True)
+      sys.exit(1)
+    return
   if hold is not None:
     stop = _Hold(hold, Path(control), checkpoint_dir(Path(workdir)))
     stop.install(checkpoint_lib)

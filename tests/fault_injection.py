@@ -1,7 +1,8 @@
 """Seeded random fault-injection campaign (issue 9), run on its own:
 
   python tests/fault_injection.py [--seed 0] [--kills 12] [--corruptions 6]
-                                  [--bad-inputs 60]
+                                  [--bad-inputs 60] [--disk-full 3]
+                                  [--lost-hosts 1]
 
 Not part of `python -m pytest` (a few minutes on two CPU cores). It
 
@@ -16,12 +17,22 @@ Not part of `python -m pytest` (a few minutes on two CPU cores). It
   checkpoint (nothing lost beyond the steps after it; a damaged one reported
   with its path), and that each workdir's final parameters, EMA, optimizer
   state and rng equal an uninterrupted run's bit for bit;
-* feeds random bad data (npz files, image folders) and out-of-range config
-  values to the input pipeline and the config checks: each must give a
-  DataError / ConfigError naming the file or field, never another exception.
+* feeds random bad data (npz files, image folders), out-of-range config
+  values, unusable FID Inception weights and a tfds: source without
+  TensorFlow to the input pipeline, the config checks and the weight loader:
+  each must give a DataError / ConfigError / WeightsError naming the file or
+  field, never another exception;
+* fills the disk (every write into checkpoint K fails with ENOSPC) in child
+  runs at a random checkpoint: each must stop with one line naming the last
+  good checkpoint, leave nothing unfinished, and a restart must end bit for
+  bit as the uninterrupted run;
+* kills (SIGKILL) one of two hosts of a command-line run (two processes,
+  jax.distributed over gloo) once a checkpoint is complete: the other must
+  stop with one line naming the lost process (the seconds it took are
+  printed).
 
-It prints how many kills, corruptions and bad inputs were tried and exits 1
-if anything was lost or unclear.
+It prints how many of each were tried and exits 1 if anything was lost or
+unclear. docs/robustness.md records a run's counts.
 """
 
 from __future__ import annotations
@@ -258,14 +269,77 @@ _BAD_CONFIG = [
 ]
 
 
+def _bad_weights(path: Path, rng: random.Random) -> str:
+  """Writes unusable FID Inception weights; returns the kind."""
+  kind = rng.choice(
+      ["garbage", "truncated", "wrong-keys", "wrong-shape", "other-format"])
+  if kind == "garbage":
+    path.write_bytes(bytes(rng.randrange(256) for _ in range(300)))
+  elif kind == "wrong-keys":
+    np.savez(path, x_train=np.zeros((2, 4)), y_train=np.zeros(2))
+  else:
+    import inception_helpers as ih  # pylint: disable=g-import-not-at-top
+    state = ih.random_state_dict(ih.torch_layout(ih.flax_shapes()))
+    if kind == "wrong-shape":
+      name = rng.choice(sorted(state))
+      state[name] = np.zeros(state[name].shape + (2,), np.float32)
+    np.savez(path, **state)
+    if kind == "truncated":
+      data = path.read_bytes()
+      path.write_bytes(data[:rng.randrange(1, len(data) // 2)])
+    elif kind == "other-format":
+      path.rename(path.with_suffix(".h5"))
+  return kind
+
+
 def bad_input_campaign(base: Path, rng: random.Random, count: int,
                        failures: list[str]) -> dict:
   from ddpm_jax.data import pipeline as ip  # pylint: disable=g-import-not-at-top
   from ddpm_jax.engine import config as config_lib  # pylint: disable=g-import-not-at-top
   from ddpm_jax.engine.config import base_config  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.metrics import inception  # pylint: disable=g-import-not-at-top
   stats = collections.Counter()
   for i in range(count):
-    what = rng.choice(["npz", "folder", "folder-skip", "config"])
+    what = rng.choice(
+        ["npz", "folder", "folder-skip", "config", "weights", "tfds"])
+    if what == "weights":
+      path = base / f"weights{i}.npz"
+      kind = _bad_weights(path, rng)
+      if kind == "other-format":
+        path = path.with_suffix(".h5")
+      label = f"weights:{kind}"
+      stats[label] += 1
+      try:
+        inception.load_fid_inception_params(path)
+        failures.append(f"{label}: accepted")
+      except inception.WeightsError as e:
+        if path.name not in str(e):
+          failures.append(f"{label}: message does not name {path.name}: {e}")
+      except Exception as e:  # pylint: disable=broad-except
+        failures.append(f"{label}: {type(e).__name__} instead of "
+                        f"WeightsError: {e}")
+      continue
+    if what == "tfds":
+      label = "tfds:no-tensorflow"
+      stats[label] += 1
+      saved = sys.modules.get("tensorflow")
+      sys.modules["tensorflow"] = None  # its import fails
+      try:
+        ip.create_dataset("tfds:mnist", batch_size=2, image_size=None,
+                          channels=None, random_flip=False, seed=0)
+        failures.append(f"{label}: accepted")
+      except ip.DataError as e:
+        if 'pip install -e ".[tf]"' not in str(e):
+          failures.append(f"{label}: message names no extra: {e}")
+      except Exception as e:  # pylint: disable=broad-except
+        failures.append(f"{label}: {type(e).__name__} instead of DataError:"
+                        f" {e}")
+      finally:
+        if saved is None:
+          del sys.modules["tensorflow"]
+        else:
+          sys.modules["tensorflow"] = saved
+      continue
     if what == "config":
       field, values = rng.choice(_BAD_CONFIG)
       value = rng.choice(values)
@@ -317,12 +391,86 @@ def bad_input_campaign(base: Path, rng: random.Random, count: int,
   return stats
 
 
+def disk_full_campaign(base: Path, cache: str, rng: random.Random, count: int,
+                       reference: dict, failures: list[str]) -> dict:
+  """Child runs whose checkpoint K cannot be written (a full disk)."""
+  stats = collections.Counter()
+  saves = [
+      k for k in range(1, NUM_STEPS + 1)
+      if k % fh.CHECKPOINT_EVERY == 0 or k == NUM_STEPS
+  ]
+  for i in range(count):
+    step = rng.choice(saves)
+    stats[f"disk-full:step {step}"] += 1
+    workdir = base / f"full{i}"
+    where = f"disk-full {i} (checkpoint {step})"
+    with fh.Child(workdir, NUM_STEPS, f"full{i}", hold=f"disk-full:{step}",
+                  cache_dir=cache) as child:
+      rc = child.wait()
+      log = child.log()
+    lines = [l for l in log.splitlines() if l.startswith("ddpm_jax:")]
+    before = [k for k in saves if k < step][-fh.KEEP_CHECKPOINTS:]
+    good = (
+        f"step {before[-1]} in {fh.checkpoint_dir(workdir) / str(before[-1])}"
+        if before else "none")
+    if rc != 1 or "Traceback" in log or len(lines) != 1:
+      failures.append(f"{where}: exit {rc}, {len(lines)} error lines:\n"
+                      f"{log[-2000:]}")
+    elif (f"Could not write checkpoint step {step}" not in lines[0] or
+          f"Last good checkpoint: {good}" not in lines[0]):
+      failures.append(f"{where}: unclear line: {lines[0]}")
+    # At most a tmp directory of step K (a write still in flight may
+    # recreate it), which the restart must remove.
+    left = fh.tmp_dirs(workdir)
+    stats["disk-full:tmp left for the restart"] += bool(left)
+    if (any(not t.startswith(f"{step}{fh.TMP_MARKER}") for t in left) or
+        fh.complete_steps(workdir) != before):
+      failures.append(f"{where}: left {left}, complete "
+                      f"{fh.complete_steps(workdir)}")
+    log = fh.run_to_end(workdir, NUM_STEPS, f"full{i}-final", cache_dir=cache)
+    if fh.resumed_from(log) != (before[-1] if before else None):
+      failures.append(f"{where}: resumed from {fh.resumed_from(log)}")
+    if fh.tmp_dirs(workdir) or any(
+        f"Removing {fh.checkpoint_dir(workdir) / t}" not in log for t in left):
+      failures.append(f"{where}: the restart did not remove {left}")
+    try:
+      fh.assert_same_arrays(fh.read_checkpoint(workdir, NUM_STEPS), reference)
+      stats["disk-full:identical"] += 1
+    except AssertionError as e:
+      failures.append(f"{where}: final state differs: {e}")
+  return stats
+
+
+def lost_host_campaign(base: Path, rng: random.Random, count: int,
+                       failures: list[str]) -> dict:
+  """Two-host command-line runs; one host killed once a checkpoint exists."""
+  import host_helpers as hh  # pylint: disable=g-import-not-at-top
+  stats = collections.Counter()
+  for i in range(count):
+    victim = rng.choice([0, 1])
+    stats[f"lost-host:process {victim}"] += 1
+    run = base / f"hosts{i}"
+    run.mkdir()
+    code, log, seconds, _ = hh.kill_one_host(run, victim)
+    lines = [l for l in log.splitlines() if l.startswith("ddpm_jax:")]
+    stats["lost-host:seconds"] = max(stats["lost-host:seconds"], seconds)
+    ok = code != 0 and len(lines) == 1 and (f"Lost process {victim} ("
+                                            in lines[0])
+    stats["lost-host:one-line" if ok else "lost-host:other-exit"] += 1
+    if not ok:
+      failures.append(f"lost host {i} (process {victim} killed): exit {code}"
+                      f" after {seconds:.0f} s:\n{log[-2000:]}")
+  return stats
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--kills", type=int, default=12)
   parser.add_argument("--corruptions", type=int, default=6)
   parser.add_argument("--bad-inputs", type=int, default=60)
+  parser.add_argument("--disk-full", type=int, default=3)
+  parser.add_argument("--lost-hosts", type=int, default=1)
   args = parser.parse_args(argv)
   rng = random.Random(args.seed)
   failures: list[str] = []
@@ -334,6 +482,10 @@ def main(argv=None) -> int:
     (base / "inputs").mkdir()
     input_stats = bad_input_campaign(base / "inputs", rng, args.bad_inputs,
                                      failures)
+    disk_stats = disk_full_campaign(
+        base, str(base / "jax_cache"), rng, args.disk_full,
+        fh.read_checkpoint(base / "reference", NUM_STEPS), failures)
+    host_stats = lost_host_campaign(base, rng, args.lost_hosts, failures)
 
   def part(prefix):
     items = sorted((k[len(prefix):], v)
@@ -356,6 +508,18 @@ def main(argv=None) -> int:
       f"{kill_stats['corruption:harmless']}")
   print(f"  bad inputs tried: {sum(input_stats.values())} "
         f"({len(input_stats)} kinds)")
+  print(f"  bad input kinds: {', '.join(sorted(input_stats))}")
+  print(
+      f"  disk full: {args.disk_full} ("
+      f"{', '.join(f'{k[10:]} {v}' for k, v in sorted(disk_stats.items()) if k.startswith('disk-full:step'))}"
+      f"); restarts bit for bit equal: {disk_stats['disk-full:identical']}"
+      f" (a tmp directory left for the restart to remove: "
+      f"{disk_stats['disk-full:tmp left for the restart']})")
+  print(
+      f"  lost hosts: {args.lost_hosts} ("
+      f"{', '.join(f'{k[10:]} killed {v}' for k, v in sorted(host_stats.items()) if k.startswith('lost-host:process'))}"
+      f"); one line from the survivor: {host_stats['lost-host:one-line']}, "
+      f"slowest stop {host_stats['lost-host:seconds']:.1f} s after the kill")
   print(f"  workdirs ending bit for bit equal to the uninterrupted run: "
         f"{kill_stats['workdir:identical']}/{kill_stats['workdirs']}")
   if kill_stats["noise:event-loop-closed"]:

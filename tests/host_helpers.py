@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -82,6 +83,71 @@ def run_processes(
       results.append(
           subprocess.CompletedProcess(command, proc.returncode, "", log.read()))
   return results
+
+
+def start_processes(commands: list[list[str]], envs: list[dict[str, str]],
+                    log_dir: Path) -> tuple[list[subprocess.Popen], list[Path]]:
+  """Starts the commands together, each one's stderr to log_dir/host{i}.log
+  (a file, as in `run_processes`); returns the processes and logs."""
+  procs, logs = [], []
+  for i, (command, environment) in enumerate(zip(commands, envs)):
+    logs.append(Path(log_dir) / f"host{i}.log")
+    with open(logs[-1], "w") as log:
+      procs.append(
+          subprocess.Popen(command, env=environment, cwd=REPO,
+                           stdout=subprocess.DEVNULL, stderr=log, text=True))
+  return procs, logs
+
+
+def wait_for(path: Path, procs: list[subprocess.Popen]) -> None:
+  """Returns once `path` exists; fails if a process exits first or after
+  TIMEOUT seconds (generous; never a timing check)."""
+  deadline = time.monotonic() + TIMEOUT
+  while not path.exists():
+    exited = [p.returncode for p in procs if p.poll() is not None]
+    assert not exited, f"exited ({exited}) before {path} existed"
+    assert time.monotonic() < deadline, f"no {path} after {TIMEOUT} s"
+    time.sleep(0.1)
+
+
+def lost_host_args(workdir: Path) -> list[str]:
+  """A run far too long to end by itself, a checkpoint every 2 steps."""
+  return [
+      f"--workdir={workdir}", "--config.train.num_steps=100000",
+      "--config.train.checkpoint_every=2", "--config.train.sample_every=0"
+  ]
+
+
+def kill_one_host(base: Path, victim: int) -> tuple[int, str, float, int]:
+  """Trains on two hosts, SIGKILLs process `victim` once checkpoint 2 is
+  complete and waits (up to TIMEOUT) for the other to stop.
+
+  Returns:
+    (the survivor's exit code, its stderr, seconds from the kill to its
+    exit, the newest complete checkpoint step).
+  """
+  workdir = Path(base) / "w"
+  port = free_port()
+  procs, logs = start_processes(
+      [cli(lost_host_args(workdir))] * 2,
+      [env(Path(base) / "cache", process=i, port=port) for i in range(2)], base)
+  survivor = procs[1 - victim]
+  try:
+    wait_for(workdir / "checkpoints" / "2" / "commit_success.txt", procs)
+    killed_at = time.monotonic()
+    procs[victim].kill()
+    code = survivor.wait(timeout=TIMEOUT)
+    seconds = time.monotonic() - killed_at
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+      proc.wait()
+  complete = sorted(
+      int(p.name)
+      for p in (workdir / "checkpoints").iterdir()
+      if p.name.isdigit() and (p / "commit_success.txt").exists())
+  return code, logs[1 - victim].read_text(), seconds, complete[-1]
 
 
 def cli(args: list[str]) -> list[str]:

@@ -24,20 +24,24 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from etils import epath
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fault_helpers as fh  # pylint: disable=g-import-not-at-top,wrong-import-position
 import train_helpers as helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from ddpm_jax import main  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ddpm_jax.data import pipeline
 from ddpm_jax.engine import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax.engine import inference, train
 from ddpm_jax.engine import workdir as workdir_lib
+from ddpm_jax.infra import parallel
 
 NUM_STEPS = 8
 
@@ -313,3 +317,163 @@ def test_cli_unwritable_workdir_and_broken_checkpoints(tmp_path):
   assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
   assert "ddpm_jax: error: No usable checkpoint in" in out.stderr
   assert f"{workdir / 'checkpoints' / '2'}: incomplete" in out.stderr
+
+
+# ---------------------------------------------------------------------------
+# Issue 30: each failure one line; a failed checkpoint write loses nothing.
+
+
+@pytest.mark.parametrize("level, message, kept", [
+    (logging.INFO, "Unable to initialize backend 'tpu': INTERNAL: Failed to "
+     "open libtpu.so: libtpu.so: cannot open shared object file", False),
+    (logging.INFO, "Unable to initialize backend 'cuda': no GPU", False),
+    (logging.INFO, "Connecting to JAX distributed service", True),
+    (logging.WARNING, "Unable to initialize backend 'rocm': broken", True),
+    (logging.ERROR, "Unable to initialize backend 'tpu': broken", True),
+])
+def test_backend_probe_line_is_dropped_and_nothing_else(caplog, level, message,
+                                                        kept):
+  parallel.quiet_backend_probe()
+  parallel.quiet_backend_probe()  # idempotent: one filter
+  logger = logging.getLogger(parallel.BACKEND_LOGGER)
+  assert sum(
+      type(f).__name__ == "_DropBackendProbe" for f in logger.filters) == 1
+  with caplog.at_level(logging.INFO, logger=parallel.BACKEND_LOGGER):
+    logger.log(level, message)
+  assert (message in caplog.text) == kept, caplog.text
+
+
+def test_tfds_without_tensorflow_names_the_extra(monkeypatch):
+  monkeypatch.setitem(sys.modules, "tensorflow", None)  # import fails
+  with pytest.raises(
+      pipeline.DataError,
+      match=r'^tfds:mnist needs TensorFlow .*: pip install -e '
+      r'"\.\[tf\]"$'):
+    pipeline.create_dataset("tfds:mnist", batch_size=2, image_size=None,
+                            channels=None, random_flip=False, seed=0)
+  assert pipeline.DataError in main.USER_ERRORS
+
+
+def test_failed_checkpoint_write_keeps_the_last_good_one(tmp_path, monkeypatch):
+  images = helpers.load_digits()
+  config = helpers.make_config(num_steps=6, keep_checkpoints=0)
+  kwargs = dict(model=helpers.tiny_model(),
+                dataset_factory=helpers.dataset_factory(images))
+  reference = train.train_and_evaluate(config, str(tmp_path / "ref"), **kwargs)
+  workdir = tmp_path / "w"
+  path_type = type(epath.Path("/"))
+  monkeypatch.setattr(path_type, "write_text", path_type.write_text)
+  calls = fh.fail_writes_into(4)  # undone by monkeypatch
+  with pytest.raises(checkpoint_lib.CheckpointWriteError) as err:
+    train.train_and_evaluate(config, str(workdir), **kwargs)
+  monkeypatch.undo()
+  assert calls
+  directory = workdir / "checkpoints"
+  assert str(err.value) == (
+      f"Could not write checkpoint step 4 to {directory}: No space left on "
+      f"device. Last good checkpoint: step 2 in {directory / '2'}; the "
+      "unfinished step 4 is never used (removed now, or by the next run). Free"
+      " space (or fix the disk) and run the same command again to resume from"
+      " it.")
+  assert isinstance(err.value, main.USER_ERRORS)
+  # Nothing half-written is left for a restart to trip on: at most a tmp
+  # directory of step 4 (a write still in flight may recreate it), which
+  # the restart removes.
+  assert fh.complete_steps(workdir) == [2]
+  assert all(n == "2" or n.startswith(f"4{fh.TMP_MARKER}")
+             for n in os.listdir(directory)), os.listdir(directory)
+  # The restart resumes from step 2 and ends as the uninterrupted run.
+  again = train.train_and_evaluate(config, str(workdir), **kwargs)
+  for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(reference)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  fh.assert_same_arrays(fh.read_checkpoint(workdir, 6),
+                        fh.read_checkpoint(tmp_path / "ref", 6))
+
+
+class _Params(NamedTuple):
+  ema_params: dict
+
+
+def _params(channels, *, embed=False):
+  params = {
+      "Conv_0": {
+          "kernel": jnp.ones((3, 3, 1, channels)),
+          "bias": jnp.zeros((channels,))
+      }
+  }
+  if embed:
+    params["Embed_0"] = {"embedding": jnp.ones((11, 4))}
+  return _Params(ema_params=params)
+
+
+@pytest.mark.parametrize("written, wanted, reason", [
+    (dict(channels=4), dict(channels=8),
+     r"another network: 2 differ in shape, e.g. \['Conv_0'\]\['bias'\] \[4\] "
+     r"in the checkpoint, \[8\] here"),
+    (dict(channels=4), dict(channels=4, embed=True),
+     r"another network: 1 parameter array\(s\) of this config's network are "
+     r"not in it, e.g. \['Embed_0'\]\['embedding'\] \[11, 4\]"),
+    (dict(channels=4, embed=True), dict(channels=4),
+     r"another network: it has 1 the network lacks, e.g. "
+     r"\['Embed_0'\]\['embedding'\] \[11, 4\]"),
+])
+def test_checkpoint_of_another_network_is_named_before_any_read(
+    tmp_path, written, wanted, reason):
+  directory = tmp_path / "checkpoints"
+  with checkpoint_lib.CheckpointManager(directory) as ckpt:
+    for step in (1, 2):
+      ckpt.save(step, _params(**written), jax.random.PRNGKey(0))
+  target = checkpoint_lib.abstract_like(_params(**wanted))
+  rng = checkpoint_lib.abstract_like(jax.random.PRNGKey(0))
+  with checkpoint_lib.CheckpointManager(directory, writable=False) as ckpt:
+    with pytest.raises(checkpoint_lib.CheckpointMismatch) as err:
+      ckpt.restore_newest_valid(target, rng)
+    assert re.search(
+        rf"^The checkpoints in {directory} \(step\(s\) 2, 1\) hold another "
+        rf"network than this config builds: {reason} \(step 2\)\.",
+        str(err.value)), str(err.value)
+    with pytest.raises(checkpoint_lib.CheckpointMismatch, match=reason):
+      ckpt.restore_ema_params(target.ema_params)
+    with pytest.raises(checkpoint_lib.CheckpointMismatch, match=reason):
+      ckpt.restore(target, rng, step=1)
+  assert sorted(os.listdir(directory)) == ["1", "2"]  # nothing moved
+
+
+def test_config_differences_name_the_fields(tmp_path):
+  from ddpm_jax.engine import config as config_lib  # pylint: disable=g-import-not-at-top
+  run = config_lib.load_config("configs/digits.py:tiny")
+  assert workdir_lib.record_config(str(tmp_path), run)
+  other = config_lib.load_config("configs/digits.py:cond,tiny")
+  other.model.base_channels = 16
+  other.train.num_steps = 7  # not a field that decides the checkpoint
+  assert not workdir_lib.record_config(str(tmp_path), other)  # kept
+  assert workdir_lib.config_differences(str(tmp_path), other) == [
+      "data.num_classes: 0 in the run, 10 now",
+      "model.base_channels: 8 in the run, 16 now"
+  ]
+  assert workdir_lib.config_differences(str(tmp_path), run) == []
+  assert workdir_lib.config_differences(str(tmp_path / "none"), run) == []
+
+
+@pytest.mark.slow
+def test_full_disk_mid_run_gives_one_line_and_resumes_bit_for_bit(reference):
+  workdir = reference["base"] / "disk-full"
+  with fh.Child(workdir, NUM_STEPS, "disk-full", hold="disk-full:4") as child:
+    rc = child.wait()
+    log = child.log()
+  assert rc == 1 and "Traceback" not in log, log[-3000:]
+  lines = [l for l in log.splitlines() if l.startswith("ddpm_jax:")]
+  assert len(lines) == 1, log[-3000:]
+  assert lines[0].startswith(
+      "ddpm_jax: error: Could not write checkpoint step 4 to "
+      f"{fh.checkpoint_dir(workdir)}: No space left on device. Last good "
+      f"checkpoint: step 2 in {fh.checkpoint_dir(workdir) / '2'};"), lines[0]
+  assert fh.complete_steps(workdir) == [2]
+  left = fh.tmp_dirs(workdir)  # at most step 4's, removed by the restart
+  assert all(t.startswith(f"4{fh.TMP_MARKER}") for t in left), left
+  log = fh.run_to_end(workdir, NUM_STEPS, "after-disk-full")
+  assert fh.resumed_from(log) == 2 and not fh.tmp_dirs(workdir)
+  for name in left:
+    assert f"Removing {fh.checkpoint_dir(workdir) / name}" in log
+  fh.assert_same_arrays(fh.read_checkpoint(workdir, NUM_STEPS),
+                        reference["arrays"])

@@ -4,6 +4,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import pytest
 from PIL import Image
 
 from ddpm_jax.infra import cpu_flags, hugepages
+from ddpm_jax.metrics import inception
 from tests import inception_helpers, train_helpers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -250,3 +252,84 @@ def test_accelerator_installed_reads_jax_platforms(monkeypatch, platforms,
                                                    expected):
   monkeypatch.setenv("JAX_PLATFORMS", platforms)
   assert hugepages.accelerator_installed() == expected
+
+
+# ---------------------------------------------------------------------------
+# Issue 30: each of these used to end in a traceback; now one line.
+
+
+def _one_error_line(out) -> str:
+  assert out.returncode == 1, out.stderr[-3000:]
+  for noise in ("Traceback", "Event loop is closed", "Unable to initialize "
+                "backend"):
+    assert noise not in out.stderr, out.stderr[-3000:]
+  lines = [l for l in out.stderr.splitlines() if l.startswith("ddpm_jax:")]
+  assert len(lines) == 1, out.stderr[-3000:]
+  return lines[0]
+
+
+def test_training_records_its_config(trained):
+  recorded = json.loads((trained["workdir"] / "config.json").read_text())
+  # The first run's: the second (num_steps=6) resumed and kept it.
+  assert recorded["train"]["num_steps"] == 4
+  assert recorded["model"]["base_channels"] == 8
+
+
+@pytest.mark.parametrize("config, overrides, network, fields", [
+    (TINY, ["--config.model.base_channels=16"
+           ], r"\d+ differ in shape, e\.g\. \['Conv_0'\]\['bias'\] \[\d+\] "
+     r"in the checkpoint, \[\d+\] here",
+     "model.base_channels: 8 in the run, 16 now"),
+    ("configs/digits.py:cond,tiny", [],
+     r"1 parameter array\(s\) of this config's network are not in it, e\.g\. "
+     r"\['Embed_0'\]\['embedding'\] \[11, \d+\]",
+     "data.num_classes: 0 in the run, 10 now"),
+])
+def test_sample_from_a_checkpoint_of_another_network(trained, config, overrides,
+                                                     network, fields):
+  out = _run([
+      f"--config={config}", f"--workdir={trained['workdir']}", "--mode=sample",
+      *overrides
+  ])
+  line = _one_error_line(out)
+  assert re.search(
+      r"^ddpm_jax: error: The checkpoints in .*/checkpoints \(step\(s\) 6, 4, "
+      r"2\)"
+      rf" hold another network than this config builds: another network: "
+      rf"{network} \(step 6\)\.", line), line
+  assert line.endswith("The workdir's run was trained with another config: "
+                       f"{fields}."), line
+
+
+def test_train_on_only_truncated_checkpoints(trained, tmp_path):
+  workdir = tmp_path / "w"
+  shutil.copytree(trained["workdir"], workdir)
+  steps = [p for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+  assert len(steps) == 3
+  for step in steps:
+    data = max((p for p in (step / "state").rglob("*")
+                if p.is_file() and p.parent.name == "d"),
+               key=lambda p: p.stat().st_size)
+    data.write_bytes(data.read_bytes()[:100])
+  out = _run([f"--config={TINY}", f"--workdir={workdir}"])
+  line = _one_error_line(out)
+  assert line.startswith("ddpm_jax: error: No usable checkpoint in"), line
+
+
+@pytest.mark.parametrize("contents", ["garbage", "wrong-keys"])
+def test_eval_with_unusable_inception_weights(trained, tmp_path, contents):
+  weights = tmp_path / "fid_inception.npz"
+  if contents == "garbage":
+    weights.write_bytes(b"not an npz file")
+  else:
+    np.savez(weights, x_train=np.zeros((2, 4)))
+  out = _run([
+      f"--config={TINY}", f"--workdir={trained['workdir']}", "--mode=eval",
+      f"--config.eval.inception_weights={weights}",
+      "--config.eval.num_samples=8", "--config.eval.num_reference=16"
+  ])
+  line = _one_error_line(out)
+  # The line of the fid tool (one code path: load_fid_inception_params).
+  with pytest.raises(inception.WeightsError) as err:
+    inception.load_fid_inception_params(weights)
+  assert line == f"ddpm_jax: error: {err.value}"

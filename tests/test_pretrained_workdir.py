@@ -139,9 +139,9 @@ def test_existing_run_is_not_overwritten(tmp_path):
   assert _listing(workdir) == before
 
 
-def _cli(*args):
+def _cli(*args, platforms="cpu"):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env = dict(os.environ, JAX_PLATFORMS=platforms)
   return subprocess.run(
       [sys.executable, "-m", "ddpm_jax.tools.pretrained_workdir", *args],
       cwd=root, env=env, capture_output=True, text=True, timeout=600,
@@ -183,6 +183,20 @@ def test_cli_bad_model_is_one_line_and_writes_nothing(tmp_path, how, message):
   lines = [l for l in out.stderr.splitlines() if l.startswith("ddpm_jax:")]
   assert len(lines) == 1 and re.search(message, lines[0]), out.stderr
   assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_cli_error_is_the_only_line_without_jax_platforms(tmp_path):
+  """JAX choosing its platform itself probes for a TPU; that INFO line
+  (`Unable to initialize backend 'tpu'`) is kept off stderr (issue 30)."""
+  source = shutil.copytree(TINY, tmp_path / "model")
+  _break(source, "other-network")
+  out = _cli(f"--source={source}", f"--workdir={tmp_path / 'run'}",
+             platforms="")
+  assert out.returncode == 1, out.stderr
+  assert [l for l in out.stderr.splitlines() if l.strip()] == [
+      l for l in out.stderr.splitlines() if l.startswith("ddpm_jax: error: ")
+  ] and out.stderr.count("\n") == 1, out.stderr
 
 
 @pytest.mark.slow

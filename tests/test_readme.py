@@ -39,8 +39,6 @@ PAGES = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 HISTORY = ROOT / "benchmarks" / "HISTORY.md"
 RUN, NO_RUN = "python", "python no-run"
-# Pages linked from the README that other branches of the same release add.
-PAGES_OF_OTHER_BRANCHES = {"docs/robustness.md"}
 # What importing an old module path warns (ddpm_jax/_moved.py).
 MOVED_WARNING = r".* moved to ddpm_jax\."
 
@@ -142,7 +140,7 @@ def test_relative_links_point_at_files(page):
     if re.match(r"[a-z]+:", target) or target.startswith("#"):
       continue
     path = (page.parent / target.split("#")[0]).resolve()
-    if not path.exists() and _rel(path) not in PAGES_OF_OTHER_BRANCHES:
+    if not path.exists():
       missing.append(target)
   assert not missing, f"{_rel(page)} links to missing files: {missing}"
 

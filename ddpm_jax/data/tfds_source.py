@@ -45,12 +45,18 @@ class TfdsIterator:
     is downloaded and prepared.
 
     Raises:
-      DataError: on an unknown dataset or split, a dataset without an 'image'
-        feature, images that do not match `image_size` / `channels`, labels
-        beyond `num_classes`, or too few examples.
+      DataError: without TensorFlow, on an unknown dataset or split, a
+        dataset without an 'image' feature, images that do not match
+        `image_size` / `channels`, labels beyond `num_classes`, or too few
+        examples.
     """
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    try:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise common.DataError(
+          f"tfds:{name} needs TensorFlow and tensorflow-datasets, which are "
+          f"not installed ({e}): pip install -e \".[tf]\"") from None
 
     where = f"tfds:{name}:{split}"
     try:

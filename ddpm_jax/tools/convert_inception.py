@@ -22,6 +22,7 @@ import sys
 
 from absl import app, flags
 
+from ddpm_jax.infra import parallel
 from ddpm_jax.metrics import inception
 
 FLAGS = flags.FLAGS
@@ -40,6 +41,7 @@ def _define_flags() -> None:
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  parallel.quiet_backend_probe()
   try:
     state = inception.convert_weights(FLAGS.source, FLAGS.output)
   except (ValueError, FileNotFoundError, ImportError) as e:

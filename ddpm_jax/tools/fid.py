@@ -46,6 +46,7 @@ from absl import app, flags, logging
 
 from ddpm_jax import metrics
 from ddpm_jax.data import pipeline
+from ddpm_jax.infra import parallel
 from ddpm_jax.metrics import inception
 
 FLAGS = flags.FLAGS
@@ -301,6 +302,7 @@ def _define_flags() -> None:
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  parallel.quiet_backend_probe()
   try:
     result = run()
   except (ValueError, FileNotFoundError, ImportError) as e:

@@ -35,6 +35,8 @@ from ml_collections import config_flags
 
 from ddpm_jax.engine import builders, checkpoint, train_step
 from ddpm_jax.engine import config as config_lib
+from ddpm_jax.engine import workdir as workdir_lib
+from ddpm_jax.infra import parallel
 from ddpm_jax.models import PRESETS, UNetConfig, pretrained
 
 CONFIG_FILE = "config.py"
@@ -136,6 +138,7 @@ def import_to_workdir(
   with open(tmp, "w", encoding="utf-8") as f:
     f.write(_config_source(run, source))
   os.replace(tmp, config_path)
+  workdir_lib.record_config(workdir, run)
   return run
 
 
@@ -159,6 +162,7 @@ def _define_flags() -> None:
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  parallel.quiet_backend_probe()
   config = FLAGS.config if FLAGS.config is not None else (
       config_lib.base_config())
   try:
