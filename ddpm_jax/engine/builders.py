@@ -319,7 +319,8 @@ class Run(NamedTuple):
   model: nn.Module  # the network.
   schedule: Schedule  # the run's T-step diffusion schedule.
   optimizer: optax.GradientTransformation
-  learning_rate_fn: optax.Schedule  # step -> learning rate (logged).
+  # step -> learning rate, as the train step applies and reports it (lr).
+  learning_rate_fn: optax.Schedule
   # step(state, batch, rng) -> (state, metrics), not jitted
   # (`train_step.jit_train_step` places it on a mesh).
   train_step: Callable
