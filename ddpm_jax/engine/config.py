@@ -432,7 +432,7 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   path, _, variant = spec.partition(":")
   candidates = [pathlib.Path(path)]
   if not candidates[0].is_absolute():
-    candidates.append(pathlib.Path(__file__).resolve().parents[1] / path)
+    candidates.append(pathlib.Path(__file__).resolve().parents[2] / path)
   found = next((c for c in candidates if c.is_file()), None)
   if found is None:
     raise FileNotFoundError(
