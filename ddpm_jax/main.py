@@ -30,7 +30,14 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ddpm_jax.data import pipeline
-from ddpm_jax.engine import checkpoint, evaluation, generation, inference, train
+from ddpm_jax.engine import (
+    builders,
+    checkpoint,
+    evaluation,
+    generation,
+    inference,
+    train,
+)
 from ddpm_jax.engine import config as config_lib
 from ddpm_jax.engine import workdir as workdir_lib
 from ddpm_jax.infra import cpu_flags, hugepages, parallel, storage
@@ -164,16 +171,17 @@ def main(argv) -> None:
       watch = parallel.HostWatch(on_lost=_stop_on_lost_host)
     check_same_run(config, workdir=workdir, mode=mode)
     check_config_and_workdir(config, workdir=workdir, mode=mode)
+    run = builders.build_run(config)  # The one reading of the config.
     if mode == "train":
       if jax.process_index() == 0 and not storage.exists(
           os.path.join(workdir, "checkpoints"), directory=True):
         workdir_lib.record_config(workdir, config)
-      train.train_and_evaluate(config, workdir)
+      train.train(run, workdir)
     elif mode == "sample":
-      generation.sample_to_files(inference.load_trained(config, workdir),
-                                 config, workdir=workdir)
+      generation.sample_to_files(inference.restore_trained(run, workdir),
+                                 run.sampling, seed=run.seed, workdir=workdir)
     else:
-      evaluation.evaluate(config, workdir)
+      evaluation.evaluate_run(run, workdir)
   except USER_ERRORS as e:
     if watch is not None:
       watch.stop(error=True)

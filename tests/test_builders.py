@@ -10,7 +10,7 @@ import pytest
 
 from ddpm_jax import samplers
 from ddpm_jax.diffusion import guidance, respace, testing
-from ddpm_jax.engine import builders
+from ddpm_jax.engine import builders, optim
 from ddpm_jax.engine import config as config_lib
 
 T = 40
@@ -167,3 +167,81 @@ def test_build_model_embeds_the_null_class():
   config = config_lib.load_config("configs/digits.py:cond,tiny")
   model = builders.build_model(config)
   assert model.config.num_classes == 11
+
+
+def _run_config():
+  config = _config(sampler="ddim", num_steps=7, num_images=10, batch_size=5,
+                   gif=False, gif_frames=3, guidance_scale=1.5)
+  config.seed = 7
+  config.data.update(num_classes=3, image_size=8, channels=3)
+  config.train.update(batch_size=4, num_steps=9, log_every=2,
+                      checkpoint_every=3, keep_checkpoints=2, sample_every=4,
+                      max_time=60.0, max_nonfinite_steps=5, profile_start=2,
+                      profile_steps=1)
+  config.eval.update(num_images=12, batch_size=6, num_samples=20,
+                     num_reference=30)
+  return config
+
+
+def test_build_run_holds_the_config_values():
+  run = builders.build_run(_run_config())
+  assert run.loop == builders.Loop(num_steps=9, batch_size=4, log_every=2,
+                                   checkpoint_every=3, keep_checkpoints=2,
+                                   sample_every=4, max_time=60.0,
+                                   max_nonfinite_steps=5, profile_start=2,
+                                   profile_steps=1)
+  assert (run.image_shape, run.num_classes, run.seed) == ((8, 8, 3), 3, 7)
+  assert run.model.config.num_classes == 4  # The classes and the null class.
+  assert run.schedule.num_timesteps == T
+  sampling = run.sampling
+  assert (sampling.sampler.name, sampling.sampler.num_steps) == ("ddim", 7)
+  assert (sampling.num_images, sampling.batch_size, sampling.gif,
+          sampling.gif_frames, sampling.by_class, sampling.guidance_scale,
+          sampling.image_shape) == (10, 5, False, 3, True, 1.5, (8, 8, 3))
+  np.testing.assert_array_equal(sampling.labels(5), [0, 1, 2, 0, 1])
+  assert run.evaluation == builders.Evaluation(
+      batch_size=6, num_images=12, split="test",
+      bound_options=dict(target="x0", var_type="fixed_small", mean_form="eps",
+                         clip_x0=False), inception_weights="",
+      inception_preprocessing="tensorflow", num_samples=20, num_reference=30,
+      reference_split="train", source="digits")
+  expected_lr = optim.learning_rate_schedule(lr=2e-4, warmup_steps=5000,
+                                             num_steps=9, decay="constant")
+  for step in (0, 5, 9):
+    assert run.learning_rate_fn(step) == expected_lr(step)
+
+
+def test_build_run_takes_a_model_and_a_dataset_factory():
+  model = builders.build_model(config_lib.load_config("configs/digits.py"))
+  calls = []
+
+  def factory(config, *, batch_size, process_index, process_count):
+    calls.append((config.data.source, batch_size, process_index, process_count))
+    return iter(())
+
+  run = builders.build_run(_run_config(), model=model, dataset_factory=factory)
+  assert run.model is model
+  run.dataset(batch_size=2, process_index=1, process_count=2)
+  assert calls == [("digits", 2, 1, 2)]
+
+
+@pytest.mark.parametrize("class_id,expected", [(-1, [0, 1, 2, 0, 1]),
+                                               (2, [2, 2, 2, 2, 2])])
+def test_class_labels(class_id, expected):
+  labels = builders.class_labels(5, num_classes=3, class_id=class_id)
+  assert labels.dtype == np.int32
+  np.testing.assert_array_equal(labels, expected)
+  assert builders.class_labels(5, num_classes=0, class_id=class_id) is None
+
+
+def test_the_default_dataset_factory_reads_the_config_data():
+  config = _run_config()
+  config.data.update(image_size=8, channels=1, resize=False, num_classes=10)
+  run = builders.build_run(config)
+  batch = next(run.dataset(batch_size=4))
+  direct = next(builders.build_dataset(config, batch_size=4))
+  assert batch["image"].shape == (4, 8, 8, 1)
+  np.testing.assert_array_equal(batch["image"], direct["image"])
+  np.testing.assert_array_equal(batch["label"], direct["label"])
+  evaluated = next(run.dataset(batch_size=4, training=False))
+  assert evaluated["mask"].shape == (4,)

@@ -201,6 +201,12 @@ def test_improved_ddpm_config_learns_variances_and_respaces():
   assert (tiny.diffusion.num_timesteps, tiny.sample.ddpm_steps) == (20, 5)
 
 
+def test_load_config_finds_the_repository_configs_from_elsewhere(
+    tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # No configs/ here: the clone's are found.
+  assert config_lib.load_config("configs/digits.py:tiny").train.num_steps == 4
+
+
 def test_load_config_names_where_it_looked(tmp_path):
   with pytest.raises(FileNotFoundError, match="configs/none.py not found"):
     config_lib.load_config("configs/none.py")

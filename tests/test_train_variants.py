@@ -237,7 +237,9 @@ def test_trained_run_samples_guided_and_evaluates(trained_run):
   chex.assert_trees_all_equal(jax.device_get(trained.params),
                               jax.device_get(state.ema_params))
   config.sample.update(num_images=5, gif=False)
-  generation.sample_to_files(trained, config, workdir=workdir)
+  run = builders.build_run(config, model=model)
+  generation.sample_to_files(trained, run.sampling, seed=run.seed,
+                             workdir=workdir)
   with np.load(workdir / "samples" / "sample_step_00000004.npz") as f:
     assert f["images"].shape == (5,) + IMAGE_SHAPE
     np.testing.assert_array_equal(f["labels"], [0, 1, 2, 0, 1])

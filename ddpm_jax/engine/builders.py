@@ -1,11 +1,16 @@
 """The config, turned into objects: model, schedule, optimizer, train step,
-dataset and sampler.
+dataset and sampler, and `build_run`, which makes all a run needs at once.
 
 These are the only functions that read a run config (`ddpm_jax.engine.config`);
 everything they build is plain library objects with keyword options, so
-research code can skip them and call the library directly.
+research code can skip them and call the library directly. The training
+loop, generation and evaluation take a `Run` (or its parts) and never see
+the config.
 
 Example:
+  >>> run = build_run(config)
+  >>> run.loop.num_steps, run.image_shape
+  (800000, (16, 16, 1))
   >>> model = build_model(config)
   >>> schedule = build_schedule(config)
   >>> tx = build_optimizer(config)
@@ -21,7 +26,6 @@ from typing import Any, Callable, NamedTuple, Optional
 import flax.linen as nn
 import numpy as np
 import optax
-from jax.sharding import Mesh
 
 from ddpm_jax import samplers
 from ddpm_jax.data.common import DatasetIterator
@@ -35,7 +39,6 @@ from ddpm_jax.diffusion import (
 from ddpm_jax.diffusion.schedules import Schedule, make_schedule
 from ddpm_jax.engine import optim, train_step
 from ddpm_jax.engine.config import model_config
-from ddpm_jax.infra import parallel
 
 
 def image_shape(config) -> tuple[int, int, int]:
@@ -54,12 +57,6 @@ def build_model(config) -> nn.Module:
   if isinstance(net, models.DiTConfig):
     return models.DiT(config=net)
   return models.UNet(config=net)
-
-
-def build_mesh(config, devices=None) -> Mesh:
-  """The run's mesh over `devices` (default all): data parallel, or FSDP
-  over `config.train.fsdp` devices (`parallel.create_mesh`)."""
-  return parallel.create_mesh(devices, fsdp=int(config.train.fsdp))
 
 
 def build_schedule(config) -> processes.Process:
@@ -125,6 +122,35 @@ def build_train_step(config, model: nn.Module, tx: optax.GradientTransformation,
       ema_warmup=bool(config.train.ema_warmup), axis_name=axis_name)
 
 
+def _open_dataset(*, batch_size: int, process_index: int = 0,
+                  process_count: int = 1, training: bool = True,
+                  split: Optional[str] = None, source: str, train_split: str,
+                  eval_split: str, random_flip: bool,
+                  **options) -> DatasetIterator:
+  from ddpm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  if split is None:
+    split = train_split if training else eval_split
+  return pipeline.create_dataset(source, split=split, batch_size=batch_size,
+                                 random_flip=random_flip and training,
+                                 shuffle=training, repeat=training,
+                                 process_index=process_index,
+                                 process_count=process_count, **options)
+
+
+def build_dataset_factory(config) -> Callable[..., DatasetIterator]:
+  """`build_dataset` with the config bound: `factory(*, batch_size,
+  process_index=0, process_count=1, training=True, split=None)`."""
+  data = config.data
+  return functools.partial(_open_dataset, source=data.source,
+                           train_split=data.split, eval_split=data.eval_split,
+                           random_flip=bool(data.random_flip), image_size=int(
+                               data.image_size), channels=int(data.channels),
+                           resize=bool(data.resize), seed=int(config.seed),
+                           num_classes=int(data.num_classes) or None,
+                           skip_bad_files=bool(data.skip_bad_files),
+                           data_dir=data.tfds_data_dir or None)
+
+
 def build_dataset(config, *, batch_size: int, process_index: int = 0,
                   process_count: int = 1, training: bool = True,
                   split: Optional[str] = None) -> DatasetIterator:
@@ -144,18 +170,10 @@ def build_dataset(config, *, batch_size: int, process_index: int = 0,
     An iterator of {'image', 'label'(, 'mask')} batches with
     `get_state()` / `set_state()`.
   """
-  from ddpm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  data = config.data
-  if split is None:
-    split = data.split if training else data.eval_split
-  return pipeline.create_dataset(
-      data.source, split=split, batch_size=batch_size,
-      image_size=int(data.image_size), channels=int(data.channels),
-      resize=bool(data.resize), random_flip=bool(data.random_flip) and training,
-      seed=int(config.seed), shuffle=training, repeat=training,
-      process_index=process_index, process_count=process_count,
-      num_classes=int(data.num_classes) or None, skip_bad_files=bool(
-          data.skip_bad_files), data_dir=data.tfds_data_dir or None)
+  return build_dataset_factory(config)(batch_size=batch_size,
+                                       process_index=process_index,
+                                       process_count=process_count,
+                                       training=training, split=split)
 
 
 class Sampler(NamedTuple):
@@ -255,6 +273,29 @@ def build_sampler(config) -> Sampler:
                  num_calls=samplers.num_model_calls(name, num_steps))
 
 
+def class_labels(num_images: int, *, num_classes: int,
+                 class_id: int) -> Optional[np.ndarray]:
+  """The class of each of `num_images` samples.
+
+  Args:
+    num_images: N.
+    num_classes: C of a class-conditional run; 0 for an unconditional one.
+    class_id: the class of every sample, or -1: sample i of class i mod C.
+
+  Returns:
+    None when `num_classes` is 0; else int32 [N].
+
+  Example:
+    >>> class_labels(5, num_classes=3, class_id=-1)
+    array([0, 1, 2, 0, 1], dtype=int32)
+  """
+  if not num_classes:
+    return None
+  if class_id >= 0:
+    return np.full((num_images,), class_id, np.int32)
+  return (np.arange(num_images) % num_classes).astype(np.int32)
+
+
 def sample_labels(config, num_images: int) -> Optional[np.ndarray]:
   """The class of each of `num_images` samples of a class-conditional run.
 
@@ -262,10 +303,155 @@ def sample_labels(config, num_images: int) -> Optional[np.ndarray]:
     None for an unconditional run; else int32 [num_images]: every image of
     class `sample.class_id`, or with class_id = -1 image i of class i mod C.
   """
-  num_classes = int(config.data.num_classes)
-  if not num_classes:
-    return None
-  class_id = int(config.sample.class_id)
-  if class_id >= 0:
-    return np.full((num_images,), class_id, np.int32)
-  return (np.arange(num_images) % num_classes).astype(np.int32)
+  return class_labels(num_images, num_classes=int(config.data.num_classes),
+                      class_id=int(config.sample.class_id))
+
+
+class Loop(NamedTuple):
+  """The training loop's length and the intervals of its periodic actions
+  (`config.train`)."""
+  num_steps: int  # optimizer steps of the whole run.
+  batch_size: int  # the global batch, over all devices and hosts.
+  log_every: int  # a log line and TensorBoard scalars every N steps.
+  checkpoint_every: int  # a checkpoint every N steps (and at the end).
+  keep_checkpoints: int  # checkpoints kept.
+  sample_every: int  # a sample grid every N steps and at the end; 0: never.
+  max_time: float  # seconds of wall clock for this launch; 0: no budget.
+  max_nonfinite_steps: int  # stop after N skipped steps in a row; 0: never.
+  profile_start: int  # first profiled step (counted from 1); 0: no trace.
+  profile_steps: int  # steps in the profiler trace.
+
+
+class Sampling(NamedTuple):
+  """How a run samples: training grids, `--mode=sample` and FID samples
+  (`config.sample`)."""
+  sampler: Sampler  # the run's sampler, options, respacing, guidance bound.
+  # num_images -> the class of each sample, int32 [num_images] (see
+  # `class_labels`); None for an unconditional run.
+  labels: Callable[[int], Optional[np.ndarray]]
+  num_images: int  # images of --mode=sample; training grids show <= 64.
+  batch_size: int  # the global sampling batch.
+  gif: bool  # a GIF of the chain (--mode=sample and the last grid).
+  gif_frames: int  # about this many GIF frames.
+  by_class: bool  # grids show every class, one row each.
+  guidance_scale: float  # classifier-free guidance w (bound in `sampler`).
+  image_shape: tuple[int, int, int]  # (H, W, C) of the samples.
+
+
+class Evaluation(NamedTuple):
+  """What `--mode=eval` measures (`config.eval`, parts of `config.data`)."""
+  batch_size: int  # the global batch of the bound and of Inception.
+  num_images: int  # images of the bits/dim evaluation; 0: the whole split.
+  split: str  # the split of the bits/dim evaluation.
+  # target, var_type, mean_form, clip_x0 of `likelihood.variational_bound`.
+  bound_options: dict[str, Any]
+  inception_weights: str  # FID Inception weights; '': no FID/IS/KID.
+  inception_preprocessing: str  # 'tensorflow' or 'pytorch_fid'.
+  num_samples: int  # generated images of FID, IS and KID.
+  num_reference: int  # images of `reference_split` in the statistics.
+  reference_split: str  # the split the reference images come from.
+  source: str  # the data source, naming the cached reference statistics.
+
+
+class Run(NamedTuple):
+  """Everything a run needs, built once from its config (`build_run`)."""
+  model: nn.Module  # the network.
+  # The run's process: its T-step `Schedule`, or `processes.EDM` / `Flow`.
+  schedule: processes.Process
+  optimizer: optax.GradientTransformation
+  # step -> learning rate, as the train step applies and reports it (lr).
+  learning_rate_fn: optax.Schedule
+  # step(state, batch, rng) -> (state, metrics), not jitted
+  # (`train_step.jit_train_step` places it on a mesh).
+  train_step: Callable
+  # dataset(*, batch_size, process_index, process_count) -> this host's
+  # iterator of {'image' [b, H, W, C], 'label' [b]} batches; the default
+  # (`build_dataset_factory`) also takes training= and split=.
+  dataset: Callable[..., DatasetIterator]
+  sampling: Sampling
+  evaluation: Evaluation
+  loop: Loop
+  image_shape: tuple[int, int, int]  # (H, W, C).
+  num_classes: int  # C of a class-conditional run; 0: unconditional.
+  seed: int  # PRNGKey(seed) splits into init, train and sample streams.
+  # Devices each train-state array is sharded over: 1 is data parallel
+  # (`parallel.create_mesh(fsdp=...)`).
+  fsdp: int
+
+
+def build_loop(config) -> Loop:
+  """The `Loop` of `config.train`."""
+  t = config.train
+  return Loop(num_steps=int(t.num_steps), batch_size=int(t.batch_size),
+              log_every=int(t.log_every), checkpoint_every=int(
+                  t.checkpoint_every), keep_checkpoints=int(t.keep_checkpoints),
+              sample_every=int(t.sample_every), max_time=float(t.max_time),
+              max_nonfinite_steps=int(t.max_nonfinite_steps),
+              profile_start=int(t.profile_start),
+              profile_steps=int(t.profile_steps))
+
+
+def build_sampling(config) -> Sampling:
+  """The `Sampling` of `config.sample`, its sampler built once."""
+  sample = config.sample
+  num_classes, class_id = int(config.data.num_classes), int(sample.class_id)
+  return Sampling(
+      sampler=build_sampler(config), labels=functools.partial(
+          class_labels, num_classes=num_classes,
+          class_id=class_id), num_images=int(sample.num_images),
+      batch_size=int(sample.batch_size), gif=bool(sample.gif),
+      gif_frames=int(sample.gif_frames), by_class=num_classes > 0 and
+      class_id < 0, guidance_scale=float(sample.guidance_scale),
+      image_shape=image_shape(config))
+
+
+def build_evaluation(config) -> Evaluation:
+  """The `Evaluation` of `config.eval`."""
+  ev, data, diff = config.eval, config.data, config.diffusion
+  return Evaluation(
+      batch_size=int(ev.batch_size),
+      num_images=int(ev.num_images), split=data.eval_split, bound_options=dict(
+          target=diff.target, var_type=diff.var_type, mean_form=diff.mean_form,
+          clip_x0=bool(diff.clip_x0)), inception_weights=ev.inception_weights,
+      inception_preprocessing=ev.inception_preprocessing,
+      num_samples=int(ev.num_samples), num_reference=int(ev.num_reference),
+      reference_split=data.split, source=data.source)
+
+
+def build_run(config, *, model: Optional[nn.Module] = None,
+              dataset_factory: Optional[Callable[..., Any]] = None) -> Run:
+  """Everything the run of `config` needs, built once: the one reader of a
+  whole run config.
+
+  Nothing is opened or computed on a device here: the dataset is a factory,
+  the train step is not jitted.
+
+  Args:
+    config: the run config (seed, data, model, diffusion, optimizer, train,
+      sample, eval).
+    model: the network; default `build_model(config)`.
+    dataset_factory: `f(config, *, batch_size, process_index,
+      process_count)` returning this host's iterator of batches; default
+      `build_dataset`.
+
+  Returns:
+    A `Run`.
+
+  Example:
+    >>> run = build_run(config)
+    >>> run.sampling.sampler.name, run.loop.sample_every
+    ('ddpm', 10000)
+  """
+  model = build_model(config) if model is None else model
+  schedule = build_schedule(config)
+  tx = build_optimizer(config)
+  return Run(
+      model=model, schedule=schedule, optimizer=tx,
+      learning_rate_fn=build_learning_rate_fn(config),
+      train_step=build_train_step(config, model, tx, schedule=schedule),
+      dataset=(build_dataset_factory(config) if dataset_factory is None else
+               functools.partial(dataset_factory, config)),
+      sampling=build_sampling(config), evaluation=build_evaluation(config),
+      loop=build_loop(config), image_shape=image_shape(config),
+      num_classes=int(config.data.num_classes), seed=int(config.seed),
+      fsdp=int(config.train.fsdp))

@@ -164,13 +164,12 @@ def write_results(results: dict[str, Any], workdir: epath.PathLike,
   return path
 
 
-def _reference_images(config, count: int) -> np.ndarray:
-  """The first `count` images of `data.split` as uint8; every host reads
-  all of them, so every host computes the same reference statistics."""
+def _reference_images(run: builders.Run, count: int) -> np.ndarray:
+  """The first `count` images of the reference split as uint8; every host
+  reads all of them, so every host computes the same reference statistics."""
   chunks, total = [], 0
-  batches = builders.build_dataset(config,
-                                   batch_size=int(config.eval.batch_size),
-                                   training=False, split=config.data.split)
+  batches = run.dataset(batch_size=run.evaluation.batch_size, training=False,
+                        split=run.evaluation.reference_split)
   for batch in batches:
     chunk = np.asarray(batch["image"])[np.asarray(batch["mask"])]
     chunks.append(np.asarray(images.to_uint8(chunk)))
@@ -180,58 +179,74 @@ def _reference_images(config, count: int) -> np.ndarray:
   return np.concatenate(chunks)[:count]
 
 
+def _sample_quality(run: builders.Run, trained: inference.Trained, *,
+                    key: jax.Array, workdir: epath.Path) -> dict[str, float]:
+  """FID, IS and KID of `evaluation.num_samples` samples of `trained`."""
+  ev, sampling = run.evaluation, run.sampling
+  samples = generation.generate(
+      trained.bind, trained.params, trained.schedule,
+      sample_fn=sampling.sampler.fn, num_images=ev.num_samples,
+      batch_size=sampling.batch_size, image_shape=run.image_shape, key=key,
+      mesh=trained.mesh, labels=sampling.labels(ev.num_samples))
+  # Every process computes the same statistics; process 0 writes them.
+  return sample_quality(
+      samples,
+      reference_images=lambda: _reference_images(run, ev.num_reference),
+      inception_weights=ev.inception_weights,
+      preprocessing=ev.inception_preprocessing, cache_dir=workdir / "fid_stats",
+      dataset=ev.source, split=ev.reference_split,
+      num_reference=ev.num_reference, batch_size=ev.batch_size,
+      write_cache=jax.process_index() == 0)
+
+
 def evaluate(config, workdir: epath.PathLike) -> dict[str, Any]:
   """`--mode=eval` for the newest usable checkpoint's EMA parameters.
 
   Every process must call it; process 0 writes `<workdir>/eval/step_N.json`.
-
-  A class-conditional run's bits/dim are conditional on the eval labels;
-  its FID samples have the classes of `builders.sample_labels`.
+  The config is read once, by `builders.build_run`; `evaluate_run` runs
+  the built run.
 
   Returns:
     The results: bits/dim terms and 'num_images', plus FID, IS and KID
     when `config.eval.inception_weights` is set.
   """
-  data, diff = config.data, config.diffusion
+  return evaluate_run(builders.build_run(config), workdir)
+
+
+def evaluate_run(run: builders.Run, workdir: epath.PathLike) -> dict[str, Any]:
+  """`evaluate` of a built run (`builders.build_run`).
+
+  A class-conditional run's bits/dim are conditional on the eval labels;
+  its FID samples have the classes of `run.sampling.labels`.
+
+  Returns:
+    The results: bits/dim terms and 'num_images', plus FID, IS and KID
+    when `run.evaluation.inception_weights` is set.
+
+  Example:
+    >>> results = evaluate_run(builders.build_run(config), "/tmp/run")
+  """
+  ev, workdir = run.evaluation, storage.as_path(workdir)
   is_chief = jax.process_index() == 0
   # The data first: a bad source fails before anything starts threads.
-  batches = builders.build_dataset(
-      config, batch_size=int(config.eval.batch_size) // jax.process_count(),
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      training=False)
-  trained = inference.load_trained(config, workdir)
-  key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), trained.step)
+  batches = run.dataset(batch_size=ev.batch_size // jax.process_count(),
+                        process_index=jax.process_index(),
+                        process_count=jax.process_count(), training=False)
+  trained = inference.restore_trained(run, workdir)
+  key = jax.random.fold_in(jax.random.PRNGKey(run.seed), trained.step)
   bpd_key, sample_key = jax.random.split(key)
-  results = bits_per_dim(trained, batches,
-                         num_images=int(config.eval.num_images), key=bpd_key,
-                         target=diff.target, var_type=diff.var_type,
-                         mean_form=diff.mean_form, clip_x0=bool(diff.clip_x0))
+  results = bits_per_dim(trained, batches, num_images=ev.num_images,
+                         key=bpd_key, **ev.bound_options)
   if is_chief:
     logging.info(
         "Step %d, %d images of split %r: %.4f bits/dim%s (prior "
         "%.3g, decoder %.4f, KL terms %.4f).", trained.step,
-        results["num_images"], data.eval_split, results["total_bpd"],
+        results["num_images"], ev.split, results["total_bpd"],
         " given the labels" if trained.num_classes else "",
         results["prior_bpd"], results["decoder_bpd"], results["kl_bpd"])
-  if config.eval.inception_weights:
-    num_samples = int(config.eval.num_samples)
-    samples = generation.generate(
-        trained.bind, trained.params, trained.schedule,
-        sample_fn=builders.build_sampler(config).fn, num_images=num_samples,
-        batch_size=int(config.sample.batch_size),
-        image_shape=builders.image_shape(config), key=sample_key,
-        mesh=trained.mesh, labels=builders.sample_labels(config, num_samples))
-    num_reference = int(config.eval.num_reference)
-    # Every process computes the same statistics; process 0 writes them.
+  if ev.inception_weights:
     results.update(
-        sample_quality(
-            samples,
-            reference_images=lambda: _reference_images(config, num_reference),
-            inception_weights=config.eval.inception_weights,
-            preprocessing=config.eval.inception_preprocessing,
-            cache_dir=storage.as_path(workdir) / "fid_stats",
-            dataset=data.source, split=data.split, num_reference=num_reference,
-            batch_size=int(config.eval.batch_size), write_cache=is_chief))
+        _sample_quality(run, trained, key=sample_key, workdir=workdir))
     if is_chief:
       logging.info(
           "FID %.3f, Inception Score %.3f +- %.3f, KID %.5f +- %.5f "

@@ -1,22 +1,23 @@
 """Samples from a model, many at a time: the sharded batch driver
 `generate`, sample grids during training and `--mode=sample`'s files.
 
-The samplers themselves are the pure functions of `ddpm_jax.samplers` and
-`ddpm_jax.samplers`; `builders.build_sampler` binds one to the run's options
-(respacing and classifier-free guidance included). Here a sampler runs over
+The samplers themselves are the pure functions of `ddpm_jax.samplers`;
+`builders.build_sampler` binds one to the run's options (respacing and
+classifier-free guidance included), once per run, in the run's
+`builders.Sampling` with the sample settings. Here a sampler runs over
 the 'data' mesh and its images are written as PNG grids, GIFs and .npz.
-Class-conditional runs sample the classes of `builders.sample_labels`; their
+Class-conditional runs sample the classes of `Sampling.labels`; their
 grids show one row per class (unless `sample.class_id` picks one). Every
 process of a multi-host run calls these functions; process 0 writes.
 
 Example:
-  >>> trained = inference.load_trained(config, workdir)
+  >>> run = builders.build_run(config)
+  >>> trained = inference.restore_trained(run, workdir)
   >>> images = generate(trained.bind, trained.params, trained.schedule,
-  ...                   sample_fn=builders.build_sampler(config).fn,
+  ...                   sample_fn=run.sampling.sampler.fn,
   ...                   num_images=1000, batch_size=250,
-  ...                   image_shape=(32, 32, 3), key=jax.random.key(0),
-  ...                   mesh=trained.mesh,
-  ...                   labels=builders.sample_labels(config, 1000))
+  ...                   image_shape=run.image_shape, key=jax.random.key(0),
+  ...                   mesh=trained.mesh, labels=run.sampling.labels(1000))
   >>> images.shape  # uint8
   (1000, 32, 32, 3)
 """
@@ -204,29 +205,33 @@ def save_data_grid(batch_images, workdir: epath.PathLike) -> epath.Path:
   return path
 
 
-def _by_class(trained: Trained, config) -> bool:
-  """Whether the run's grids show every class, one row each."""
-  return trained.num_classes > 0 and int(config.sample.class_id) < 0
-
-
-def save_training_samples(trained: Trained, config, *, key: jax.Array,
-                          workdir: epath.PathLike, gif: bool) -> None:
+def save_training_samples(trained: Trained, sampling: builders.Sampling, *,
+                          key: jax.Array, workdir: epath.PathLike,
+                          gif: bool) -> None:
   """A grid of up to 64 samples from the EMA parameters in
   `<workdir>/samples/step_N.png` (and `.gif`); process 0 writes. A
   class-conditional run's grid has one row per class of 64 // C samples (at
-  least one), or shows `sample.class_id` alone."""
-  count = min(int(config.sample.num_images), 64)
-  if _by_class(trained, config):
+  least one), or shows `sample.class_id` alone.
+
+  Args:
+    trained: the model with the train state's EMA parameters, at its step.
+    sampling: the run's sampler and sample settings
+      (`builders.build_run(config).sampling`).
+    key: the run's sample stream; the grid of step N uses `fold_in(key, N)`.
+    workdir: the training workdir.
+    gif: also write the GIF of the denoising chain.
+  """
+  count = min(sampling.num_images, 64)
+  if sampling.by_class:
     count = trained.num_classes * max(1, count // trained.num_classes)
-  labels = builders.sample_labels(config, count)
-  out = sample_with_trajectory(trained, builders.build_sampler(config),
-                               image_shape=builders.image_shape(config),
-                               num_images=count,
-                               num_frames=int(config.sample.gif_frames),
+  labels = sampling.labels(count)
+  out = sample_with_trajectory(trained, sampling.sampler,
+                               image_shape=sampling.image_shape,
+                               num_images=count, num_frames=sampling.gif_frames,
                                key=jax.random.fold_in(key, trained.step),
                                labels=labels)
   nrow = None
-  if _by_class(trained, config):
+  if sampling.by_class:
     order, nrow = class_rows(labels, trained.num_classes)
     out = out._replace(
         images=out.images[order],
@@ -238,65 +243,89 @@ def save_training_samples(trained: Trained, config, *, key: jax.Array,
     logging.info("Step %d: wrote %s.", trained.step, ", ".join(map(str, paths)))
 
 
-def sample_to_files(trained: Trained, config, *,
+def _write_sample_files(uint8: np.ndarray, labels: Optional[np.ndarray],
+                        chains: Optional[samplers.SampleOutput], *,
+                        by_class: bool, num_classes: int, directory: epath.Path,
+                        stem: str) -> list[str]:
+  """`stem`.npz, .png (and .gif of `chains`) in `directory`; their paths."""
+  directory.mkdir(parents=True, exist_ok=True)
+  npz_path = directory / f"{stem}.npz"
+  arrays = dict(images=uint8)
+  if labels is not None:
+    arrays["labels"] = labels
+  with npz_path.open("wb") as f:
+    np.savez_compressed(f, **arrays)
+  grid_path = directory / f"{stem}.png"
+  if by_class:
+    order, nrow = class_rows(labels, num_classes)
+    shown = uint8[order]
+  else:
+    shown = uint8[:64]
+    nrow = images.grid_nrow(len(shown))
+  images.save_image_grid(shown, grid_path, nrow=nrow)
+  paths = [str(npz_path), str(grid_path)]
+  if chains is not None:
+    gif_path = directory / f"{stem}.gif"
+    images.save_gif(chains.trajectory, gif_path,
+                    nrow=images.grid_nrow(chains.images.shape[0]))
+    paths.append(str(gif_path))
+  return paths
+
+
+def sample_to_files(trained: Trained, sampling: builders.Sampling, *, seed: int,
                     workdir: epath.PathLike) -> dict[str, Any]:
-  """`--mode=sample`: `config.sample.num_images` images from `trained`.
+  """`--mode=sample`: `sampling.num_images` images from `trained`.
 
   Writes `<workdir>/samples/sample_step_N.npz` (uint8 'images' [N, H, W, C],
   and for a class-conditional run int32 'labels' [N]), a PNG grid of the
   first 64 (of a class-conditional run over all classes: one row per class)
-  and, with `config.sample.gif`, a GIF of 16 chains. Every process must call
-  it; process 0 writes.
+  and, with `sampling.gif`, a GIF of 16 chains. Every process must call it;
+  process 0 writes.
+
+  Args:
+    trained: the model and its EMA parameters (`inference.load_trained`).
+    sampling: the run's sampler and sample settings
+      (`builders.build_run(config).sampling`).
+    seed: the run's seed; the images use `fold_in(PRNGKey(seed), N)`.
+    workdir: the training workdir.
 
   Returns:
     {'images_per_sec': float, 'paths': [str], 'num_images': int}.
+
+  Example:
+    >>> run = builders.build_run(config)
+    >>> result = sample_to_files(inference.restore_trained(run, workdir),
+    ...                          run.sampling, seed=run.seed, workdir=workdir)
   """
-  key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), trained.step)
+  key = jax.random.fold_in(jax.random.PRNGKey(seed), trained.step)
   grid_key, sample_key = jax.random.split(key)
-  sampler = builders.build_sampler(config)
-  shape = builders.image_shape(config)
-  num_images = int(config.sample.num_images)
-  labels = builders.sample_labels(config, num_images)
+  sampler, num_images = sampling.sampler, sampling.num_images
+  labels = sampling.labels(num_images)
   start = time.perf_counter()
   uint8 = generate(trained.bind, trained.params, trained.schedule,
                    sample_fn=sampler.fn, num_images=num_images,
-                   batch_size=int(config.sample.batch_size), image_shape=shape,
-                   key=sample_key, mesh=trained.mesh, labels=labels)
+                   batch_size=sampling.batch_size,
+                   image_shape=sampling.image_shape, key=sample_key,
+                   mesh=trained.mesh, labels=labels)
   seconds = time.perf_counter() - start
   result = dict(images_per_sec=num_images / seconds, num_images=num_images,
                 paths=[])
-  out = None
-  if config.sample.gif:
+  chains = None
+  if sampling.gif:
     num_chains = min(num_images, 16)
-    out = sample_with_trajectory(
-        trained, sampler, image_shape=shape, num_images=num_chains,
-        num_frames=int(config.sample.gif_frames), key=grid_key,
-        labels=builders.sample_labels(config, num_chains))
+    chains = sample_with_trajectory(trained, sampler,
+                                    image_shape=sampling.image_shape,
+                                    num_images=num_chains,
+                                    num_frames=sampling.gif_frames,
+                                    key=grid_key,
+                                    labels=sampling.labels(num_chains))
   if jax.process_index() == 0:
-    directory = storage.as_path(workdir) / "samples"
-    directory.mkdir(parents=True, exist_ok=True)
-    stem = f"sample_step_{trained.step:08d}"
-    npz_path = directory / f"{stem}.npz"
-    arrays = dict(images=uint8)
-    if labels is not None:
-      arrays["labels"] = labels
-    with npz_path.open("wb") as f:
-      np.savez_compressed(f, **arrays)
-    grid_path = directory / f"{stem}.png"
-    if _by_class(trained, config):
-      order, nrow = class_rows(labels, trained.num_classes)
-      shown = uint8[order]
-    else:
-      shown = uint8[:64]
-      nrow = images.grid_nrow(len(shown))
-    images.save_image_grid(shown, grid_path, nrow=nrow)
-    result["paths"] = [str(npz_path), str(grid_path)]
-    if out is not None:
-      gif_path = directory / f"{stem}.gif"
-      images.save_gif(out.trajectory, gif_path,
-                      nrow=images.grid_nrow(out.images.shape[0]))
-      result["paths"].append(str(gif_path))
-    guided = (f", guidance scale {float(config.sample.guidance_scale):g}"
+    result["paths"] = _write_sample_files(
+        uint8, labels, chains, by_class=sampling.by_class,
+        num_classes=trained.num_classes,
+        directory=storage.as_path(workdir) / "samples",
+        stem=f"sample_step_{trained.step:08d}")
+    guided = (f", guidance scale {sampling.guidance_scale:g}"
               if trained.num_classes else "")
     logging.info(
         "Sampled %d images with %s (%d network calls each%s) in "

@@ -82,6 +82,58 @@ class Trained(NamedTuple):
     return make_model_fn(self.model, conditional=self.num_classes > 0)(params)
 
 
+def trained_from_run(run: builders.Run, params: PyTree, *, step: int,
+                     mesh: Mesh) -> Trained:
+  """The `Trained` of `run`'s network with `params` (e.g. the EMA
+  parameters of a train state) at training step `step`."""
+  return Trained(model=run.model, params=params, schedule=run.schedule,
+                 step=step, mesh=mesh, num_classes=run.num_classes)
+
+
+def restore_trained(run: builders.Run, workdir: str | epath.PathLike, *,
+                    mesh: Optional[Mesh] = None,
+                    step: Optional[int] = None) -> Trained:
+  """The EMA parameters of the newest usable checkpoint of a built run (or
+  of checkpoint `step`); see `load_trained`.
+
+  Args:
+    run: the run the checkpoint was trained with (`builders.build_run`):
+      its model, schedule, image shape and classes.
+    workdir: the training workdir (checkpoints in `<workdir>/checkpoints`).
+    mesh: the mesh to restore onto; default all devices on 'data'.
+    step: a kept checkpoint's step; default the newest usable one.
+
+  Returns:
+    A `Trained`.
+
+  Raises:
+    FileNotFoundError: the workdir holds no checkpoint.
+    checkpoint.CheckpointError: checkpoints exist but none is usable, or
+      checkpoint `step` is missing or broken.
+
+  Example:
+    >>> trained = restore_trained(builders.build_run(config), workdir)
+  """
+  mesh = parallel.create_mesh() if mesh is None else mesh
+  directory = storage.as_path(workdir) / "checkpoints"
+  no_checkpoint = FileNotFoundError(
+      f"No checkpoint in {directory}: train first with --mode=train and this "
+      "--workdir.")
+  if parallel.any_process(not directory.is_dir()):  # Agreed by all hosts.
+    raise no_checkpoint
+  init_fn = functools.partial(train_step.init_params, run.model,
+                              image_shape=run.image_shape,
+                              num_classes=run.num_classes)
+  abstract = parallel.replicated_abstract(
+      lambda rng: jax.tree.map(lambda p: p.astype(jnp.float32), init_fn(rng)),
+      jax.ShapeDtypeStruct((2,), jnp.uint32), mesh=mesh)  # EMA is float32.
+  with checkpoint.CheckpointManager(directory, writable=False) as ckpt:
+    if ckpt.latest_step() is None:
+      raise no_checkpoint
+    step, params = ckpt.restore_ema_params(abstract, step=step)
+  return trained_from_run(run, params, step=step, mesh=mesh)
+
+
 def load_trained(config, workdir: str | epath.PathLike, *,
                  model: Optional[nn.Module] = None, mesh: Optional[Mesh] = None,
                  step: Optional[int] = None) -> Trained:
@@ -94,7 +146,8 @@ def load_trained(config, workdir: str | epath.PathLike, *,
 
   Args:
     config: the run config the checkpoint was trained with (`model`,
-      `data.image_size`, `data.channels`, `data.num_classes`, `diffusion`).
+      `data.image_size`, `data.channels`, `data.num_classes`, `diffusion`),
+      read by `builders.build_run`.
     workdir: the training workdir (checkpoints in `<workdir>/checkpoints`).
     model: the network; default `builders.build_model(config)` (pass the
       one given to `train.train_and_evaluate`, if any).
@@ -110,25 +163,5 @@ def load_trained(config, workdir: str | epath.PathLike, *,
     checkpoint.CheckpointError: checkpoints exist but none is usable, or
       checkpoint `step` is missing or broken.
   """
-  mesh = parallel.create_mesh() if mesh is None else mesh
-  model = builders.build_model(config) if model is None else model
-  directory = storage.as_path(workdir) / "checkpoints"
-  no_checkpoint = FileNotFoundError(
-      f"No checkpoint in {directory}: train first with --mode=train and this "
-      "--workdir.")
-  if parallel.any_process(not directory.is_dir()):  # Agreed by all hosts.
-    raise no_checkpoint
-  num_classes = int(config.data.num_classes)
-  init_fn = functools.partial(train_step.init_params, model,
-                              image_shape=builders.image_shape(config),
-                              num_classes=num_classes)
-  abstract = parallel.replicated_abstract(
-      lambda rng: jax.tree.map(lambda p: p.astype(jnp.float32), init_fn(rng)),
-      jax.ShapeDtypeStruct((2,), jnp.uint32), mesh=mesh)  # EMA is float32.
-  with checkpoint.CheckpointManager(directory, writable=False) as ckpt:
-    if ckpt.latest_step() is None:
-      raise no_checkpoint
-    step, params = ckpt.restore_ema_params(abstract, step=step)
-  return Trained(model=model, params=params,
-                 schedule=builders.build_schedule(config), step=step, mesh=mesh,
-                 num_classes=num_classes)
+  return restore_trained(builders.build_run(config, model=model), workdir,
+                         mesh=mesh, step=step)

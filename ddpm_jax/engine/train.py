@@ -1,12 +1,14 @@
 """The training loop: `train_and_evaluate(config, workdir)`.
 
-The loop feeds batches to the jitted `train_step` (`ddpm_jax.engine.train_step`)
-and runs its periodic actions, each a small piece of its own:
+`train_and_evaluate` builds the run once (`builders.build_run`) and hands it
+to `train`, which restores or initialises the train state, then feeds
+batches to the jitted train step (`ddpm_jax.engine.train_step`) and runs its
+periodic actions, each a small piece of its own:
 
-* `_MetricLog`: log line, TensorBoard scalars and progress bar;
+* `summary.MetricLog`: log line, TensorBoard scalars and progress bar;
 * `_NonFiniteGuard`: stops after too many skipped (non-finite) steps;
 * `_StopRequest`: SIGTERM (preemption) or the wall-clock budget;
-* `_Profile`: a `jax.profiler` trace of chosen steps;
+* `summary.Profile`: a `jax.profiler` trace of chosen steps;
 * checkpoints (`ddpm_jax.engine.checkpoint`) and sample grids
   (`ddpm_jax.engine.generation`), with one grid of real data at the start of a
   fresh run (`samples/data.png`).
@@ -22,31 +24,33 @@ processes together.
 Example:
   >>> parallel.initialize_distributed()
   >>> state = train_and_evaluate(config, workdir)
+  >>> state = train(builders.build_run(config), workdir)  # the same
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import math
-import os
-import shutil
 import signal
-import sys
-import tempfile
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
 import numpy as np
-import tqdm
 from absl import logging
 from etils import epath
+from jax.sharding import Mesh
 
-from ddpm_jax.engine import builders, checkpoint, generation, train_step
-from ddpm_jax.engine.inference import Trained
+from ddpm_jax.engine import (
+    builders,
+    checkpoint,
+    generation,
+    inference,
+    summary,
+    train_step,
+)
 from ddpm_jax.infra import parallel, storage
 
 PyTree = Any
@@ -54,14 +58,6 @@ PyTree = Any
 
 class NonFiniteError(RuntimeError):
   """Training stopped after too many consecutive non-finite steps."""
-
-
-def _format_seconds(seconds: float) -> str:
-  if not math.isfinite(seconds):
-    return "?"
-  hours, rest = divmod(int(seconds), 3600)
-  minutes, secs = divmod(rest, 60)
-  return f"{hours}:{minutes:02d}:{secs:02d}"
 
 
 class _StopRequest:
@@ -98,157 +94,6 @@ class _StopRequest:
     self.sigterm = parallel.any_process(self.sigterm)
     self.out_of_time = parallel.any_process(self.seconds_left() <= 0)
     return self.sigterm or self.out_of_time
-
-
-class _EventFile:
-  """A tensorboardX event file at an epath path (gs://). Cloud Storage
-  objects cannot be appended to, so every flush rewrites the whole file;
-  the file holds a few scalars per log step."""
-
-  def __init__(self, path: str):
-    self._path = storage.as_path(path)
-    self._buffer = io.BytesIO()
-
-  def write(self, data: bytes) -> None:
-    self._buffer.write(data)
-
-  def flush(self) -> None:
-    self._path.write_bytes(self._buffer.getvalue())
-
-  def close(self) -> None:
-    self.flush()
-
-
-class _EventFiles:
-  """tensorboardX's writer factory for gs:// logdirs, through epath (in
-  place of its own google-cloud-storage writer)."""
-
-  def open(self, path: str) -> _EventFile:
-    return _EventFile(path)
-
-  def directory_check(self, path: str) -> None:
-    storage.as_path(path).mkdir(parents=True, exist_ok=True)
-
-
-def _summary_writer(workdir: epath.Path):
-  """A tensorboardX SummaryWriter for `workdir`, or None without
-  tensorboardX."""
-  try:
-    import tensorboardX  # pylint: disable=g-import-not-at-top
-    from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    logging.warning("tensorboardX is not installed: no TensorBoard scalars.")
-    return None
-  for prefix in storage.REMOTE_PREFIXES:
-    record_writer.register_writer_factory(prefix.split(":")[0], _EventFiles())
-  return tensorboardX.SummaryWriter(os.fspath(workdir))
-
-
-class _Profile:
-  """A `jax.profiler` trace of train steps `first`, ..., `first + count - 1`
-  (numbered from 1, as in the log) on process 0.
-
-  The trace is written to a local temporary directory and copied to
-  `<workdir>/profile` (so a gs:// workdir works too): TensorBoard's profile
-  tab reads `plugins/profile/<run>/*.xplane.pb`, ui.perfetto.dev opens
-  `perfetto_trace.json.gz`. A run resumed after `first` traces nothing.
-  """
-
-  def __init__(self, *, first: int, count: int, workdir: epath.Path,
-               enabled: bool):
-    self._first, self._last = first, first + count - 1
-    self._target = workdir / "profile"
-    self._enabled = enabled and first > 0
-    self._local: Optional[str] = None
-
-  def before(self, step: int) -> None:
-    """Called before step `step` runs."""
-    if self._enabled and step == self._first:
-      self._local = tempfile.mkdtemp(prefix="ddpm_jax_profile_")
-      jax.profiler.start_trace(self._local, create_perfetto_trace=True)
-
-  def after(self, step: int, state) -> None:
-    """Called after step `step` was dispatched, with its output state."""
-    if self._local is not None and step >= self._last:
-      jax.block_until_ready(state)
-      self.close()
-
-  def close(self) -> None:
-    """Ends a running trace and copies it to the workdir."""
-    if self._local is None:
-      return
-    local, self._local = self._local, None
-    jax.profiler.stop_trace()
-    for root, _, files in os.walk(local):
-      for name in files:
-        source = os.path.join(root, name)
-        target = self._target / os.path.relpath(source, local)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with open(source, "rb") as f:
-          target.write_bytes(f.read())
-    shutil.rmtree(local)
-    logging.info(
-        "Wrote a profiler trace of steps %d-%d to %s (TensorBoard: "
-        "--logdir %s, profile tab; Perfetto: "
-        "perfetto_trace.json.gz).", self._first, self._last, self._target,
-        self._target)
-
-
-class _MetricLog:
-  """Every `log_every` steps: a log line with images/s and ETA, TensorBoard
-  scalars (process 0), and a progress bar on a terminal."""
-
-  def __init__(self, *, workdir: epath.Path, num_steps: int, start_step: int,
-               global_batch: int, log_every: int, is_chief: bool):
-    self._num_steps, self._global_batch = num_steps, global_batch
-    self._log_every, self._is_chief = log_every, is_chief
-    self._timer_step, self._timer_start = start_step, None
-    self._writer = _summary_writer(workdir) if is_chief else None
-    # A progress bar only for a person watching a terminal.
-    self._progress = tqdm.tqdm(total=num_steps, initial=start_step, unit="step",
-                               dynamic_ncols=True,
-                               disable=not (is_chief and sys.stderr.isatty()))
-
-  def due(self, step: int) -> bool:
-    return step % self._log_every == 0 or step == self._num_steps
-
-  def step_done(self, step: int, seconds_left: float) -> None:
-    self._progress.update(1)
-    if math.isfinite(seconds_left):
-      self._progress.set_postfix_str(
-          f"time budget left {_format_seconds(max(seconds_left, 0))}",
-          refresh=False)
-    if self._timer_start is None:  # Excludes the first step's compilation.
-      self._timer_step, self._timer_start = step, time.time()
-
-  def write(self, step: int, metrics: dict[str, jax.Array],
-            seconds_left: float) -> None:
-    host = {k: float(parallel.host_value(v)) for k, v in metrics.items()}
-    elapsed = time.time() - self._timer_start
-    steps_per_sec = (step - self._timer_step) / elapsed if elapsed > 0 else 0.
-    host["images_per_sec"] = steps_per_sec * self._global_batch
-    if not self._is_chief:
-      return
-    eta = ((self._num_steps - step) /
-           steps_per_sec if steps_per_sec > 0 else math.inf)
-    budget = ""
-    if seconds_left < eta:
-      eta, budget = max(seconds_left, 0.0), " (time budget)"
-    logging.info(
-        "step %d/%d: loss %.5f, grad_norm %.4f, lr %.3g, %.1f images/s, "
-        "ETA %s%s%s", step, self._num_steps, host["loss"], host["grad_norm"],
-        host["lr"], host["images_per_sec"], _format_seconds(eta), budget,
-        f", {int(host['nonfinite_count'])} non-finite steps in a row"
-        if host["nonfinite_count"] else "")
-    if self._writer is not None:
-      for name, value in host.items():
-        self._writer.add_scalar(f"train/{name}", value, step)
-      self._writer.flush()
-
-  def close(self) -> None:
-    self._progress.close()
-    if self._writer is not None:
-      self._writer.close()
 
 
 class _NonFiniteGuard:
@@ -288,6 +133,194 @@ def _check_batch(images: np.ndarray, expected: tuple[int, ...]) -> None:
                      f"{images.shape}; expected {expected}.")
 
 
+class _Feed:
+  """This host's batches of the input pipeline, checked and assembled into
+  global arrays over the mesh. With `data_grid_in`, the first batch is also
+  drawn once as `<workdir>/samples/data.png` (a fresh run shows its data)."""
+
+  def __init__(self, ds, *, host_shape: tuple[int, ...], mesh: Mesh,
+               num_classes: int, data_grid_in: Optional[epath.Path]):
+    self._ds, self._host_shape, self._mesh = ds, host_shape, mesh
+    self._num_classes, self._data_grid_in = num_classes, data_grid_in
+
+  def next(self) -> dict[str, jax.Array]:
+    batch = next(self._ds)
+    images = np.asarray(batch["image"], np.float32)
+    _check_batch(images, self._host_shape)
+    if self._data_grid_in is not None:
+      generation.save_data_grid(images, self._data_grid_in)
+      self._data_grid_in = None
+    arrays = {"image": parallel.global_batch(images, self._mesh)}
+    if self._num_classes:
+      arrays["label"] = parallel.global_batch(
+          np.asarray(batch["label"], np.int32), self._mesh)
+    return arrays
+
+
+class _Keys(NamedTuple):
+  """Three independent streams of PRNGKey(seed), replicated on the mesh."""
+  init: jax.Array  # the parameters.
+  train: jax.Array  # the train steps (`fold_in` of the step inside).
+  sample: jax.Array  # the sample grids (`fold_in` of the step).
+
+
+def _split_seed(seed: int, mesh: Mesh) -> _Keys:
+  """Made on the mesh by jit: identical and replicated on every process."""
+  replicated = parallel.replicated(mesh)
+  return _Keys(
+      *jax.jit(lambda: tuple(jax.random.split(jax.random.PRNGKey(seed), 3)),
+               out_shardings=(replicated,) * 3)())
+
+
+class _Start(NamedTuple):
+  """Where the loop starts."""
+  state: train_step.TrainState  # replicated over the mesh.
+  rng: jax.Array  # the train stream.
+  last_saved: Optional[int]  # the restored checkpoint's step; None: fresh.
+
+
+def _restore_or_initialise(run: builders.Run,
+                           ckpt: checkpoint.CheckpointManager, ds, *,
+                           keys: _Keys, mesh: Mesh,
+                           abstract_state: PyTree) -> _Start:
+  """The newest complete, verified checkpoint (broken newer ones are
+  skipped with a warning; CheckpointError when none is usable), with the
+  input pipeline's position; or a fresh state from `keys.init`."""
+  if ckpt.latest_step() is None:
+    return _Start(
+        train_step.create_train_state(run.model, run.optimizer, keys.init,
+                                      image_shape=run.image_shape, mesh=mesh,
+                                      num_classes=run.num_classes), keys.train,
+        None)
+  last_saved, state, rng, data_state = ckpt.restore_newest_valid(
+      abstract_state,
+      jax.ShapeDtypeStruct(keys.train.shape, keys.train.dtype,
+                           sharding=parallel.replicated(mesh)))
+  if data_state is not None and hasattr(ds, "set_state"):
+    ds.set_state(data_state)
+  else:
+    logging.warning(
+        "Checkpoint %d has no input-pipeline position for "
+        "this process; the data restarts from the "
+        "beginning.", last_saved)
+  if jax.process_index() == 0:
+    logging.info("Resumed from checkpoint step %d in %s.", last_saved,
+                 ckpt.directory)
+  return _Start(state, rng, last_saved)
+
+
+class _PeriodicActions:
+  """What the loop does around each step: the profiler trace, the log line
+  and progress bar, the non-finite guard, the stop checks, checkpoints and
+  sample grids. A context manager: it installs the SIGTERM handler and
+  closes the log and a running trace on exit."""
+
+  def __init__(self, run: builders.Run, *, workdir: epath.Path,
+               ckpt: checkpoint.CheckpointManager, ds, mesh: Mesh,
+               sample_key: jax.Array, start: _Start, start_time: float):
+    loop, is_chief = run.loop, jax.process_index() == 0
+    self._run, self._loop, self._workdir = run, loop, workdir
+    self._ckpt, self._ds, self._mesh = ckpt, ds, mesh
+    self._sample_key = sample_key
+    self._stack = contextlib.ExitStack()
+    self._log = summary.MetricLog(
+        workdir=workdir, num_steps=loop.num_steps,
+        start_step=int(parallel.host_value(start.state.step)),
+        global_batch=loop.batch_size, log_every=loop.log_every,
+        is_chief=is_chief)
+    self._guard = _NonFiniteGuard(loop.max_nonfinite_steps, ckpt.directory,
+                                  start.last_saved)
+    self._stop = _StopRequest(max_time=loop.max_time, start=start_time)
+    self._profile = summary.Profile(first=loop.profile_start,
+                                    count=loop.profile_steps, workdir=workdir,
+                                    enabled=is_chief)
+    self._metrics = None  # Of the step in flight.
+
+  def __enter__(self) -> _PeriodicActions:
+    self._stack.callback(self._log.close)
+    self._stack.enter_context(self._stop)
+    self._stack.callback(self._profile.close)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self._stack.close()
+
+  def before(self, step: int) -> None:
+    """Called before step `step` runs."""
+    self._profile.before(step)
+
+  def after(self, step: int, state: train_step.TrainState, rng: jax.Array,
+            metrics: dict[str, jax.Array]) -> bool:
+    """Runs the actions due after step `step`; returns whether to stop."""
+    loop, log, stop = self._loop, self._log, self._stop
+    self._profile.after(step, state)
+    log.step_done(step, stop.seconds_left())
+    self._guard.check(step - 1, self._metrics)  # One step stays in flight.
+    self._metrics = metrics
+    if log.due(step):
+      log.write(step, metrics, stop.seconds_left())
+    # Several hosts agree at log steps only (a collective); one checks
+    # every step.
+    stopping = (stop.check()
+                if jax.process_count() == 1 or log.due(step) else False)
+    final = step == loop.num_steps or stopping
+    if step % loop.checkpoint_every == 0 or final:
+      self._save(step, state, rng, metrics)
+    if loop.sample_every and not stop.sigterm and (final or step %
+                                                   loop.sample_every == 0):
+      self._sample_grid(step, state, gif=final and self._run.sampling.gif)
+    if stopping and jax.process_index() == 0:
+      why = ("SIGTERM" if stop.sigterm else
+             f"time budget of {summary.format_seconds(loop.max_time)} "
+             "used up")
+      logging.warning("%s: saved checkpoint at step %d in %s; stopping.", why,
+                      step, self._ckpt.directory)
+    return stopping
+
+  def finish(self, step: int) -> None:
+    """Called once the loop ends, at step `step`."""
+    self._guard.check(step, self._metrics)
+
+  def _save(self, step, state, rng, metrics) -> None:
+    ds = self._ds
+    self._ckpt.save(
+        step, state, rng,
+        data_state=ds.get_state() if hasattr(ds, "get_state") else None)
+    self._guard.saved(step, metrics)
+
+  def _sample_grid(self, step, state, *, gif: bool) -> None:
+    generation.save_training_samples(
+        inference.trained_from_run(self._run, state.ema_params, step=step,
+                                   mesh=self._mesh), self._run.sampling,
+        key=self._sample_key, workdir=self._workdir, gif=gif)
+
+
+def _log_start(run: builders.Run, step: int, abstract_state: PyTree) -> None:
+  if jax.process_index() == 0:
+    logging.info(
+        "Training %d steps from step %d: global batch %d over %d "
+        "devices (%d processes), %d parameters.", run.loop.num_steps, step,
+        run.loop.batch_size, jax.device_count(), jax.process_count(),
+        sum(x.size for x in jax.tree.leaves(abstract_state.params)))
+
+
+def _run_steps(start: _Start, *, step_fn: Callable, feed: _Feed, num_steps: int,
+               actions: _PeriodicActions) -> train_step.TrainState:
+  """Train steps from `start` until `num_steps` or a stop request; returns
+  the state."""
+  state, rng = start.state, start.rng
+  step = int(parallel.host_value(state.step))
+  while step < num_steps:
+    arrays = feed.next()
+    actions.before(step + 1)
+    state, metrics = step_fn(state, arrays, rng)
+    step += 1
+    if actions.after(step, state, rng, metrics):
+      break
+  actions.finish(step)
+  return state
+
+
 def train_and_evaluate(
     config, workdir: str | epath.PathLike, *, model: Optional[nn.Module] = None,
     dataset_factory: Optional[Callable[...,
@@ -299,7 +332,8 @@ def train_and_evaluate(
   the function returns early; on SIGTERM without sample grids, the grace
   period being for the checkpoint); TensorBoard scalars to `workdir`
   (process 0). The config is used as given: check it first with
-  `config.validate_config` (the command line does).
+  `config.validate_config` (the command line does). It is read once, by
+  `builders.build_run`; `train` runs the built run.
 
   Args:
     config: the run config (seed, data, model, diffusion, optimizer, train,
@@ -320,139 +354,53 @@ def train_and_evaluate(
     checkpoint.CheckpointError: the workdir holds checkpoints but none is
       usable (broken newer ones are skipped in favour of older ones).
   """
-  start_time = time.time()
-  tcfg = config.train
-  num_steps, global_batch = int(tcfg.num_steps), int(tcfg.batch_size)
-  process_count, process_index = jax.process_count(), jax.process_index()
-  is_chief = process_index == 0
-  image_shape = builders.image_shape(config)
-  host_shape = (global_batch // process_count,) + image_shape
+  return train(
+      builders.build_run(config, model=model, dataset_factory=dataset_factory),
+      workdir)
+
+
+def train(run: builders.Run,
+          workdir: str | epath.PathLike) -> train_step.TrainState:
+  """Trains a built run (see `train_and_evaluate`): restore or initialise,
+  then the loop with its periodic actions.
+
+  Args:
+    run: the run (`builders.build_run`).
+    workdir: directory for checkpoints, TensorBoard events and samples.
+
+  Returns:
+    The final `TrainState` (replicated over the mesh).
+
+  Example:
+    >>> state = train(builders.build_run(config), "/tmp/run")
+  """
+  start_time, loop = time.time(), run.loop
+  process_count = jax.process_count()
+  host_shape = (loop.batch_size // process_count,) + run.image_shape
   workdir = storage.as_path(workdir)
-
   # The data first: a bad source fails before anything starts threads.
-  ds = (dataset_factory or
-        builders.build_dataset)(config, batch_size=host_shape[0],
-                                process_index=process_index,
-                                process_count=process_count)
-  mesh = builders.build_mesh(config)
-  replicated = parallel.replicated(mesh)
-  model = builders.build_model(config) if model is None else model
-  tx = builders.build_optimizer(config)
-  schedule = builders.build_schedule(config)
-  # Made on the mesh by jit: identical and replicated on every process.
-  # Three independent streams: parameters, train steps, sample grids.
-  init_rng, train_rng, sample_rng = jax.jit(
-      lambda: tuple(jax.random.split(jax.random.PRNGKey(config.seed), 3)),
-      out_shardings=(replicated,) * 3)()
-  num_classes = int(config.data.num_classes)
-  abstract_state = train_step.abstract_train_state(model, tx,
-                                                   image_shape=image_shape,
+  ds = run.dataset(batch_size=host_shape[0], process_index=jax.process_index(),
+                   process_count=process_count)
+  mesh = parallel.create_mesh(fsdp=run.fsdp)
+  keys = _split_seed(run.seed, mesh)
+  abstract_state = train_step.abstract_train_state(run.model, run.optimizer,
+                                                   image_shape=run.image_shape,
                                                    mesh=mesh,
-                                                   num_classes=num_classes)
-
-  with contextlib.ExitStack() as stack:
-    ckpt = stack.enter_context(
-        checkpoint.CheckpointManager(workdir / "checkpoints",
-                                     max_to_keep=int(tcfg.keep_checkpoints)))
-    if ckpt.latest_step() is None:
-      state = train_step.create_train_state(model, tx, init_rng,
-                                            image_shape=image_shape, mesh=mesh,
-                                            num_classes=num_classes)
-      rng, last_saved = train_rng, None
-    else:
-      # The newest complete, verified checkpoint; broken newer ones are
-      # skipped with a warning (CheckpointError when none is usable).
-      last_saved, state, rng, data_state = ckpt.restore_newest_valid(
-          abstract_state,
-          jax.ShapeDtypeStruct(train_rng.shape, train_rng.dtype,
-                               sharding=replicated))
-      if data_state is not None and hasattr(ds, "set_state"):
-        ds.set_state(data_state)
-      else:
-        logging.warning(
-            "Checkpoint %d has no input-pipeline position for "
-            "this process; the data restarts from the "
-            "beginning.", last_saved)
-      if is_chief:
-        logging.info("Resumed from checkpoint step %d in %s.", last_saved,
-                     ckpt.directory)
-    step = int(parallel.host_value(state.step))
-    if is_chief:
-      logging.info(
-          "Training %d steps from step %d: global batch %d over %d "
-          "devices (%d processes), %d parameters.", num_steps, step,
-          global_batch, jax.device_count(), process_count,
-          sum(x.size for x in jax.tree.leaves(abstract_state.params)))
-
-    step_fn = train_step.jit_train_step(
-        builders.build_train_step(config, model, tx, schedule=schedule), mesh,
-        abstract_state)
-    log = _MetricLog(workdir=workdir, num_steps=num_steps, start_step=step,
-                     global_batch=global_batch, log_every=int(tcfg.log_every),
-                     is_chief=is_chief)
-    stack.callback(log.close)
-    guard = _NonFiniteGuard(int(tcfg.max_nonfinite_steps), ckpt.directory,
-                            last_saved)
-    stop = stack.enter_context(
-        _StopRequest(max_time=float(tcfg.max_time), start=start_time))
-    profile = _Profile(first=int(tcfg.profile_start),
-                       count=int(tcfg.profile_steps), workdir=workdir,
-                       enabled=is_chief)
-    stack.callback(profile.close)
-    sample_every, ckpt_every = int(tcfg.sample_every), int(
-        tcfg.checkpoint_every)
-
-    def save(at_step, metrics):
-      ckpt.save(at_step, state, rng,
-                data_state=ds.get_state() if hasattr(ds, "get_state") else None)
-      guard.saved(at_step, metrics)
-
-    def sample_grid(at_step, *, gif):
-      generation.save_training_samples(
-          Trained(model=model, params=state.ema_params, schedule=schedule,
-                  step=at_step, mesh=mesh, num_classes=num_classes), config,
-          key=sample_rng, workdir=workdir, gif=gif)
-
-    metrics = prev_metrics = None
+                                                   num_classes=run.num_classes)
+  with checkpoint.CheckpointManager(workdir / "checkpoints",
+                                    max_to_keep=loop.keep_checkpoints) as ckpt:
+    start = _restore_or_initialise(run, ckpt, ds, keys=keys, mesh=mesh,
+                                   abstract_state=abstract_state)
+    _log_start(run, int(parallel.host_value(start.state.step)), abstract_state)
+    step_fn = train_step.jit_train_step(run.train_step, mesh, abstract_state)
     # A fresh run shows its real data once, drawn as the sample grids are.
-    show_data = is_chief and last_saved is None and bool(sample_every)
-    while step < num_steps:
-      batch = next(ds)
-      images = np.asarray(batch["image"], np.float32)
-      _check_batch(images, host_shape)
-      if show_data:
-        show_data = False
-        generation.save_data_grid(images, workdir)
-      arrays = {"image": parallel.global_batch(images, mesh)}
-      if num_classes:
-        arrays["label"] = parallel.global_batch(
-            np.asarray(batch["label"], np.int32), mesh)
-      profile.before(step + 1)
-      state, metrics = step_fn(state, arrays, rng)
-      step += 1
-      profile.after(step, state)
-      log.step_done(step, stop.seconds_left())
-      guard.check(step - 1, prev_metrics)  # One step stays in flight.
-      prev_metrics = metrics
-      if log.due(step):
-        log.write(step, metrics, stop.seconds_left())
-      # Several hosts agree at log steps only (a collective); one checks
-      # every step.
-      stopping = (stop.check()
-                  if process_count == 1 or log.due(step) else False)
-      final = step == num_steps or stopping
-      if step % ckpt_every == 0 or final:
-        save(step, metrics)
-      if sample_every and not stop.sigterm and (final or
-                                                step % sample_every == 0):
-        sample_grid(step, gif=final and bool(config.sample.gif))
-      if stopping:
-        if is_chief:
-          why = ("SIGTERM" if stop.sigterm else
-                 f"time budget of {_format_seconds(float(tcfg.max_time))} "
-                 "used up")
-          logging.warning("%s: saved checkpoint at step %d in %s; stopping.",
-                          why, step, ckpt.directory)
-        break
-    guard.check(step, metrics)
-  return state
+    show_data = (jax.process_index() == 0 and start.last_saved is None and
+                 bool(loop.sample_every))
+    feed = _Feed(ds, host_shape=host_shape, mesh=mesh,
+                 num_classes=run.num_classes,
+                 data_grid_in=workdir if show_data else None)
+    with _PeriodicActions(run, workdir=workdir, ckpt=ckpt, ds=ds, mesh=mesh,
+                          sample_key=keys.sample, start=start,
+                          start_time=start_time) as actions:
+      return _run_steps(start, step_fn=step_fn, feed=feed,
+                        num_steps=loop.num_steps, actions=actions)
