@@ -149,6 +149,7 @@ def explain_mismatch(error: checkpoint.CheckpointMismatch, config, *,
 
 
 def main(argv) -> None:
+  """Trains, samples or evaluates the run of --config in --workdir (--mode)."""
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   parallel.quiet_backend_probe()

@@ -9,6 +9,7 @@ module reaches into another module's private names.
 import ast
 import importlib
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -169,3 +170,33 @@ def test_storage_sets_gcsfs_on_first_path(monkeypatch):
   path = storage.as_path("gs://bucket/dir")
   assert __import__("os").environ["EPATH_USE_TF"] == "false"
   assert str(path) == "gs://bucket/dir"
+
+
+def _body_lines(node: ast.FunctionDef) -> int:
+  """Lines of a function's body, its docstring aside."""
+  first = node.body[0]
+  docstring = (isinstance(first, ast.Expr) and
+               isinstance(first.value, ast.Constant) and
+               isinstance(first.value.value, str))
+  start = first.end_lineno + 1 if docstring else first.lineno
+  return node.end_lineno - start + 1
+
+
+def test_no_function_is_longer_than_80_lines():
+  long = []
+  for path in sorted(PACKAGE.rglob("*.py")):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and
+          _body_lines(node) > 80):
+        long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: "
+                    f"{_body_lines(node)} lines")
+  assert not long, "\n".join(long)
+
+
+def test_one_pytree_type():
+  defined = [
+      str(path.relative_to(ROOT))
+      for path in sorted(PACKAGE.rglob("*.py"))
+      if re.search(r"^PyTree = ", path.read_text(), re.M)
+  ]
+  assert defined == ["ddpm_jax/typing.py"], defined

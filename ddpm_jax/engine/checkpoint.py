@@ -66,8 +66,8 @@ from jax import lax
 from jax.experimental import multihost_utils
 
 from ddpm_jax.infra import parallel, storage
+from ddpm_jax.typing import PyTree
 
-PyTree = Any
 ITEMS = ("state", "data")
 COMMIT_MARKER = "commit_success.txt"  # Orbax writes it before the rename.
 TMP_MARKER = ".orbax-checkpoint-tmp"

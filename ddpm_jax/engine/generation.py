@@ -39,8 +39,7 @@ from ddpm_jax.diffusion.schedules import Schedule
 from ddpm_jax.engine import builders
 from ddpm_jax.engine.inference import Trained
 from ddpm_jax.infra import images, parallel, storage
-
-PyTree = Any
+from ddpm_jax.typing import PyTree
 
 
 def generate(make_model_fn_: Callable[[PyTree], Callable[..., jax.Array]],

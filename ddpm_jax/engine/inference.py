@@ -18,7 +18,7 @@ its sampler guides it and needs `labels=builders.sample_labels(config, 16)`.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -30,8 +30,7 @@ from ddpm_jax.diffusion import gaussian, guidance
 from ddpm_jax.diffusion.schedules import Schedule
 from ddpm_jax.engine import builders, checkpoint, train_step
 from ddpm_jax.infra import parallel, storage
-
-PyTree = Any
+from ddpm_jax.typing import PyTree
 
 
 def make_model_fn(

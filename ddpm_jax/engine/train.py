@@ -52,8 +52,7 @@ from ddpm_jax.engine import (
     train_step,
 )
 from ddpm_jax.infra import parallel, storage
-
-PyTree = Any
+from ddpm_jax.typing import PyTree
 
 
 class NonFiniteError(RuntimeError):

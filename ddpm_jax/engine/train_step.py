@@ -32,7 +32,7 @@ Example:
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -47,8 +47,7 @@ from ddpm_jax.diffusion import gaussian, guidance, losses, processes
 from ddpm_jax.diffusion.schedules import Schedule
 from ddpm_jax.engine import optim
 from ddpm_jax.infra import parallel
-
-PyTree = Any
+from ddpm_jax.typing import PyTree
 
 
 @struct.dataclass

@@ -36,7 +36,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-PyTree = Any
+from ddpm_jax.typing import PyTree
+
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
 # JAX's logger of backend start-up; a platform it merely probes for (e.g. a

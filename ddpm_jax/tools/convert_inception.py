@@ -39,6 +39,7 @@ def _define_flags() -> None:
 
 
 def main(argv) -> None:
+  """Converts the FID Inception weights of --source into --output, once."""
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   parallel.quiet_backend_probe()

@@ -37,7 +37,7 @@ from ml_collections import config_flags
 
 from ddpm_jax.engine import checkpoint, inference
 from ddpm_jax.engine import config as config_lib
-from ddpm_jax.infra import storage
+from ddpm_jax.infra import parallel, storage
 from ddpm_jax.models import UNetConfig, count_params, pretrained
 
 # What the model card reports of each `<workdir>/eval/step_N.json`.
@@ -215,8 +215,10 @@ def _define_flags() -> None:
 
 
 def main(argv) -> None:
+  """Exports the run of --config in --workdir to the diffusers folder --output."""
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  parallel.quiet_backend_probe()
   try:
     folder = export_run(FLAGS.config, FLAGS.workdir, FLAGS.output,
                         step=FLAGS.step)

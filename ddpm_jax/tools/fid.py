@@ -300,6 +300,7 @@ def _define_flags() -> None:
 
 
 def main(argv) -> None:
+  """Prints the FID (and KID, Inception Score) of --samples against --reference."""
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   parallel.quiet_backend_probe()

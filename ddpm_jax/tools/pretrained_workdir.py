@@ -160,6 +160,7 @@ def _define_flags() -> None:
 
 
 def main(argv) -> None:
+  """Imports the diffusers model --source into the new workdir --workdir."""
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   parallel.quiet_backend_probe()

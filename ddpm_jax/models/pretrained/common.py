@@ -24,8 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax.models import UNet, UNetConfig
-
-PyTree = Any
+from ddpm_jax.typing import PyTree
 
 
 class PretrainedError(ValueError):

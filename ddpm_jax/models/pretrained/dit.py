@@ -38,8 +38,7 @@ import numpy as np
 from ddpm_jax.models.dit import DiT
 from ddpm_jax.models.dit_config import DiTConfig
 from ddpm_jax.models.pretrained import common, diffusers
-
-PyTree = Any
+from ddpm_jax.typing import PyTree
 
 # config.json fields, with diffusers' defaults, and the only values the DiT
 # computes.
