@@ -22,6 +22,7 @@ from safetensors import numpy as safetensors_numpy
 
 from ddpm_jax.diffusion import schedules
 from ddpm_jax.engine import config as config_lib
+from ddpm_jax.engine import train
 from ddpm_jax.engine.config import base_config
 from ddpm_jax.infra import storage
 from ddpm_jax.models import PRESETS, UNet, count_params, pretrained
@@ -275,6 +276,34 @@ def test_export_run_reproduces_the_source_with_a_model_card(tmp_path):
   assert "| data set | `digits`, split `train` |" in card
   assert "| 0 | 12.5 | 0.0125 ± 0.0025 | - | 3.25 | 50 | 100 |" in card
   assert json.loads(card.split("```json\n")[1].split("```")[0]) == run.to_dict()
+
+
+def test_export_run_writes_the_ema_or_the_trained_parameters(tmp_path):
+  workdir, run = _workdir(tmp_path)
+  rng = np.random.default_rng(0)
+
+  def dataset(config, *, batch_size, process_index, process_count):
+    del config, process_index, process_count
+    while True:
+      yield {
+          "image": rng.uniform(-1, 1, (batch_size, 8, 8, 3)).astype(np.float32)
+      }
+
+  # Two steps from the import: the trained parameters and the EMA differ.
+  state = jax.device_get(
+      train.train_and_evaluate(run, workdir, dataset_factory=dataset))
+  ema = export.export_run(run, workdir, tmp_path / "ema")
+  trained = export.export_run(run, workdir, tmp_path / "trained", ema=False)
+  chex.assert_trees_all_equal(
+      pretrained.load_diffusers(ema).params, state.ema_params)
+  chex.assert_trees_all_equal(
+      pretrained.load_diffusers(trained).params, state.params)
+  assert not all(
+      np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state.params),
+                                           jax.tree.leaves(state.ema_params)))
+  assert "the EMA parameters of step\n2." in (ema / "README.md").read_text()
+  assert "the trained parameters (not the EMA) of step\n2." in (
+      trained / "README.md").read_text()
 
 
 def _replace_field(config, path, value):

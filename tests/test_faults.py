@@ -433,7 +433,7 @@ def test_checkpoint_of_another_network_is_named_before_any_read(
         rf"network than this config builds: {reason} \(step 2\)\.",
         str(err.value)), str(err.value)
     with pytest.raises(checkpoint_lib.CheckpointMismatch, match=reason):
-      ckpt.restore_ema_params(target.ema_params)
+      ckpt.restore_params(target.ema_params)
     with pytest.raises(checkpoint_lib.CheckpointMismatch, match=reason):
       ckpt.restore(target, rng, step=1)
   assert sorted(os.listdir(directory)) == ["1", "2"]  # nothing moved

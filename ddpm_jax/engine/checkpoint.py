@@ -439,23 +439,25 @@ class CheckpointManager:
         lambda s: self._restore_verified(s, abstract_state, abstract_rng))
     return (step,) + restored
 
-  def restore_ema_params(self, abstract_params: PyTree, *,
-                         step: Optional[int] = None) -> tuple[int, PyTree]:
+  def restore_params(self, abstract_params: PyTree, *,
+                     step: Optional[int] = None,
+                     ema: bool = True) -> tuple[int, PyTree]:
     """The EMA parameters of the newest usable checkpoint (or of `step`),
-    nothing else.
+    nothing else; with `ema=False` the trained parameters instead.
 
-    Only `train_state.ema_params` is read (and checked against its
-    checksums), so no optimizer is needed to describe the target and the
-    optimizer state never occupies memory. Without `step`, broken steps are
-    skipped as in `restore_newest_valid`.
+    Only `train_state.ema_params` (or `train_state.params`) is read (and
+    checked against its checksums), so no optimizer is needed to describe
+    the target and the optimizer state never occupies memory. Without
+    `step`, broken steps are skipped as in `restore_newest_valid`.
 
     Args:
       abstract_params: the parameters' `jax.ShapeDtypeStruct`s with
         shardings.
       step: a kept checkpoint's step; default the newest usable one.
+      ema: read the EMA parameters (True) or the trained ones.
 
     Returns:
-      (step, ema_params).
+      (step, parameters).
 
     Raises:
       FileNotFoundError, CheckpointError: as `restore_newest_valid`;
@@ -463,14 +465,15 @@ class CheckpointManager:
     """
     if step is not None:
       try:
-        return step, self._restore_ema_verified(step, abstract_params)
+        return step, self._restore_params_verified(step, abstract_params,
+                                                   ema=ema)
       except _Unusable as e:
         error = (CheckpointMismatch
                  if isinstance(e, _Mismatch) else CheckpointError)
         raise error(f"Checkpoint {self.step_path(step)} is unusable: "
                     f"{e}.") from None
     return self._newest_valid(
-        lambda s: self._restore_ema_verified(s, abstract_params))
+        lambda s: self._restore_params_verified(s, abstract_params, ema=ema))
 
   def _newest_valid(self, restore_step: Callable[[int],
                                                  Any]) -> tuple[int, Any]:
@@ -610,11 +613,14 @@ class CheckpointManager:
       data_state = states[jax.process_index()]
     return tree["train_state"], tree["rng"], data_state
 
-  def _restore_ema_verified(self, step: int, abstract_params: PyTree):
-    """The EMA parameters of `step`, or `_Unusable` saying why."""
+  def _restore_params_verified(self, step: int, abstract_params: PyTree, *,
+                               ema: bool):
+    """The EMA (or trained) parameters of `step`, or `_Unusable` saying
+    why."""
     path = self._check_complete(step)
     self._check_network(path, abstract_params)
-    target = {"train_state": {"ema_params": abstract_params}}
+    name = "ema_params" if ema else "params"
+    target = {"train_state": {name: abstract_params}}
     restore_args = jax.tree.map(
         lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.
                                        shape, dtype=x.dtype), target)
@@ -622,9 +628,9 @@ class CheckpointManager:
         step,
         ocp.args.PyTreeRestore(target, restore_args=restore_args,
                                partial_restore=True))
-    params = restored["state"]["train_state"]["ema_params"]
+    params = restored["state"]["train_state"][name]
     # The sums were stored under the TrainState's attribute path.
-    prefix = "['train_state'].ema_params"
+    prefix = f"['train_state'].{name}"
     actual = {
         prefix + path_str: value
         for path_str, value in checksums(params).items()

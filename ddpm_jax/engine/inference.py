@@ -90,10 +90,11 @@ def trained_from_run(run: builders.Run, params: PyTree, *, step: int,
 
 
 def restore_trained(run: builders.Run, workdir: str | epath.PathLike, *,
-                    mesh: Optional[Mesh] = None,
-                    step: Optional[int] = None) -> Trained:
+                    mesh: Optional[Mesh] = None, step: Optional[int] = None,
+                    ema: bool = True) -> Trained:
   """The EMA parameters of the newest usable checkpoint of a built run (or
-  of checkpoint `step`); see `load_trained`.
+  of checkpoint `step`; with `ema=False` the trained parameters); see
+  `load_trained`.
 
   Args:
     run: the run the checkpoint was trained with (`builders.build_run`):
@@ -101,6 +102,8 @@ def restore_trained(run: builders.Run, workdir: str | epath.PathLike, *,
     workdir: the training workdir (checkpoints in `<workdir>/checkpoints`).
     mesh: the mesh to restore onto; default all devices on 'data'.
     step: a kept checkpoint's step; default the newest usable one.
+    ema: the EMA parameters (True, what samples are drawn with) or the
+      trained ones.
 
   Returns:
     A `Trained`.
@@ -123,21 +126,23 @@ def restore_trained(run: builders.Run, workdir: str | epath.PathLike, *,
   init_fn = functools.partial(train_step.init_params, run.model,
                               image_shape=run.image_shape,
                               num_classes=run.num_classes)
+  # The EMA is float32; the trained parameters are of the model's dtype.
+  as_stored = ((lambda p: p.astype(jnp.float32)) if ema else (lambda p: p))
   abstract = parallel.replicated_abstract(
-      lambda rng: jax.tree.map(lambda p: p.astype(jnp.float32), init_fn(rng)),
-      jax.ShapeDtypeStruct((2,), jnp.uint32), mesh=mesh)  # EMA is float32.
+      lambda rng: jax.tree.map(as_stored, init_fn(rng)),
+      jax.ShapeDtypeStruct((2,), jnp.uint32), mesh=mesh)
   with checkpoint.CheckpointManager(directory, writable=False) as ckpt:
     if ckpt.latest_step() is None:
       raise no_checkpoint
-    step, params = ckpt.restore_ema_params(abstract, step=step)
+    step, params = ckpt.restore_params(abstract, step=step, ema=ema)
   return trained_from_run(run, params, step=step, mesh=mesh)
 
 
 def load_trained(config, workdir: str | epath.PathLike, *,
                  model: Optional[nn.Module] = None, mesh: Optional[Mesh] = None,
-                 step: Optional[int] = None) -> Trained:
+                 step: Optional[int] = None, ema: bool = True) -> Trained:
   """The EMA parameters of the newest usable checkpoint of a run (or of
-  checkpoint `step`).
+  checkpoint `step`; with `ema=False` the trained parameters).
 
   Every process of a multi-host run must call it (the parameters are
   replicated over the whole mesh). Broken newer checkpoints are skipped
@@ -153,6 +158,8 @@ def load_trained(config, workdir: str | epath.PathLike, *,
     mesh: the mesh to restore onto; default all devices on 'data'.
     step: a kept checkpoint's step (e.g. to follow quality over training);
       default the newest usable one.
+    ema: the EMA parameters (True, what samples are drawn with) or the
+      trained ones.
 
   Returns:
     A `Trained`.
@@ -163,4 +170,4 @@ def load_trained(config, workdir: str | epath.PathLike, *,
       checkpoint `step` is missing or broken.
   """
   return restore_trained(builders.build_run(config, model=model), workdir,
-                         mesh=mesh, step=step)
+                         mesh=mesh, step=step, ema=ema)

@@ -102,14 +102,16 @@ def _eval_table(results: list[dict[str, Any]],
 
 
 def model_card(config: ml_collections.ConfigDict, unet: UNetConfig, *,
-               step: int, num_params: int, results: list[dict[str,
-                                                              Any]]) -> str:
-  """The README.md of an exported run."""
+               step: int, num_params: int, results: list[dict[str, Any]],
+               ema: bool = True) -> str:
+  """The README.md of an exported run (`ema`: whether it holds the EMA
+  parameters or the trained ones)."""
   data, batch = config.data, int(config.train.batch_size)
   conditional = unet.num_classes is not None
   usage = ("images = pipe(batch_size=4).images" if not conditional else
            "# class-conditional: call pipe.unet(x, t, class_labels=y)")
   body = json.dumps(config.to_dict(), indent=2, sort_keys=True, default=repr)
+  weights = "EMA parameters" if ema else "trained parameters (not the EMA)"
   return f"""---
 library_name: diffusers
 pipeline_tag: unconditional-image-generation
@@ -121,7 +123,7 @@ tags:
 # DDPM trained with ddpm_jax
 
 A {num_params:,}-parameter DDPM U-Net trained with ddpm_jax (JAX/Flax) and
-exported by `python -m ddpm_jax.tools.export`: the EMA parameters of step
+exported by `python -m ddpm_jax.tools.export`: the {weights} of step
 {step}.
 
 ```python
@@ -155,15 +157,18 @@ pipe = DDPMPipeline.from_pretrained("path/to/this/folder")
 
 
 def export_run(config: ml_collections.ConfigDict, workdir: epath.PathLike,
-               output: epath.PathLike, *,
-               step: Optional[int] = None) -> epath.Path:
-  """Writes the run's EMA parameters as a `DDPMPipeline` folder.
+               output: epath.PathLike, *, step: Optional[int] = None,
+               ema: bool = True) -> epath.Path:
+  """Writes the run's EMA (or trained) parameters as a `DDPMPipeline`
+  folder.
 
   Args:
     config: the run config it was trained with.
     workdir: the training workdir (local or gs://).
     output: the folder to create (local or gs://); it must not exist.
     step: a kept checkpoint's step; default the newest usable one.
+    ema: the EMA parameters (True, what `--mode=sample` draws with) or the
+      trained ones.
 
   Returns:
     The written folder.
@@ -185,11 +190,11 @@ def export_run(config: ml_collections.ConfigDict, workdir: epath.PathLike,
         f"{output}: exists: export into a new folder (nothing was written)")
   pretrained.unet_config_to_diffusers(unet, image_size=image_size)
   pretrained.scheduler_config_to_diffusers(settings)
-  trained = inference.load_trained(config, workdir, step=step)
+  trained = inference.load_trained(config, workdir, step=step, ema=ema)
   params = jax.device_get(trained.params)
   card = model_card(config, unet, step=trained.step,
                     num_params=count_params(params),
-                    results=eval_results(workdir))
+                    results=eval_results(workdir), ema=ema)
   return pretrained.save_diffusers(output, unet, params, settings,
                                    image_size=image_size, model_card=card)
 
@@ -211,6 +216,9 @@ def _define_flags() -> None:
   flags.DEFINE_integer(
       "step", None, "A kept checkpoint's step; default the "
       "newest usable one.")
+  flags.DEFINE_boolean(
+      "ema", True, "Export the EMA parameters (what --mode=sample draws "
+      "with); --ema=false exports the trained ones.")
   flags.mark_flags_as_required(["config", "workdir", "output"])
 
 
@@ -221,7 +229,7 @@ def main(argv) -> None:
   parallel.quiet_backend_probe()
   try:
     folder = export_run(FLAGS.config, FLAGS.workdir, FLAGS.output,
-                        step=FLAGS.step)
+                        step=FLAGS.step, ema=FLAGS.ema)
   except USER_ERRORS as e:
     print(f"ddpm_jax: error: {e}", file=sys.stderr)
     sys.exit(1)
