@@ -12,6 +12,7 @@ Modules:
     continuous process (diffrax; the 'likelihood' extra).
   respace: a process over a subset of the steps.
   guidance: classifier-free guidance of a conditional denoiser.
+  thresholding: dynamic thresholding of any denoiser's x0 prediction.
   testing: Gaussian mixtures with exact denoisers (test oracles).
 
 The forward-process functions are re-exported here, so
