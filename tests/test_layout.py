@@ -152,6 +152,9 @@ new = sorted(m for m in set(sys.modules) - modules
 assert not [m for m in new if m.split(".")[0] in ("jax", "flax", "etils")], new
 dj.ddim_sample
 assert os.environ.get("EPATH_USE_TF") == env.get("EPATH_USE_TF")
+import ddpm_jax.infra.storage  # Where files are opened: gs:// via gcsfs.
+assert os.environ["EPATH_USE_TF"] == "false"
+assert fsspec.config.conf["gcs"]["use_listings_cache"] is False
 print("ok")
 """
   env = {
@@ -163,10 +166,9 @@ print("ok")
   assert out.stdout.strip() == "ok"
 
 
-def test_storage_sets_gcsfs_on_first_path(monkeypatch):
+def test_as_path_sets_gcsfs_again(monkeypatch):
   from ddpm_jax.infra import storage  # pylint: disable=g-import-not-at-top
   monkeypatch.delenv("EPATH_USE_TF", raising=False)
-  storage._use_gcsfs.cache_clear()
   path = storage.as_path("gs://bucket/dir")
   assert __import__("os").environ["EPATH_USE_TF"] == "false"
   assert str(path) == "gs://bucket/dir"

@@ -7,9 +7,13 @@ TensorBoard events, samples, eval JSON, the FID statistics cache, `npz:` and
 `gs://bucket/dir` works wherever a local path does, and only process 0 of a
 multi-host run writes what is not a checkpoint.
 
-Every path is made by `as_path`, which on its first call sets
+Importing this module (every module of ddpm_jax that opens files does) sets
 `EPATH_USE_TF=false` (unless it is set) and turns off fsspec's cache of
-gs:// listings: epath then uses gcsfs whether or not TensorFlow is installed,
+gs:// listings, and `as_path`, which makes every path, makes sure of both
+again; `import ddpm_jax` alone changes nothing. etils decides once per
+process, at the first operation on any epath path (local ones too), whether
+gs:// goes through TensorFlow: with these settings made first it never does,
+and epath uses gcsfs whether or not TensorFlow is installed,
 one client for every gs:// path of the program, Orbax's included, and one
 that honours the standard emulator setting (TF's GCS client has a fixed
 endpoint; tfds still reads its record files through it). Other processes (the
@@ -28,7 +32,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging as std_logging
 import os
 import uuid
@@ -42,12 +45,14 @@ PROBE_NAME = ".ddpm_jax_write_test"
 _CLIENT_LOGGERS = ("gcsfs", "fsspec", "google.auth", "aiohttp")
 
 
-@functools.cache
 def _use_gcsfs() -> None:
   # Before etils picks a gs:// backend, which it does once per process.
   os.environ.setdefault("EPATH_USE_TF", "false")
   fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache",
                                                       False)
+
+
+_use_gcsfs()
 
 
 def as_path(location: epath.PathLike) -> epath.Path:
