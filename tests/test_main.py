@@ -182,7 +182,7 @@ def test_guided_sampling_of_a_class_conditional_run(tmp_path_factory):
      ], r"num_steps \(50\) must be in \[1, 20\]"),
     (["--config.sample.sampler=dpm_solver"
      ], "config.sample.sampler must be one of ddpm, ddim, euler, heun, "
-     "dpmpp_2m, dpmpp_2m_sde, dpmpp_3m; got 'dpm_solver'"),
+     "dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, edm; got 'dpm_solver'"),
     (["--config.sample.sampler=ddpm", "--config.sample.ddpm_steps=21"
      ], r"ddpm_steps \(21\) must be in \[0, 20\]"),
     (["--config.sample.guidance_scale=2"
