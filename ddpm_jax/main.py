@@ -108,13 +108,19 @@ def check_config_and_workdir(config, *, workdir: str, mode: str) -> None:
           f"Start-up checks failed on {'; '.join(failed)}")
 
 
+_TRACEBACK = "Traceback (most recent call last):"
+
+
 def quiet_libraries(record) -> bool:
   """Drops Orbax's and JAX's INFO chatter from the log; keeps their warnings
   and errors, without tracebacks (a failure they log is also raised, and
-  reported in one line)."""
+  reported in one line), also those formatted into the message itself."""
   if not any(part in record.pathname for part in ("/orbax/", "/jax/_src/")):
     return True
   record.exc_info, record.exc_text = None, None
+  message = record.getMessage()
+  if _TRACEBACK in message:
+    record.msg, record.args = message.split(_TRACEBACK)[0].rstrip(), ()
   return record.levelno >= std_logging.WARNING
 
 

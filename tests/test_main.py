@@ -1,6 +1,7 @@
 """The command line end to end: train, resume, sample, eval and bad input."""
 
 import json
+import logging as std_logging
 import os
 import pathlib
 import re
@@ -333,3 +334,17 @@ def test_eval_with_unusable_inception_weights(trained, tmp_path, contents):
   with pytest.raises(inception.WeightsError) as err:
     inception.load_fid_inception_params(weights)
   assert line == f"ddpm_jax: error: {err.value}"
+
+
+def test_quiet_libraries_keeps_one_line_of_a_library_error():
+  from ddpm_jax import main  # pylint: disable=g-import-not-at-top
+  record = std_logging.LogRecord(
+      "absl", std_logging.WARNING, "/site-packages/orbax/checkpoint/x.py", 1,
+      "read failed: %s",
+      ("boom\nTraceback (most recent call last):\n  File 'x.py'\nError",), None)
+  assert main.quiet_libraries(record)
+  assert record.getMessage() == "read failed: boom"
+  chatter = std_logging.LogRecord("absl", std_logging.INFO,
+                                  "/site-packages/jax/_src/x.py", 1, "hi", (),
+                                  None)
+  assert not main.quiet_libraries(chatter)
