@@ -24,6 +24,7 @@ import json
 import logging as std_logging
 import os
 import sys
+import traceback
 
 import jax
 from absl import app, flags, logging
@@ -109,13 +110,29 @@ def check_config_and_workdir(config, *, workdir: str, mode: str) -> None:
 
 
 _TRACEBACK = "Traceback (most recent call last):"
+_LIBRARIES = ("/orbax/", "/jax/_src/")
+
+
+def _raised_in_a_library(exc_info) -> bool:
+  return bool(exc_info) and exc_info[2] is not None and any(
+      part in frame.filename
+      for frame in traceback.extract_tb(exc_info[2])
+      for part in _LIBRARIES)
 
 
 def quiet_libraries(record) -> bool:
   """Drops Orbax's and JAX's INFO chatter from the log; keeps their warnings
   and errors, without tracebacks (a failure they log is also raised, and
-  reported in one line), also those formatted into the message itself."""
-  if not any(part in record.pathname for part in ("/orbax/", "/jax/_src/")):
+  reported in one line), also those formatted into the message itself.
+
+  asyncio's "Task exception was never retrieved" for a task that failed
+  inside Orbax or JAX is dropped: after the first failed write of a
+  checkpoint, Orbax's other write tasks of that step fail too (the
+  unfinished step is removed); the first failure is the one reported.
+  """
+  if record.name == "asyncio" and _raised_in_a_library(record.exc_info):
+    return False
+  if not any(part in record.pathname for part in _LIBRARIES):
     return True
   record.exc_info, record.exc_text = None, None
   message = record.getMessage()

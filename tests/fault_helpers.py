@@ -456,8 +456,10 @@ def _train_main(workdir: str, num_steps: int, hold: Optional[str],
     import logging as std_logging  # pylint: disable=g-import-not-at-top
 
     from ddpm_jax import main  # pylint: disable=g-import-not-at-top
-    # As the command line: library records without tracebacks.
-    std_logging.getLogger("absl").addFilter(main.quiet_libraries)
+    # As the command line: library records without tracebacks (the CLI
+    # filters at absl's handler, which sees both loggers' records).
+    for name in ("absl", "asyncio"):
+      std_logging.getLogger(name).addFilter(main.quiet_libraries)
     fail_writes_into(int(hold.split(":")[1]))
     try:
       train.train_and_evaluate(config, workdir, model=helpers.tiny_model(),

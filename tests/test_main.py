@@ -348,3 +348,26 @@ def test_quiet_libraries_keeps_one_line_of_a_library_error():
                                   "/site-packages/jax/_src/x.py", 1, "hi", (),
                                   None)
   assert not main.quiet_libraries(chatter)
+
+
+def _raised_from(filename: str):
+  try:
+    exec(
+        compile("raise ValueError('NOT_FOUND: rename failed')", filename,
+                "exec"))
+  except ValueError:
+    return sys.exc_info()
+
+
+@pytest.mark.parametrize("filename,kept", [
+    ("/site-packages/orbax/checkpoint/serialization.py", False),
+    ("/home/me/my_code.py", True),
+])
+def test_quiet_libraries_drops_asyncio_echoes_of_library_failures(
+    filename, kept):
+  from ddpm_jax import main  # pylint: disable=g-import-not-at-top
+  record = std_logging.LogRecord("asyncio", std_logging.ERROR,
+                                 "/lib/python3/asyncio/base_events.py", 1,
+                                 "Task exception was never retrieved", (),
+                                 _raised_from(filename))
+  assert main.quiet_libraries(record) is kept
