@@ -31,7 +31,6 @@ def get_config(variant: str = ""):
   config.model.dropout = 0.13
   config.diffusion.process = "edm"
   config.diffusion.target = "x0"
-  config.diffusion.clip_x0 = False
   config.optimizer.lr = 1e-3
   config.optimizer.warmup_steps = 19_531
   config.train.batch_size = 512

@@ -27,7 +27,6 @@ def get_config(variant: str = ""):
   config.model.preset = "ddpm_cifar10"
   config.diffusion.process = "flow"
   config.diffusion.target = "velocity"
-  config.diffusion.clip_x0 = False
   config.sample.sampler = "heun"
   config.sample.solver_spacing = "uniform"
   config.sample.num_steps = 50

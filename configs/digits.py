@@ -54,6 +54,8 @@ def get_config(variant: str = ""):
   config.train.checkpoint_every = 500
   config.train.sample_every = 2000
   config.sample.sampler = "ddim"
+  # Clipped DDIM (diffusers' default), as docs/first_command_samples.png.
+  config.diffusion.clip_x0 = True
   config.sample.num_steps = 50
   config.sample.num_images = 64
   config.eval.num_images = 256

@@ -34,7 +34,6 @@ def get_config(variant: str = ""):
   config.model.num_res_blocks = 1
   config.diffusion.process = "edm"
   config.diffusion.target = "x0"
-  config.diffusion.clip_x0 = False
   config.optimizer.lr = 2e-3
   config.optimizer.warmup_steps = 200
   config.optimizer.decay = "cosine"

@@ -32,7 +32,6 @@ def get_config(variant: str = ""):
   config.model.num_res_blocks = 1
   config.diffusion.process = "flow"
   config.diffusion.target = "velocity"
-  config.diffusion.clip_x0 = False
   config.diffusion.flow.time_sampling = "logit_normal"
   config.optimizer.lr = 2e-3
   config.optimizer.warmup_steps = 200

@@ -79,6 +79,38 @@ def test_build_sampler_binds_the_config_options(name, sched, x_T):
   np.testing.assert_array_equal(built.trajectory_steps, direct.trajectory_steps)
 
 
+# Data beyond [-1, 1], so that clipping the predicted x0 changes the samples.
+WIDE = testing.gaussian_mixture(weights=[0.5, 0.5], means=[[-1.6, 0.3],
+                                                           [1.5, -1.4]],
+                                stds=[0.1, 0.2])
+REFERENCE_CLIPS = {"ddpm": True}  # Ho et al.; the others (Song et al.'s
+# DDIM, DPM-Solver++, Karras et al.) do not clip.
+
+
+@pytest.mark.parametrize("clip_x0", [None, True, False])
+@pytest.mark.parametrize("name", samplers.PROCESS_SAMPLERS["ddpm"])
+def test_clipping_defaults_to_each_samplers_reference(name, clip_x0, sched,
+                                                      x_T):
+  config = _config(sampler=name, **SAMPLE_FIELDS)
+  # DDPM's mean from the (clipped) x0, as Ho et al.; `eps` never clips.
+  config.diffusion.update(clip_x0=clip_x0, mean_form="x0")
+  sampler = builders.build_sampler(config)
+  model_fn = testing.denoiser(WIDE, sched, target="x0")
+  options = EXPECTED[name][0]
+  if name == "ddpm":
+    options = dict(options, mean_form="x0")
+  run = jax.jit(
+      lambda x, clip: samplers.SAMPLER_FNS[name]
+      (model_fn, sched, x_T=x, key=KEY, **dict(options, clip_x0=clip)).images,
+      static_argnums=1)
+  built = jax.jit(lambda x: sampler.fn(model_fn, sched, x_T=x, key=KEY).images)
+  expected = REFERENCE_CLIPS.get(name, False) if clip_x0 is None else clip_x0
+  np.testing.assert_array_equal(built(x_T), run(x_T, expected))
+  assert np.abs(run(x_T, True) - run(x_T, False)).max() > 1e-3
+  assert builders.build_evaluation(config).bound_options["clip_x0"] is (
+      clip_x0 is not False)
+
+
 def test_respaced_ddpm_from_the_config(sched, x_T):
   sampler = builders.build_sampler(_config(sampler="ddpm", ddpm_steps=8))
   assert (sampler.num_steps, sampler.num_calls) == (8, 8)

@@ -49,6 +49,8 @@ def test_base_config_is_the_schema_defaults_and_valid():
     (("seed", None, 2**32), r"config.seed must be an integer in \[0, "),
     (("sample", "eta", 1.5), r"config.sample.eta must be a number in "
      r"\[0.0, 1.0\], got 1.5"),
+    (("diffusion", "clip_x0", "yes"), "config.diffusion.clip_x0 must be True "
+     "or False or None, got 'yes'"),
 ])
 def test_bad_values_name_the_field(override, message):
   config = config_lib.base_config().to_dict()  # Plain dicts: no type checks.
@@ -59,6 +61,15 @@ def test_bad_values_name_the_field(override, message):
     config[group][name] = value
   with pytest.raises(config_lib.ConfigError, match=message):
     config_lib.validate_config(config)
+
+
+def test_an_optional_field_is_typed_until_set():
+  config = config_lib.base_config()
+  assert config.diffusion.clip_x0 is None  # each sampler's reference
+  config.diffusion.clip_x0 = True
+  assert config.diffusion.clip_x0 is True
+  with pytest.raises(TypeError):
+    config.diffusion.clip_x0 = "yes"
 
 
 def test_unknown_fields_are_listed_together():

@@ -232,6 +232,13 @@ def _guided_respaced(solver: Callable[..., samplers.SampleOutput],
   return solver(model_fn, schedule, **kwargs)
 
 
+def ddpm_clips_x0(config) -> bool:
+  """Whether DDPM's reverse steps clip the predicted x0 (in its sampler and
+  the bits/dim bound): `diffusion.clip_x0`, or when None, as Ho et al. do."""
+  clip_x0 = config.diffusion.clip_x0
+  return True if clip_x0 is None else bool(clip_x0)
+
+
 def build_sampler(config) -> Sampler:
   """The sampler of `config.sample` with its options from `config.sample`
   and `config.diffusion`, respaced DDPM (`sample.ddpm_steps`) and guidance
@@ -240,7 +247,9 @@ def build_sampler(config) -> Sampler:
   sample, diff = config.sample, config.diffusion
   name = sample.sampler
   num_timesteps = int(diff.num_timesteps)
-  options = dict(target=diff.target, clip_x0=bool(diff.clip_x0))
+  options = dict(target=diff.target)
+  if diff.clip_x0 is not None:  # None: the sampler's own (reference) default.
+    options["clip_x0"] = bool(diff.clip_x0)
   respaced = None
   if name == "ddpm":
     options.update(var_type=diff.var_type, mean_form=diff.mean_form)
@@ -412,7 +421,7 @@ def build_evaluation(config) -> Evaluation:
       batch_size=int(ev.batch_size),
       num_images=int(ev.num_images), split=data.eval_split, bound_options=dict(
           target=diff.target, var_type=diff.var_type, mean_form=diff.mean_form,
-          clip_x0=bool(diff.clip_x0)), inception_weights=ev.inception_weights,
+          clip_x0=ddpm_clips_x0(config)), inception_weights=ev.inception_weights,
       inception_preprocessing=ev.inception_preprocessing,
       num_samples=int(ev.num_samples), num_reference=int(ev.num_reference),
       reference_split=data.split, source=data.source)

@@ -48,12 +48,14 @@ class Field:
   Attributes:
     default: the value of `base_config()`; its Python type is the field's
       type (int fields take no floats, bool fields nothing but True/False).
+      None: the field is optional, of type `kind`, and None until set.
     doc: what the field means.
     choices: the allowed values, for string fields with a fixed set.
     low: smallest allowed value (numbers), or None.
     high: largest allowed value (numbers), or None.
     low_open: `low` itself is excluded.
     high_open: `high` itself is excluded.
+    kind: the type of an optional field (`default` None).
   """
   default: Any
   doc: str
@@ -62,14 +64,25 @@ class Field:
   high: Optional[float] = None
   low_open: bool = False
   high_open: bool = False
+  kind: Optional[type] = None
+
+  def initial(self) -> Any:
+    """The field's value in `base_config()`: an optional one is a typed
+    placeholder, so that --config.GROUP.FIELD=V parses V as its type."""
+    if self.default is None:
+      return ml_collections.config_dict.placeholder(self.kind)
+    return self.default
 
   def check(self, path: str, value: Any) -> None:
     """Raises `ConfigError` unless `value` fits this field."""
-    kind = type(self.default)
+    if self.default is None and value is None:
+      return
+    kind = self.kind if self.default is None else type(self.default)
     if kind is bool:
       if not isinstance(value, bool):
-        raise ConfigError(f"config.{path} must be True or False, got "
-                          f"{value!r}.")
+        raise ConfigError(f"config.{path} must be True or False"
+                          f"{' or None' if self.default is None else ''}, "
+                          f"got {value!r}.")
       return
     if kind is str:
       if not isinstance(value, str):
@@ -252,8 +265,12 @@ SCHEMA: dict[str, Any] = {
                 "DDPM mean: x0 (clipped x0 estimate) or eps "
                 "(Algorithm 2)."),
         "clip_x0":
-            Field(True, "Clip predicted x0 to [-1, 1] when "
-                  "sampling."),
+            Field(
+                None, "Clip the predicted x0 to [-1, 1]. None: as each "
+                "sampler's reference: ddpm clips (Ho et al.), as does the "
+                "bits/dim bound; ddim (Song et al.'s code), the solvers "
+                "(DPM-Solver++) and edm do not. True or False: every sampler "
+                "and the bound.", kind=bool),
     },
     # Adam(W) with linear warm-up, optional cosine decay and clipping.
     "optimizer": {
@@ -434,7 +451,7 @@ SCHEMA: dict[str, Any] = {
 
 def _defaults(schema: dict[str, Any]) -> dict[str, Any]:
   return {
-      name: _defaults(spec) if isinstance(spec, dict) else spec.default
+      name: _defaults(spec) if isinstance(spec, dict) else spec.initial()
       for name, spec in schema.items()
   }
 
@@ -552,7 +569,7 @@ def _check_fields(config, schema: dict[str, Any], prefix: str = "") -> None:
   walk(config, schema, prefix)
   if unknown:
     raise ConfigError(f"Unknown config field(s): {', '.join(unknown)}. See "
-                      "ddpm_jax/config.py for every field.")
+                      "ddpm_jax/engine/config.py for every field.")
 
   def check(spec, prefix):
     for name, field in spec.items():

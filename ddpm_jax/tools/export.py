@@ -35,7 +35,7 @@ from absl import app, flags
 from etils import epath
 from ml_collections import config_flags
 
-from ddpm_jax.engine import checkpoint, inference
+from ddpm_jax.engine import builders, checkpoint, inference
 from ddpm_jax.engine import config as config_lib
 from ddpm_jax.infra import parallel, storage
 from ddpm_jax.models import UNetConfig, count_params, pretrained
@@ -52,7 +52,7 @@ def diffusion_settings(
   return pretrained.DiffusionSettings(
       schedule=str(diff.schedule), num_timesteps=int(diff.num_timesteps),
       beta_start=float(diff.beta_start), beta_end=float(diff.beta_end),
-      var_type=str(diff.var_type), clip_x0=bool(diff.clip_x0),
+      var_type=str(diff.var_type), clip_x0=builders.ddpm_clips_x0(config),
       target=str(diff.target), mean_form=str(diff.mean_form))
 
 
