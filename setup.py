@@ -47,6 +47,8 @@ setuptools.setup(
         "likelihood": ["diffrax>=0.6"],
         "test": [
             "pytest>=7.4",
+            # Two worker processes, a test file each at a time (pytest.ini).
+            "pytest-xdist>=3.5",
             # The linter CI runs (ruff.toml); yapf is the formatter
             # (.style.yapf).
             "ruff>=0.6",
