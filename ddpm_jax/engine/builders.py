@@ -418,10 +418,12 @@ def build_evaluation(config) -> Evaluation:
   """The `Evaluation` of `config.eval`."""
   ev, data, diff = config.eval, config.data, config.diffusion
   return Evaluation(
-      batch_size=int(ev.batch_size),
-      num_images=int(ev.num_images), split=data.eval_split, bound_options=dict(
-          target=diff.target, var_type=diff.var_type, mean_form=diff.mean_form,
-          clip_x0=ddpm_clips_x0(config)), inception_weights=ev.inception_weights,
+      batch_size=int(ev.batch_size), num_images=int(ev.num_images),
+      split=data.eval_split, bound_options=dict(target=diff.target,
+                                                var_type=diff.var_type,
+                                                mean_form=diff.mean_form,
+                                                clip_x0=ddpm_clips_x0(config)),
+      inception_weights=ev.inception_weights,
       inception_preprocessing=ev.inception_preprocessing,
       num_samples=int(ev.num_samples), num_reference=int(ev.num_reference),
       reference_split=data.split, source=data.source)

@@ -155,7 +155,8 @@ def _define_flags() -> None:
   config_flags.DEFINE_config_file(
       "config", None, "The run config to start from (optimizer, training, "
       "sampling, evaluation), e.g. configs/cifar10.py; default: the defaults "
-      "of ddpm_jax/engine/config.py.", lock_config=False, accept_new_attributes=True)
+      "of ddpm_jax/engine/config.py.", lock_config=False,
+      accept_new_attributes=True)
   flags.mark_flags_as_required(["source", "workdir"])
 
 
