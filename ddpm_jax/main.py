@@ -184,11 +184,11 @@ def main(argv) -> None:
   if hugepages.huge_page_malloc_active():
     logging.info(
         "malloc uses huge pages (%s): about 1.2x faster CPU train "
-        "steps, see ddpm_jax/hugepages.py.", hugepages.MALLOC_TUNABLE)
+        "steps, see ddpm_jax/infra/hugepages.py.", hugepages.MALLOC_TUNABLE)
   if on_cpu and cpu_flags.add_to_environment():
     logging.info(
         "XLA_FLAGS=%s: XLA's own convolutions instead of YNNPACK's, "
-        "see ddpm_jax/cpu_flags.py.", os.environ["XLA_FLAGS"])
+        "see ddpm_jax/infra/cpu_flags.py.", os.environ["XLA_FLAGS"])
   watch = None
   try:
     if parallel.initialize_distributed():
