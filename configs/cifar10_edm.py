@@ -36,6 +36,7 @@ def get_config(variant: str = ""):
   config.train.batch_size = 512
   config.train.num_steps = 390_625
   config.train.ema_decay = 0.5**(512 / 500_000)
+  config.eval.bpd = "ode"  # the bound is DDPM's
   config.sample.sampler = "edm"
   config.sample.solver_spacing = "karras"
   config.sample.num_steps = 18

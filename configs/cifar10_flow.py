@@ -27,6 +27,7 @@ def get_config(variant: str = ""):
   config.model.preset = "ddpm_cifar10"
   config.diffusion.process = "flow"
   config.diffusion.target = "velocity"
+  config.eval.bpd = "ode"  # the bound is DDPM's
   config.sample.sampler = "heun"
   config.sample.solver_spacing = "uniform"
   config.sample.num_steps = 50

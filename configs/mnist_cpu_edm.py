@@ -44,6 +44,7 @@ def get_config(variant: str = ""):
   config.train.ema_warmup = True
   config.train.checkpoint_every = 600
   config.train.sample_every = 600
+  config.eval.bpd = "ode"  # the bound is DDPM's
   config.sample.sampler = "edm"
   config.sample.solver_spacing = "karras"
   config.sample.num_steps = 10

@@ -43,6 +43,7 @@ def get_config(variant: str = ""):
   config.train.ema_warmup = True
   config.train.checkpoint_every = 600
   config.train.sample_every = 600
+  config.eval.bpd = "ode"  # the bound is DDPM's
   config.sample.sampler = "heun"
   config.sample.solver_spacing = "uniform"
   config.sample.num_steps = 10

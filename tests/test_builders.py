@@ -232,7 +232,7 @@ def test_build_run_holds_the_config_values():
           sampling.image_shape) == (10, 5, False, 3, True, 1.5, (8, 8, 3))
   np.testing.assert_array_equal(sampling.labels(5), [0, 1, 2, 0, 1])
   assert run.evaluation == builders.Evaluation(
-      batch_size=6, num_images=12, split="test",
+      batch_size=6, num_images=12, split="test", bpd="bound", target="x0",
       bound_options=dict(target="x0", var_type="fixed_small", mean_form="eps",
                          clip_x0=False), inception_weights="",
       inception_preprocessing="tensorflow", num_samples=20, num_reference=30,

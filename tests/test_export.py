@@ -243,6 +243,7 @@ def _workdir(tmp_path):
   (workdir / "eval" / "step_00000000.json").write_text(
       json.dumps({
           "total_bpd": 3.25,
+          "ode_bpd": 3.125,
           "num_images": 100,
           "fid": 12.5,
           "inception_score": None,
@@ -274,7 +275,7 @@ def test_export_run_reproduces_the_source_with_a_model_card(tmp_path):
   assert f"A {num_params:,}-parameter DDPM U-Net" in card
   assert "| training images seen | 0 (batch 4) |" in card
   assert "| data set | `digits`, split `train` |" in card
-  assert "| 0 | 12.5 | 0.0125 ± 0.0025 | - | 3.25 | 50 | 100 |" in card
+  assert "| 0 | 12.5 | 0.0125 ± 0.0025 | - | 3.25 | 3.125 | 50 | 100 |" in card
   assert json.loads(card.split("```json\n")[1].split("```")[0]) == run.to_dict()
 
 

@@ -16,8 +16,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_helpers as helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from ddpm_jax import samplers  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ddpm_jax.diffusion import guidance, processes  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ddpm_jax.engine import builders, generation, inference, train, train_step
+from ddpm_jax.diffusion import guidance, ode_likelihood, processes  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ddpm_jax.engine import (
+    builders,
+    evaluation,
+    generation,
+    inference,
+    train,
+    train_step,
+)
 from ddpm_jax.engine import config as config_lib
 from ddpm_jax.infra import images as image_lib
 from ddpm_jax.infra import parallel
@@ -154,6 +161,45 @@ def test_train_then_sample_end_to_end(process, images, tmp_path):
                              (8,) + images.shape[1:], key=key).images)(
                                  jax.random.fold_in(jax.random.key(0), 0))
   np.testing.assert_array_equal(uint8, np.asarray(image_lib.to_uint8(direct)))
+  # --mode=eval: the ODE's bits/dim of 8 images of the digits' eval split.
+  config.eval.update(dict(bpd="ode", num_images=8, batch_size=8))
+  config_lib.validate_config(config, mode="eval")
+  results = evaluation.evaluate_run(
+      builders.build_run(config, model=helpers.tiny_model()), str(tmp_path))
+  assert set(results) == {"ode_bpd", "num_images"}, results
+  assert results["num_images"] == 8 and 0 < results["ode_bpd"] < 20, results
+  assert (tmp_path / "eval" / "step_00000006.json").exists()
+
+
+@pytest.mark.parametrize("process", ["ddpm", "edm", "flow"])
+def test_eval_ode_bits_per_dim_is_the_likelihood_of_the_masked_images(
+    process, images):
+  config = _config(process) if process != "ddpm" else helpers.make_config()
+  schedule = builders.build_schedule(config)
+  model = helpers.tiny_model()
+  x = jnp.asarray(images[:4])
+  params = model.init(jax.random.key(0), x, jnp.zeros((4,)))["params"]
+  trained = inference.Trained(model=model, params=params, schedule=schedule,
+                              step=0,
+                              mesh=parallel.create_mesh(jax.devices()[:1]))
+  mask = np.array([True, True, True, False])
+  key = jax.random.key(5)
+  target = config.diffusion.target
+  out = evaluation.ode_bits_per_dim(
+      trained,
+      iter([dict(image=images[:4], label=np.zeros(4, np.int32), mask=mask)]),
+      num_images=0, key=key, target=target)
+  model_fn = trained.model_fn
+  if process != "ddpm":
+    model_fn = processes.network_model_fn(schedule, model_fn)
+  direct = jax.jit(lambda x: ode_likelihood.ode_log_likelihood(
+      model_fn, schedule, x, target=target, key=jax.random.fold_in(key, 0)))(x)
+  assert out["num_images"] == 3
+  # Within the ODE solver's tolerance (rtol = atol = 1e-5): the two programs
+  # differ in rounding, and the adaptive steps follow it.
+  np.testing.assert_allclose(out["ode_bpd"], np.mean(direct.bits_per_dim[:3]),
+                             rtol=1e-4)
+  assert abs(direct.bits_per_dim[3] - out["ode_bpd"]) > 1e-3 * out["ode_bpd"]
 
 
 BAD = [
@@ -194,13 +240,37 @@ def test_bad_config_is_one_line(change, message):
   assert message in str(info.value) and "\n" not in str(info.value)
 
 
-def test_flow_rejects_eval_and_eps():
+def test_flow_rejects_the_bound_and_eps():
   config = _config("flow")
-  with pytest.raises(config_lib.ConfigError, match="needs config.diffusion"):
+  for bpd in ("bound", "both"):
+    config.eval.bpd = bpd
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=f"config.eval.bpd '{bpd}': the variational bound "
+        "is DDPM's; the flow process has the probability-flow "
+        "ODE's bits/dim: --config.eval.bpd=ode"):
+      config_lib.validate_config(config, mode="eval")
+  for bpd in ("ode", "none"):
+    config.eval.bpd = bpd
     config_lib.validate_config(config, mode="eval")
   config.diffusion.target = "eps"
   with pytest.raises(config_lib.ConfigError, match="'eps' does not apply"):
     config_lib.validate_config(config, mode="sample")
+
+
+def test_ode_bits_per_dim_without_diffrax_is_one_line(monkeypatch):
+  find_spec = config_lib.importlib.util.find_spec
+  monkeypatch.setattr(
+      config_lib.importlib.util, "find_spec", lambda name: None
+      if name == "diffrax" else find_spec(name))
+  config = _config("flow")
+  config.eval.bpd = "ode"
+  with pytest.raises(
+      config_lib.ConfigError, match=r"config.eval.bpd 'ode' integrates the "
+      r"probability-flow ODE with diffrax, which is not "
+      r"installed: pip install -e \"\.\[likelihood\]\""):
+    config_lib.validate_config(config, mode="eval")
+  config_lib.validate_config(config, mode="train")
 
 
 @pytest.mark.parametrize("path", [
@@ -211,6 +281,7 @@ def test_flow_rejects_eval_and_eps():
 ])
 def test_recipes_validate(path):
   config = config_lib.load_config(path)
-  for mode in ("train", "sample"):
+  assert config.eval.bpd == "ode"
+  for mode in ("train", "sample", "eval"):
     config_lib.validate_config(config, mode=mode)
   assert builders.build_schedule(config).name == config.diffusion.process

@@ -352,6 +352,8 @@ class Evaluation(NamedTuple):
   batch_size: int  # the global batch of the bound and of Inception.
   num_images: int  # images of the bits/dim evaluation; 0: the whole split.
   split: str  # the split of the bits/dim evaluation.
+  bpd: str  # 'bound', 'ode', 'both' or 'none': which bits/dim.
+  target: str  # what the network predicts, for the ODE's bits/dim.
   # target, var_type, mean_form, clip_x0 of `likelihood.variational_bound`.
   bound_options: dict[str, Any]
   inception_weights: str  # FID Inception weights; '': no FID/IS/KID.
@@ -419,10 +421,10 @@ def build_evaluation(config) -> Evaluation:
   ev, data, diff = config.eval, config.data, config.diffusion
   return Evaluation(
       batch_size=int(ev.batch_size), num_images=int(ev.num_images),
-      split=data.eval_split, bound_options=dict(target=diff.target,
-                                                var_type=diff.var_type,
-                                                mean_form=diff.mean_form,
-                                                clip_x0=ddpm_clips_x0(config)),
+      split=data.eval_split, bpd=ev.bpd, target=diff.target,
+      bound_options=dict(target=diff.target, var_type=diff.var_type,
+                         mean_form=diff.mean_form,
+                         clip_x0=ddpm_clips_x0(config)),
       inception_weights=ev.inception_weights,
       inception_preprocessing=ev.inception_preprocessing,
       num_samples=int(ev.num_samples), num_reference=int(ev.num_reference),

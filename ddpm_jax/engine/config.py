@@ -33,6 +33,7 @@ from ddpm_jax.engine import optim
 from ddpm_jax.metrics import scores
 
 MODES = ("train", "sample", "eval")
+BPD_KINDS = ("bound", "ode", "both", "none")  # values of eval.bpd
 # Parts of a config-file variant (`--config=FILE:PART[,PART]`).
 VARIANTS = ("tiny", "cond")
 
@@ -424,6 +425,12 @@ SCHEMA: dict[str, Any] = {
     # --mode=eval: bits/dim of the eval split; with Inception weights also
     # FID, Inception Score and KID of samples vs. data.split.
     "eval": {
+        "bpd":
+            _choice(
+                "bound", BPD_KINDS,
+                "Bits/dim of the eval split: bound (DDPM's variational bound, "
+                "Ho et al.), ode (the probability-flow ODE's, any process; "
+                "needs diffrax, the likelihood extra), both, or none."),
         "num_images":
             _int(1000, "Bits/dim images; 0 = the whole split."),
         "batch_size":
@@ -683,10 +690,12 @@ def _check_process(config, mode: str) -> None:
     if _get(config, path) != default:
       raise ConfigError(f"config.{path} {_get(config, path)!r} applies to the "
                         f"ddpm process only; keep {default!r} for {process!r}.")
-  if mode == "eval":
-    raise ConfigError(f"--mode=eval's bits/dim is DDPM's variational bound: "
-                      f"it needs config.diffusion.process 'ddpm', got "
-                      f"{process!r}.")
+  bpd = _get(config, "eval.bpd")
+  if mode == "eval" and bpd in ("bound", "both"):
+    raise ConfigError(f"config.eval.bpd {bpd!r}: the variational bound is "
+                      f"DDPM's; the {process} process has the "
+                      "probability-flow ODE's bits/dim: "
+                      "--config.eval.bpd=ode (or none).")
   if process == "edm":
     lo, hi = _get(config,
                   "diffusion.edm.sigma_min"), _get(config,
@@ -798,6 +807,12 @@ def validate_config(config, *, mode: str = "train",
   if num_devices is not None and num_devices % fsdp:
     raise ConfigError(f"config.train.fsdp ({fsdp}) must divide the number of "
                       f"devices ({num_devices}).")
+  if (mode == "eval" and _get(config, "eval.bpd") in ("ode", "both") and
+      importlib.util.find_spec("diffrax") is None):
+    raise ConfigError(
+        f"config.eval.bpd {_get(config, 'eval.bpd')!r} integrates the "
+        "probability-flow ODE with diffrax, which is not installed: pip "
+        "install -e \".[likelihood]\" (or --config.eval.bpd=bound).")
   weights = _get(config, "eval.inception_weights")
   if mode == "eval" and weights:
     _check_path("eval.inception_weights", weights)

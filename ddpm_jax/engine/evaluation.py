@@ -1,8 +1,10 @@
 """`--mode=eval`: bits/dim of the eval split and, with Inception weights,
 FID, Inception Score and KID of generated samples.
 
-Results go to `<workdir>/eval/step_N.json` and the log (process 0; every
-process of a multi-host run computes the same numbers).
+`eval.bpd` picks the bits/dim: DDPM's variational bound (`bound`), the
+probability-flow ODE's (`ode`, any process), `both` or `none`. Results go to
+`<workdir>/eval/step_N.json` and the log (process 0; every process of a
+multi-host run computes the same numbers).
 
 Example:
   >>> results = evaluate(config, "/tmp/ddpm_digits")
@@ -11,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from typing import Any, Callable, Iterator
@@ -21,12 +24,65 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from ddpm_jax.diffusion import likelihood
+from ddpm_jax.diffusion import likelihood, ode_likelihood, processes, schedules
 from ddpm_jax.engine import builders, generation, inference
 from ddpm_jax.infra import images, parallel, storage
 from ddpm_jax.metrics import scores
 
 TERMS = ("total_bpd", "prior_bpd", "decoder_bpd", "kl_bpd")
+
+
+def _split_means(
+    trained: inference.Trained, batches: Iterator[dict[str, np.ndarray]], *,
+    num_images: int, key: jax.Array,
+    per_example: Callable[..., dict[str, jnp.ndarray]]) -> dict[str, float]:
+  """Means over up to `num_images` images of the eval split of the values
+  `per_example(model_fn, schedule, images [B, ...], key) -> {name: [B]}`,
+  where a class-conditional model's `model_fn` is bound to the labels."""
+
+  def batch_sums(p, s, images_, labels, mask, k):
+    model_fn = trained.bind(p)
+    if trained.num_classes:
+      cond_fn = model_fn
+      model_fn = lambda x_t, t: cond_fn(x_t, t, labels)
+    weights = mask.astype(jnp.float32)
+    return {
+        name: jnp.sum(values * weights)
+        for name, values in per_example(model_fn, s, images_, k).items()
+    }
+
+  sums_fn = jax.jit(batch_sums, out_shardings=parallel.replicated(trained.mesh))
+  totals: dict[str, float] = {}
+  seen = 0
+  for index, batch in enumerate(batches):
+    local = np.asarray(batch["image"], np.float32)
+    mask = np.asarray(batch["mask"], bool)
+    if num_images:
+      # Keep only the first `num_images` real images over all hosts.
+      global_offset = index * local.shape[0] * jax.process_count()
+      local_offset = global_offset + jax.process_index() * local.shape[0]
+      mask &= np.arange(local_offset, local_offset + len(mask)) < num_images
+    masks = parallel.global_batch(mask, trained.mesh)
+    labels = None
+    if trained.num_classes:
+      labels = parallel.global_batch(np.asarray(batch["label"], np.int32),
+                                     trained.mesh)
+    sums = sums_fn(trained.params, trained.schedule,
+                   parallel.global_batch(local, trained.mesh), labels, masks,
+                   jax.random.fold_in(key, index))
+    count = int(parallel.host_value(jnp.sum(masks)))
+    if count == 0:
+      break
+    seen += count
+    for name, value in sums.items():
+      totals[name] = totals.get(name, 0.0) + float(parallel.host_value(value))
+    if num_images and seen >= num_images:
+      break
+  if seen == 0:
+    raise ValueError("The eval split gave no images.")
+  result = {name: value / seen for name, value in totals.items()}
+  result["num_images"] = seen
+  return result
 
 
 def bits_per_dim(trained: inference.Trained,
@@ -50,47 +106,47 @@ def bits_per_dim(trained: inference.Trained,
     ('total_bpd', 'prior_bpd', 'decoder_bpd', 'kl_bpd') and 'num_images'.
   """
 
-  def batch_sums(p, s, images_, labels, mask, k):
-    model_fn = trained.bind(p)
-    if trained.num_classes:
-      cond_fn = model_fn
-      model_fn = lambda x_t, t: cond_fn(x_t, t, labels)
-    vlb = likelihood.variational_bound(model_fn, s, images_, k, **bound_options)
-    weights = mask.astype(jnp.float32)
-    return {name: jnp.sum(getattr(vlb, name) * weights) for name in TERMS}
+  def per_example(model_fn, schedule, images_, k):
+    vlb = likelihood.variational_bound(model_fn, schedule, images_, k,
+                                       **bound_options)
+    return {name: getattr(vlb, name) for name in TERMS}
 
-  sums_fn = jax.jit(batch_sums, out_shardings=parallel.replicated(trained.mesh))
-  totals = dict.fromkeys(TERMS, 0.0)
-  seen = 0
-  for index, batch in enumerate(batches):
-    local = np.asarray(batch["image"], np.float32)
-    mask = np.asarray(batch["mask"], bool)
-    if num_images:
-      # Keep only the first `num_images` real images over all hosts.
-      global_offset = index * local.shape[0] * jax.process_count()
-      local_offset = global_offset + jax.process_index() * local.shape[0]
-      mask &= np.arange(local_offset, local_offset + len(mask)) < num_images
-    masks = parallel.global_batch(mask, trained.mesh)
-    labels = None
-    if trained.num_classes:
-      labels = parallel.global_batch(np.asarray(batch["label"], np.int32),
-                                     trained.mesh)
-    sums = sums_fn(trained.params, trained.schedule,
-                   parallel.global_batch(local, trained.mesh), labels, masks,
-                   jax.random.fold_in(key, index))
-    count = int(parallel.host_value(jnp.sum(masks)))
-    if count == 0:
-      break
-    seen += count
-    for name in TERMS:
-      totals[name] += float(parallel.host_value(sums[name]))
-    if num_images and seen >= num_images:
-      break
-  if seen == 0:
-    raise ValueError("The eval split gave no images.")
-  result = {name: value / seen for name, value in totals.items()}
-  result["num_images"] = seen
-  return result
+  return _split_means(trained, batches, num_images=num_images, key=key,
+                      per_example=per_example)
+
+
+def ode_bits_per_dim(trained: inference.Trained,
+                     batches: Iterator[dict[str,
+                                            np.ndarray]], *, num_images: int,
+                     key: jax.Array, target: str) -> dict[str, float]:
+  """Bits/dim of up to `num_images` images under the probability-flow ODE
+  of the trained model (`ode_likelihood.ode_log_likelihood`: diffrax's
+  Tsit5 at rtol = atol = 1e-5, Hutchinson's trace estimate), on any process.
+
+  Args:
+    trained: the model, its (EMA) parameters, process and mesh; the DDPM
+      network is called at float steps in [0, T-1] (`ContinuousSchedule`).
+    batches: as `bits_per_dim`'s.
+    num_images: stop after this many images (0: the whole iterator).
+    key: PRNG key of the Rademacher vectors; batch i uses `fold_in(key, i)`.
+    target: what the network predicts (`diffusion.target`).
+
+  Returns:
+    {'ode_bpd': the mean bits/dim (dequantized, as score_sde), 'num_images'}.
+  """
+
+  def per_example(model_fn, process, images_, k):
+    if not isinstance(process, processes.ContinuousSchedule):
+      model_fn = processes.network_model_fn(process, model_fn)
+    out = ode_likelihood.ode_log_likelihood(model_fn, process, images_,
+                                            target=target, key=k)
+    return {"ode_bpd": out.bits_per_dim}
+
+  if isinstance(trained.schedule, schedules.Schedule):  # (made in float64)
+    trained = trained._replace(
+        schedule=processes.ContinuousSchedule.from_schedule(trained.schedule))
+  return _split_means(trained, batches, num_images=num_images, key=key,
+                      per_example=per_example)
 
 
 def _rgb(images_: np.ndarray) -> np.ndarray:
@@ -207,8 +263,8 @@ def evaluate(config, workdir: epath.PathLike) -> dict[str, Any]:
   the built run.
 
   Returns:
-    The results: bits/dim terms and 'num_images', plus FID, IS and KID
-    when `config.eval.inception_weights` is set.
+    The results: the bits/dim of `config.eval.bpd` and 'num_images', plus
+    FID, IS and KID when `config.eval.inception_weights` is set.
   """
   return evaluate_run(builders.build_run(config), workdir)
 
@@ -220,30 +276,47 @@ def evaluate_run(run: builders.Run, workdir: epath.PathLike) -> dict[str, Any]:
   its FID samples have the classes of `run.sampling.labels`.
 
   Returns:
-    The results: bits/dim terms and 'num_images', plus FID, IS and KID
-    when `run.evaluation.inception_weights` is set.
+    The results: the bits/dim terms of `run.evaluation.bpd` ('total_bpd',
+    'prior_bpd', 'decoder_bpd', 'kl_bpd' of the bound; 'ode_bpd') and
+    'num_images', plus FID, IS and KID when `run.evaluation.inception_weights`
+    is set.
 
   Example:
     >>> results = evaluate_run(builders.build_run(config), "/tmp/run")
   """
   ev, workdir = run.evaluation, storage.as_path(workdir)
   is_chief = jax.process_index() == 0
+  make_batches = functools.partial(
+      run.dataset, batch_size=ev.batch_size // jax.process_count(),
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      training=False)
   # The data first: a bad source fails before anything starts threads.
-  batches = run.dataset(batch_size=ev.batch_size // jax.process_count(),
-                        process_index=jax.process_index(),
-                        process_count=jax.process_count(), training=False)
+  batches = make_batches()
   trained = inference.restore_trained(run, workdir)
   key = jax.random.fold_in(jax.random.PRNGKey(run.seed), trained.step)
   bpd_key, sample_key = jax.random.split(key)
-  results = bits_per_dim(trained, batches, num_images=ev.num_images,
-                         key=bpd_key, **ev.bound_options)
-  if is_chief:
-    logging.info(
-        "Step %d, %d images of split %r: %.4f bits/dim%s (prior "
-        "%.3g, decoder %.4f, KL terms %.4f).", trained.step,
-        results["num_images"], ev.split, results["total_bpd"],
-        " given the labels" if trained.num_classes else "",
-        results["prior_bpd"], results["decoder_bpd"], results["kl_bpd"])
+  given = " given the labels" if trained.num_classes else ""
+  results = {}
+  if ev.bpd in ("bound", "both"):
+    results = bits_per_dim(trained, batches, num_images=ev.num_images,
+                           key=bpd_key, **ev.bound_options)
+    batches = None
+    if is_chief:
+      logging.info(
+          "Step %d, %d images of split %r: %.4f bits/dim%s (prior "
+          "%.3g, decoder %.4f, KL terms %.4f).", trained.step,
+          results["num_images"], ev.split, results["total_bpd"], given,
+          results["prior_bpd"], results["decoder_bpd"], results["kl_bpd"])
+  if ev.bpd in ("ode", "both"):
+    results.update(
+        ode_bits_per_dim(trained, batches or make_batches(),
+                         num_images=ev.num_images,
+                         key=jax.random.fold_in(key, 1), target=ev.target))
+    if is_chief:
+      logging.info(
+          "Step %d, %d images of split %r: %.4f bits/dim%s under the "
+          "probability-flow ODE.", trained.step, results["num_images"],
+          ev.split, results["ode_bpd"], given)
   if ev.inception_weights:
     results.update(
         _sample_quality(run, trained, key=sample_key, workdir=workdir))

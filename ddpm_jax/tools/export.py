@@ -42,7 +42,7 @@ from ddpm_jax.models import UNetConfig, count_params, pretrained
 
 # What the model card reports of each `<workdir>/eval/step_N.json`.
 EVAL_FIGURES = (("fid", "FID"), ("kid", "KID"), ("inception_score", "IS"),
-                ("total_bpd", "bits/dim"))
+                ("total_bpd", "bits/dim"), ("ode_bpd", "ODE bits/dim"))
 
 
 def diffusion_settings(
