@@ -122,3 +122,23 @@ def test_bad_input():
   with pytest.raises(ValueError, match="Unknown target 'score'"):
     ode_likelihood.ode_log_likelihood(model_fn, processes.Flow(), x0,
                                       target="score", exact_trace=True)
+
+
+def test_runs_on_the_unet_whose_cpu_kernels_have_no_forward_mode():
+  # The U-Net's CPU convolutions are custom_vjp functions (models/kernels.py):
+  # the divergence must be taken in reverse mode (forward mode raises).
+  from ddpm_jax import models  # pylint: disable=g-import-not-at-top
+  net = models.UNet(
+      config=models.unet_config("tutorial", base_channels=8, channel_mults=(
+          1,), attention=("none",), mid_attention="none", num_res_blocks=1,
+                                block_type="resnet"))
+  x = jax.random.uniform(jax.random.key(0), (2, 8, 8, 1), minval=-1, maxval=1)
+  params = net.init(jax.random.key(1), x, jnp.zeros((2,)), train=False)
+  flow = processes.Flow()
+  model_fn = processes.network_model_fn(
+      flow, lambda x_t, t: net.apply(params, x_t, t, train=False))
+  out = jax.jit(lambda x: ode_likelihood.ode_log_likelihood(
+      model_fn, flow, x, target="velocity", key=jax.random.key(2), rtol=1e-3,
+      atol=1e-3))(x)
+  assert out.bits_per_dim.shape == (2,)
+  assert np.all(np.isfinite(np.asarray(out.bits_per_dim)))

@@ -10,9 +10,11 @@ et al. 2018; Song et al. 2021, Appendix D.2) gives
 
   log p_t0(x) = log p_t1(x(t1)) + int_t0^t1 div u(x(t), t) dt.
 
-The divergence is exact (one Jacobian-vector product per dimension, for
+The divergence is exact (one vector-Jacobian product per dimension, for
 small D) or Hutchinson's estimate z^T (du/dx) z with one Rademacher z per
-example, fixed along the path, as in score_sde. The ODE is solved by diffrax
+example, fixed along the path, as in score_sde (which also takes it in
+reverse mode: networks with custom_vjp kernels, as the U-Net's on CPU,
+have no forward mode). The ODE is solved by diffrax
 (Tsit5, adaptive steps). The prior is N(0, prior_std^2 I) at t1: exact for
 flow (t1 = 1), within O(|x_t1| |E x0| / sigma_max^2) nats for EDM and
 O(alpha_{T-1} |x_t1| |E x0|) for a Schedule.
@@ -124,20 +126,21 @@ def ode_log_likelihood(model_fn: gaussian.ModelFn, process, x0: jnp.ndarray, *,
     basis = jnp.eye(dim, dtype=x0.dtype).reshape((dim,) + x0.shape[1:])
 
     def divergence(t, x):
-      u = velocity(t, x)
+      u, vjp_fn = jax.vjp(lambda y: velocity(t, y), x)
 
       def diag_term(e):
-        tangent = jnp.broadcast_to(e, x.shape)
-        _, ju = jax.jvp(lambda y: velocity(t, y), (x,), (tangent,))
-        return jnp.sum(ju * tangent, axis=axes)
+        cotangent = jnp.broadcast_to(e, x.shape)
+        (row,) = vjp_fn(cotangent)
+        return jnp.sum(row * cotangent, axis=axes)
 
       return u, jnp.sum(jax.lax.map(diag_term, basis), axis=0)
   else:
     z = jax.random.rademacher(key, x0.shape, x0.dtype)
 
     def divergence(t, x):
-      u, jz = jax.jvp(lambda y: velocity(t, y), (x,), (z,))
-      return u, jnp.sum(jz * z, axis=axes)
+      u, vjp_fn = jax.vjp(lambda y: velocity(t, y), x)
+      (zj,) = vjp_fn(z)
+      return u, jnp.sum(zj * z, axis=axes)
 
   def drift(t, state, args):
     del args
