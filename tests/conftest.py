@@ -12,9 +12,8 @@
 * `@pytest.mark.real_data("mnist.npz")`: an extra that reads
   ../shared/data/mnist.npz, skipped when that file is absent (a fresh clone
   has no such folder; no other test needs it).
-* The order: the longest files first, then those with the most `slow`
-  tests, for pytest-xdist's two workers (pytest.ini's `-n 2 --dist
-  loadfile`).
+* The order: files with the most `slow` tests first, for pytest-xdist's two
+  workers (pytest.ini's `-n 2 --dist loadfile`).
 """
 
 import collections
@@ -34,11 +33,6 @@ MIN_COMPILE_SECONDS = 0.2
 # their compile time 2-4x (e.g. a tiny U-Net's init 16 s -> 3.5 s of CPU).
 FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
 _OWN_CACHE = []
-# Files of several minutes on 2 cores (multi-process and command-line runs;
-# tests/test_hosts.py about 5): a scheduling hint, wrong only at a cost in
-# wall time.
-LONGEST_FILES = ("test_hosts.py", "test_main.py", "test_gcs.py", "test_fsdp.py",
-                 "test_faults.py", "test_gpu_check.py")
 
 
 def pytest_configure(config):
@@ -72,15 +66,9 @@ def pytest_collection_modifyitems(config, items):
       path = REAL_DATA / mark.args[0]
       if not path.exists():
         item.add_marker(pytest.mark.skip(reason=f"extra: {path} not found"))
-  # The workers (pytest.ini) take whole files in this order (the order
-  # within a file is kept): the longest files first, so that short ones fill
-  # in at the end; then the files with the most slow tests.
+  # Files with the most slow tests first (the order within a file is kept):
+  # the workers (pytest.ini) hand out whole files in this order, so the long
+  # ones start early and the short ones fill in at the end.
   slow = collections.Counter(
       item.path for item in items if item.get_closest_marker("slow"))
-
-  def order(item):
-    name = item.path.name
-    return (LONGEST_FILES.index(name)
-            if name in LONGEST_FILES else len(LONGEST_FILES), -slow[item.path])
-
-  items.sort(key=order)
+  items.sort(key=lambda item: -slow[item.path])
