@@ -12,11 +12,8 @@
 * `@pytest.mark.real_data("mnist.npz")`: an extra that reads
   ../shared/data/mnist.npz, skipped when that file is absent (a fresh clone
   has no such folder; no other test needs it).
-* The order: files with the most `slow` tests first, for pytest-xdist's two
-  workers (pytest.ini's `-n 2 --dist loadfile`).
 """
 
-import collections
 import os
 import pathlib
 import shutil
@@ -66,9 +63,3 @@ def pytest_collection_modifyitems(config, items):
       path = REAL_DATA / mark.args[0]
       if not path.exists():
         item.add_marker(pytest.mark.skip(reason=f"extra: {path} not found"))
-  # Files with the most slow tests first (the order within a file is kept):
-  # the workers (pytest.ini) hand out whole files in this order, so the long
-  # ones start early and the short ones fill in at the end.
-  slow = collections.Counter(
-      item.path for item in items if item.get_closest_marker("slow"))
-  items.sort(key=lambda item: -slow[item.path])
