@@ -14,6 +14,9 @@ Recipes (`--recipe NAME`, or `NAME:tiny` for the config files' small variant
 that runs in seconds, plus `--set GROUP.FIELD=VALUE` overrides):
 
 * `cpu`: `configs/mnist_cpu.py`, the CPU recipe of this repository.
+* `edm`, `flow`, `dit`: `configs/mnist_cpu_edm.py`, `configs/mnist_cpu_flow.py`
+  and `configs/mnist_cpu_dit.py`: the same budget trained as EDM, as flow
+  matching, and with a small DiT instead of the U-Net.
 * `seed`: the PyTorch tutorial this project started from ("The Annotated
   Diffusion Model", run on MNIST), through this library:
   `configs/fashion_mnist.py` (tutorial U-Net, dim 28, dim_mults (1, 2, 4),
@@ -80,6 +83,9 @@ MNIST = _ROOT / ".." / "shared" / "data" / "mnist.npz"
 #: Recipes that are a config file as it is.
 RECIPE_FILES = {
     "cpu": "mnist_cpu.py",
+    "edm": "mnist_cpu_edm.py",
+    "flow": "mnist_cpu_flow.py",
+    "dit": "mnist_cpu_dit.py",
     "mnist": "mnist.py",
     "digits": "digits.py"
 }

@@ -34,16 +34,16 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def env(cache_dir: Path, *, process: Optional[int] = None,
-        num_processes: int = 2, port: Optional[int] = None,
-        devices: int = 1) -> dict[str, str]:
+def env(*, process: Optional[int] = None, num_processes: int = 2,
+        port: Optional[int] = None, devices: int = 1) -> dict[str, str]:
   """The environment of one process: of `num_processes` on localhost when
   `process` is given, else a single process with `devices` CPU devices."""
-  # This process's XLA flags (the tests' fast-compile level) travel along.
+  # This process's XLA flags (the tests' fast-compile level) and the
+  # session's compilation cache (conftest.py) travel along: the runs of
+  # every test share their compiled programs.
   out = train_helpers.subprocess_env(
       devices=devices if process is None and devices > 1 else None,
-      JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
       JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   if process is not None:
     out.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
@@ -128,9 +128,9 @@ def kill_one_host(base: Path, victim: int) -> tuple[int, str, float, int]:
   """
   workdir = Path(base) / "w"
   port = free_port()
-  procs, logs = start_processes(
-      [cli(lost_host_args(workdir))] * 2,
-      [env(Path(base) / "cache", process=i, port=port) for i in range(2)], base)
+  procs, logs = start_processes([cli(lost_host_args(workdir))] * 2,
+                                [env(process=i, port=port) for i in range(2)],
+                                base)
   survivor = procs[1 - victim]
   try:
     wait_for(workdir / "checkpoints" / "2" / "commit_success.txt", procs)

@@ -211,7 +211,7 @@ def _run_config():
                       max_time=60.0, max_nonfinite_steps=5, profile_start=2,
                       profile_steps=1)
   config.eval.update(num_images=12, batch_size=6, num_samples=20,
-                     num_reference=30)
+                     ode_tolerance=1e-3, num_reference=30)
   return config
 
 
@@ -233,6 +233,7 @@ def test_build_run_holds_the_config_values():
   np.testing.assert_array_equal(sampling.labels(5), [0, 1, 2, 0, 1])
   assert run.evaluation == builders.Evaluation(
       batch_size=6, num_images=12, split="test", bpd="bound", target="x0",
+      ode_tolerance=1e-3,
       bound_options=dict(target="x0", var_type="fixed_small", mean_form="eps",
                          clip_x0=False), inception_weights="",
       inception_preprocessing="tensorflow", num_samples=20, num_reference=30,

@@ -51,6 +51,8 @@ def test_base_config_is_the_schema_defaults_and_valid():
      r"\[0.0, 1.0\], got 1.5"),
     (("diffusion", "clip_x0", "yes"), "config.diffusion.clip_x0 must be True "
      "or False or None, got 'yes'"),
+    (("eval", "ode_tolerance", 0.0), "config.eval.ode_tolerance must be a "
+     r"number in \(0.0, 1.0\], got 0.0"),
 ])
 def test_bad_values_name_the_field(override, message):
   config = config_lib.base_config().to_dict()  # Plain dicts: no type checks.

@@ -33,6 +33,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gcs_emulator  # pylint: disable=g-import-not-at-top,wrong-import-position
+import train_helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from ddpm_jax.data import pipeline
 from ddpm_jax.engine import builders, checkpoint, train_step
@@ -79,16 +80,15 @@ def digits_npz(emulator):
   return f"npz:{path}"
 
 
-def _env(emulator, cache_dir, **extra):
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
-  env.update(gcs_emulator.client_env(emulator.url))
-  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
-             JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  env.update(extra)
-  return env
+def _env(emulator, **extra):
+  """A child's environment: the emulator's settings, and this process's XLA
+  flags and compilation cache (conftest.py), shared with every test."""
+  return train_helpers.subprocess_env(
+      JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", **{
+          **gcs_emulator.client_env(emulator.url),
+          **extra
+      })
 
 
 def _command(args):
@@ -129,8 +129,7 @@ def killed_and_resumed(emulator, digits_npz, tmp_path_factory):
   """SIGKILL a gs:// run once its step-2 checkpoint is committed, resume it
   two steps past its newest checkpoint, and train a reference to there."""
   cwd = tmp_path_factory.mktemp("cwd")  # Must stay empty: nothing local.
-  cache = tmp_path_factory.mktemp("jax_cache")
-  env = _env(emulator, cache)
+  env = _env(emulator)
   common = [
       f"--config.data.source={digits_npz}", "--config.train.checkpoint_every=2",
       "--config.train.keep_checkpoints=3", "--config.train.log_every=1"
@@ -264,7 +263,7 @@ def test_bad_gcs_input_is_one_line(emulator, tmp_path, case):
     extra = gcs_emulator.client_env(closed)
     args = [f"--workdir=gs://{BUCKET}/run2"]
     message = r"cannot write to gs://.*Cannot connect to host"
-  out = _run(args, env=_env(emulator, tmp_path / "cache", **extra), cwd=cwd)
+  out = _run(args, env=_env(emulator, **extra), cwd=cwd)
   assert out.returncode == 1, out.stderr[-3000:]
   assert "Traceback" not in out.stderr, out.stderr[-3000:]
   lines = [l for l in out.stderr.splitlines() if l.startswith("ddpm_jax:")]

@@ -23,16 +23,16 @@ from tests import inception_helpers  # pylint: disable=g-import-not-at-top,wrong
 pytestmark = pytest.mark.slow
 
 
-def _two(args, cache, workdir, extra_args=((), ())):
+def _two(args, workdir, extra_args=((), ())):
   port = hh.free_port()
   return hh.run_processes(
       [hh.cli([f"--workdir={workdir}", *args, *extra]) for extra in extra_args],
-      [hh.env(cache, process=i, port=port) for i in range(2)])
+      [hh.env(process=i, port=port) for i in range(2)])
 
 
-def _one(args, cache, workdir):
+def _one(args, workdir):
   return hh.run_processes([hh.cli([f"--workdir={workdir}", *args])],
-                          [hh.env(cache, devices=2)])[0]
+                          [hh.env(devices=2)])[0]
 
 
 def _ok(result):
@@ -45,15 +45,14 @@ def runs(tmp_path_factory):
   """The tiny digits recipe trained (4 steps, grids at the end) on two hosts
   and on one, then sampled and evaluated the same ways."""
   base = tmp_path_factory.mktemp("hosts")
-  cache = base / "cache"
   two, one = base / "two", base / "one"
   logs = {
-      "train2": [_ok(r) for r in _two([], cache, two)],
-      "train1": _ok(_one([], cache, one))
+      "train2": [_ok(r) for r in _two([], two)],
+      "train1": _ok(_one([], one))
   }
   sample = ["--mode=sample", "--config.sample.num_images=12"]
-  logs["sample2"] = [_ok(r) for r in _two(sample, cache, two)]
-  logs["sample1"] = _ok(_one(sample, cache, one))
+  logs["sample2"] = [_ok(r) for r in _two(sample, two)]
+  logs["sample1"] = _ok(_one(sample, one))
   weights = base / "fid_inception.npz"
   np.savez(
       weights,
@@ -63,9 +62,9 @@ def runs(tmp_path_factory):
       "--mode=eval", f"--config.eval.inception_weights={weights}",
       "--config.eval.num_samples=8", "--config.eval.num_reference=16"
   ]
-  logs["eval2"] = [_ok(r) for r in _two(evaluate, cache, two)]
-  logs["eval1"] = _ok(_one(evaluate, cache, one))
-  return dict(base=base, cache=cache, two=two, one=one, logs=logs)
+  logs["eval2"] = [_ok(r) for r in _two(evaluate, two)]
+  logs["eval1"] = _ok(_one(evaluate, one))
+  return dict(base=base, two=two, one=one, logs=logs)
 
 
 def test_training_grids_match_one_process(runs):
@@ -111,16 +110,14 @@ def test_hosts_agree_on_a_checkpoint_one_of_them_cannot_read(runs, tmp_path):
   workdir = tmp_path / "w"
   shutil.copytree(runs["two"], workdir)
   port = hh.free_port()
-  results = hh.run_processes(
-      [[
-          sys.executable,
-          str(Path(hh.__file__)), "agree",
-          str(i),
-          str(port),
-          str(workdir), "4",
-          str(tmp_path / f"out{i}.json")
-      ] for i in range(2)],
-      [hh.env(runs["cache"], process=i, port=port) for i in range(2)])
+  results = hh.run_processes([[
+      sys.executable,
+      str(Path(hh.__file__)), "agree",
+      str(i),
+      str(port),
+      str(workdir), "4",
+      str(tmp_path / f"out{i}.json")
+  ] for i in range(2)], [hh.env(process=i, port=port) for i in range(2)])
   logs = [_ok(r) for r in results]
   chosen = [
       json.loads((tmp_path / f"out{i}.json").read_text()) for i in range(2)
@@ -148,7 +145,7 @@ def _error_line(result):
 
 
 def test_hosts_with_different_configs_are_named(runs, tmp_path):
-  results = _two([], runs["cache"], tmp_path / "w",
+  results = _two([], tmp_path / "w",
                  extra_args=((), ("--config.train.num_steps=5",)))
   for result in results:
     line = _error_line(result)
@@ -172,8 +169,7 @@ def test_a_check_failing_on_one_host_stops_every_host(tmp_path):
       hh.cli([
           f"--workdir={tmp_path / 'w'}", "--config.data.source=npz:digits.npz"
       ])
-  ] * 2, [hh.env(tmp_path / "cache", process=i, port=port) for i in range(2)],
-                             cwds)
+  ] * 2, [hh.env(process=i, port=port) for i in range(2)], cwds)
   for result in results:
     line = _error_line(result)
     assert line.startswith(
@@ -197,7 +193,7 @@ def test_a_killed_host_stops_the_other_and_both_resume(tmp_path):
   # Restarted, both resume from the newest complete checkpoint; a time
   # budget of 1 s ends the run at its first agreed stop.
   args = hh.lost_host_args(tmp_path / "w")[1:] + ["--config.train.max_time=1"]
-  results = _two(args, tmp_path / "cache", tmp_path / "w")
+  results = _two(args, tmp_path / "w")
   first = _ok(results[0])
   _ok(results[1])
   assert f"Resumed from checkpoint step {newest} in" in first, first

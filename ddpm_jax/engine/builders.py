@@ -354,6 +354,7 @@ class Evaluation(NamedTuple):
   split: str  # the split of the bits/dim evaluation.
   bpd: str  # 'bound', 'ode', 'both' or 'none': which bits/dim.
   target: str  # what the network predicts, for the ODE's bits/dim.
+  ode_tolerance: float  # rtol = atol of the ODE's adaptive solver.
   # target, var_type, mean_form, clip_x0 of `likelihood.variational_bound`.
   bound_options: dict[str, Any]
   inception_weights: str  # FID Inception weights; '': no FID/IS/KID.
@@ -422,6 +423,7 @@ def build_evaluation(config) -> Evaluation:
   return Evaluation(
       batch_size=int(ev.batch_size), num_images=int(ev.num_images),
       split=data.eval_split, bpd=ev.bpd, target=diff.target,
+      ode_tolerance=float(ev.ode_tolerance),
       bound_options=dict(target=diff.target, var_type=diff.var_type,
                          mean_form=diff.mean_form,
                          clip_x0=ddpm_clips_x0(config)),

@@ -431,6 +431,11 @@ SCHEMA: dict[str, Any] = {
                 "Bits/dim of the eval split: bound (DDPM's variational bound, "
                 "Ho et al.), ode (the probability-flow ODE's, any process; "
                 "needs diffrax, the likelihood extra), both, or none."),
+        "ode_tolerance":
+            _float(
+                1e-5, "rtol and atol of the ODE's adaptive solver (score_sde's "
+                "1e-5); looser is faster and less exact.", low=0.0,
+                low_open=True, high=1.0),
         "num_images":
             _int(1000, "Bits/dim images; 0 = the whole split."),
         "batch_size":

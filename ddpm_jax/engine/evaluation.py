@@ -116,12 +116,12 @@ def bits_per_dim(trained: inference.Trained,
 
 
 def ode_bits_per_dim(trained: inference.Trained,
-                     batches: Iterator[dict[str,
-                                            np.ndarray]], *, num_images: int,
-                     key: jax.Array, target: str) -> dict[str, float]:
+                     batches: Iterator[dict[str, np.ndarray]], *,
+                     num_images: int, key: jax.Array, target: str,
+                     tolerance: float = 1e-5) -> dict[str, float]:
   """Bits/dim of up to `num_images` images under the probability-flow ODE
   of the trained model (`ode_likelihood.ode_log_likelihood`: diffrax's
-  Tsit5 at rtol = atol = 1e-5, Hutchinson's trace estimate), on any process.
+  Tsit5, Hutchinson's trace estimate), on any process.
 
   Args:
     trained: the model, its (EMA) parameters, process and mesh; the DDPM
@@ -130,6 +130,7 @@ def ode_bits_per_dim(trained: inference.Trained,
     num_images: stop after this many images (0: the whole iterator).
     key: PRNG key of the Rademacher vectors; batch i uses `fold_in(key, i)`.
     target: what the network predicts (`diffusion.target`).
+    tolerance: rtol = atol of the adaptive solver (score_sde's 1e-5).
 
   Returns:
     {'ode_bpd': the mean bits/dim (dequantized, as score_sde), 'num_images'}.
@@ -139,7 +140,8 @@ def ode_bits_per_dim(trained: inference.Trained,
     if not isinstance(process, processes.ContinuousSchedule):
       model_fn = processes.network_model_fn(process, model_fn)
     out = ode_likelihood.ode_log_likelihood(model_fn, process, images_,
-                                            target=target, key=k)
+                                            target=target, key=k,
+                                            rtol=tolerance, atol=tolerance)
     return {"ode_bpd": out.bits_per_dim}
 
   if isinstance(trained.schedule, schedules.Schedule):  # (made in float64)
@@ -311,7 +313,8 @@ def evaluate_run(run: builders.Run, workdir: epath.PathLike) -> dict[str, Any]:
     results.update(
         ode_bits_per_dim(trained, batches or make_batches(),
                          num_images=ev.num_images,
-                         key=jax.random.fold_in(key, 1), target=ev.target))
+                         key=jax.random.fold_in(key, 1), target=ev.target,
+                         tolerance=ev.ode_tolerance))
     if is_chief:
       logging.info(
           "Step %d, %d images of split %r: %.4f bits/dim%s under the "
