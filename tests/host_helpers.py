@@ -43,8 +43,7 @@ def env(*, process: Optional[int] = None, num_processes: int = 2,
   # every test share their compiled programs.
   out = train_helpers.subprocess_env(
       devices=devices if process is None and devices > 1 else None,
-      JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+      JAX_PLATFORMS="cpu")
   if process is not None:
     out.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
                JAX_NUM_PROCESSES=str(num_processes),

@@ -84,8 +84,7 @@ def _env(emulator, **extra):
   """A child's environment: the emulator's settings, and this process's XLA
   flags and compilation cache (conftest.py), shared with every test."""
   return train_helpers.subprocess_env(
-      JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", **{
+      JAX_PLATFORMS="cpu", **{
           **gcs_emulator.client_env(emulator.url),
           **extra
       })

@@ -29,9 +29,9 @@ def subprocess_env(*, devices: Optional[int] = None,
                    **extra: str) -> dict[str, str]:
   """The environment of a test's subprocess: this checkout first on
   PYTHONPATH; this process's variables, XLA flags (e.g. the fast-compile one
-  of tests/conftest.py) and JAX compilation cache, except that the CPU
-  device count is `devices` (None: XLA's default, one) whatever this process
-  was given; then `extra`.
+  of tests/conftest.py) and JAX compilation cache (every compilation written
+  to it), except that the CPU device count is `devices` (None: XLA's
+  default, one) whatever this process was given; then `extra`.
   """
   env = dict(os.environ)
   env["PYTHONPATH"] = os.pathsep.join([str(REPO)] +
@@ -43,6 +43,10 @@ def subprocess_env(*, devices: Optional[int] = None,
   if devices is not None:
     flags.append(f"{DEVICE_COUNT_FLAG}={devices}")
   env["XLA_FLAGS"] = " ".join(flags)
+  # A child writes every compilation to the cache: each start compiles them
+  # all again.
+  env.update(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   env.update(extra)
   return env
 
