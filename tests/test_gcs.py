@@ -99,6 +99,33 @@ def _run(args, *, env, cwd):
                         text=True, timeout=TIMEOUT, check=False)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def unreachable_run(emulator, tmp_path_factory):
+  """Training into gs:// through an endpoint nothing listens on, started
+  with this file's first test and collected by its no-endpoint case: gcsfs
+  retries about 31 s (a back-off of 1+2+4+8+16 s, not configurable) before
+  it gives up, time the other tests of this file use meanwhile.
+
+  Yields:
+    (the running process, its working directory, its stderr's file).
+  """
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+  base = tmp_path_factory.mktemp("unreachable")
+  cwd, log = base / "cwd", base / "stderr"
+  cwd.mkdir()
+  with open(log, "w") as f:  # A file: nobody reads a pipe meanwhile.
+    proc = subprocess.Popen(
+        _command([f"--workdir=gs://{BUCKET}/run2"]), cwd=cwd,
+        env=_env(emulator, **gcs_emulator.client_env(closed)),
+        stdout=subprocess.DEVNULL, stderr=f, text=True)
+  yield proc, cwd, log
+  if proc.poll() is None:
+    proc.kill()
+  proc.wait()
+
+
 def _committed_steps(workdir: str) -> list[int]:
   directory = storage.as_path(workdir) / "checkpoints"
   if not directory.exists():
@@ -237,10 +264,9 @@ def test_sample_and_eval_on_gcs(killed_and_resumed, tmp_path):
 
 @pytest.mark.parametrize(
     "case", ["no-bucket", "no-dataset", "no-workdir", "no-endpoint"])
-def test_bad_gcs_input_is_one_line(emulator, tmp_path, case):
+def test_bad_gcs_input_is_one_line(emulator, unreachable_run, tmp_path, case):
   cwd = tmp_path / "cwd"
   cwd.mkdir()
-  extra, args = {}, []
   if case == "no-bucket":
     args = ["--workdir=gs://no-such-bucket/run"]
     message = (r"--workdir gs://no-such-bucket/run: cannot write to "
@@ -256,13 +282,14 @@ def test_bad_gcs_input_is_one_line(emulator, tmp_path, case):
     args = [f"--workdir=gs://{BUCKET}/never-trained", "--mode=sample"]
     message = "does not exist: train first"
   else:  # A port nothing listens on: gcsfs retries, then gives up.
-    with socket.socket() as s:
-      s.bind(("127.0.0.1", 0))
-      closed = f"http://127.0.0.1:{s.getsockname()[1]}"
-    extra = gcs_emulator.client_env(closed)
-    args = [f"--workdir=gs://{BUCKET}/run2"]
-    message = r"cannot write to gs://.*Cannot connect to host"
-  out = _run(args, env=_env(emulator, **extra), cwd=cwd)
+    args, message = None, r"cannot write to gs://.*Cannot connect to host"
+  if args is None:
+    proc, cwd, log = unreachable_run
+    proc.wait(timeout=TIMEOUT)
+    out = subprocess.CompletedProcess(proc.args, proc.returncode, "",
+                                      log.read_text())
+  else:
+    out = _run(args, env=_env(emulator), cwd=cwd)
   assert out.returncode == 1, out.stderr[-3000:]
   assert "Traceback" not in out.stderr, out.stderr[-3000:]
   lines = [l for l in out.stderr.splitlines() if l.startswith("ddpm_jax:")]
