@@ -1,12 +1,13 @@
 """Smoke test of the benchmark suite: `benchmarks/run.py --tiny` writes its JSON."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
+
+from tests import train_helpers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -15,10 +16,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def test_tiny_run_writes_json_with_every_section(tmp_path):
   out = tmp_path / "bench.json"
   md = tmp_path / "bench.md"
-  env = dict(os.environ)
-  # The smoke run is compile-bound; XLA's lowest backend optimization level halves it.
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                      " --xla_backend_optimization_level=0").strip()
+  # The session's fast-compile level and compilation cache (conftest.py).
+  env = train_helpers.subprocess_env()
   proc = subprocess.run([
       sys.executable, "benchmarks/run.py", "--tiny", "--out",
       str(out), "--md",

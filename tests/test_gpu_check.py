@@ -1,21 +1,20 @@
 """The GPU check's CPU dry run (`benchmarks/gpu_check.sh --dry-run`) writes its report."""
 
 import json
-import os
 import pathlib
 import subprocess
 
 import pytest
+
+from tests import train_helpers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
 def test_dry_run_writes_every_section(tmp_path):
-  env = dict(os.environ)
-  # Compile-bound tiny run: XLA's lowest backend optimization level halves it.
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                      " --xla_backend_optimization_level=0").strip()
+  # The session's fast-compile level and compilation cache (conftest.py).
+  env = train_helpers.subprocess_env()
   proc = subprocess.run(
       ["bash", "benchmarks/gpu_check.sh", "--dry-run",
        str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
