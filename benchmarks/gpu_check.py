@@ -17,6 +17,9 @@ seconds is recorded as skipped, so that the run fits its lease:
   peak (`run.PEAK_FLOPS`), XLA's memory estimate and the device's peak bytes.
 * sample: `sampling.ddim_sample` with 50 steps at a large batch, bfloat16:
   images/s and the time that 50,000 samples would take at that rate.
+* DiT: the same train row for DiT-B/2 (unconditional, 32x32x3, 256 tokens)
+  at batch 256 in bfloat16; its peak fraction is the model FLOP utilisation
+  of issue 27 (target 40%), from XLA's FLOP count of the step.
 * kernels: the bfloat16 step at batch 256 again under
   `kernels.implementation('xla')` (XLA's attention instead of cuDNN's), to
   show whether 'auto' is the faster default on this GPU.
@@ -54,11 +57,14 @@ from ddpm_jax.engine import builders
 from ddpm_jax.models import kernels  # noqa: E402
 
 PRESET = "ddpm_cifar10"
-#: (train batches, train steps, DDIM batch, DDIM steps, kernels A/B batch, profiled steps).
+#: The transformer of issue 27, trained in bfloat16 for its model FLOP utilisation.
+DIT_PRESET = "dit_b_2"
+#: (train batches, train steps, DDIM batch, DDIM steps, kernels A/B batch,
+#: profiled steps, DiT batch).
 FULL = dict(batches=(128, 256, 512), steps=10, sample_batch=5000, ddim_steps=50,
-            ab_batch=256, profile_steps=3)
+            ab_batch=256, profile_steps=3, dit_batch=256)
 DRY_RUN = dict(batches=(2,), steps=2, sample_batch=2, ddim_steps=5, ab_batch=2,
-               profile_steps=1)
+               profile_steps=1, dit_batch=2)
 TARGET_SAMPLES = 50_000
 
 
@@ -81,11 +87,11 @@ def _float_dtypes(tree) -> list[str]:
 
 
 def _train(batch: int, dtype: str, *, steps: int, tiny: bool,
-           implementation: str = "auto"):
+           implementation: str = "auto", preset: str = PRESET):
   """One train row, and what the profile section needs to run the same step again."""
   with kernels.implementation(implementation):
     compiled, state, batch_arr, rng, compile_s, model = run.build_train_step(
-        PRESET, batch, tiny=tiny, dtype=dtype)
+        preset, batch, tiny=tiny, dtype=dtype)
   for _ in range(2):  # warm-up
     state, metrics = compiled(state, batch_arr, rng)
   jax.block_until_ready(metrics)
@@ -95,7 +101,7 @@ def _train(batch: int, dtype: str, *, steps: int, tiny: bool,
     state, metrics = compiled(state, batch_arr, rng)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
-  row = run._train_row(PRESET, batch, compiled, state, metrics, model,
+  row = run._train_row(preset, batch, compiled, state, metrics, model,
                        compile_s, times)  # pylint: disable=protected-access
   row["kernels"] = implementation
   row["loss_dtype"] = str(metrics["loss"].dtype)
@@ -297,6 +303,10 @@ def main(argv=None) -> dict:
     result["sample"] = _sample(sizes["sample_batch"],
                                ddim_steps=sizes["ddim_steps"],
                                tiny=args.dry_run)
+  if due(f"train {DIT_PRESET} bfloat16 b{sizes['dit_batch']}"):
+    row, _ = _train(sizes["dit_batch"], "bfloat16", steps=sizes["steps"],
+                    tiny=args.dry_run, preset=DIT_PRESET)
+    result["train"].append(row)
   if due(f"train bfloat16 b{sizes['ab_batch']} kernels=xla"):
     row, _ = _train(sizes["ab_batch"], "bfloat16", steps=sizes["steps"],
                     tiny=args.dry_run, implementation="xla")

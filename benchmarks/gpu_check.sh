@@ -3,8 +3,9 @@
 # machine start-up included: the numerics tests that matter on GPU (kernels:
 # cuDNN attention against the closed form, bf16 against f32; the U-Net), then
 # benchmarks/gpu_check.py (ddpm_cifar10 train steps at batch 128/256/512 in
-# bf16 and f32, DDIM-50 at a large batch, compile times, the cuDNN/XLA
-# attention A/B, a profile summary). Writes OUT_DIR/pytest.log,
+# bf16 and f32, DDIM-50 at a large batch, DiT-B/2's bf16 train step and model
+# FLOP utilisation, compile times, the cuDNN/XLA attention A/B, a profile
+# summary). Writes OUT_DIR/pytest.log,
 # OUT_DIR/gpu_check.json and OUT_DIR/gpu_check.md.
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR             # on the GPU machine

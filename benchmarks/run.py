@@ -67,11 +67,14 @@ from ddpm_jax.engine import config as config_lib  # noqa: E402
 from ddpm_jax.infra import cpu_flags, hugepages, parallel
 from ddpm_jax.models import count_params, kernels  # noqa: E402
 
-#: Image shape (H, W, C) each preset is benchmarked at.
+#: Image shape (H, W, C) each preset is benchmarked at (the DiTs
+#: unconditional, predicting eps, on CIFAR-10's images).
 IMAGE_SHAPES = {
     "tutorial": (28, 28, 1),
     "ddpm_cifar10": (32, 32, 3),
-    "ddpm_256": (256, 256, 3)
+    "ddpm_256": (256, 256, 3),
+    "dit_s_2": (32, 32, 3),
+    "dit_b_2": (32, 32, 3),
 }
 #: Dense peak FLOP/s by device kind (substring match), for the GPU fraction.
 PEAK_FLOPS = {
@@ -88,9 +91,11 @@ PEAK_FLOPS = {
         "float32": 19.5e12
     },
 }
-#: Tiny network for the CI smoke run: one level (half the compile time of two).
+#: Tiny networks for the CI smoke run: a U-Net of one level (half the
+#: compile time of two), a DiT of two blocks of width 32.
 TINY_MODEL = dict(base_channels=8, channel_mults=(1,), num_res_blocks=1,
                   num_groups=4, attention=("none",), mid_attention="none")
+TINY_DIT = dict(hidden_size=32, depth=2, num_heads=4)
 _SHARED_DATA = _ROOT / ".." / "shared" / "data"
 
 
@@ -176,8 +181,11 @@ def make_config(preset: str, batch: int, *, tiny: bool,
   """The training config of one benchmark row (base_config plus overrides)."""
   config = config_lib.base_config()
   h, _, c = IMAGE_SHAPES[preset]
-  config.model = dict(preset=preset, **(TINY_MODEL if tiny else {}),
-                      **model_overrides)
+  if preset.startswith("dit_"):
+    model = dict(in_channels=c, **(TINY_DIT if tiny else {}))
+  else:
+    model = TINY_MODEL if tiny else {}
+  config.model = dict(preset=preset, **model, **model_overrides)
   config.data.image_size, config.data.channels = h, c
   config.train.batch_size = batch
   config.optimizer.warmup_steps = 10

@@ -8,6 +8,7 @@ Run from the repository root:
       --train tutorial:128 --train ddpm_cifar10:16 --steps 6
   python -m benchmarks.vs_torch --forward tutorial:1,8,32,128 --forward ddpm_cifar10:1,4,16
   python -m benchmarks.vs_torch --peak
+  python -m benchmarks.vs_torch --train dit_s_2:64 --forward dit_s_2:1,16,64
 
 * train: the library's train step (`benchmarks.run.build_train_step`: Adam
   with global-norm clipping, EMA, dropout as the preset) against a PyTorch
@@ -56,9 +57,14 @@ Compare the two libraries under one malloc and say which (the header line
 prints LD_PRELOAD and GLIBC_TUNABLES; BENCHMARKS.md has both).
 
 The PyTorch networks: the tutorial's U-Net ("The Annotated Diffusion Model",
-ConvNeXt blocks) written out below, and diffusers' `UNet2DModel` with DDPM's
-CIFAR-10 layer sizes; their parameter counts are checked against the
-library's presets before timing.
+ConvNeXt blocks) written out below, diffusers' `UNet2DModel` with DDPM's
+CIFAR-10 layer sizes, and DiT-S/2 and DiT-B/2 (unconditional, eps output, on
+32x32x3) written out below as the authors' network, attention through
+PyTorch's fused `scaled_dot_product_attention` as the library's goes through
+`jax.nn.dot_product_attention` (diffusers' `DiTTransformer2DModel` gives each
+block its own copy of the timestep embedding, more work than the paper's
+network); their parameter counts are checked against the library's presets
+before timing.
 """
 
 from __future__ import annotations
@@ -77,8 +83,10 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import run
+from ddpm_jax.engine import builders
 from ddpm_jax.infra import cpu_flags, hugepages
-from ddpm_jax.models import UNet, count_params, unet_config
+from ddpm_jax.models import DiTConfig, count_params, dit_config
+from ddpm_jax.models.dit import sincos_position_embedding
 
 try:
   import torch
@@ -88,7 +96,12 @@ except ImportError:  # pragma: no cover - the whole script needs it
       "benchmarks/vs_torch.py needs PyTorch: pip install torch (and diffusers for ddpm_cifar10)"
   )
 
-PARAMS = {"tutorial": 2_996_315, "ddpm_cifar10": 35_746_307}
+PARAMS = {
+    "tutorial": 2_996_315,
+    "ddpm_cifar10": 35_746_307,
+    "dit_s_2": 32_471_436,
+    "dit_b_2": 129_528_588
+}
 DDIM_STEPS = 50
 
 # --- the tutorial's U-Net in PyTorch ("The Annotated Diffusion Model") -------------------------
@@ -231,6 +244,9 @@ def torch_net(preset: str) -> nn.Module:
   """The PyTorch reference network of `preset`."""
   if preset == "tutorial":
     return TutorialUNet()
+  if preset.startswith("dit_"):
+    h, _, c = run.IMAGE_SHAPES[preset]
+    return TorchDiT(dit_config(preset, in_channels=c), image_size=h)
   from diffusers import UNet2DModel  # pylint: disable=import-outside-toplevel
   net = UNet2DModel(
       sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
@@ -251,6 +267,84 @@ class _Call(nn.Module):
 
   def forward(self, x, t):
     return self.net(x, t).sample
+
+
+# --- DiT in PyTorch (Peebles & Xie 2023) -------------------------------------------------------------
+
+
+class _DiTBlock(nn.Module):
+  """adaLN-Zero transformer block: shift, scale and gate of the attention and
+  the MLP from the conditioning; attention through PyTorch's fused
+  `scaled_dot_product_attention`."""
+
+  def __init__(self, width: int, heads: int, mlp_ratio: int):
+    super().__init__()
+    self.heads = heads
+    self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+    self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+    self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+    self.fc1 = nn.Linear(width, mlp_ratio * width)
+    self.fc2 = nn.Linear(mlp_ratio * width, width)
+    self.modulation = nn.Linear(width, 6 * width)
+    nn.init.zeros_(self.modulation.weight)
+    nn.init.zeros_(self.modulation.bias)
+
+  def forward(self, x, c):
+    shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(
+        nn.functional.silu(c))[:, None].chunk(6, dim=-1)
+    n, tokens, width = x.shape
+    h = self.norm1(x) * (1 + scale1) + shift1
+    q, k, v = self.qkv(h).view(n, tokens, 3, self.heads,
+                               width // self.heads).permute(2, 0, 3, 1, 4)
+    a = nn.functional.scaled_dot_product_attention(q, k, v)
+    x = x + gate1 * self.proj(a.transpose(1, 2).reshape(n, tokens, width))
+    h = self.norm2(x) * (1 + scale2) + shift2
+    return x + gate2 * self.fc2(
+        nn.functional.gelu(self.fc1(h), approximate="tanh"))
+
+
+class TorchDiT(nn.Module):
+  """The unconditional DiT of `ddpm_jax.models.DiT` (eps output): patch
+  embedding, the fixed 2-D sin-cos positions, the sinusoidal timestep
+  embedding and its MLP, adaLN-Zero blocks, the modulated final layer and
+  unpatchify, NCHW in and out."""
+
+  def __init__(self, config: DiTConfig, image_size: int):
+    super().__init__()
+    width, p = config.hidden_size, config.patch_size
+    self.patch, self.freq_dim = p, config.time_embed_dim
+    self.embed = nn.Conv2d(config.in_channels, width, p, stride=p)
+    grid = image_size // p
+    self.register_buffer(
+        "positions",
+        torch.from_numpy(sincos_position_embedding(width, grid, grid)))
+    self.t_embed = nn.Sequential(nn.Linear(self.freq_dim, width), nn.SiLU(),
+                                 nn.Linear(width, width))
+    self.blocks = nn.ModuleList(
+        _DiTBlock(width, config.num_heads, config.mlp_ratio)
+        for _ in range(config.depth))
+    self.final_norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+    self.final_modulation = nn.Linear(width, 2 * width)
+    self.final = nn.Linear(width, p * p * config.out_channels)
+    for layer in (self.final_modulation, self.final):
+      nn.init.zeros_(layer.weight)
+      nn.init.zeros_(layer.bias)
+
+  def forward(self, x, t):
+    n, _, h, w = x.shape
+    tokens = self.embed(x).flatten(2).transpose(1, 2) + self.positions
+    half = self.freq_dim // 2
+    angles = t[:, None].float() * torch.exp(
+        -math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
+    c = self.t_embed(torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1))
+    for block in self.blocks:
+      tokens = block(tokens, c)
+    shift, scale = self.final_modulation(nn.functional.silu(c))[:, None].chunk(
+        2, dim=-1)
+    out = self.final(self.final_norm(tokens) * (1 + scale) + shift)
+    p = self.patch
+    out = out.view(n, h // p, w // p, p, p, -1).permute(0, 5, 1, 3, 2, 4)
+    return out.reshape(n, -1, h, w)
 
 
 # --- timing ---------------------------------------------------------------------------------------
@@ -303,7 +397,7 @@ def jax_train_step(preset: str, batch: int):
 
 
 def jax_forward(preset: str, batch: int):
-  model = UNet(config=unet_config(preset))
+  model = builders.build_model(run.make_config(preset, batch, tiny=False))
   shape = (batch,) + run.IMAGE_SHAPES[preset]
   x, t = jnp.zeros(shape), jnp.full((batch,), 500, jnp.int32)
   params = jax.jit(

@@ -23,9 +23,12 @@ def test_dry_run_writes_every_section(tmp_path):
   result = json.loads((tmp_path / "gpu_check.json").read_text())
   assert result["dry_run"] and not result["skipped"]
   assert "tests collected" in result["pytest"]
-  rows = [(r["dtype"], r["kernels"], r["batch"]) for r in result["train"]]
-  assert rows == [("bfloat16", "auto", 2), ("float32", "auto", 2),
-                  ("bfloat16", "xla", 2)]
+  rows = [(r["preset"], r["dtype"], r["kernels"], r["batch"])
+          for r in result["train"]]
+  assert rows == [("ddpm_cifar10", "bfloat16", "auto", 2),
+                  ("ddpm_cifar10", "float32", "auto", 2),
+                  ("dit_b_2", "bfloat16", "auto", 2),
+                  ("ddpm_cifar10", "bfloat16", "xla", 2)]
   for r in result["train"]:
     assert r["images_per_s"] > 0 and r["compile_s"] > 0 and r[
         "flops_per_image"] > 0
