@@ -29,6 +29,9 @@ from ddpm_jax.engine import config as config_lib
 from ddpm_jax.infra import images as image_lib
 from ddpm_jax.infra import parallel
 
+# rtol = atol of the ODE solver (1e-5 by default): a random net's ODE is
+# stiff, and this one's steps run at XLA's lowest optimization level.
+TOLERANCE = 1e-3
 SETTINGS = {
     "edm": dict(target="x0", sampler="edm", spacing="karras"),
     "flow": dict(target="velocity", sampler="heun", spacing="uniform"),
@@ -172,11 +175,6 @@ def test_train_then_sample_end_to_end(process, images, tmp_path):
   assert (tmp_path / "eval" / "step_00000006.json").exists()
 
 
-# rtol = atol of the ODE solver (1e-5 by default): a random net's ODE is
-# stiff, and this one's steps run at XLA's lowest optimization level.
-TOLERANCE = 1e-3
-
-
 @pytest.mark.parametrize("process", ["ddpm", "edm", "flow"])
 def test_eval_ode_bits_per_dim_is_the_likelihood_of_the_masked_images(
     process, images):
@@ -199,9 +197,9 @@ def test_eval_ode_bits_per_dim_is_the_likelihood_of_the_masked_images(
                  mask=np.array(mask))
         ]), num_images=0, key=key, target=target, tolerance=TOLERANCE)
 
-  first, last, every = (evaluate(True, True, True,
-                                 False), evaluate(False, False, False, True),
-                        evaluate(True, True, True, True))
+  first = evaluate(True, True, True, False)
+  last = evaluate(False, False, False, True)
+  every = evaluate(True, True, True, True)
   assert (first["num_images"], last["num_images"],
           every["num_images"]) == (3, 1, 4)
   # One program, one ODE for the batch, whatever the mask: the masked-out
@@ -212,9 +210,15 @@ def test_eval_ode_bits_per_dim_is_the_likelihood_of_the_masked_images(
   model_fn = trained.model_fn
   if process != "ddpm":
     model_fn = processes.network_model_fn(schedule, model_fn)
-  direct = jax.jit(lambda x: ode_likelihood.ode_log_likelihood(
-      model_fn, schedule, x, target=target, key=jax.random.fold_in(key, 0), rtol
-      =TOLERANCE, atol=TOLERANCE))(x)
+
+  @jax.jit
+  def likelihood(x):
+    return ode_likelihood.ode_log_likelihood(model_fn, schedule, x,
+                                             target=target,
+                                             key=jax.random.fold_in(key, 0),
+                                             rtol=TOLERANCE, atol=TOLERANCE)
+
+  direct = likelihood(x)
   # The same ODE and trace estimate; the programs differ in rounding, and
   # the adaptive steps follow it (within about the tolerance).
   np.testing.assert_allclose(first["ode_bpd"], np.mean(direct.bits_per_dim[:3]),
