@@ -72,6 +72,39 @@ def test_frechet_distance_matches_scipy_sqrtm(d, rank):
                              expected, rtol=1e-7)
 
 
+@pytest.mark.parametrize("n, d, rank", [(5, 64, None), (20, 64, 10),
+                                        (64, 64, None), (100, 16, None)])
+def test_frechet_distance_from_features_equals_the_covariance_form(n, d, rank):
+  # n <= d takes the n x n Gram form; n > d the covariance form. Both against
+  # the D x D computation and scipy's sqrtm of the fitted covariance. With
+  # n < d the D x D form carries d - n round-off eigenvalues (about 1e-13
+  # each), whose square roots add up to about 1e-5 here: rtol 1e-7.
+  rng = np.random.default_rng(n + d)
+  features = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) + 1.0
+  mu, sigma = rng.normal(size=d), _random_spd(rng, d, rank)
+  got = metrics.frechet_distance_from_features(features, mu, sigma)
+  stats = metrics.feature_statistics(features)
+  np.testing.assert_allclose(
+      got, metrics.frechet_distance(stats.mu, stats.sigma, mu, sigma),
+      rtol=1e-7)
+  covmean = linalg.sqrtm(stats.sigma @ sigma).real
+  expected = (np.sum((stats.mu - mu)**2) + np.trace(stats.sigma) +
+              np.trace(sigma) - 2.0 * np.trace(covmean))
+  np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("features, mu, sigma, message", [
+    (np.zeros((1, 4)), np.zeros(4), np.eye(4), "Too few images"),
+    (np.zeros((3, 4)), np.zeros(5), np.eye(4), "mu has shape"),
+    (np.zeros((3, 4)), np.zeros(4), np.eye(3), "sigma has shape"),
+    (np.zeros((3, 4, 1)), np.zeros(4), np.eye(4), "features must be"),
+])
+def test_frechet_distance_from_features_rejects_bad_shapes(
+    features, mu, sigma, message):
+  with pytest.raises(ValueError, match=message):
+    metrics.frechet_distance_from_features(features, mu, sigma)
+
+
 def test_frechet_distance_is_symmetric():
   rng = np.random.default_rng(3)
   mu1, mu2 = rng.normal(size=12), rng.normal(size=12)

@@ -192,7 +192,6 @@ def sample_quality(samples: np.ndarray, *,
       batch_size=batch_size, preprocessing=preprocessing, write=write_cache)
   features = scores.extract_features(extract, _rgb(samples),
                                      batch_size=batch_size)
-  stats = scores.feature_statistics(features.pool)
   num_samples = len(samples)
   score = scores.ScoreWithStd(mean=math.nan, std=math.nan)
   if features.logits is not None:
@@ -201,10 +200,10 @@ def sample_quality(samples: np.ndarray, *,
       features.pool, reference.features,
       subset_size=min(1000, num_samples, len(reference.features)))
   return dict(
-      fid=scores.frechet_distance(stats.mu, stats.sigma, reference.mu,
-                                  reference.sigma), inception_score=score.mean,
-      inception_score_std=score.std, kid=kid.mean, kid_std=kid.std,
-      num_samples=num_samples)
+      fid=scores.frechet_distance_from_features(features.pool, reference.mu,
+                                                reference.sigma),
+      inception_score=score.mean, inception_score_std=score.std, kid=kid.mean,
+      kid_std=kid.std, num_samples=num_samples)
 
 
 def write_results(results: dict[str, Any], workdir: epath.PathLike,

@@ -156,16 +156,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     2.0
   """
   mu1 = np.atleast_1d(np.asarray(mu1, dtype=np.float64))
-  mu2 = np.atleast_1d(np.asarray(mu2, dtype=np.float64))
-  sigma1 = np.atleast_2d(np.asarray(sigma1, dtype=np.float64))
-  sigma2 = np.atleast_2d(np.asarray(sigma2, dtype=np.float64))
   d = mu1.shape[0]
-  for name, value, shape in (("mu1", mu1, (d,)), ("mu2", mu2, (d,)),
-                             ("sigma1", sigma1, (d, d)), ("sigma2", sigma2,
-                                                          (d, d))):
-    if value.shape != shape:
-      raise ValueError(f"{name} has shape {value.shape}; expected {shape} "
-                       f"for feature dimension {d} (from mu1).")
+  sigma1 = _gaussian_part("sigma1", sigma1, (d, d), "mu1")
+  mu2 = _gaussian_part("mu2", mu2, (d,), "mu1")
+  sigma2 = _gaussian_part("sigma2", sigma2, (d, d), "mu1")
   sqrt1 = _psd_sqrt(sigma1)
   inner = sqrt1 @ sigma2 @ sqrt1
   eigvals = np.linalg.eigvalsh(0.5 * (inner + inner.T))
@@ -173,6 +167,62 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
   diff = mu1 - mu2
   return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) -
                2.0 * tr_covmean)
+
+
+def frechet_distance_from_features(features, mu, sigma) -> float:
+  """FID between the Gaussian fitted to `features` and N(mu, sigma).
+
+  The value of `frechet_distance(*feature_statistics(features), mu, sigma)`.
+  With no more feature vectors N than dimensions D it needs no D x D
+  decomposition: with B the centred features divided by sqrt(N - 1), so that
+  their covariance is sigma1 = B^T B, the nonzero eigenvalues of sigma1 sigma
+  = B^T (B sigma) are those of the N x N PSD matrix B sigma B^T, and
+  tr (sigma1 sigma)^(1/2) is the sum of their square roots (exact; one
+  N x N eigenvalue problem instead of two D x D ones, milliseconds instead
+  of seconds for 2,048 Inception features of a few hundred samples).
+
+  Args:
+    features: [N, D] with N >= 2.
+    mu: mean, [D].
+    sigma: symmetric PSD covariance, [D, D].
+
+  Returns:
+    The squared Fréchet distance as a float.
+
+  Example:
+    >>> x = np.random.default_rng(0).normal(size=(10, 64))
+    >>> fid = frechet_distance_from_features(x, np.zeros(64), np.eye(64))
+    >>> np.isclose(fid, frechet_distance(*feature_statistics(x), np.zeros(64),
+    ...                                  np.eye(64)))
+    True
+  """
+  features = _as_feature_matrix("features", features)
+  num, d = features.shape
+  if num > d:
+    return frechet_distance(*feature_statistics(features), mu, sigma)
+  if num < 2:
+    feature_statistics(features)  # Its error names the count.
+  mu = _gaussian_part("mu", mu, (d,), "features")
+  sigma = _gaussian_part("sigma", sigma, (d, d), "features")
+  mean = features.mean(axis=0)
+  scaled = (features - mean) / np.sqrt(num - 1)
+  gram = scaled @ sigma @ scaled.T
+  eigvals = np.linalg.eigvalsh(0.5 * (gram + gram.T))
+  tr_covmean = np.sqrt(np.clip(eigvals, 0.0, None)).sum()
+  diff = mean - mu
+  return float(diff @ diff + np.sum(scaled * scaled) + np.trace(sigma) -
+               2.0 * tr_covmean)
+
+
+def _gaussian_part(name: str, value, shape: tuple[int, ...],
+                   source: str) -> np.ndarray:
+  """`value` as float64 of `shape`, or a ValueError naming it."""
+  value = np.asarray(value, dtype=np.float64)
+  value = np.atleast_1d(value) if len(shape) == 1 else np.atleast_2d(value)
+  if value.shape != shape:
+    raise ValueError(f"{name} has shape {value.shape}; expected {shape} "
+                     f"for feature dimension {shape[0]} (from {source}).")
+  return value
 
 
 def inception_score(logits, *, splits: int = 10) -> ScoreWithStd:

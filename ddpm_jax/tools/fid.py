@@ -212,10 +212,12 @@ def scores(samples: ImageSet, reference: ImageSet, *, kid_subsets: int,
     (KID without features on both sides, IS without sample logits).
   """
   a, b = samples.stats, reference.stats
-  result = dict(fid=metrics.frechet_distance(a.mu, a.sigma, b.mu,
-                                             b.sigma), kid=None, kid_std=None,
-                inception_score=None, inception_score_std=None,
-                num_samples=_count(samples), num_reference=_count(reference))
+  fid = (metrics.frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
+         if a.features is None else metrics.frechet_distance_from_features(
+             a.features, b.mu, b.sigma))
+  result = dict(fid=fid, kid=None, kid_std=None, inception_score=None,
+                inception_score_std=None, num_samples=_count(samples),
+                num_reference=_count(reference))
   if a.features is not None and b.features is not None:
     kid = metrics.kernel_inception_distance(
         a.features, b.features, subsets=kid_subsets,
