@@ -177,8 +177,10 @@ def _peak_fraction(flops_per_s: float, dtype: str) -> float | None:
 
 
 def make_config(preset: str, batch: int, *, tiny: bool,
-                num_timesteps: int | None = None, **model_overrides):
-  """The training config of one benchmark row (base_config plus overrides)."""
+                num_timesteps: int | None = None, diffusion: dict | None = None,
+                **model_overrides):
+  """The training config of one benchmark row (base_config plus overrides;
+  `diffusion`: `config.diffusion` fields, e.g. another process)."""
   config = config_lib.base_config()
   h, _, c = IMAGE_SHAPES[preset]
   if preset.startswith("dit_"):
@@ -191,6 +193,7 @@ def make_config(preset: str, batch: int, *, tiny: bool,
   config.optimizer.warmup_steps = 10
   if num_timesteps is not None:
     config.diffusion.num_timesteps = num_timesteps
+  config.diffusion.update(diffusion or {})
   return config
 
 
@@ -211,9 +214,11 @@ def bench_train(preset: str, batch: int, *, steps: int, warmup: int,
                     times)
 
 
-def build_train_step(preset: str, batch: int, *, tiny: bool, **model_overrides):
+def build_train_step(preset: str, batch: int, *, tiny: bool,
+                     diffusion: dict | None = None, **model_overrides):
   """(compiled step, state, batch, rng, compile seconds, model) of the library's train step."""
-  config = make_config(preset, batch, tiny=tiny, **model_overrides)
+  config = make_config(preset, batch, tiny=tiny, diffusion=diffusion,
+                       **model_overrides)
   model = builders.build_model(config)
   tx = builders.build_optimizer(config)
   mesh = parallel.create_mesh()
