@@ -19,7 +19,8 @@ has no budget: every section runs, however slow the machine):
 * sample: DDIM with 50 steps and DPM-Solver++(2M) with 20 network calls (the
   samplers as `builders.build_sampler` makes them) at a large batch,
   bfloat16: images/s and the time that 50,000 samples would take.
-* quality: `configs/cifar10.py` trained for `--quality-minutes` in bfloat16
+* quality: `configs/cifar10_flow.py` (rectified flow on the DDPM network,
+  the best process on CPU MNIST) trained for `--quality-minutes` in bfloat16
   on the CIFAR-10 archive (`--cifar10`, carried with the run), then 2,000
   samples with DPM-Solver++(2M) at 20 calls, written to
   DIR/quality_samples.npz with a grid (quality_grid.png). Their FID is
@@ -92,10 +93,12 @@ DRY_RUN = dict(batches=(2,), steps=2, sample_batch=2,
                samplers=("ddim:5", "dpmpp_2m:3"), ab_batch=2, profile_steps=1,
                dit_batch=2, quality_images=8, quality_sampler="dpmpp_2m:3")
 TARGET_SAMPLES = 50_000
-#: The short quality run of issue 29: DDPM's CIFAR-10 recipe in bfloat16, its
-#: EMA warmed up (decay min(0.9999, (1 + n) / (10 + n))) so that a few
-#: thousand steps are not averaged with the initial weights.
-QUALITY_RECIPE = "cifar10.py"
+#: The short quality run of issue 29: the CIFAR-10 recipe of the process that
+#: did best on CPU MNIST (benchmarks/HISTORY.md, 2026-12-08: flow matching,
+#: classifier FID 21.0 against DDPM's 25.6 and EDM's 36.9 in 30 minutes), in
+#: bfloat16, its EMA warmed up (decay min(0.9999, (1 + n) / (10 + n))) so
+#: that a few thousand steps are not averaged with the initial weights.
+QUALITY_RECIPE = "cifar10_flow.py"
 QUALITY_OVERRIDES = ("model.dtype=bfloat16", "train.ema_warmup=True",
                      "train.sample_every=0")
 

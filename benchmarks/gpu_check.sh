@@ -5,9 +5,10 @@
 # attention against the closed form, bf16 against f32; the U-Net), then
 # benchmarks/gpu_check.py (ddpm_cifar10 train steps at batch 128/256/512 in
 # bf16, DDIM-50 and DPM-Solver++(2M)-20 at a large batch, a 1.5-minute
-# CIFAR-10 training run with 2,000 samples for an FID, DiT-B/2's bf16 train
-# step and model FLOP utilisation, the f32 steps, the EDM and flow-matching
-# steps, the cuDNN/XLA attention A/B, a profile summary). Writes
+# CIFAR-10 rectified-flow training run with 2,000 samples for an FID,
+# DiT-B/2's bf16 train step and model FLOP utilisation, the f32 steps, the
+# EDM and flow-matching steps, the cuDNN/XLA attention A/B, a profile
+# summary). Writes
 # OUT_DIR/pytest.log, OUT_DIR/gpu_check.json, OUT_DIR/gpu_check.md and the
 # quality run's OUT_DIR/quality_samples.npz and quality_grid.png.
 #

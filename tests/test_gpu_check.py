@@ -48,7 +48,7 @@ def test_dry_run_writes_every_section(tmp_path):
   for sample in result["samples"]:
     assert sample["seconds_for_50k"] == pytest.approx(50_000 /
                                                       sample["images_per_s"])
-  # The quality run: configs/cifar10.py:tiny's 4 steps of batch 8, then its
+  # The quality run: configs/cifar10_flow.py:tiny's 4 steps of batch 8, then its
   # samples as --mode=sample writes them.
   quality = result["quality"]
   assert (quality["steps"], quality["images_seen"]) == (4, 32)
