@@ -97,6 +97,7 @@ def test_frechet_distance_from_features_equals_the_covariance_form(n, d, rank):
     (np.zeros((1, 4)), np.zeros(4), np.eye(4), "Too few images"),
     (np.zeros((3, 4)), np.zeros(5), np.eye(4), "mu has shape"),
     (np.zeros((3, 4)), np.zeros(4), np.eye(3), "sigma has shape"),
+    (np.zeros((9, 4)), np.zeros(4), np.eye(3), "sigma has shape"),
     (np.zeros((3, 4, 1)), np.zeros(4), np.eye(4), "features must be"),
 ])
 def test_frechet_distance_from_features_rejects_bad_shapes(

@@ -198,12 +198,12 @@ def frechet_distance_from_features(features, mu, sigma) -> float:
   """
   features = _as_feature_matrix("features", features)
   num, d = features.shape
-  if num > d:
-    return frechet_distance(*feature_statistics(features), mu, sigma)
   if num < 2:
     feature_statistics(features)  # Its error names the count.
   mu = _gaussian_part("mu", mu, (d,), "features")
   sigma = _gaussian_part("sigma", sigma, (d, d), "features")
+  if num > d:
+    return frechet_distance(*feature_statistics(features), mu, sigma)
   mean = features.mean(axis=0)
   scaled = (features - mean) / np.sqrt(num - 1)
   gram = scaled @ sigma @ scaled.T
