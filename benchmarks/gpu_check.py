@@ -196,7 +196,8 @@ def _sample(spec: str, batch: int, *, tiny: bool) -> dict:
 def _quality(out: pathlib.Path, *, source: str, tiny: bool, minutes: float,
              num_images: int, sampler: str) -> dict:
   """The short quality run: `QUALITY_RECIPE` with `QUALITY_OVERRIDES`,
-  trained for `minutes` (the whole `:tiny` recipe for a dry run) on
+  trained for `minutes` (for a dry run the whole `:tiny` recipe, on
+  `run.TINY_MODEL`) on
   `source`, then `num_images` samples of its EMA parameters, written to
   out/quality_samples.npz (key 'images', as `--mode=sample` writes them) with
   a 64-image grid beside them."""
@@ -204,7 +205,9 @@ def _quality(out: pathlib.Path, *, source: str, tiny: bool, minutes: float,
       str(_ROOT / "configs" / QUALITY_RECIPE) + (":tiny" if tiny else ""))
   config.data.source = source
   mnist_quality.apply_overrides(config, QUALITY_OVERRIDES)
-  if not tiny:
+  if tiny:  # The smoke U-Net of benchmarks/run.py: seconds to compile.
+    config.model.update(run.TINY_MODEL)
+  else:
     config.train.max_time = minutes * 60
   config_lib.validate_config(config)
   with tempfile.TemporaryDirectory() as workdir:
