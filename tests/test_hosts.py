@@ -30,29 +30,34 @@ def _two(args, workdir, extra_args=((), ())):
       [hh.env(process=i, port=port) for i in range(2)])
 
 
-def _one(args, workdir):
-  return hh.run_processes([hh.cli([f"--workdir={workdir}", *args])],
-                          [hh.env(devices=2)])[0]
-
-
 def _ok(result):
   assert result.returncode == 0, result.stderr[-4000:]
   return result.stderr
 
 
+def _both(args, two, one):
+  """The same command on two hosts (workdir `two`) and, at the same time, on
+  one process with two devices (workdir `one`): (the two stderrs, the one)."""
+  port = hh.free_port()
+  *pair, single = hh.run_processes(
+      [hh.cli([f"--workdir={two}", *args])] * 2 +
+      [hh.cli([f"--workdir={one}", *args])],
+      [hh.env(process=i, port=port) for i in range(2)] + [hh.env(devices=2)])
+  return [_ok(r) for r in pair], _ok(single)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   """The tiny digits recipe trained (4 steps, grids at the end) on two hosts
-  and on one, then sampled and evaluated the same ways."""
+  and on one, then sampled and evaluated the same ways; the two-host and the
+  one-process run of each mode run together (they share nothing but the
+  compilation cache)."""
   base = tmp_path_factory.mktemp("hosts")
   two, one = base / "two", base / "one"
-  logs = {
-      "train2": [_ok(r) for r in _two([], two)],
-      "train1": _ok(_one([], one))
-  }
+  logs = {}
+  logs["train2"], logs["train1"] = _both([], two, one)
   sample = ["--mode=sample", "--config.sample.num_images=12"]
-  logs["sample2"] = [_ok(r) for r in _two(sample, two)]
-  logs["sample1"] = _ok(_one(sample, one))
+  logs["sample2"], logs["sample1"] = _both(sample, two, one)
   weights = base / "fid_inception.npz"
   np.savez(
       weights,
@@ -62,8 +67,7 @@ def runs(tmp_path_factory):
       "--mode=eval", f"--config.eval.inception_weights={weights}",
       "--config.eval.num_samples=8", "--config.eval.num_reference=16"
   ]
-  logs["eval2"] = [_ok(r) for r in _two(evaluate, two)]
-  logs["eval1"] = _ok(_one(evaluate, one))
+  logs["eval2"], logs["eval1"] = _both(evaluate, two, one)
   return dict(base=base, two=two, one=one, logs=logs)
 
 
